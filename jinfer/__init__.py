@@ -1,0 +1,12 @@
+"""jinfer: an LLM inference engine on JAX with a paged KV cache.
+
+    from jinfer import LLM, SamplingParams
+    llm = LLM()  # the embedded SmolLM2-135M-Instruct
+    print(llm.generate("Why is the sky blue?", SamplingParams(max_tokens=64))[0].outputs[0].text)
+"""
+
+from jinfer.llm import LLM
+from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from jinfer.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -1,0 +1,43 @@
+"""Attention metadata and the backend interface that attention kernels plug into.
+
+The metadata is an explicit argument of the model's forward (never hidden global state). A backend
+is a function `(q, k_pool, v_pool, metadata, scale) -> out` over one layer's pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from pallas_kernels.reference import paged_attention_reference
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each query token sits and which blocks each sequence reads."""
+
+    positions: jax.Array     # [batch, q_len] int32, absolute position of each query token
+    slot_mapping: jax.Array  # [batch, q_len] int32, pool slot (block * block_size + offset)
+    block_tables: jax.Array  # [batch, max_blocks] int32, padding entries are block 0
+    context_lens: jax.Array  # [batch] int32, tokens in the pool after this step's writes
+
+
+AttentionFn = Callable[..., jax.Array]
+
+
+def _reference(q, k_pool, v_pool, meta: AttentionMetadata, scale: float) -> jax.Array:
+    return paged_attention_reference(
+        q, k_pool, v_pool, meta.block_tables, meta.positions, meta.context_lens, scale=scale)
+
+
+_BACKENDS: dict[str, AttentionFn] = {"reference": _reference}
+
+
+def get_attention_backend(name: str) -> AttentionFn:
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"attention_backend={name!r} is not available; choose one of {sorted(_BACKENDS)}")
+    return _BACKENDS[name]

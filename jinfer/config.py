@@ -1,0 +1,89 @@
+"""Static, hashable configuration objects.
+
+`ModelConfig` describes a model's shapes; jit treats it as a compile-time constant. `EngineConfig`
+holds the engine's knobs (block size, pool size, limits), the `LLM(...)` keywords.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style RoPE frequency scaling (`rope_type: "llama3"` in config.json)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and constants of a Llama-family decoder (Llama 2, Llama 3.x, SmolLM/SmolLM2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs, exposed as `LLM(...)` keywords.
+
+    Attributes:
+      block_size: tokens per KV block.
+      num_kv_blocks: blocks in the KV pool (block 0 is reserved as the padding block). None sizes
+        the pool from `kv_cache_memory_bytes`.
+      kv_cache_memory_bytes: memory budget for the pool when `num_kv_blocks` is None.
+      max_model_len: longest sequence (prompt + output) a request may reach.
+      max_num_seqs: most sequences in one decode batch.
+      max_num_batched_tokens: most prompt tokens prefilled in one step (longer prompts are
+        prefilled in chunks).
+      seed: seeds requests that carry no seed of their own.
+      attention_backend: "reference" (jnp) for now; the Pallas kernels plug in here.
+    """
+
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    seed: int = 0
+    attention_backend: str = "reference"
+
+    def __post_init__(self):
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(
+                f"num_kv_blocks must be at least 2 (block 0 is the padding block), "
+                f"got {self.num_kv_blocks}")

@@ -1,0 +1,228 @@
+"""The engine loop. Each `step()` is the whole engine:
+
+1. schedule     the Scheduler picks a batch of prompt chunks (prefill) or one token for every
+                running sequence (decode); the BlockManager grows block tables, and preempts by
+                recompute when the pool runs dry. Host state only.
+2. batch        the ModelRunner pads the chosen sequences into bucketed NumPy arrays: token ids,
+                positions, slot mapping, block tables, context lengths, per-row sampling options.
+3. device step  one jitted call: embed -> decoder layers over the paged pool (donated, written in
+                place) -> logits at each row's last token -> sampler. Only the sampled tokens (and
+                logprobs when asked) come back to the host.
+4. postprocess  append tokens, check eos / stop ids / stop strings / max_tokens, detokenize
+                incrementally, free finished sequences' blocks, report RequestOutputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Optional, Sequence as Seq
+
+import numpy as np
+
+from jinfer.block_manager import BlockManager
+from jinfer.config import EngineConfig
+from jinfer.detokenizer import IncrementalDetokenizer
+from jinfer.model_runner import ModelRunner
+from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from jinfer.sampling_params import SamplingParams
+from jinfer.scheduler import Scheduler
+from jinfer.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+LOGPROB_BUCKETS = (0, 5, 20)  # top-N logprobs compiled per bucket, sliced per request
+
+
+class Request:
+    """A prompt and its n sequences."""
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                 params: SamplingParams, seqs: list[Sequence]):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.seqs = seqs
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    def output(self) -> RequestOutput:
+        completions = [CompletionOutput(
+            index=seq.index, text=seq.detokenizer.output_text,
+            token_ids=list(seq.output_token_ids), cumulative_logprob=seq.cumulative_logprob,
+            logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+        ) for seq in self.seqs]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions,
+                             self.finished)
+
+
+class LLMEngine:
+    """Host loop around the device step: requests in, RequestOutputs out."""
+
+    def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig,
+                 eos_token_ids: Seq[int], num_blocks: int, shuffle_blocks_seed=None):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_manager = BlockManager(num_blocks, config.block_size, shuffle_blocks_seed)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._rng = np.random.default_rng(config.seed)
+        self.vocab_size = runner.model_config.vocab_size
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use; pick a unique id")
+        self._validate_prompt(prompt_token_ids)
+        seqs = []
+        for index in range(params.n):
+            seed = self._seed_for(params, index)
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, stop=params.stop or (),
+                skip_special_tokens=params.skip_special_tokens,
+                include_stop_str_in_output=params.include_stop_str_in_output)
+            seq = Sequence(next(self._seq_ids), request_id, index, prompt_token_ids, params, seed,
+                           detok)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), params,
+                                            seqs)
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token of prompt text")
+        if len(ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but max_model_len is "
+                f"{self.config.max_model_len}, which leaves no room to generate; shorten the "
+                f"prompt or raise max_model_len")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {self.vocab_size}); check the tokenizer matches the model")
+
+    def _seed_for(self, params: SamplingParams, index: int) -> int:
+        if params.seed is None:
+            return int(self._rng.integers(0, 2**31 - 1))
+        return (params.seed + index * 1_000_003) % (2**31 - 1)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request now, wherever it is, and frees its blocks."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One schedule -> batch -> device -> postprocess round; outputs of touched requests."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        rows = [self._sampling_row(item.seq) for item in out.scheduled]
+        num_logprobs = self._logprobs_bucket([item.seq for item in out.scheduled])
+        step_input, flags = self.runner.prepare(out, rows, num_logprobs)
+        result = self.runner.execute(step_input, flags)
+        touched = {}
+        for i, item in enumerate(out.scheduled):
+            seq = item.seq
+            samples = item.samples
+            seq.num_computed_tokens += item.num_new_tokens
+            if samples:
+                self._append_token(seq, result, i)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = [request.output() for request in touched.values()]
+        for request in touched.values():
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _sampling_row(self, seq: Sequence):
+        params = seq.params
+        banned: list[int] = []
+        if seq.num_output_tokens < params.min_tokens:
+            banned = list(params.stop_token_ids or ())
+            if not params.ignore_eos:
+                banned += sorted(self.eos_token_ids)
+        return (params, seq.seed, seq.num_output_tokens, seq.prompt_token_ids,
+                seq.output_token_ids, banned)
+
+    @staticmethod
+    def _logprobs_bucket(seqs: list[Sequence]) -> int:
+        wanted = max((seq.params.logprobs or 0) for seq in seqs)
+        return next(b for b in LOGPROB_BUCKETS if b >= wanted)
+
+    def _append_token(self, seq: Sequence, result, row: int) -> None:
+        token = int(result.tokens[row])
+        seq.output_token_ids.append(token)
+        seq.cumulative_logprob += float(result.logprobs[row])
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._token_logprobs(seq, result, row, token))
+        reason = self._stop_by_token(seq, token)
+        if reason is None:
+            seq.detokenizer.append(token)
+            if seq.detokenizer.stopped:
+                seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
+            elif (seq.num_output_tokens >= seq.params.max_tokens
+                  or seq.num_tokens >= self.config.max_model_len):
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if not seq.detokenizer.stopped:
+                seq.detokenizer.flush()
+            self.scheduler.finish(seq)
+
+    def _stop_by_token(self, seq: Sequence, token: int):
+        """Finishes `seq` on an eos or stop token id (their text is never emitted)."""
+        params = seq.params
+        if seq.num_output_tokens <= params.min_tokens:
+            return None
+        if params.stop_token_ids and token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        return seq.finish_reason
+
+    def _token_logprobs(self, seq: Sequence, result, row: int, token: int) -> dict[int, Logprob]:
+        top_n = seq.params.logprobs or 0
+        ids = result.top_ids[row][:top_n]
+        values = result.top_logprobs[row][:top_n]
+        entry = {int(t): Logprob(float(v), rank + 1) for rank, (t, v) in enumerate(zip(ids, values))}
+        if token not in entry:
+            rank = 1 + int(np.sum(result.top_logprobs[row] > result.logprobs[row]))
+            entry[token] = Logprob(float(result.logprobs[row]), rank)
+        for token_id, logprob in entry.items():
+            logprob.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return entry
+
+    def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
+        """[len, vocab] logits of one prompt through the pool; its blocks are freed again."""
+        seq = Sequence(next(self._seq_ids), "prompt_logits", 0, token_ids, SamplingParams(), 0,
+                       detokenizer=None)
+        if not self.block_manager.can_allocate(seq, len(token_ids)):
+            raise RuntimeError("the KV pool is busy; call prompt_logits between generate calls")
+        self.block_manager.allocate(seq, len(token_ids))
+        try:
+            return self.runner.prompt_logits(token_ids, seq.block_table)
+        finally:
+            self.block_manager.free(seq)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_total_blocks": bm.num_usable_blocks, "num_free_blocks": bm.num_free_blocks,
+                "num_used_blocks": bm.num_usable_blocks - bm.num_free_blocks,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting)}

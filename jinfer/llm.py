@@ -1,0 +1,215 @@
+"""`LLM`: the offline entry point, with vLLM's names (`generate`, `chat`, `SamplingParams`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Iterator, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jinfer import compilation_cache
+from jinfer.config import EngineConfig, ModelConfig
+from jinfer.engine import LLMEngine
+from jinfer.kv_cache import bytes_per_block
+from jinfer.loader import load_weights, resolve_model_path
+from jinfer.model_runner import ModelRunner
+from jinfer.outputs import RequestOutput
+from jinfer.sampling_params import SamplingParams
+from jinfer.tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Chat models end a turn with one of these; stop there even when the checkpoint's eos differs.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>",
+                      "<end_of_turn>")
+
+PromptsArg = Union[str, Sequence[str], None]
+ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]
+
+
+class LLM:
+    """Loads a model (None: the embedded SmolLM2-135M-Instruct) and generates from it.
+
+    Args:
+      model: a Hugging Face folder, a .gguf file, or None for the default model.
+      dtype: "float32" | "bfloat16" | "float16" for weights, activations and the KV pool.
+      block_size, num_kv_blocks, max_model_len, max_num_seqs, max_num_batched_tokens, seed,
+      kv_cache_memory_bytes, attention_backend: engine knobs (see `EngineConfig`).
+      enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
+    """
+
+    def __init__(self, model: Optional[str] = None, *, dtype: str = "float32",
+                 block_size: int = 16, num_kv_blocks: Optional[int] = None,
+                 max_model_len: Optional[int] = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, seed: int = 0,
+                 kv_cache_memory_bytes: int = 512 * 1024 * 1024,
+                 attention_backend: str = "reference", enable_compilation_cache: bool = True,
+                 shuffle_blocks_seed: Optional[int] = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+        if enable_compilation_cache:
+            compilation_cache.enable()
+        started = time.perf_counter()
+        path = resolve_model_path(model)
+        model_config, params, info = load_weights(path, dtype)
+        self.tokenizer: Tokenizer = (
+            load_gguf_tokenizer(path, reader=info.get("gguf_reader")) if info["format"] == "gguf"
+            else load_tokenizer(path))
+        self.model_config = model_config
+        self.config = EngineConfig(
+            block_size=block_size, num_kv_blocks=num_kv_blocks,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
+            attention_backend=attention_backend)
+        num_blocks = self._num_blocks(model_config, DTYPES[dtype])
+        device_params = jax.device_put(params)
+        runner = ModelRunner(model_config, self.config, device_params, num_blocks, DTYPES[dtype])
+        self.engine = LLMEngine(runner, self.tokenizer, self.config,
+                                self._eos_ids(info["eos_token_ids"]), num_blocks,
+                                shuffle_blocks_seed)
+        self._request_counter = 0
+        logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", path, dtype,
+                    time.perf_counter() - started, num_blocks - 1, block_size)
+
+    def _num_blocks(self, model_config: ModelConfig, dtype) -> int:
+        """Pool size, counting block 0 (padding); checks the pool holds one longest sequence."""
+        config = self.config
+        per_block = bytes_per_block(model_config, config.block_size, dtype)
+        num_blocks = config.num_kv_blocks or 1 + config.kv_cache_memory_bytes // per_block
+        needed = -(-config.max_model_len // config.block_size)
+        if num_blocks - 1 < needed:
+            raise ValueError(
+                f"the KV pool ({num_blocks - 1} usable blocks of {config.block_size} tokens) "
+                f"cannot hold even one sequence of max_model_len={config.max_model_len} tokens, "
+                f"which needs {needed} blocks ({needed * per_block / 2**20:.1f} MiB); raise "
+                f"num_kv_blocks or kv_cache_memory_bytes, or lower max_model_len")
+        return num_blocks
+
+    def _eos_ids(self, checkpoint_eos: Sequence[int]) -> set[int]:
+        eos = set(checkpoint_eos)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        for text in END_OF_TURN_TOKENS:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) == 1 and ids[0] in self.tokenizer.all_special_ids:
+                eos.add(ids[0])
+        return eos
+
+    # -- public API ----------------------------------------------------------------------------
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def stats(self) -> dict:
+        """Pool and scheduler statistics (blocks total / free / used, preemptions, queues)."""
+        return self.engine.stats()
+
+    def prompt_logits(self, prompt_token_ids: Sequence[int]) -> np.ndarray:
+        """Float32 logits at every position of one prompt [len, vocab], computed through the
+        paged pool (for parity checks and scoring); the blocks are freed afterwards."""
+        ids = [int(t) for t in prompt_token_ids]
+        self.engine._validate_prompt(ids)
+        return self.engine.prompt_logits(ids)
+
+    def generate(self, prompts: PromptsArg = None, sampling_params: ParamsArg = None, *,
+                 prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates completions for every prompt (text or token ids); returns them in order."""
+        request_ids = self._add_requests(prompts, sampling_params, prompt_token_ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
+        num_generated, started = 0, time.perf_counter()
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        num_generated += sum(len(o.token_ids) for o in output.outputs)
+                        bar.update(1)
+                        bar.set_postfix(tok_s=f"{num_generated / (time.perf_counter() - started):.1f}")
+        except BaseException:
+            for request_id in request_ids:
+                self.engine.abort(request_id)
+            raise
+        finally:
+            bar.close()
+        return [finished[request_id] for request_id in request_ids]
+
+    def chat(self, messages, sampling_params: ParamsArg = None, *,
+             add_generation_prompt: bool = True, use_tqdm: bool = True, **template_kwargs):
+        """Applies the model's chat template to one conversation (a list of {role, content}) or
+        a list of conversations, then generates."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(
+            conv, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs)
+            for conv in conversations]
+        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(sampling_params=sampling_params, prompt_token_ids=token_ids,
+                             use_tqdm=use_tqdm)
+
+    def stream(self, prompt: Union[str, Sequence[int]],
+               sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
+        """Yields the text of one completion as it is decoded (deltas; stop strings held back)."""
+        ids = None if isinstance(prompt, str) else [list(prompt)]
+        (request_id,) = self._add_requests(prompt if ids is None else None, sampling_params, ids)
+        emitted = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.request_id != request_id:
+                        continue
+                    text = output.outputs[0].text
+                    if len(text) > emitted:
+                        yield text[emitted:]
+                        emitted = len(text)
+                    if output.finished:
+                        return
+        finally:
+            self.engine.abort(request_id)
+
+    def _add_requests(self, prompts: PromptsArg, sampling_params: ParamsArg,
+                      prompt_token_ids) -> list[str]:
+        texts, ids = self._normalize_prompts(prompts, prompt_token_ids)
+        params = self._normalize_params(sampling_params, len(ids))
+        request_ids = []
+        try:
+            for text, token_ids, p in zip(texts, ids, params):
+                request_id = f"{self._request_counter}-{uuid.uuid4().hex[:8]}"
+                self._request_counter += 1
+                self.engine.add_request(request_id, text, token_ids, p)
+                request_ids.append(request_id)
+        except Exception:
+            for request_id in request_ids:
+                self.engine.abort(request_id)
+            raise
+        return request_ids
+
+    def _normalize_prompts(self, prompts: PromptsArg, prompt_token_ids):
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass either prompts (text) or prompt_token_ids, not both or neither")
+        if prompt_token_ids is not None:
+            ids = [list(map(int, p)) for p in prompt_token_ids]
+            return [None] * len(ids), ids
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("prompts must be a string or a list of strings; pass token ids "
+                            "through prompt_token_ids=")
+        return texts, [self.tokenizer.encode(t) for t in texts]
+
+    @staticmethod
+    def _normalize_params(sampling_params: ParamsArg, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, "
+                             f"or one per prompt")
+        return params

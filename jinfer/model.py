@@ -1,0 +1,123 @@
+"""The Llama-family decoder as pure functions over a params pytree and the paged KV pool.
+
+Covers Llama 2, Llama 3.x (with llama3 RoPE scaling) and SmolLM/SmolLM2: RMSNorm, grouped-query
+attention with rotate-half RoPE, SwiGLU MLP, tied or untied output embeddings. Layers are stacked
+and run under `lax.scan`, which compiles once per shape however deep the model is; the KV pool is
+carried through the scan and updated in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.attention import AttentionFn, AttentionMetadata
+from jinfer.config import ModelConfig
+from jinfer.kv_cache import KVCache
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """[head_dim // 2] inverse frequencies, with Llama 3's long-context scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). x: [batch, q_len, heads, head_dim]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, q_len, head_dim/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def _write_kv(pool: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """Writes new K or V rows at their slots of one layer, in place.
+
+    pool: [layers, num_blocks, block_size, kv_heads, head_dim]; slots: [batch, q_len];
+    new: [batch, q_len, kv_heads, head_dim].
+    """
+    layers, num_blocks, block_size, kv_heads, head_dim = pool.shape
+    flat = pool.reshape(layers, num_blocks * block_size, kv_heads, head_dim)
+    flat = flat.at[layer, slots.reshape(-1)].set(
+        new.reshape(-1, kv_heads, head_dim).astype(pool.dtype), unique_indices=False)
+    return flat.reshape(pool.shape)
+
+
+def _attention_block(config, lp, h, layer, kv, meta, attn_fn, inv_freq):
+    """One layer's attention sublayer: norm -> QKV -> RoPE -> write K/V -> paged attention."""
+    batch, q_len, _ = h.shape
+    x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
+    q = (x @ lp["wq"]).reshape(batch, q_len, config.num_heads, config.head_dim)
+    k = (x @ lp["wk"]).reshape(batch, q_len, config.num_kv_heads, config.head_dim)
+    v = (x @ lp["wv"]).reshape(batch, q_len, config.num_kv_heads, config.head_dim)
+    q = apply_rope(q, meta.positions, inv_freq)
+    k = apply_rope(k, meta.positions, inv_freq)
+    k_pool = _write_kv(kv.k, layer, meta.slot_mapping, k)
+    v_pool = _write_kv(kv.v, layer, meta.slot_mapping, v)
+    out = attn_fn(q, k_pool[layer], v_pool[layer], meta, 1.0 / math.sqrt(config.head_dim))
+    out = out.reshape(batch, q_len, config.q_size) @ lp["wo"]
+    return h + out, KVCache(k=k_pool, v=v_pool)
+
+
+def _mlp_block(config, lp, h):
+    x = rms_norm(h, lp["mlp_norm"], config.rms_norm_eps)
+    return h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+
+
+def forward_hidden(
+    params: dict,
+    kv_cache: KVCache,
+    token_ids: jax.Array,  # [batch, q_len] int32
+    meta: AttentionMetadata,
+    *,
+    config: ModelConfig,
+    attn_fn: AttentionFn,
+) -> tuple[jax.Array, KVCache]:
+    """Runs the decoder stack; returns the final-normed hidden states [batch, q_len, hidden]."""
+    inv_freq = rope_inv_freq(config)
+    h = params["embed"][token_ids]
+
+    def layer_step(carry, xs):
+        h, kv = carry
+        lp, layer = xs
+        with jax.named_scope("attention"):
+            h, kv = _attention_block(config, lp, h, layer, kv, meta, attn_fn, inv_freq)
+        with jax.named_scope("mlp"):
+            h = _mlp_block(config, lp, h)
+        return (h, kv), None
+
+    layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (h, kv_cache), _ = jax.lax.scan(layer_step, (h, kv_cache), (params["layers"], layers))
+    return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
+
+
+def compute_logits(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
+    """hidden [..., hidden] -> float32 logits [..., vocab]."""
+    if config.tie_word_embeddings:
+        logits = hidden @ params["embed"].T
+    else:
+        logits = hidden @ params["lm_head"]
+    return logits.astype(jnp.float32)

@@ -1,0 +1,284 @@
+"""On-device token sampler: logits [B, V] -> next tokens, with vLLM's processing order.
+
+Order (as in vLLM): banned tokens -> repetition/presence/frequency penalties -> greedy rows take
+the argmax; the others: temperature -> top-k -> top-p -> min-p -> Gumbel-max draw.
+
+Design:
+  * Per-row parameters live in `SamplingMetadata` (arrays, traced), so different values never
+    recompile. Which features run at all is chosen by `SamplerFlags` (static, hashable), so a
+    batch that uses no penalties or truncation pays nothing for them; jit compiles once per
+    flags combination (and per shape bucket).
+  * All randomness is per row: the row's key is fold_in(key(seed), step). The same (seed, step)
+    gives the same token whatever the batch size, padding or neighbours.
+  * Log-probabilities are reported under the model's raw distribution (log_softmax of the
+    unprocessed logits), as vLLM does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.sampling_params import MAX_LOGPROBS, SAMPLING_EPS, SamplingParams
+
+PAD_TOKEN = -1  # padding in the token-id arrays of `SamplingMetadata`
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "seeds", "steps",
+                 "prompt_tokens", "output_tokens", "banned_tokens"],
+    meta_fields=[])
+@dataclasses.dataclass
+class SamplingMetadata:
+    """Per-row sampling parameters of one batch; built on the host by `make_sampling_metadata`.
+
+    B is the padded batch size; token-id arrays are padded with PAD_TOKEN (-1) and ids outside
+    [0, V) are ignored. prompt_tokens/output_tokens may have 0 columns when no row uses
+    penalties; banned_tokens may have 0 columns when nothing is banned.
+    """
+
+    temperature: jax.Array         # [B] f32, below 1e-5 -> greedy
+    top_k: jax.Array               # [B] i32, 0 -> off
+    top_p: jax.Array               # [B] f32, 1 -> off
+    min_p: jax.Array               # [B] f32, 0 -> off
+    repetition_penalty: jax.Array  # [B] f32, 1 -> off; prompt and output tokens
+    presence_penalty: jax.Array    # [B] f32, 0 -> off; output tokens
+    frequency_penalty: jax.Array   # [B] f32, 0 -> off; output tokens, times their count
+    seeds: jax.Array               # [B] u32
+    steps: jax.Array               # [B] i32, tokens generated so far by the row
+    prompt_tokens: jax.Array       # [B, P] i32, PAD_TOKEN padded
+    output_tokens: jax.Array       # [B, O] i32, PAD_TOKEN padded
+    banned_tokens: jax.Array       # [B, M] i32, PAD_TOKEN padded; masked to -inf this step
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerFlags:
+    """Static switches for `sample` (jit compiles once per distinct value).
+
+    Attributes:
+      any_penalties: apply repetition/presence/frequency penalties.
+      any_top_k_top_p_min_p: apply top-k, top-p and min-p truncation.
+      num_logprobs: number of top log-probabilities to return per row (0 -> none).
+      all_greedy: every row is greedy; skips the random draw entirely.
+    """
+
+    any_penalties: bool = False
+    any_top_k_top_p_min_p: bool = False
+    num_logprobs: int = 0
+    all_greedy: bool = False
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["tokens", "logprobs", "top_logprobs", "top_ids"], meta_fields=[])
+@dataclasses.dataclass
+class SamplerOutput:
+    """What `sample` returns; log-probabilities are under the raw (unprocessed) logits."""
+
+    tokens: jax.Array        # [B] i32, the sampled tokens
+    logprobs: jax.Array      # [B] f32, log-prob of each sampled token
+    top_logprobs: jax.Array  # [B, N] f32, sorted descending
+    top_ids: jax.Array       # [B, N] i32, token ids of top_logprobs
+
+
+# ----------------------------------------------------------------------------- device side
+
+
+def _valid_ids(ids: jax.Array, vocab: int) -> jax.Array:
+    """Maps padding (negative) ids past the vocabulary so that scatters with mode="drop" skip
+    them (plain negative indices would wrap around to the end of the vocabulary)."""
+    return jnp.where(ids < 0, vocab, ids)  # [B, X]
+
+
+def apply_banned_tokens(logits: jax.Array, banned: jax.Array) -> jax.Array:
+    """Sets logits[b, banned[b, j]] to -inf. logits [B, V], banned [B, M]."""
+    if banned.shape[1] == 0:
+        return logits
+    rows = jnp.arange(logits.shape[0])[:, None]  # [B, 1]
+    ids = _valid_ids(banned, logits.shape[1])
+    return logits.at[rows, ids].set(-jnp.inf, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """Repetition (HF/vLLM: prompt and output tokens; divide positive logits, multiply negative
+    ones) then frequency (times output count) and presence (output only) penalties (OpenAI)."""
+    batch, vocab = logits.shape
+    rows = jnp.arange(batch)[:, None]  # [B, 1]
+    counts = jnp.zeros((batch, vocab), jnp.int32).at[
+        rows, _valid_ids(meta.output_tokens, vocab)].add(1, mode="drop")  # [B, V]
+    in_output = counts > 0
+    seen = jnp.zeros((batch, vocab), jnp.bool_).at[
+        rows, _valid_ids(meta.prompt_tokens, vocab)].set(True, mode="drop") | in_output
+    rep = meta.repetition_penalty[:, None]  # [B, 1]
+    penalised = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(seen, penalised, logits)
+    logits = logits - meta.frequency_penalty[:, None] * counts.astype(logits.dtype)
+    return logits - meta.presence_penalty[:, None] * in_output.astype(logits.dtype)
+
+
+def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Masks to -inf every token outside the row's top-k, then outside its top-p nucleus.
+
+    One descending sort per row; the kept set is every token at least as large as a per-row
+    threshold, so tokens tied with the last kept one are kept too. logits [B, V] (already
+    temperature-scaled), top_k [B] (<= 0 -> off), top_p [B] (>= 1 -> off).
+    """
+    vocab = logits.shape[1]
+    desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # [B, V]
+    pos = jnp.arange(vocab)[None, :]  # [1, V]
+    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]  # [B, 1]
+    desc = jnp.where(pos < k, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)  # [B, V], renormalised over the top-k
+    # Probability mass strictly before each position; keep while it is below top_p. The first
+    # token is always kept (0 < top_p).
+    mass_before = jnp.concatenate(
+        [jnp.zeros_like(probs[:, :1]), jnp.cumsum(probs, axis=-1)[:, :-1]], axis=-1)
+    keep = ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)) & (pos < k)
+    num_kept = jnp.sum(keep, axis=-1, keepdims=True)  # [B, 1], >= 1
+    threshold = jnp.take_along_axis(desc, num_kept - 1, axis=-1)  # [B, 1]
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Masks tokens with prob < min_p * max prob, in log space: logit < max + log(min_p).
+    logits [B, V] (temperature-scaled), min_p [B] (0 -> off, log 0 = -inf keeps all)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
+    threshold = top + jnp.log(min_p)[:, None]
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _row_gumbel(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
+    """Gumbel(0, 1) noise [V] for one row from key fold_in(key(seed), step)."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+
+def random_sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """Gumbel-max draw from softmax(logits) per row with the row's own key. Returns [B] i32."""
+    noise = jax.vmap(_row_gumbel, in_axes=(0, 0, None))(seeds, steps, logits.shape[1])
+    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> SamplerOutput:
+    """Samples one token per row. logits [B, V]; `flags` must be static under jit."""
+    logits = logits.astype(jnp.float32)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    logits = apply_banned_tokens(logits, meta.banned_tokens)
+    if flags.any_penalties:
+        logits = apply_penalties(logits, meta)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B], greedy
+    if not flags.all_greedy:
+        is_greedy = meta.temperature < SAMPLING_EPS  # [B]
+        temperature = jnp.where(is_greedy, 1.0, meta.temperature)
+        scaled = logits / temperature[:, None]
+        if flags.any_top_k_top_p_min_p:
+            scaled = apply_top_k_top_p(scaled, meta.top_k, meta.top_p)
+            scaled = apply_min_p(scaled, meta.min_p)
+        sampled = random_sample(scaled, meta.seeds, meta.steps)
+        tokens = jnp.where(is_greedy, tokens, sampled)
+    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    if flags.num_logprobs > 0:
+        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
+    else:
+        top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    return SamplerOutput(tokens=tokens, logprobs=logprobs, top_logprobs=top_logprobs,
+                         top_ids=top_ids.astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _bucket(n: int) -> int:
+    """Pads token-list lengths to 0 or a power of two >= 8, bounding the number of shapes."""
+    return 0 if n == 0 else max(8, 1 << (n - 1).bit_length())
+
+
+def _pad_length(name: str, needed: int, pad: Optional[int]) -> int:
+    if pad is None:
+        return _bucket(needed)
+    if pad < needed:
+        raise ValueError(f"{name}={pad} is smaller than the longest list in the batch "
+                         f"({needed}); raise it or pass None to bucket automatically")
+    return pad
+
+
+def _fill(dst: np.ndarray, row: int, ids: Sequence[int]) -> None:
+    ids = np.asarray(ids, np.int32).reshape(-1)
+    dst[row, :ids.size] = ids
+
+
+def sampler_flags(params_list: Sequence[SamplingParams], num_logprobs: int = 0) -> SamplerFlags:
+    """Chooses the static flags for a batch: only features some row uses are switched on."""
+    if isinstance(num_logprobs, bool) or not isinstance(num_logprobs, int) \
+            or not 0 <= num_logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"num_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+                         f"got {num_logprobs!r}")
+    return SamplerFlags(
+        any_penalties=any(p.has_penalties for p in params_list),
+        any_top_k_top_p_min_p=any(p.has_truncation for p in params_list),
+        num_logprobs=num_logprobs,
+        all_greedy=all(p.greedy for p in params_list))
+
+
+def make_sampling_metadata(rows: Sequence[tuple], pad_to: int,
+                           pad_tokens_to: Optional[int] = None,
+                           pad_banned_to: Optional[int] = None) -> SamplingMetadata:
+    """Builds the batch's `SamplingMetadata` with NumPy.
+
+    Args:
+      rows: one (params: SamplingParams, seed: int, step: int, prompt_ids, output_ids,
+        banned_ids) per live row; the id lists are sequences of ints (banned_ids may be empty).
+        Seeds are reduced modulo 2**32.
+      pad_to: batch bucket B >= len(rows). Padding rows are greedy with nothing banned.
+      pad_tokens_to: columns of prompt_tokens/output_tokens; None buckets to a power of two
+        (0 when no row has penalties, since then they are not read).
+      pad_banned_to: columns of banned_tokens; None buckets likewise (0 when nothing is banned).
+    """
+    if pad_to < len(rows):
+        raise ValueError(f"pad_to ({pad_to}) must be at least the number of rows ({len(rows)})")
+    meta = _scalar_fields(rows, pad_to)
+    penalised = [i for i, r in enumerate(rows) if r[0].has_penalties]
+    longest = max([max(len(rows[i][3]), len(rows[i][4])) for i in penalised], default=0)
+    width = _pad_length("pad_tokens_to", longest, pad_tokens_to) if penalised else 0
+    prompt = np.full((pad_to, width), PAD_TOKEN, np.int32)
+    output = np.full((pad_to, width), PAD_TOKEN, np.int32)
+    for i in penalised:
+        _fill(prompt, i, rows[i][3])
+        _fill(output, i, rows[i][4])
+    most_banned = max((len(r[5]) for r in rows), default=0)
+    banned = np.full((pad_to, _pad_length("pad_banned_to", most_banned, pad_banned_to)),
+                     PAD_TOKEN, np.int32)
+    for i, r in enumerate(rows):
+        _fill(banned, i, r[5])
+    return SamplingMetadata(**meta, prompt_tokens=prompt, output_tokens=output,
+                            banned_tokens=banned)
+
+
+def _scalar_fields(rows: Sequence[tuple], pad_to: int) -> dict:
+    """The [B] per-row arrays; greedy rows get temperature 0 and truncation switched off."""
+    f = {name: np.full(pad_to, value, np.float32) for name, value in (
+        ("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
+        ("presence_penalty", 0.0), ("frequency_penalty", 0.0))}
+    f["top_k"] = np.zeros(pad_to, np.int32)
+    f["seeds"] = np.zeros(pad_to, np.uint32)
+    f["steps"] = np.zeros(pad_to, np.int32)
+    for i, (p, seed, step, *_) in enumerate(rows):
+        f["repetition_penalty"][i] = p.repetition_penalty
+        f["presence_penalty"][i] = p.presence_penalty
+        f["frequency_penalty"][i] = p.frequency_penalty
+        f["seeds"][i] = int(seed) & 0xFFFFFFFF
+        f["steps"][i] = step
+        if not p.greedy:
+            f["temperature"][i] = p.temperature
+            f["top_k"][i] = max(p.top_k, 0)
+            f["top_p"][i] = p.top_p
+            f["min_p"][i] = p.min_p
+    return f

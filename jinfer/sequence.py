@@ -1,0 +1,66 @@
+"""Host-side state of one generated sequence: tokens, blocks, progress, detokenizer."""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+from jinfer.outputs import Logprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    """One completion being generated.
+
+    `num_computed_tokens` counts tokens whose K/V are in the pool; the rest of `token_ids` still
+    has to be prefilled (the prompt, a prompt chunk, or everything after a preemption).
+    """
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
+                 params, seed: int, detokenizer):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # which of the request's n completions
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.seed = seed
+        self.detokenizer = detokenizer
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Optional[object] = None
+        self.cumulative_logprob = 0.0
+        self.logprobs: Optional[list[dict[int, Logprob]]] = (
+            [] if params.logprobs is not None else None)
+        self.pending_text = ""  # text decoded since the last streamed output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while more than one token lacks its K/V (decode computes exactly one)."""
+        return self.num_tokens - self.num_computed_tokens > 1

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""CPU benchmark: jinfer vs HF transformers (torch CPU) on the default SmolLM2-135M, float32.
+
+Each engine runs in its own subprocess so start-up is measured from a cold interpreter:
+  - load: process start -> model ready (imports, weights, dequantization)
+  - ttft: process start -> first streamed token; jinfer twice, with an empty compilation
+    cache (cold) and with the cache it just filled (warm)
+  - decode tok/s: greedy, ignore_eos, 64 new tokens per sequence, batch 1 and 16, timed after a
+    warm-up run of the same shapes; new tokens / wall time of the whole generate call.
+Prints a Markdown table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 17 times 23?",
+           "Explain photosynthesis to a child.", "Name three prime numbers.",
+           "What is the capital of France?", "Give me a tip for learning Python.",
+           "Describe a cat in one sentence."] * 2
+
+
+def run_jinfer(new_tokens: int, threads: int) -> dict:
+    started = time.perf_counter()
+    from jinfer import LLM, SamplingParams
+    llm = LLM(dtype="float32", max_model_len=1024, max_num_seqs=16)
+    loaded = time.perf_counter() - started
+    tok = llm.get_tokenizer()
+    chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]),
+                        add_special_tokens=False) for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    next(iter(llm.stream(chats[0], params)))
+    ttft = time.perf_counter() - started
+    result = {"load_s": loaded, "ttft_s": ttft}
+    for batch in (1, 16):
+        llm.generate(prompt_token_ids=chats[:batch], sampling_params=params, use_tqdm=False)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=chats[:batch], sampling_params=params,
+                            use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        result[f"tok_s_b{batch}"] = sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+    return result
+
+
+def run_hf(new_tokens: int, threads: int) -> dict:
+    started = time.perf_counter()
+    import torch
+    import transformers
+    from jinfer.loader.default_model import default_model_path
+    torch.set_num_threads(threads)
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = time.perf_counter() - started
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                     add_generation_prompt=True) for p in PROMPTS]
+    result = {"load_s": loaded}
+    with torch.inference_mode():
+        for batch in (1, 16):
+            enc = tok(chats[:batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          pad_token_id=tok.pad_token_id)
+            model.generate(**enc, **kwargs)
+            t0 = time.perf_counter()
+            out = model.generate(**enc, **kwargs)
+            elapsed = time.perf_counter() - t0
+            result[f"tok_s_b{batch}"] = batch * (out.shape[1] - enc["input_ids"].shape[1]) / elapsed
+    return result
+
+
+def subprocess_run(which: str, args, env_extra: dict) -> dict:
+    env = dict(os.environ, **env_extra)
+    cmd = [sys.executable, __file__, "--child", which, "--new-tokens", str(args.new_tokens),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--child", choices=["jinfer", "hf"])
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.child:
+        fn = run_jinfer if args.child == "jinfer" else run_hf
+        print(json.dumps(fn(args.new_tokens, args.threads)))
+        return 0
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"JINFER_CACHE_DIR": cache, "JAX_PLATFORMS": "cpu"}
+        results = {"jinfer_cold": subprocess_run("jinfer", args, env),
+                   "jinfer_warm": subprocess_run("jinfer", args, env)}
+    if not args.skip_hf:
+        results["hf"] = subprocess_run("hf", args, {})
+    print("| engine | load s | TTFT s | decode tok/s b=1 | decode tok/s b=16 |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['load_s']:.1f} | {r.get('ttft_s', float('nan')):.1f} | "
+              f"{r['tok_s_b1']:.1f} | {r['tok_s_b16']:.1f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Tiny random Hugging Face Llama-family folders for parity tests against transformers.
+
+Each family mirrors a real checkpoint's layout at toy size (CPU torch, float32):
+
+  llama2   LlamaConfig, rope_theta 1e4, untied, sentencepiece `tokenizer.model` (BPE, byte
+           fallback) loaded by transformers' LlamaTokenizer.
+  llama3   llama3 RoPE scaling (factor 8, low 1, high 4, original_max_position_embeddings 64 so
+           short test prompts already reach the scaled regime), rope_theta 5e5, untied, byte-level
+           BPE `tokenizer.json` with <|begin_of_text|> added by a TemplateProcessing
+           post-processor, Llama 3 chat template.
+  smollm2  tied embeddings, rope_theta 1e5, 9 query / 3 KV heads of 16 dims (hidden 144),
+           byte-level BPE `tokenizer.json`, ChatML template with <|im_start|>/<|im_end|>.
+
+Weights are re-drawn after transformers' init (which uses std 0.02 and unit norms, making
+attention nearly uniform and RoPE errors invisible): linear layers ~ N(0, 1/fan_in), embeddings
+~ N(0, 0.5^2) (N(0, 4/hidden) when tied, or greedy decoding just repeats the
+last token), norm weights ~ 1 + N(0, 0.1^2), so attention is peaked and logits are well spread.
+
+Importable (tests call `make_fixture`) and a CLI:
+
+    python scripts/make_parity_fixtures.py OUT_DIR [--families llama2 llama3 smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import pathlib
+from typing import Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("llama2", "llama3", "smollm2")
+
+# Text the tiny tokenizers are trained on (kept in this file: no network, no datasets).
+TRAIN_TEXT = [
+    "Hello world, this is a small corpus for a tiny test tokenizer.",
+    "The quick brown fox jumps over the lazy dog. It's a sunny day!",
+    "Numbers like 12345 and 3.14159 appear in text, as do dates: 2024-01-01.",
+    "Caf\u00e9, na\u00efve, \u00fcber, se\u00f1or: accents are common in European languages.",
+    "def square(x):\n    return x * x\n",
+    "Tabs\tseparate\tcolumns\tin\tfiles.",
+    "They've said we're ready, and I'm sure they don't mind.",
+    "The model answers questions about the sky, the sea and the mountains.",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8\u3067\u3059\u3002",
+] * 20
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+SMOLLM2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n'"
+    " + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Model shapes per family (LlamaConfig keywords besides vocab and special-token ids).
+MODEL_SHAPES = {
+    "llama2": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                   max_position_embeddings=512, tie_word_embeddings=False),
+    "llama3": dict(hidden_size=128, intermediate_size=320, num_hidden_layers=3,
+                   num_attention_heads=8, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64},
+                   max_position_embeddings=512, tie_word_embeddings=False),
+    "smollm2": dict(hidden_size=144, intermediate_size=384, num_hidden_layers=2,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=16, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                    max_position_embeddings=512, tie_word_embeddings=True),
+}
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def build_llama2_tokenizer(folder: pathlib.Path, vocab_size: int = 400) -> dict:
+    """Trains a sentencepiece BPE (byte fallback) into folder/tokenizer.model; returns the
+    special-token ids {"vocab_size", "bos", "eos", "pad"}."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAIN_TEXT), model_prefix=str(folder / "tokenizer"),
+        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+        character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+        "clean_up_tokenization_spaces": False, "legacy": False, "model_max_length": 512,
+        "chat_template": (
+            "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+            "{{ '[INST] ' + message['content'] | trim + ' [/INST]' }}{% else %}"
+            "{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"),
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    return {"vocab_size": sp.get_piece_size(), "bos": 1, "eos": 2, "pad": None}
+
+
+def _train_bytelevel(specials: list[str], split_regex: Optional[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 alphabet) trained on TRAIN_TEXT; specials get ids 0..n-1."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    if split_regex is None:  # GPT-2 / SmolLM2: single digits, then GPT-2's own regex
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:  # Llama 3: its split regex, then bytes
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TRAIN_TEXT, trainer=trainer)
+    return tok
+
+
+def build_llama3_tokenizer(folder: pathlib.Path, vocab_size: int = 480) -> dict:
+    """Llama 3 style tokenizer.json (BOS added by the post-processor) + chat template."""
+    from tokenizers import processors
+    tok = _train_bytelevel(LLAMA3_SPECIALS, LLAMA3_SPLIT, vocab_size)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+              "eos_token": "<|eot_id|>", "clean_up_tokenization_spaces": True,
+              "model_max_length": 512, "chat_template": LLAMA3_CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "bos": bos,
+            "eos": tok.token_to_id("<|eot_id|>"), "pad": None}
+
+
+def build_smollm2_tokenizer(folder: pathlib.Path, vocab_size: int = 450) -> dict:
+    """SmolLM2 style GPT-2 byte-level tokenizer.json (no BOS added) + ChatML template."""
+    tok = _train_bytelevel(SMOLLM2_SPECIALS, None, vocab_size)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
+              "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+              "pad_token": "<|im_end|>", "clean_up_tokenization_spaces": False,
+              "model_max_length": 512, "chat_template": CHATML_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
+            "bos": tok.token_to_id("<|im_start|>"), "eos": tok.token_to_id("<|im_end|>"),
+            "pad": tok.token_to_id("<|im_end|>")}
+
+
+TOKENIZER_BUILDERS = {"llama2": build_llama2_tokenizer, "llama3": build_llama3_tokenizer,
+                      "smollm2": build_smollm2_tokenizer}
+
+
+# ----------------------------------------------------------------------------- models
+
+def _randomize(model, seed: int) -> None:
+    """Redraws every weight (see the module docstring for why and how)."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    tied = model.config.tie_word_embeddings
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim == 1:  # RMSNorm weights
+                p.copy_(1.0 + 0.1 * noise)
+            elif "embed_tokens" in name:  # tied: small, so the output is not the input token
+                p.copy_(noise * (2 / math.sqrt(p.shape[1]) if tied else 0.5))
+            else:  # nn.Linear weight [out, in]
+                p.copy_(noise / math.sqrt(p.shape[1]))
+
+
+def build_model(family: str, folder: pathlib.Path, special: dict, seed: int = 0):
+    """Random float32 LlamaForCausalLM for `family`, saved with safetensors into `folder`."""
+    import torch
+    import transformers
+    config = transformers.LlamaConfig(
+        vocab_size=special["vocab_size"], bos_token_id=special["bos"],
+        eos_token_id=special["eos"], pad_token_id=special["pad"], **MODEL_SHAPES[family])
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+    _randomize(model, seed)
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"],
+        do_sample=False)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return model
+
+
+def load_reference(folder: pathlib.Path):
+    """transformers' float32 model from `folder` (eager attention: the plainest oracle)."""
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def reference_logits(model, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """HF float32 logits [len, vocab] of each prompt (one unpadded forward per prompt)."""
+    import torch
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            logits = model(torch.tensor([list(ids)], dtype=torch.long)).logits[0]
+            out.append(logits.float().numpy())
+    return out
+
+
+def reference_greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    """HF greedy continuations (exactly max_new_tokens each; eos disabled, so nothing is
+    suppressed or cut) and the top-1 minus top-2 logit margin at every step, per prompt."""
+    import torch
+    import transformers
+    config = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    tokens, margins = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([list(ids)], dtype=torch.long),
+                                 generation_config=config, output_scores=True,
+                                 return_dict_in_generate=True)
+            tokens.append(out.sequences[0, len(ids):].tolist())
+            top2 = torch.stack(out.scores)[:, 0].topk(2, dim=-1).values  # [steps, 2]
+            margins.append((top2[:, 0] - top2[:, 1]).tolist())
+    return tokens, margins
+
+
+def default_prompts(vocab_size: int, lengths: Sequence[int] = (1, 7, 33, 80, 150),
+                    seed: int = 0) -> list[list[int]]:
+    """Random token-id prompts of the given lengths (special ids included on purpose)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, size=n).tolist() for n in lengths]
+
+
+def make_fixture(family: str, folder, seed: int = 0,
+                 prompts: Optional[Sequence[Sequence[int]]] = None):
+    """Writes the `family` model folder into `folder` (created) and returns
+    (folder, hf_model, prompts, reference logits per prompt [len, vocab])."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    special = TOKENIZER_BUILDERS[family](folder)
+    build_model(family, folder, special, seed)
+    model = load_reference(folder)
+    prompts = [list(p) for p in prompts] if prompts is not None else default_prompts(
+        special["vocab_size"], seed=seed)
+    return folder, model, prompts, reference_logits(model, prompts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=pathlib.Path, help="folder to write one subfolder per family")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for family in args.families:
+        folder, _, prompts, logits = make_fixture(family, args.out / family, args.seed)
+        np.savez(folder / "reference_logits.npz",
+                 **{f"prompt_{i}": np.asarray(p) for i, p in enumerate(prompts)},
+                 **{f"logits_{i}": x for i, x in enumerate(logits)})
+        logger.info("%s: wrote %s (%d prompts, reference logits in reference_logits.npz)",
+                    family, folder, len(prompts))
+
+
+if __name__ == "__main__":
+    main()

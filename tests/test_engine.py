@@ -1,0 +1,191 @@
+"""End-to-end engine behaviour on a tiny random model (no torch): decode matches a recompute
+oracle, batching and paging are invisible, stops and limits hold, blocks never leak."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from jinfer import LLM, SamplingParams
+
+PROMPTS = ["The quick brown fox", "Why is the sky blue?", "日本語 🙂 café", "numbers 12345 and"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir), num_kv_blocks=256, max_model_len=256, seed=1,
+               enable_compilation_cache=False)
+
+
+def greedy_by_recompute(llm: LLM, prompt_ids: list[int], steps: int) -> list[int]:
+    """Oracle: re-prefill the whole sequence each step and take the argmax."""
+    ids = list(prompt_ids)
+    for _ in range(steps):
+        ids.append(int(np.argmax(llm.prompt_logits(ids)[-1])))
+    return ids[len(prompt_ids):]
+
+
+def assert_pool_whole(llm: LLM):
+    assert llm.engine.block_manager.is_whole()
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+
+
+def test_greedy_decode_matches_recompute(llm):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outputs):
+        expected = greedy_by_recompute(llm, out.prompt_token_ids, 12)
+        assert out.outputs[0].token_ids == expected, prompt
+        assert out.outputs[0].finish_reason == "length"
+    assert_pool_whole(llm)
+
+
+def test_batch_and_seed_invariance(llm):
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=s, max_tokens=10, ignore_eos=True)
+              for s in range(len(PROMPTS))]
+    together = llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, p, out in zip(PROMPTS, params, together):
+        alone = llm.generate(prompt, p, use_tqdm=False)[0]
+        assert alone.outputs[0].token_ids == out.outputs[0].token_ids
+    again = llm.generate(PROMPTS[::-1], params[::-1], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again[::-1]] == [
+        o.outputs[0].token_ids for o in together]
+    assert_pool_whole(llm)
+
+
+@pytest.mark.parametrize("block_size", [1, 32])
+def test_paging_is_invisible(tiny_model_dir, llm, block_size):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    other = LLM(str(tiny_model_dir), block_size=block_size, num_kv_blocks=4096 // block_size,
+                max_model_len=256, shuffle_blocks_seed=7, max_num_batched_tokens=8,
+                enable_compilation_cache=False)
+    got = [o.outputs[0].token_ids for o in other.generate(PROMPTS, params, use_tqdm=False)]
+    assert got == expected
+    assert_pool_whole(other)
+
+
+def test_preemption_keeps_outputs(tiny_model_dir, llm):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = PROMPTS * 3
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    small = LLM(str(tiny_model_dir), block_size=4, num_kv_blocks=70, max_model_len=64,
+                enable_compilation_cache=False)
+    got = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
+    assert small.stats()["num_preemptions"] > 0
+    assert got == expected
+    assert_pool_whole(small)
+
+
+def test_stop_strings_and_ids(llm):
+    base = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    stop_text = base.text[5:9]
+    assert stop_text
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                  stop=[stop_text]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_text
+    assert out.text == base.text[:base.text.index(stop_text)]
+    stop_id = base.token_ids[3]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                  stop_token_ids=[stop_id]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == base.token_ids[:base.token_ids.index(stop_id) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                  stop_token_ids=[stop_id], min_tokens=10),
+                       use_tqdm=False)[0].outputs[0]
+    assert stop_id not in out.token_ids[:10]
+    assert_pool_whole(llm)
+
+
+def test_logprobs_match_prompt_logits(llm):
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3)
+    out = llm.generate(PROMPTS[1], params, use_tqdm=False)[0]
+    completion = out.outputs[0]
+    ids = out.prompt_token_ids + completion.token_ids
+    logits = llm.prompt_logits(ids)
+    total = 0.0
+    for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = logits[len(out.prompt_token_ids) - 1 + step].astype(np.float64)
+        log_softmax = row - np.log(np.exp(row - row.max()).sum()) - row.max()
+        assert entry[token].logprob == pytest.approx(log_softmax[token], abs=1e-4)
+        assert entry[token].rank == 1
+        top3 = np.argsort(-log_softmax)[:3]
+        assert set(top3) <= set(entry)
+        total += log_softmax[token]
+    assert completion.cumulative_logprob == pytest.approx(total, abs=1e-3)
+
+
+def test_stream_deltas_concatenate(llm):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    full = llm.generate(PROMPTS[2], params, use_tqdm=False)[0].outputs[0].text
+    assert "".join(llm.stream(PROMPTS[2], params)) == full
+    assert_pool_whole(llm)
+
+
+def test_abort_mid_generation_frees_blocks(llm):
+    stream = llm.stream(PROMPTS[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert_pool_whole(llm)
+
+
+def test_chat_applies_template(llm):
+    messages = [{"role": "user", "content": "Hello"}]
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    expected = tok.encode("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
+                          add_special_tokens=False)
+    assert out.prompt_token_ids == expected
+
+
+def test_kv_pool_is_donated(llm):
+    runner = llm.engine.runner
+    llm.generate(PROMPTS[0], SamplingParams(max_tokens=2), use_tqdm=False)
+    before = runner.kv_cache.k.unsafe_buffer_pointer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Some donated buffers were not usable" would raise
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert runner.kv_cache.k.unsafe_buffer_pointer() == before
+
+
+def test_compiles_are_bounded(llm):
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    runner = llm.engine.runner
+    llm.generate(["a b c d e f g"], params, use_tqdm=False)
+    shapes = set(runner._compiled_shapes)
+    llm.generate(["x y z w v u"], params, use_tqdm=False)  # same buckets
+    assert runner._compiled_shapes == shapes
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(n=0), "n"), (dict(max_tokens=0), "max_tokens"), (dict(min_p=1.5), "min_p")])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_leave_engine_working(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(prompt_token_ids=[[]], use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate(prompt_token_ids=[[5] * 300], use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate(prompt_token_ids=[[10**6]], use_tqdm=False)
+    assert_pool_whole(llm)
+    assert llm.generate("ok", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_pool_too_small_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="cannot hold even one sequence"):
+        LLM(str(tiny_model_dir), num_kv_blocks=4, max_model_len=256,
+            enable_compilation_cache=False)
+
+
+def test_missing_model_path():
+    with pytest.raises((FileNotFoundError, ValueError), match="does-not-exist"):
+        LLM("/nonexistent/does-not-exist", enable_compilation_cache=False)

