@@ -1,7 +1,8 @@
 """Attention metadata and the backend interface that attention kernels plug into.
 
 The metadata is an explicit argument of the model's forward (never hidden global state). A backend
-is a function `(q, k_pool, v_pool, metadata, scale) -> out` over one layer's pool.
+is a function `(q, k_pool, v_pool, layer, metadata, scale) -> out`; it reads layer `layer` of
+the stacked pool (passing the whole pool, not a slice of it, keeps the pool's update in place).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ class AttentionMetadata:
 AttentionFn = Callable[..., jax.Array]
 
 
-def _reference(q, k_pool, v_pool, meta: AttentionMetadata, scale: float) -> jax.Array:
+def _reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) -> jax.Array:
     return paged_attention_reference(
-        q, k_pool, v_pool, meta.block_tables, meta.positions, meta.context_lens, scale=scale)
+        q, k_pool, v_pool, layer, meta.block_tables, meta.positions, meta.context_lens, scale=scale)
 
 
 _BACKENDS: dict[str, AttentionFn] = {"reference": _reference}

@@ -4,8 +4,11 @@ Decoding one token at a time is wrong for most tokenizers: a sentencepiece token
 depends on what precedes it, and an emoji may span several byte tokens. Following vLLM, we decode
 a short window of ids twice, `ids[prefix_offset:read_offset]` (text already emitted) and
 `ids[prefix_offset:]`, and emit the difference; when that difference ends in an incomplete UTF-8
-character ("\\ufffd") we hold it back until more tokens arrive. Only the window is kept, so each
-token costs O(window), not O(sequence length).
+character ("\\ufffd") we hold it back until more tokens arrive. With sentencepiece byte fallback
+we also hold back while the window ends in a `<0xXX>` byte token: the decoder turns a whole run of
+them into text at once (an invalid run becomes one "\\ufffd" per byte, valid bytes included), so a
+run must not be cut. Skipped special tokens never reach the decoder and stay out of the window.
+Only the window is kept, so each token costs O(window), not O(sequence length).
 
 Stop strings are matched on the decoded text, across token boundaries. Text that could still be
 the start of a stop string is held back, so a stop string is never emitted, not even in part.
@@ -40,6 +43,9 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True, include_stop_str_in_output: bool = False):
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        # Skipped special tokens never reach the decoder, so they are left out of the window.
+        self._skipped_ids = frozenset(tokenizer.all_special_ids) if skip_special_tokens else ()
+        self._byte_ids = frozenset(getattr(tokenizer, "byte_fallback_ids", ()))
         self._include_stop = include_stop_str_in_output
         self._stops = tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
         # Window of ids: _window[:_read] is decoded and emitted; _window[_read:] is pending.
@@ -63,7 +69,10 @@ class IncrementalDetokenizer:
         """Adds one output token; returns the text that is safe to emit now (may be "")."""
         if self.stopped:
             return ""
-        self._window.append(int(token_id))
+        token_id = int(token_id)
+        if token_id in self._skipped_ids:
+            return ""
+        self._window.append(token_id)
         return self._emit(self._decode_window(final=False))
 
     def flush(self) -> str:
@@ -90,8 +99,10 @@ class IncrementalDetokenizer:
             self._prefix_text = self._decode(self._window[:self._read])
         prefix_text = self._prefix_text
         new_text = self._decode(self._window)
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
-            return ""  # nothing new yet, or an incomplete UTF-8 character: wait for more
+        if len(new_text) <= len(prefix_text):
+            return ""  # nothing new yet
+        if not final and (new_text.endswith("\ufffd") or self._window[-1] in self._byte_ids):
+            return ""  # an incomplete UTF-8 character, or a byte run that may go on: wait
         delta = new_text[len(prefix_text):]
         # The ids just read become the prefix window of the next step.
         del self._window[:self._read]

@@ -57,13 +57,13 @@ def _write_kv(pool: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Arra
     """Writes new K or V rows at their slots of one layer, in place.
 
     pool: [layers, num_blocks, block_size, kv_heads, head_dim]; slots: [batch, q_len];
-    new: [batch, q_len, kv_heads, head_dim].
+    new: [batch, q_len, kv_heads, head_dim]. Indexes (layer, block, offset) directly: a reshape
+    of the pool here would make XLA copy the whole pool at every layer.
     """
-    layers, num_blocks, block_size, kv_heads, head_dim = pool.shape
-    flat = pool.reshape(layers, num_blocks * block_size, kv_heads, head_dim)
-    flat = flat.at[layer, slots.reshape(-1)].set(
-        new.reshape(-1, kv_heads, head_dim).astype(pool.dtype), unique_indices=False)
-    return flat.reshape(pool.shape)
+    block_size = pool.shape[2]
+    slots = slots.reshape(-1)
+    return pool.at[layer, slots // block_size, slots % block_size].set(
+        new.reshape(-1, *pool.shape[3:]).astype(pool.dtype))
 
 
 def _attention_block(config, lp, h, layer, kv, meta, attn_fn, inv_freq):
@@ -77,7 +77,7 @@ def _attention_block(config, lp, h, layer, kv, meta, attn_fn, inv_freq):
     k = apply_rope(k, meta.positions, inv_freq)
     k_pool = _write_kv(kv.k, layer, meta.slot_mapping, k)
     v_pool = _write_kv(kv.v, layer, meta.slot_mapping, v)
-    out = attn_fn(q, k_pool[layer], v_pool[layer], meta, 1.0 / math.sqrt(config.head_dim))
+    out = attn_fn(q, k_pool, v_pool, layer, meta, 1.0 / math.sqrt(config.head_dim))
     out = out.reshape(batch, q_len, config.q_size) @ lp["wo"]
     return h + out, KVCache(k=k_pool, v=v_pool)
 

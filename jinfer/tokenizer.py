@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pathlib
+import struct
 from typing import Any, Optional, Sequence
 
 import tokenizers
@@ -48,6 +49,10 @@ class Tokenizer:
       vocab_size: number of ids, added tokens included (what `decode` accepts).
       bos_token_id / eos_token_id: ids of the BOS/EOS tokens, or None.
       all_special_ids: ids that `decode(..., skip_special_tokens=True)` drops.
+      byte_fallback_ids: ids of the `<0xXX>` byte tokens when the decoder joins runs of them
+        into UTF-8 (sentencepiece byte fallback), else empty. A run that is not valid UTF-8
+        decodes to one "\ufffd" per byte, including its valid bytes, so a streaming decoder must
+        not cut a run.
       chat_template: the jinja2 chat template, or None.
     """
 
@@ -63,6 +68,7 @@ class Tokenizer:
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.all_special_ids = frozenset(
             i for i, tok in backend.get_added_tokens_decoder().items() if tok.special)
+        self.byte_fallback_ids = _byte_fallback_ids(backend)
         self.chat_template = chat_template
         self.source = source
         # Template variables: bos_token, eos_token, unk_token, pad_token (transformers passes its
@@ -114,6 +120,15 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, "
                 f"bos_token_id={self.bos_token_id}, eos_token_id={self.eos_token_id})")
+
+
+def _byte_fallback_ids(backend: tokenizers.Tokenizer) -> frozenset[int]:
+    """Ids of `<0xXX>` tokens, if the decoder turns them into bytes (checked on `<0x41>`)."""
+    vocab = backend.get_vocab(with_added_tokens=False)
+    probe = vocab.get("<0x41>")
+    if probe is None or backend.decode([probe], skip_special_tokens=False) != "A":
+        return frozenset()
+    return frozenset(i for i in (vocab.get(f"<0x{b:02X}>") for b in range(256)) if i is not None)
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -371,7 +386,6 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
 
 
 def _float32(raw: memoryview) -> float:
-    import struct
     return struct.unpack("<f", bytes(raw))[0]
 
 

@@ -10,25 +10,30 @@ import jax
 import jax.numpy as jnp
 
 
-def gather_pages(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """Lays each sequence's blocks out contiguously.
+def gather_pages(pool: jax.Array, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """Lays each sequence's blocks of one layer out contiguously.
+
+    Indexes the stacked pool in one gather: slicing out the layer first would copy it (and, in
+    the engine's layer scan, defeat the in-place update of the pool).
 
     Args:
-      pool: [num_blocks, block_size, kv_heads, head_dim] one layer's K or V pool.
+      pool: [layers, num_blocks, block_size, kv_heads, head_dim] the K or V pool.
+      layer: int32 scalar, which layer to read.
       block_tables: [batch, max_blocks] physical block of each logical block (padding: 0).
     Returns:
       [batch, max_blocks * block_size, kv_heads, head_dim]
     """
     batch, max_blocks = block_tables.shape
-    _, block_size, kv_heads, head_dim = pool.shape
-    pages = pool[block_tables]  # [batch, max_blocks, block_size, kv_heads, head_dim]
+    _, _, block_size, kv_heads, head_dim = pool.shape
+    pages = pool[layer, block_tables]  # [batch, max_blocks, block_size, kv_heads, head_dim]
     return pages.reshape(batch, max_blocks * block_size, kv_heads, head_dim)
 
 
 def paged_attention_reference(
     q: jax.Array,             # [batch, q_len, num_heads, head_dim]
-    k_pool: jax.Array,        # [num_blocks, block_size, kv_heads, head_dim]
-    v_pool: jax.Array,        # [num_blocks, block_size, kv_heads, head_dim]
+    k_pool: jax.Array,        # [layers, num_blocks, block_size, kv_heads, head_dim]
+    v_pool: jax.Array,        # [layers, num_blocks, block_size, kv_heads, head_dim]
+    layer: jax.Array,         # int32 scalar
     block_tables: jax.Array,  # [batch, max_blocks] int32
     positions: jax.Array,     # [batch, q_len] int32, absolute position of each query token
     context_lens: jax.Array,  # [batch] int32, tokens in the pool for each sequence (incl. new)
@@ -42,10 +47,10 @@ def paged_attention_reference(
     and decode (q_len == 1) alike. Accumulates in float32.
     """
     batch, q_len, num_heads, head_dim = q.shape
-    kv_heads = k_pool.shape[2]
+    kv_heads = k_pool.shape[3]
     group = num_heads // kv_heads
-    k = gather_pages(k_pool, block_tables)  # [batch, ctx, kv_heads, head_dim]
-    v = gather_pages(v_pool, block_tables)
+    k = gather_pages(k_pool, layer, block_tables)  # [batch, ctx, kv_heads, head_dim]
+    v = gather_pages(v_pool, layer, block_tables)
     qg = q.reshape(batch, q_len, kv_heads, group, head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
     scores = scores * scale

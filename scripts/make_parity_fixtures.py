@@ -13,8 +13,8 @@ Each family mirrors a real checkpoint's layout at toy size (CPU torch, float32):
 
 Weights are re-drawn after transformers' init (which uses std 0.02 and unit norms, making
 attention nearly uniform and RoPE errors invisible): linear layers ~ N(0, 1/fan_in), embeddings
-~ N(0, 0.5^2) (N(0, 4/hidden) when tied, or greedy decoding just repeats the
-last token), norm weights ~ 1 + N(0, 0.1^2), so attention is peaked and logits are well spread.
+~ N(0, 0.5^2) (N(0, 4/hidden) when tied, else greedy decoding just repeats the last token), norm
+weights ~ 1 + N(0, 0.1^2), so attention is peaked and logits are well spread.
 
 Importable (tests call `make_fixture`) and a CLI:
 
@@ -224,26 +224,50 @@ def reference_logits(model, prompts: Sequence[Sequence[int]]) -> list[np.ndarray
 
 
 def reference_greedy(model, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-    """HF greedy continuations (exactly max_new_tokens each; eos disabled, so nothing is
-    suppressed or cut) and the top-1 minus top-2 logit margin at every step, per prompt."""
+    """HF greedy continuations of each prompt (one unpadded `generate` per prompt), exactly
+    max_new_tokens each with EOS treated as an ordinary token: the oracle for jinfer's
+    `ignore_eos=True`, which neither stops at EOS nor bans it.
+
+    HF has no such switch: `min_new_tokens` bans EOS (a different argmax wherever EOS is the
+    top token) and an `eos_token_id=None` in the call's GenerationConfig is filled back in from
+    the model's. So the model's own generation_config loses its EOS for the call.
+
+    Returns (tokens, logprobs, margins), each a list per prompt of max_new_tokens values: the
+    chosen ids, their log-probabilities under the raw logits, and the top-1 minus top-2 raw
+    logit gap (how close greedy was to a tie).
+    """
     import torch
     import transformers
     config = transformers.GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-        eos_token_id=None, pad_token_id=0, bos_token_id=None)
-    tokens, margins = [], []
-    with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(torch.tensor([list(ids)], dtype=torch.long),
-                                 generation_config=config, output_scores=True,
-                                 return_dict_in_generate=True)
-            tokens.append(out.sequences[0, len(ids):].tolist())
-            top2 = torch.stack(out.scores)[:, 0].topk(2, dim=-1).values  # [steps, 2]
-            margins.append((top2[:, 0] - top2[:, 1]).tolist())
-    return tokens, margins
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0,
+        bos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    saved_eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    tokens, logprobs, margins = [], [], []
+    try:
+        with torch.no_grad():
+            for ids in prompts:
+                out = model.generate(torch.tensor([list(ids)], dtype=torch.long),
+                                     generation_config=config)
+                new = out.sequences[0, len(ids):]                      # [steps]
+                logits = torch.stack(out.logits)[:, 0].float()         # [steps, vocab]
+                top2 = logits.topk(2, dim=-1).values                   # [steps, 2]
+                chosen = torch.log_softmax(logits, -1).gather(-1, new[:, None])[:, 0]
+                assert (new == logits.argmax(-1)).all(), "HF's greedy is not the raw argmax"
+                assert len(new) == max_new_tokens, "HF stopped early"
+                tokens.append(new.tolist())
+                logprobs.append(chosen.tolist())
+                margins.append((top2[:, 0] - top2[:, 1]).tolist())
+    finally:
+        model.generation_config.eos_token_id = saved_eos
+    return tokens, logprobs, margins
 
 
-def default_prompts(vocab_size: int, lengths: Sequence[int] = (1, 7, 33, 80, 150),
+# 70 and 150 run past llama3's original_max_position_embeddings (64).
+DEFAULT_LENGTHS = (1, 5, 13, 70, 150)
+
+
+def default_prompts(vocab_size: int, lengths: Sequence[int] = DEFAULT_LENGTHS,
                     seed: int = 0) -> list[list[int]]:
     """Random token-id prompts of the given lengths (special ids included on purpose)."""
     rng = np.random.default_rng(seed)
@@ -251,9 +275,11 @@ def default_prompts(vocab_size: int, lengths: Sequence[int] = (1, 7, 33, 80, 150
 
 
 def make_fixture(family: str, folder, seed: int = 0,
-                 prompts: Optional[Sequence[Sequence[int]]] = None):
+                 prompts: Optional[Sequence[Sequence[int]]] = None,
+                 lengths: Sequence[int] = DEFAULT_LENGTHS):
     """Writes the `family` model folder into `folder` (created) and returns
-    (folder, hf_model, prompts, reference logits per prompt [len, vocab])."""
+    (folder, hf_model, prompts, reference logits per prompt [len, vocab]); the prompts are
+    `prompts` or random ids of the given `lengths`."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     folder = pathlib.Path(folder)
@@ -262,7 +288,7 @@ def make_fixture(family: str, folder, seed: int = 0,
     build_model(family, folder, special, seed)
     model = load_reference(folder)
     prompts = [list(p) for p in prompts] if prompts is not None else default_prompts(
-        special["vocab_size"], seed=seed)
+        special["vocab_size"], lengths, seed)
     return folder, model, prompts, reference_logits(model, prompts)
 
 

@@ -6,6 +6,7 @@ and untied); GGUF files are written from the same weights with llama.cpp's Q/K p
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -186,7 +187,7 @@ def test_hf_config_transformers4_rope_scaling_and_eos_fallback(tmp_path):
     cfg.pop("rope_parameters", None)
     cfg.pop("head_dim", None)
     cfg.pop("num_key_value_heads")
-    cfg.update(rope_theta=123.0, rope_scaling={**LLAMA3, "rope_type": None, "type": "llama3"},  # 4.x: "type"
+    cfg.update(rope_theta=123.0, rope_scaling={**LLAMA3, "rope_type": None, "type": "llama3"},
                eos_token_id=[5, 6])
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "generation_config.json").unlink()
@@ -304,20 +305,13 @@ def edit_config(folder, **changes):
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
+@contextlib.contextmanager
 def raises(exc, *words):
     """pytest.raises whose message must contain every word."""
-    class Check:
-        def __enter__(self):
-            self.ctx = pytest.raises(exc)
-            self.info = self.ctx.__enter__()
-            return self.info
-
-        def __exit__(self, *a):
-            out = self.ctx.__exit__(*a)
-            for word in words:
-                assert str(word) in str(self.info.value), (word, str(self.info.value))
-            return out
-    return Check()
+    with pytest.raises(exc) as info:
+        yield info
+    for word in words:
+        assert str(word) in str(info.value), (word, str(info.value))
 
 
 def test_error_missing_path(tmp_path):

@@ -83,6 +83,14 @@ def smollm_gguf_path() -> pathlib.Path | None:
     return pathlib.Path(files[0]) if files else None
 
 
+def smollm_reader():
+    """One shared GGUFReader on the SmolLM2 GGUF (opening it takes seconds)."""
+    def build():
+        import gguf
+        return gguf.GGUFReader(str(require_smollm()))
+    return _cached("smollm_reader", build)
+
+
 def build_spm_folder() -> pathlib.Path:
     """A folder with a Llama 2 style `tokenizer.model` (BPE, byte fallback) and its config."""
     def build():
@@ -153,19 +161,24 @@ def _write_gguf(writer) -> None:
     writer.close()
 
 
-def build_gpt2_gguf(pre: str, add_bos: bool) -> pathlib.Path:
-    """A tokenizer-only `gpt2`-model GGUF with SmolLM2's vocab and merges and a chosen `pre`."""
+def build_gpt2_gguf(pre: str, add_bos: bool, n_tokens: int = 6000) -> pathlib.Path:
+    """A tokenizer-only `gpt2`-model GGUF with a chosen `pre`: SmolLM2's first `n_tokens` tokens
+    and the merges among them (a smaller file keeps GGUFReader fast)."""
     def build():
         import gguf
         from jinfer.tokenizer import _read_gguf_tokenizer_fields
-        src = _read_gguf_tokenizer_fields(gguf.GGUFReader(str(smollm_gguf_path())))
+        src = _read_gguf_tokenizer_fields(smollm_reader())
+        tokens = src["tokens"][:n_tokens]
+        kept = set(tokens)
+        merges = [m for m in src["merges"]
+                  if m.replace(" ", "") in kept and all(p in kept for p in m.split(" "))]
         path = _workdir() / f"gpt2_{pre}_{add_bos}.gguf"
         writer = gguf.GGUFWriter(str(path), "llama")
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
-        writer.add_token_list(src["tokens"])
-        writer.add_token_types(src["token_type"])
-        writer.add_token_merges(src["merges"])
+        writer.add_token_list(tokens)
+        writer.add_token_types(src["token_type"][:n_tokens])
+        writer.add_token_merges(merges)
         writer.add_bos_token_id(0)
         writer.add_eos_token_id(2)
         writer.add_add_bos_token(add_bos)
@@ -234,6 +247,47 @@ def reference_folder_tokenizer(folder: pathlib.Path):
         transformers = pytest.importorskip("transformers")
         return transformers.AutoTokenizer.from_pretrained(str(folder))
     return _cached(("ref_folder", str(folder)), build)
+
+
+def reference_spm_tokenizer():
+    """transformers' tokenizer for the sentencepiece folder.
+
+    transformers reads a `tokenizer.model` with protobuf. Where protobuf is missing, this builds
+    the same LlamaTokenizer the way `TokenizersBackend._convert_from_sentencepiece` does (vocab in
+    piece order, merges from transformers' own `generate_merges`, control pieces special and
+    user-defined pieces plain added tokens), reading the pieces with sentencepiece.
+    """
+    def build():
+        pytest.importorskip("transformers")
+        folder = build_spm_folder()
+        try:
+            import google.protobuf  # noqa: F401  (transformers' own .model reader needs it)
+            return reference_folder_tokenizer(folder)
+        except ImportError:
+            pass
+        import sentencepiece as spm
+        from tokenizers import AddedToken
+        from transformers import LlamaTokenizer
+        from transformers.tokenization_utils_base import generate_merges
+        sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+        added = [AddedToken(sp.id_to_piece(i), normalized=False, special=bool(sp.is_control(i)))
+                 for i in range(sp.get_piece_size())
+                 if sp.is_control(i) or _spm_token_type(sp, i) == 4]
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        return LlamaTokenizer(
+            vocab=vocab, merges=generate_merges(vocab), additional_special_tokens=added,
+            add_bos_token=config["add_bos_token"], add_eos_token=config["add_eos_token"],
+            chat_template=config["chat_template"])
+    return _cached("ref_spm", build)
+
+
+def sentencepiece_processor():
+    """The sentencepiece library on the fixture's tokenizer.model (the original reference)."""
+    def build():
+        import sentencepiece as spm
+        return spm.SentencePieceProcessor(model_file=str(build_spm_folder() / "tokenizer.model"))
+    return _cached("spm_processor", build)
 
 
 def require_smollm() -> pathlib.Path:

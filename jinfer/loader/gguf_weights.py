@@ -105,7 +105,9 @@ def _rope(reader, arch: str, theta: float, head_dim: int, path) -> Optional[Rope
     if "rope_freqs.weight" in tensors:
         factors = _dequantize(tensors["rope_freqs.weight"], path)
         return rope_scaling_from_freqs(factors, theta, head_dim, path)
-    if rope_type != "none":
+    linear_noop = rope_type == "linear" and _meta(
+        reader, f"{arch}.rope.scaling.factor", path, 1.0) == 1.0
+    if rope_type != "none" and not linear_noop:
         raise ValueError(f"GGUF file {path}: RoPE scaling type {rope_type!r} is unsupported; "
                          "jinfer supports plain RoPE and Llama 3 scaling (rope_freqs.weight)")
     return None
@@ -159,7 +161,7 @@ def _dequantize(t, path: pathlib.Path) -> np.ndarray:
     except Exception as e:
         raise ValueError(f"GGUF file {path}: cannot dequantize tensor {t.name} of type "
                          f"{t.tensor_type.name} ({type(e).__name__}: {e}); use a file quantized "
-                         "with a type gguf-py supports (F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q6_K...)") from e
+                         "with a type gguf-py supports (F32/F16/BF16/Q8_0/Q4_K/Q6_K...)") from e
     if w.size != math.prod(shape):
         raise ValueError(f"GGUF file {path}: tensor {t.name} dequantized to {w.size} values, "
                          f"expected {shape}; the file is corrupted")

@@ -1,0 +1,237 @@
+"""Tokenizer parity with the reference tokenizers (transformers / tokenizers / sentencepiece).
+
+Each source jinfer reads (the real SmolLM2 GGUF, `tokenizer.json` folders, a sentencepiece
+`tokenizer.model` folder, synthetic `llama` and `gpt2` GGUF vocabularies) must encode and decode
+exactly like transformers does for the same files, with and without special tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+try:
+    from tests import tokenizer_fixtures as F
+except ImportError:  # tests/ is on sys.path instead of the repo root
+    import tokenizer_fixtures as F
+
+from jinfer.tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
+
+
+def assert_parity(ours: Tokenizer, ref, strings=F.TRICKY_STRINGS, random_decodes: int = 20):
+    """Encode/decode of `ours` equals the transformers tokenizer `ref` on every string."""
+    for text in strings:
+        for add_special in (True, False):
+            ids = ref(text, add_special_tokens=add_special)["input_ids"]
+            assert ours.encode(text, add_special_tokens=add_special) == ids, (text, add_special)
+            for skip in (True, False):
+                assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
+                    ids, skip_special_tokens=skip), (text, skip)
+    # Arbitrary id sequences too: specials, byte tokens, broken UTF-8.
+    rng = random.Random(0)
+    for _ in range(random_decodes):
+        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(1, 30))]
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
+                ids, skip_special_tokens=skip), ids
+    assert ours.vocab_size == len(ref)
+    assert ours.bos_token_id == ref.bos_token_id
+    assert ours.eos_token_id == ref.eos_token_id
+
+
+# ----------------------------------------------------------------------------- SmolLM2 GGUF
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    path = F.require_smollm()
+    return load_gguf_tokenizer(path, reader=F.smollm_reader())
+
+
+@pytest.fixture(scope="module")
+def smollm_ref():
+    return F.reference_gguf_tokenizer(F.require_smollm())
+
+
+def test_smollm_gguf_matches_transformers(smollm, smollm_ref):
+    assert_parity(smollm, smollm_ref)
+
+
+def test_smollm_gguf_special_tokens(smollm, smollm_ref):
+    # The GGUF's add_bos_token is False, so neither transformers nor we add <|im_start|> (bos).
+    assert smollm.encode("hi") == smollm_ref("hi")["input_ids"]
+    assert smollm.encode("hi")[0] != smollm.bos_token_id
+    assert smollm.convert_ids_to_tokens([smollm.bos_token_id, smollm.eos_token_id]) == [
+        "<|im_start|>", "<|im_end|>"]
+    # Control tokens are single ids in a prompt and dropped by decode(skip_special_tokens=True).
+    assert smollm.encode("<|im_start|>user", add_special_tokens=False)[0] == smollm.bos_token_id
+    assert set(smollm_ref.all_special_ids) <= smollm.all_special_ids
+    assert smollm.byte_fallback_ids == frozenset()
+
+
+def test_smollm_saved_tokenizer_json_folder():
+    # transformers' SmolLM2 tokenizer saved as tokenizer.json + chat_template.jinja.
+    folder = F.build_smollm_json_folder()
+    ours = load_tokenizer(folder)
+    ref = F.reference_folder_tokenizer(folder)
+    assert_parity(ours, ref)
+    assert ours.chat_template == ref.chat_template
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_smollm_chat_template_matches_transformers(smollm, smollm_ref, system,
+                                                   add_generation_prompt):
+    messages = [{"role": "user", "content": "What is 2+2? Answer in 日本語 😀"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "Thanks!"}]
+    if system:
+        messages.insert(0, {"role": "system", "content": "You are terse."})
+    expected = smollm_ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert smollm.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt) == expected
+    ids = smollm.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                     tokenize=True)
+    assert ids == smollm_ref.encode(expected, add_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------- HF folders
+
+
+def test_bytelevel_tokenizer_json_folder():
+    # Llama 3 style: <|begin_of_text|> comes from tokenizer.json's post-processor;
+    # clean_up_tokenization_spaces=True is ignored for BPE, as in transformers.
+    folder = F.build_bytelevel_folder()
+    ours, ref = load_tokenizer(folder), F.reference_folder_tokenizer(folder)
+    assert_parity(ours, ref)
+    assert ours.encode("hi")[0] == ours.bos_token_id == ref.bos_token_id
+    assert ours.decode(ours.encode("don't , stop .")) == "don't , stop ."
+    messages = [{"role": "system", "content": "  be brief "}, {"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(messages) == ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_sentencepiece_folder_matches_transformers():
+    folder = F.build_spm_folder()
+    ours = load_tokenizer(folder)
+    assert_parity(ours, F.reference_spm_tokenizer())
+    assert ours.encode("hi")[0] == ours.bos_token_id == 1  # add_bos_token: true
+    assert ours.byte_fallback_ids  # <0x00>..<0xFF>
+
+
+def test_sentencepiece_folder_matches_sentencepiece():
+    # transformers (and so jinfer) differs from sentencepiece itself only for text starting with
+    # whitespace (Metaspace does not add a second dummy space) and for special-token text.
+    sp = F.sentencepiece_processor()
+    ours = load_tokenizer(F.build_spm_folder())
+    plain = [s for s in F.TRICKY_STRINGS if s.strip() and not s[0].isspace() and "<" not in s]
+    assert len(plain) > 10
+    for text in plain:
+        ids = sp.encode(text)
+        assert ours.encode(text) == [sp.bos_id()] + ids, text
+        assert ours.decode(ids) == sp.decode(ids), text
+    # Byte fallback: an emoji the training text never saw becomes <0xXX> pieces.
+    pieces = ours.convert_ids_to_tokens(ours.encode("👨‍👩", add_special_tokens=False))
+    assert "<0xF0>" in pieces
+
+
+def test_sentencepiece_gguf_matches_references():
+    ref = F.reference_spm_tokenizer()
+    ours = load_gguf_tokenizer(F.build_llama_gguf(add_bos=True))
+    assert_parity(ours, ref)
+    assert_parity(ours, F.reference_gguf_tokenizer(F.build_llama_gguf(add_bos=True)))
+    assert ours.chat_template == F.SMOLLM_CHAT_TEMPLATE
+
+
+def test_sentencepiece_gguf_bos_default():
+    # No add_bos_token key: transformers (like llama.cpp) adds BOS for sentencepiece vocabularies.
+    path = F.build_llama_gguf(add_bos=None)
+    ours, ref = load_gguf_tokenizer(path), F.reference_gguf_tokenizer(path)
+    assert ours.encode("hello world") == ref("hello world")["input_ids"]
+    assert ours.encode("hello world")[0] == ours.bos_token_id
+
+
+@pytest.mark.parametrize("pre,add_bos", [("llama-bpe", True), ("default", False)])
+def test_byte_level_gguf_pre_tokenizers(pre, add_bos):
+    F.require_smollm()
+    path = F.build_gpt2_gguf(pre, add_bos)
+    ours, ref = load_gguf_tokenizer(path), F.reference_gguf_tokenizer(path)
+    assert_parity(ours, ref, random_decodes=5)
+    assert (ours.encode("hi")[0] == ours.bos_token_id) == add_bos
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+
+def test_chat_template_helpers_match_transformers():
+    ours = load_tokenizer(F.build_bytelevel_folder())
+    ref = F.reference_folder_tokenizer(F.build_bytelevel_folder())
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('bad role') }}"
+        "{% endif %}{{ m | tojson }}\n{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% endfor %}{{ bos_token }}|{{ eos_token }}|{{ extra }}|{{ strftime_now('%Y') }}")
+    messages = [{"role": "user", "content": "<b>é\"</b> 😀"}, {"role": "user", "content": "x"},
+                {"role": "user", "content": "y"}, {"role": "user", "content": "z"}]
+    ours.chat_template = template
+    expected = ref.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                       add_generation_prompt=False, extra=7)
+    assert ours.apply_chat_template(messages, add_generation_prompt=False, extra=7) == expected
+    import jinja2
+    with pytest.raises(jinja2.exceptions.TemplateError, match="bad role"):
+        ours.apply_chat_template([{"role": "bad", "content": ""}])
+
+
+def test_chat_template_in_tokenizer_config_and_json(tmp_path):
+    source = F.build_bytelevel_folder()
+    (tmp_path / "tokenizer.json").write_text((source / "tokenizer.json").read_text())
+    config = {"eos_token": "<|eot_id|>",
+              "chat_template": [{"name": "tool_use", "template": "T"},
+                                {"name": "default", "template": "{{ eos_token }}D"}]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path).apply_chat_template([]) == "<|eot_id|>D"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "J"}))
+    assert load_tokenizer(tmp_path).apply_chat_template([]) == "J"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_tokenizer_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path) in str(err.value)
+    assert "tokenizer.json" in str(err.value) and "tokenizer.model" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_no_chat_template(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(
+        (F.build_bytelevel_folder() / "tokenizer.json").read_text())
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_template is None
+    with pytest.raises(ValueError, match="no chat template.*--no-chat"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_unsupported_gguf_tokenizer_model(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "bert.gguf"
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(["[PAD]", "[UNK]", "hello"])
+    F._write_gguf(writer)
+    with pytest.raises(ValueError, match="'bert'.*'gpt2'.*'llama'"):
+        load_gguf_tokenizer(path)
+
+
+def test_unigram_sentencepiece_is_rejected(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(F.TRAIN_TEXT), model_prefix=str(tmp_path / "tokenizer"),
+        model_type="unigram", vocab_size=100, minloglevel=2)
+    with pytest.raises(ValueError, match="only BPE"):
+        load_tokenizer(tmp_path)
