@@ -17,7 +17,7 @@ from jinfer.config import EngineConfig, ModelConfig
 from jinfer.engine import LLMEngine
 from jinfer.kv_cache import bytes_per_block
 from jinfer.loader import load_weights, resolve_model_path
-from jinfer.model import unstack_layers
+from jinfer.model import prepare_params
 from jinfer.model_runner import ModelRunner
 from jinfer.outputs import RequestOutput
 from jinfer.sampling_params import SamplingParams
@@ -70,7 +70,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
             attention_backend=attention_backend)
         num_blocks = self._num_blocks(model_config, DTYPES[dtype])
-        device_params = jax.device_put(unstack_layers(params))
+        device_params = jax.device_put(prepare_params(params))
         runner = ModelRunner(model_config, self.config, device_params, num_blocks, DTYPES[dtype])
         self.engine = LLMEngine(runner, self.tokenizer, self.config,
                                 self._eos_ids(info["eos_token_ids"]), num_blocks,

@@ -73,9 +73,11 @@ def _attention_block(config, lp, h, layer, kv, meta, attn_fn, inv_freq):
     """One layer's attention sublayer: norm -> QKV -> RoPE -> write K/V -> paged attention."""
     batch, q_len, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
-    q = (x @ lp["wq"]).reshape(batch, q_len, config.num_heads, config.head_dim)
-    k = (x @ lp["wk"]).reshape(batch, q_len, config.num_kv_heads, config.head_dim)
-    v = (x @ lp["wv"]).reshape(batch, q_len, config.num_kv_heads, config.head_dim)
+    qkv = x @ lp["wqkv"]  # [batch, q_len, q_size + 2 * kv_size]
+    q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    q = q.reshape(batch, q_len, config.num_heads, config.head_dim)
+    k = k.reshape(batch, q_len, config.num_kv_heads, config.head_dim)
+    v = v.reshape(batch, q_len, config.num_kv_heads, config.head_dim)
     q = apply_rope(q, meta.positions, inv_freq)
     k = apply_rope(k, meta.positions, inv_freq)
     k_pool = _write_kv(kv.k, layer, meta.slot_mapping, k)
@@ -87,7 +89,8 @@ def _attention_block(config, lp, h, layer, kv, meta, attn_fn, inv_freq):
 
 def _mlp_block(config, lp, h):
     x = rms_norm(h, lp["mlp_norm"], config.rms_norm_eps)
-    return h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+    gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
+    return h + (jax.nn.silu(gate) * up) @ lp["w_down"]
 
 
 def forward_hidden(
@@ -110,13 +113,24 @@ def forward_hidden(
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
 
 
-def unstack_layers(params: dict) -> dict:
-    """Stacked per-layer weights ({name: [layers, ...]}) -> a list of per-layer dicts."""
+def prepare_params(params: dict) -> dict:
+    """Loader layout -> run layout: a list of per-layer dicts, with the Q/K/V projections fused
+    into one `wqkv` and gate/up into one `w_gate_up` (fewer, larger matmuls).
+
+    The loader stacks layers ({name: [layers, ...]}); NumPy views keep this free of copies until
+    the fused weights are concatenated.
+    """
     stacked = params["layers"]
-    if isinstance(stacked, list):
-        return params
-    num_layers = len(next(iter(stacked.values())))
-    layers = [{name: w[i] for name, w in stacked.items()} for i in range(num_layers)]
+    layers = []
+    for i in range(len(stacked["wq"])):
+        layers.append({
+            "attn_norm": stacked["attn_norm"][i],
+            "wqkv": np.concatenate([stacked["wq"][i], stacked["wk"][i], stacked["wv"][i]], 1),
+            "wo": stacked["wo"][i],
+            "mlp_norm": stacked["mlp_norm"][i],
+            "w_gate_up": np.concatenate([stacked["w_gate"][i], stacked["w_up"][i]], 1),
+            "w_down": stacked["w_down"][i],
+        })
     return {**params, "layers": layers}
 
 

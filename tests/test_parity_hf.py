@@ -126,11 +126,16 @@ def greedy(llm, prompts) -> tuple[list[list[int]], list[list[float]]]:
 def assert_same_tokens(got: list[list[int]], ref: Reference, what: str) -> None:
     for i, (g, want) in enumerate(zip(got, ref.tokens)):
         if g != want:
-            step = next(s for s, (a, b) in enumerate(zip(g, want)) if a != b)
+            step = first_difference(g, want)
             pytest.fail(
                 f"{ref.family} {what}: prompt {i} (length {len(ref.prompts[i])}) diverges from "
-                f"HF at step {step}: jinfer {g[step]} vs HF {want[step]}; HF's top-1/top-2 "
-                f"logit gap there is {ref.margins[i][step]:.3g}\n  jinfer {g}\n  HF     {want}")
+                f"HF at step {step}; HF's top-1/top-2 logit gap there is "
+                f"{ref.margins[i][min(step, len(want) - 1)]:.3g}\n  jinfer {g}\n  HF     {want}")
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first differing token (the shorter length when one is a prefix)."""
+    return next((s for s, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
