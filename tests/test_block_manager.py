@@ -1,0 +1,415 @@
+"""BlockManager on CPU, no model: prefix-cache hits and misses, the last-token cap, LRU eviction,
+copy-on-write, fork/free refcounts, kv_waste, and a stateful test against a shadow model of what
+each physical block holds."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import jinfer.block_manager as bm_module
+from jinfer.block_manager import BlockManager, hash_block_tokens
+from jinfer.kv_cache import PAD_BLOCK
+from jinfer.sampling_params import SamplingParams
+from jinfer.sequence import Sequence
+
+_ids = itertools.count()
+
+
+def make_seq(prompt: list[int], outputs: list[int] = ()) -> Sequence:
+    seq = Sequence(next(_ids), "r", 0, prompt, SamplingParams(), 0, detokenizer=None)
+    seq.output_token_ids = list(outputs)
+    return seq
+
+
+def admit_and_compute(bm: BlockManager, seq: Sequence) -> int:
+    """Engine-like admission of a whole prompt: share the cached prefix, prefill the rest."""
+    assert bm.can_allocate_prompt(seq, seq.num_tokens)
+    cached = bm.allocate_prompt(seq, seq.num_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    bm.mark_computed(seq)
+    return cached
+
+
+def snapshot(bm: BlockManager):
+    return (bm.ref_counts.tolist(), list(bm.free_blocks), list(bm.evictable),
+            dict(bm.prefix_index), bm.num_queried_blocks, bm.num_hit_blocks)
+
+
+# -- old API --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("caching", [True, False])
+def test_allocate_free_roundtrip_and_shuffle(caching):
+    a = BlockManager(9, 4, shuffle_seed=3, enable_prefix_caching=caching)
+    b = BlockManager(9, 4, shuffle_seed=3, enable_prefix_caching=caching)
+    assert list(a.free_blocks) == list(b.free_blocks) != list(range(1, 9))
+    seq = make_seq(list(range(10)))
+    assert a.blocks_needed(10) == 3 and a.can_allocate(seq, 10)
+    a.allocate(seq, 10)
+    assert len(seq.block_table) == 3 and PAD_BLOCK not in seq.block_table
+    assert a.num_free_blocks == 5 and all(a.ref_counts[seq.block_table] == 1)
+    assert not a.can_allocate(seq, 40) and a.can_allocate(seq, 32)
+    a.free(seq)
+    assert seq.block_table == [] and a.is_whole() and a.num_cached_blocks == 0
+
+
+def test_bad_sizes_raise():
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(1, 4)
+
+
+# -- prefix caching -------------------------------------------------------------------------------
+def test_full_partial_hits_and_misses():
+    bm = BlockManager(32, 4)
+    a = make_seq(list(range(10)))                       # blocks [0..3] [4..7] [8, 9]
+    assert admit_and_compute(bm, a) == 0
+    assert bm.num_cached_blocks == 2                    # the partial third block is not cached
+    full = make_seq(list(range(8)) + [50, 51, 52])
+    assert bm.get_computed_blocks(full) == (a.block_table[:2], 8)
+    assert admit_and_compute(bm, full) == 8 and full.block_table[:2] == a.block_table[:2]
+    assert list(bm.ref_counts[a.block_table[:2]]) == [2, 2]
+    partial = make_seq(list(range(4)) + [9, 9, 9, 9, 9])
+    assert admit_and_compute(bm, partial) == 4 and partial.block_table[0] == a.block_table[0]
+    miss = make_seq([7] + list(range(1, 10)))
+    assert admit_and_compute(bm, miss) == 0
+    assert not set(miss.block_table) & set(a.block_table)
+    # queried (n - 1) // 4 blocks per admission: 2 + 2 + 2 + 2; hit 0 + 2 + 1 + 0
+    assert (bm.num_queried_blocks, bm.num_hit_blocks, bm.num_tokens_from_cache) == (8, 3, 12)
+    assert bm.prefix_cache_hit_rate == pytest.approx(3 / 8)
+    for seq in (a, full, partial, miss):
+        bm.free(seq)
+    assert bm.is_whole() and bm.num_evictable_blocks == bm.num_cached_blocks > 0
+
+
+def test_last_token_is_never_cached():
+    bm = BlockManager(16, 4)
+    admit_and_compute(bm, make_seq(list(range(8))))     # two full blocks cached
+    assert bm.num_cached_blocks == 2
+    same = make_seq(list(range(8)))                     # all 8 cached, but 7 is the cap -> 4
+    assert bm.get_computed_blocks(same)[1] == 4
+    assert bm.allocate_prompt(same, 8) == 4 == same.num_computed_tokens
+    longer = make_seq(list(range(9)))
+    assert bm.get_computed_blocks(longer)[1] == 8
+    assert bm.get_computed_blocks(make_seq([0]))[1] == 0
+
+
+def test_generated_tokens_are_cached_too():
+    """A preempted sequence's prompt+output blocks come back from the cache on readmission."""
+    bm = BlockManager(16, 2)
+    seq = make_seq([1, 2, 3])
+    admit_and_compute(bm, seq)
+    for token in (4, 5, 6):                              # decode: append, compute, register
+        seq.output_token_ids.append(token)
+        assert bm.append_slots(seq) == []
+        seq.num_computed_tokens = seq.num_tokens
+        bm.mark_computed(seq)
+    bm.free(seq)                                         # preempt (6 tokens = 3 full blocks)
+    assert bm.num_evictable_blocks == 3
+    assert bm.allocate_prompt(seq, seq.num_tokens) == 4  # cap: (6 - 1) // 2 blocks
+
+
+def test_disabled_prefix_caching_never_shares():
+    bm = BlockManager(16, 2, enable_prefix_caching=False)
+    a, b = make_seq([1, 2, 3, 4, 5]), make_seq([1, 2, 3, 4, 5])
+    assert admit_and_compute(bm, a) == 0 and admit_and_compute(bm, b) == 0
+    assert bm.num_cached_blocks == 0 and not set(a.block_table) & set(b.block_table)
+    bm.free(a)
+    assert bm.num_evictable_blocks == 0 and bm.prefix_cache_hit_rate == 0.0
+
+
+def test_duplicate_content_keeps_first_registration():
+    bm = BlockManager(16, 2)
+    a, b = make_seq([1, 2, 3]), make_seq([1, 2, 3])
+    bm.allocate_prompt(a, 3), bm.allocate_prompt(b, 3)  # admitted in one step: no hit yet
+    for seq in (a, b):
+        seq.num_computed_tokens = 3
+        bm.mark_computed(seq)
+    assert bm.prefix_index == {hash_block_tokens(None, (1, 2)): a.block_table[0]}
+    bm.free(b)
+    assert b.block_table == [] and bm.num_evictable_blocks == 0  # b's copy went to free list
+
+
+def test_hash_collision_does_not_share(monkeypatch):
+    monkeypatch.setattr(bm_module, "hash_block_tokens", lambda parent, tokens: b"same")
+    bm = BlockManager(16, 2)
+    a = make_seq([1, 2, 3, 4, 5])
+    admit_and_compute(bm, a)
+    other = make_seq([9, 9, 3, 4, 5])
+    assert bm.get_computed_blocks(other) == ([], 0)     # same hash, other tokens: a miss
+    assert admit_and_compute(bm, other) == 0
+    again = make_seq([1, 2, 3, 4, 5])                   # block 1 collides with block 0: stop
+    assert bm.get_computed_blocks(again) == ([a.block_table[0]], 2)
+
+
+def test_lru_eviction_order_and_refresh_on_hit():
+    bm = BlockManager(7, 2)                             # 6 usable blocks
+    a, b = make_seq([1, 1, 2, 2, 0]), make_seq([3, 3, 4, 4, 0])
+    admit_and_compute(bm, a), admit_and_compute(bm, b)
+    a_blocks, b_blocks = a.block_table[:2], b.block_table[:2]
+    bm.free(a), bm.free(b)                               # freed tail first: a1 a0 b1 b0
+    assert list(bm.evictable) == [a_blocks[1], a_blocks[0], b_blocks[1], b_blocks[0]]
+    assert bm.num_free_blocks == 6 and len(bm.free_blocks) == 2
+    hit = make_seq([1, 1, 7])                           # reuses a0: it becomes most recent
+    assert admit_and_compute(bm, hit) == 2
+    bm.free(hit)
+    assert list(bm.evictable)[-1] == a_blocks[0]
+    fresh = make_seq([8] * 9)                           # 5 blocks: 2 free + evict a1 b1 b0
+    assert admit_and_compute(bm, fresh) == 0
+    assert set(fresh.block_table) >= {a_blocks[1], b_blocks[1], b_blocks[0]}
+    assert a_blocks[0] not in fresh.block_table
+    assert bm.get_computed_blocks(make_seq([1, 1, 2, 2, 0]))[1] == 2   # only a0 survived
+    assert bm.get_computed_blocks(make_seq([3, 3, 4, 4, 0]))[1] == 0
+
+
+def test_evictable_hits_count_against_free_blocks():
+    bm = BlockManager(4, 2)                             # 3 usable
+    a = make_seq([1, 2, 3, 4, 5])
+    admit_and_compute(bm, a)
+    bm.free(a)                                           # 2 evictable + 1 free
+    again = make_seq([1, 2, 3, 4, 5, 6, 7])             # hits 2, needs 2 fresh; only 1 left
+    before = snapshot(bm)
+    assert not bm.can_allocate_prompt(again, 7)
+    assert snapshot(bm) == before
+    assert bm.can_allocate_prompt(again, 5) and bm.allocate_prompt(again, 5) == 4
+
+
+def test_reset_prefix_cache():
+    bm = BlockManager(8, 2)
+    a, b = make_seq([1, 2, 3]), make_seq([5, 6, 7])
+    admit_and_compute(bm, a), admit_and_compute(bm, b)
+    bm.free(a)
+    bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == bm.num_evictable_blocks == 0
+    assert bm.get_computed_blocks(make_seq([1, 2, 3]))[1] == 0
+    bm.free(b)
+    assert bm.is_whole() and len(bm.free_blocks) == bm.num_usable_blocks
+
+
+# -- fork and copy-on-write -----------------------------------------------------------------------
+def test_fork_copy_on_write_of_partial_last_block():
+    bm = BlockManager(16, 4)
+    parent = make_seq([1, 2, 3, 4, 5], outputs=[6])     # 5 computed, token 6 pending
+    bm.allocate_prompt(parent, 5)
+    parent.num_computed_tokens = 5
+    child = make_seq([1, 2, 3, 4, 5], outputs=[6])
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table and child.num_computed_tokens == 5
+    assert list(bm.ref_counts[parent.block_table]) == [2, 2]
+    shared_last = parent.block_table[1]
+    assert bm.can_append_slots(parent)
+    copies = bm.append_slots(parent)                    # writes position 5 into shared block 1
+    assert copies == [(shared_last, parent.block_table[1])] and parent.block_table[1] != shared_last
+    assert parent.block_table[0] == child.block_table[0]  # full block stays shared, no copy
+    assert bm.ref_counts[shared_last] == 1 and bm.ref_counts[parent.block_table[1]] == 1
+    assert bm.append_slots(child) == []                 # the child now owns the old block alone
+    bm.free(parent)
+    assert bm.ref_counts[child.block_table[0]] == 1
+    bm.free(child)
+    assert bm.is_whole()
+
+
+def test_full_shared_block_needs_no_copy():
+    bm = BlockManager(16, 4)
+    parent = make_seq(list(range(8)), outputs=[8])      # two full computed blocks
+    bm.allocate_prompt(parent, 8)
+    parent.num_computed_tokens = 8
+    child = make_seq(list(range(8)), outputs=[9])
+    bm.fork(parent, child)
+    assert bm.append_slots(parent) == [] and bm.append_slots(child) == []
+    assert parent.block_table[2] != child.block_table[2]
+    assert parent.block_table[:2] == child.block_table[:2]
+
+
+def test_copy_on_write_needs_a_free_block():
+    bm = BlockManager(3, 4)                             # 2 usable
+    parent = make_seq([1, 2], outputs=[3])
+    bm.allocate_prompt(parent, 2)
+    parent.num_computed_tokens = 2
+    child = make_seq([1, 2], outputs=[3])
+    bm.fork(parent, child)
+    bm.allocate(make_seq([0]), 1)                       # the last free block is taken
+    before = snapshot(bm)
+    assert not bm.can_append_slots(parent) and snapshot(bm) == before
+
+
+# -- kv_waste -------------------------------------------------------------------------------------
+def test_kv_waste_arithmetic():
+    bm = BlockManager(16, 4)
+    assert bm.kv_waste([]) == 0.0
+    a = make_seq([1, 2, 3, 4, 5])                       # 2 blocks, 8 slots, 5 tokens
+    bm.allocate_prompt(a, 5)
+    assert bm.kv_waste([a]) == pytest.approx(3 / 8)
+    b = make_seq([1, 2, 3, 4, 5], outputs=[6])
+    a.num_computed_tokens = 5
+    bm.fork(a, b)                                       # same 2 physical blocks, b fills 6
+    assert bm.kv_waste([a, b]) == pytest.approx(2 / 8)
+    c = make_seq([1])
+    bm.allocate(c, 1)                                   # +4 slots, 1 token
+    assert bm.kv_waste([a, b, c]) == pytest.approx(5 / 12)
+
+
+# -- stateful test against a shadow of each block's contents --------------------------------------
+TOKENS = st.integers(0, 2)  # a small alphabet, so prefixes collide often
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Drives the manager like a scheduler/engine would and keeps `phys`, a shadow of what each
+    physical block holds, written only when a sequence computes a token into its slot."""
+
+    @initialize(block_size=st.sampled_from([1, 2, 3, 4]), num_blocks=st.integers(2, 16),
+                caching=st.sampled_from([True, True, True, False]), seed=st.none() | st.integers(0, 9))
+    def setup(self, block_size, num_blocks, caching, seed):
+        self.bm = BlockManager(num_blocks, block_size, seed, enable_prefix_caching=caching)
+        self.phys = collections.defaultdict(lambda: [None] * block_size)  # block -> slot tokens
+        self.live: list[Sequence] = []     # hold blocks
+        self.waiting: list[Sequence] = []  # preempted, hold nothing
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _compute(self, seq: Sequence, end: int) -> None:
+        """The device step: write tokens [num_computed, end) into their slots, then register."""
+        bs, tokens = self.bm.block_size, seq.token_ids()
+        for pos in range(seq.num_computed_tokens, end):
+            block = seq.block_table[pos // bs]
+            assert self.bm.ref_counts[block] == 1, "a sequence writes a block others hold"
+            self.phys[block][pos % bs] = tokens[pos]
+        seq.num_computed_tokens = end
+        self.bm.mark_computed(seq)
+
+    def _admit(self, seq: Sequence, chunk: int) -> bool:
+        bm = self.bm
+        blocks, cached = bm.get_computed_blocks(seq)
+        assert cached % bm.block_size == 0 and cached <= seq.num_tokens - 1
+        end = min(seq.num_tokens, cached + chunk)
+        before = snapshot(bm)
+        if not bm.can_allocate_prompt(seq, end):
+            assert snapshot(bm) == before
+            revived = sum(b in bm.evictable for b in blocks)
+            assert bm.blocks_needed(end) - len(blocks) + revived > bm.num_free_blocks
+            return False
+        assert bm.allocate_prompt(seq, end) == cached == seq.num_computed_tokens
+        assert seq.block_table[:len(blocks)] == blocks
+        self.live.append(seq)
+        self._compute(seq, end)
+        return True
+
+    def _pick(self, data, seqs: list[Sequence]) -> Sequence:
+        return seqs[data.draw(st.integers(0, len(seqs) - 1))]
+
+    # -- rules -------------------------------------------------------------------------------
+    @rule(prompt=st.lists(TOKENS, min_size=1, max_size=14), chunk=st.integers(1, 14))
+    def add_sequence(self, prompt, chunk):
+        self._admit(make_seq(prompt), chunk)
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data(), chunk=st.integers(1, 14))
+    def readmit(self, data, chunk):
+        seq = self._pick(data, self.waiting)
+        if self._admit(seq, chunk):
+            self.waiting.remove(seq)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), token=TOKENS, chunk=st.integers(1, 6))
+    def step(self, data, token, chunk):
+        """Next prefill chunk, or (prompt done) append a sampled token and decode it."""
+        seq = self._pick(data, self.live)
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.output_token_ids.append(token)
+        end = min(seq.num_tokens, seq.num_computed_tokens + chunk)
+        if not self.bm.can_append_slots(seq, end):
+            return self.preempt_seq(seq)
+        shared_before = {b for b in seq.block_table if self.bm.ref_counts[b] > 1}
+        for src, dst in self.bm.append_slots(seq, end):
+            assert src in shared_before and dst not in shared_before
+            self.phys[dst] = list(self.phys[src])
+        self._compute(seq, end)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = self._pick(data, self.live)
+        child = make_seq(parent.prompt_token_ids, parent.output_token_ids)
+        refs = self.bm.ref_counts.copy()
+        self.bm.fork(parent, child)
+        assert child.block_table == parent.block_table
+        assert all(self.bm.ref_counts[b] == refs[b] + 1 for b in parent.block_table)
+        self.live.append(child)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = self._pick(data, self.live)
+        self.bm.free(seq)
+        self.live.remove(seq)
+        assert seq.block_table == [] and seq.num_computed_tokens == 0
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def preempt(self, data):
+        self.preempt_seq(self._pick(data, self.live))
+
+    def preempt_seq(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        self.live.remove(seq)
+        self.waiting.append(seq)
+
+    # -- invariants --------------------------------------------------------------------------
+    @invariant()
+    def refcounts_match_block_tables(self):
+        held = collections.Counter(b for seq in self.live for b in seq.block_table)
+        assert (self.bm.ref_counts >= 0).all() and self.bm.ref_counts[PAD_BLOCK] == 0
+        assert {b: int(c) for b, c in enumerate(self.bm.ref_counts) if c} == dict(held)
+        assert all(not seq.block_table and seq.num_computed_tokens == 0 for seq in self.waiting)
+
+    @invariant()
+    def every_block_in_exactly_one_state(self):
+        bm = self.bm
+        free, evictable = list(bm.free_blocks), list(bm.evictable)
+        used = [b for b in range(bm.num_blocks) if bm.ref_counts[b] > 0]
+        assert len(free) + len(evictable) + len(used) == bm.num_total_blocks
+        assert set(free) | set(evictable) | set(used) == set(range(1, bm.num_blocks))
+        assert bm.num_free_blocks == len(free) + len(evictable)
+        assert set(evictable) <= set(bm.cached) and not set(free) & set(bm.cached)
+
+    @invariant()
+    def prefix_index_matches_block_contents(self):
+        bm = self.bm
+        assert bm.enable_prefix_caching or not bm.prefix_index
+        assert len(bm.cached) == len(bm.prefix_index) == bm.num_cached_blocks
+        for block_hash, block in bm.prefix_index.items():
+            entry = bm.cached[block]
+            assert entry.block_hash == block_hash
+            assert hash_block_tokens(entry.parent_hash, entry.token_ids) == block_hash
+            assert list(entry.token_ids) == self.phys[block]
+        assert 0.0 <= bm.prefix_cache_hit_rate <= 1.0
+
+    @invariant()
+    def sequences_see_only_their_own_tokens(self):
+        bs = self.bm.block_size
+        for seq in self.live:
+            tokens, n = seq.token_ids(), seq.num_computed_tokens
+            assert len(seq.block_table) * bs >= n
+            seen = [self.phys[seq.block_table[p // bs]][p % bs] for p in range(n)]
+            assert seen == tokens[:n]
+            parent = None
+            for i, block in enumerate(seq.block_table[:n // bs]):
+                parent = hash_block_tokens(parent, tuple(tokens[i * bs:(i + 1) * bs]))
+                if block in self.bm.cached:  # the index names this sequence's whole prefix
+                    assert self.bm.cached[block].block_hash == parent
+
+    def teardown(self):
+        if not hasattr(self, "bm"):
+            return
+        for seq in list(self.live):
+            self.bm.free(seq)
+        assert self.bm.is_whole() and not self.bm.ref_counts.any()
+        assert self.bm.num_free_blocks == self.bm.num_total_blocks
+
+
+BlockManagerMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestBlockManagerMachine = BlockManagerMachine.TestCase
