@@ -31,7 +31,7 @@ from jinfer.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-LOGPROB_BUCKETS = (0, 5, 20)  # top-N logprobs compiled per bucket, sliced per request
+LOGPROB_BUCKETS = (1, 5, 20)  # top-N logprobs compiled per bucket, sliced per request
 
 
 class Request:
@@ -162,8 +162,11 @@ class LLMEngine:
 
     @staticmethod
     def _logprobs_bucket(seqs: list[Sequence]) -> int:
-        wanted = max((seq.params.logprobs or 0) for seq in seqs)
-        return next(b for b in LOGPROB_BUCKETS if b >= wanted)
+        """0 when no row wants logprobs, else the smallest bucket covering every request."""
+        wanted = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
+        if not wanted:
+            return 0
+        return next(b for b in LOGPROB_BUCKETS if b >= max(wanted))
 
     def _append_token(self, seq: Sequence, result, row: int) -> None:
         token = int(result.tokens[row])
@@ -196,13 +199,11 @@ class LLMEngine:
         return seq.finish_reason
 
     def _token_logprobs(self, seq: Sequence, result, row: int, token: int) -> dict[int, Logprob]:
+        """The sampled token's logprob and the top-N (N = the request's `logprobs`)."""
         top_n = seq.params.logprobs or 0
-        ids = result.top_ids[row][:top_n]
-        values = result.top_logprobs[row][:top_n]
+        ids, values = result.top_ids[row][:top_n], result.top_logprobs[row][:top_n]
         entry = {int(t): Logprob(float(v), rank + 1) for rank, (t, v) in enumerate(zip(ids, values))}
-        if token not in entry:
-            rank = 1 + int(np.sum(result.top_logprobs[row] > result.logprobs[row]))
-            entry[token] = Logprob(float(result.logprobs[row]), rank)
+        entry.setdefault(token, Logprob(float(result.logprobs[row]), int(result.ranks[row])))
         for token_id, logprob in entry.items():
             logprob.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return entry

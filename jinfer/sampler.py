@@ -77,13 +77,14 @@ class SamplerFlags:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["tokens", "logprobs", "top_logprobs", "top_ids"], meta_fields=[])
+    data_fields=["tokens", "logprobs", "ranks", "top_logprobs", "top_ids"], meta_fields=[])
 @dataclasses.dataclass
 class SamplerOutput:
     """What `sample` returns; log-probabilities are under the raw (unprocessed) logits."""
 
     tokens: jax.Array        # [B] i32, the sampled tokens
     logprobs: jax.Array      # [B] f32, log-prob of each sampled token
+    ranks: jax.Array         # [B] i32, 1 + tokens more likely than it (0 when num_logprobs == 0)
     top_logprobs: jax.Array  # [B, N] f32, sorted descending
     top_ids: jax.Array       # [B, N] i32, token ids of top_logprobs
 
@@ -186,11 +187,13 @@ def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Sa
     logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     if flags.num_logprobs > 0:
         top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
+        ranks = 1 + jnp.sum(raw_logprobs > logprobs[:, None], axis=-1, dtype=jnp.int32)
     else:
         top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
         top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
-    return SamplerOutput(tokens=tokens, logprobs=logprobs, top_logprobs=top_logprobs,
-                         top_ids=top_ids.astype(jnp.int32))
+        ranks = jnp.zeros((logits.shape[0],), jnp.int32)
+    return SamplerOutput(tokens=tokens, logprobs=logprobs, ranks=ranks,
+                         top_logprobs=top_logprobs, top_ids=top_ids.astype(jnp.int32))
 
 
 # ----------------------------------------------------------------------------- host side

@@ -119,6 +119,17 @@ def test_logprobs_match_prompt_logits(llm):
     assert completion.cumulative_logprob == pytest.approx(total, abs=1e-3)
 
 
+def test_logprob_rank_of_sampled_tokens(llm):
+    params = SamplingParams(temperature=1.5, seed=3, max_tokens=8, ignore_eos=True, logprobs=0)
+    out = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    completion = out.outputs[0]
+    logits = llm.prompt_logits(out.prompt_token_ids + completion.token_ids)
+    for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = logits[len(out.prompt_token_ids) - 1 + step]
+        assert list(entry) == [token]
+        assert entry[token].rank == 1 + int(np.sum(row > row[token]))
+
+
 def test_stream_deltas_concatenate(llm):
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     full = llm.generate(PROMPTS[2], params, use_tqdm=False)[0].outputs[0].text
