@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jinfer import compilation_cache
+from jinfer.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.engine import LLMEngine
 from jinfer.kv_cache import bytes_per_block
@@ -141,6 +142,11 @@ class LLM:
         finally:
             bar.close()
         return [finished[request_id] for request_id in request_ids]
+
+    def beam_search(self, prompts: Sequence[Union[str, Sequence[int]]],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search (beam_width beams per prompt, shared blocks via the prefix cache)."""
+        return beam_search(self, prompts, params)
 
     def chat(self, messages, sampling_params: ParamsArg = None, *,
              add_generation_prompt: bool = True, use_tqdm: bool = True, **template_kwargs):
