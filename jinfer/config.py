@@ -67,6 +67,8 @@ class EngineConfig:
         prefilled in chunks).
       seed: seeds requests that carry no seed of their own.
       attention_backend: "reference" (jnp) for now; the Pallas kernels plug in here.
+      preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a
+        victim again for this many steps while another sequence could give way.
     """
 
     block_size: int = 16
@@ -77,6 +79,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     seed: int = 0
     attention_backend: str = "reference"
+    preemption_grace_steps: int = 8
 
     def __post_init__(self):
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):

@@ -129,21 +129,19 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One schedule -> batch -> device -> postprocess round; outputs of touched requests."""
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        rows = [self._sampling_row(item.seq) for item in out.scheduled]
-        num_logprobs = self._logprobs_bucket([item.seq for item in out.scheduled])
-        step_input, flags = self.runner.prepare(out, rows, num_logprobs)
-        result = self.runner.execute(step_input, flags)
-        touched = {}
-        for i, item in enumerate(out.scheduled):
-            seq = item.seq
-            samples = item.samples
-            seq.num_computed_tokens += item.num_new_tokens
-            if samples:
-                self._append_token(seq, result, i)
-            touched[seq.request_id] = self.requests[seq.request_id]
+        schedule = self.scheduler.schedule()
+        touched: dict[str, Request] = {}
+        for batch in schedule.batches():
+            seqs = [item.seq for item in batch.scheduled]
+            rows = [self._sampling_row(seq) for seq in seqs]
+            step_input, flags = self.runner.prepare(batch, rows, self._logprobs_bucket(seqs))
+            result = self.runner.execute(step_input, flags)
+            for i, item in enumerate(batch.scheduled):
+                samples = item.samples
+                item.seq.num_computed_tokens += item.num_new_tokens
+                if samples:
+                    self._append_token(item.seq, result, i)
+                touched[item.seq.request_id] = self.requests[item.seq.request_id]
         outputs = [request.output() for request in touched.values()]
         for request in touched.values():
             if request.finished:

@@ -1,5 +1,5 @@
-"""Decides what each engine step computes: a batch of prompt chunks (prefill) or one token for
-every running sequence (decode). Touches host state only and returns plain data."""
+"""Decides what each engine step computes: one token for every running sequence (decode) and
+prompt chunks (prefill) under a token budget. Touches host state only and returns plain data."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ class ScheduledSequence:
 
 @dataclasses.dataclass
 class SchedulerOutput:
+    """One device batch: prompt chunks (prefill) or rows of exactly one new token (decode)."""
+
     is_prefill: bool
     scheduled: list[ScheduledSequence]
 
@@ -35,8 +37,30 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclasses.dataclass
+class Schedule:
+    """What one engine step computes: every running decode advances one token while prompt
+    chunks use the rest of the token budget, so a long prompt never stalls the decodes."""
+
+    prefill: SchedulerOutput
+    decode: SchedulerOutput
+
+    @property
+    def is_empty(self) -> bool:
+        return self.prefill.is_empty and self.decode.is_empty
+
+    def batches(self) -> list[SchedulerOutput]:
+        return [b for b in (self.prefill, self.decode) if not b.is_empty]
+
+
 class Scheduler:
-    """FIFO admission, chunked prefill under a token budget, preemption by recompute."""
+    """Continuous batching: running sequences first (decodes, unfinished prompt chunks), then
+    FIFO admission under a token budget per step; preemption by recompute when the pool is dry.
+
+    Fairness: a preempted sequence goes back to the front of the queue, so it resumes before
+    newer requests; and a sequence that just resumed is not chosen as a victim again while a
+    sequence that has not just resumed could give way instead.
+    """
 
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
         self.config = config
@@ -44,6 +68,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_steps = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -51,59 +76,59 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
-        prefill = self._schedule_prefill()
-        if prefill:
-            return SchedulerOutput(is_prefill=True, scheduled=prefill)
-        return self._schedule_decode()
-
-    def _schedule_prefill(self) -> list[ScheduledSequence]:
+    def schedule(self) -> Schedule:
+        self.num_steps += 1
         budget = self.config.max_num_batched_tokens
-        scheduled = []
-        for seq in [s for s in self.running if s.in_prefill]:  # unfinished chunked prompts first
-            if budget == 0 or seq not in self.running:
+        prefill, decode = [], []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted to make room for an older sequence
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._reserve(seq, seq.num_computed_tokens + num_new):
-                scheduled.append(ScheduledSequence(seq, num_new))
+                (decode if num_new == 1 else prefill).append(ScheduledSequence(seq, num_new))
                 budget -= num_new
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            item = self._try_chunk(self.waiting[0], budget)
+            item = self._admit(self.waiting[0], budget)
             if item is None:
                 break
-            seq = self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append(item)
+            (decode if item.num_new_tokens == 1 else prefill).append(item)
             budget -= item.num_new_tokens
-        return scheduled
+        return Schedule(SchedulerOutput(True, prefill), SchedulerOutput(False, decode))
 
-    def _try_chunk(self, seq: Sequence, budget: int):
-        """Allocates blocks for the next prompt chunk of `seq`, or returns None if they lack."""
+    def _admit(self, seq: Sequence, budget: int):
+        """Moves the head of the queue to running with blocks for its first chunk, or None."""
         num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
         end = seq.num_computed_tokens + num_new
         if not self.block_manager.can_allocate(seq, end):
             return None
         self.block_manager.allocate(seq, end)
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        if seq.num_preemptions:
+            seq.resumed_at_step = self.num_steps
+        self.running.append(seq)
         return ScheduledSequence(seq, num_new)
 
-    def _schedule_decode(self) -> SchedulerOutput:
-        scheduled = []
-        for seq in list(self.running):
-            if seq in self.running and not seq.in_prefill and self._reserve(seq, seq.num_tokens):
-                scheduled.append(ScheduledSequence(seq, 1))
-        return SchedulerOutput(is_prefill=False, scheduled=scheduled)
-
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Allocates blocks for `seq` to hold `num_tokens`, preempting newer running sequences
-        (last admitted first) when the pool is dry. False if `seq` itself had to give way."""
+        """Allocates blocks for `seq` to hold `num_tokens`, preempting other running sequences
+        when the pool is dry. False if `seq` itself had to give way."""
         while not self.block_manager.can_allocate(seq, num_tokens):
-            victim = self.running[-1]
+            victim = self._pick_victim()
             self._preempt(victim)
             if victim is seq:
                 return False
         self.block_manager.allocate(seq, num_tokens)
         return True
+
+    def _pick_victim(self) -> Sequence:
+        """The most recently admitted sequence, passing over ones that just resumed."""
+        grace = self.config.preemption_grace_steps
+        for seq in reversed(self.running):
+            if self.num_steps - seq.resumed_at_step > grace:
+                return seq
+        return self.running[-1]
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the blocks, go back to the front of the waiting queue."""
@@ -111,6 +136,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

@@ -39,7 +39,8 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.logprobs: Optional[list[dict[int, Logprob]]] = (
             [] if params.logprobs is not None else None)
-        self.pending_text = ""  # text decoded since the last streamed output
+        self.num_preemptions = 0
+        self.resumed_at_step = -1  # scheduler step at which it last resumed after a preemption
 
     @property
     def num_tokens(self) -> int:
