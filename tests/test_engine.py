@@ -200,3 +200,17 @@ def test_pool_too_small_is_a_clear_error(tiny_model_dir):
 def test_missing_model_path():
     with pytest.raises((FileNotFoundError, ValueError), match="does-not-exist"):
         LLM("/nonexistent/does-not-exist", enable_compilation_cache=False)
+
+
+def test_abort_mid_prefill_frees_blocks(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=128,
+              max_num_batched_tokens=8, enable_compilation_cache=False)
+    engine = llm.engine
+    prompt = llm.get_tokenizer().encode(" ".join(["fox"] * 40))
+    engine.add_request("long", None, prompt, SamplingParams(max_tokens=4))
+    engine.step()
+    (seq,) = engine.requests["long"].seqs
+    assert 0 < seq.num_computed_tokens < len(prompt) and seq.block_table
+    engine.abort("long")
+    assert_pool_whole(llm)
+    assert not engine.has_unfinished_requests()
