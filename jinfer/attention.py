@@ -12,7 +12,7 @@ from typing import Callable
 
 import jax
 
-from pallas_kernels.reference import paged_attention_reference
+from pallas_kernels.reference import paged_attention_reference, paged_decode_attention
 
 
 @jax.tree_util.register_dataclass
@@ -29,12 +29,22 @@ class AttentionMetadata:
 AttentionFn = Callable[..., jax.Array]
 
 
-def _reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) -> jax.Array:
+def _oracle(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) -> jax.Array:
+    """The plain reference for every step shape (slow on CPU for decode; for checking)."""
     return paged_attention_reference(
         q, k_pool, v_pool, layer, meta.block_tables, meta.positions, meta.context_lens, scale=scale)
 
 
-_BACKENDS: dict[str, AttentionFn] = {"reference": _reference}
+def _reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) -> jax.Array:
+    """jnp attention: the decode-specialised form for q_len == 1 (decided at trace time), the
+    plain reference otherwise. Both are checked against dense attention in test_attention.py."""
+    if q.shape[1] == 1:
+        return paged_decode_attention(q, k_pool, v_pool, layer, meta.block_tables,
+                                      meta.positions, meta.context_lens, scale=scale)
+    return _oracle(q, k_pool, v_pool, layer, meta, scale)
+
+
+_BACKENDS: dict[str, AttentionFn] = {"reference": _reference, "oracle": _oracle}
 
 
 def get_attention_backend(name: str) -> AttentionFn:

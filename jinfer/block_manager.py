@@ -299,8 +299,7 @@ class BlockManager:
         n = seq.num_tokens if num_tokens is None else num_tokens
         copies = []
         for i in self._shared_in_write_range(seq, n):
-            src = seq.block_table[i]
-            assert src not in self.cached, f"cached block {src} is full and never written"
+            src = seq.block_table[i]  # may be a cached full block: a fork recomputes its last token
             dst = self._take_block()
             self.ref_counts[src] -= 1
             seq.block_table[i] = dst

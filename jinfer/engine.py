@@ -21,6 +21,7 @@ from typing import Optional, Sequence as Seq
 import numpy as np
 
 from jinfer.block_manager import BlockManager
+from jinfer.cache_ops import copy_blocks
 from jinfer.config import EngineConfig
 from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.model_runner import ModelRunner
@@ -91,7 +92,7 @@ class LLMEngine:
             seq = Sequence(next(self._seq_ids), request_id, index, prompt_token_ids, params, seed,
                            detok)
             seqs.append(seq)
-            self.scheduler.add(seq)
+        self.scheduler.add(seqs[0])  # its n - 1 siblings fork from it once the prompt is in
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), params,
                                             seqs)
 
@@ -130,6 +131,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One schedule -> batch -> device -> postprocess round; outputs of touched requests."""
         schedule = self.scheduler.schedule()
+        if schedule.block_copies:
+            self.runner.kv_cache = copy_blocks(self.runner.kv_cache, schedule.block_copies)
         touched: dict[str, Request] = {}
         for batch in schedule.batches():
             seqs = [item.seq for item in batch.scheduled]
@@ -137,16 +140,30 @@ class LLMEngine:
             step_input, flags = self.runner.prepare(batch, rows, self._logprobs_bucket(seqs))
             result = self.runner.execute(step_input, flags)
             for i, item in enumerate(batch.scheduled):
-                samples = item.samples
-                item.seq.num_computed_tokens += item.num_new_tokens
+                seq, samples = item.seq, item.samples
+                seq.num_computed_tokens += item.num_new_tokens
+                self.block_manager.mark_computed(seq)
                 if samples:
-                    self._append_token(item.seq, result, i)
-                touched[item.seq.request_id] = self.requests[item.seq.request_id]
+                    self._fork_siblings(seq)
+                    self._append_token(seq, result, i)
+                touched[seq.request_id] = self.requests[seq.request_id]
         outputs = [request.output() for request in touched.values()]
         for request in touched.values():
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _fork_siblings(self, seq: Sequence) -> None:
+        """Parallel sampling (n > 1): once sequence 0 has prefilled the prompt, its siblings
+        share every prompt block. Each recomputes only the last prompt token (for logits of its
+        own), which copy-on-write lands in a private copy of the last block."""
+        request = self.requests[seq.request_id]
+        if seq.index != 0 or seq.num_output_tokens or len(request.seqs) == 1:
+            return
+        for sibling in request.seqs[1:]:
+            self.block_manager.fork(seq, sibling)
+            sibling.num_computed_tokens = sibling.num_prompt_tokens - 1
+            self.scheduler.add_running(sibling)
 
     def _sampling_row(self, seq: Sequence):
         params = seq.params
@@ -219,9 +236,10 @@ class LLMEngine:
             self.block_manager.free(seq)
 
     def stats(self) -> dict:
-        bm = self.block_manager
-        return {"num_total_blocks": bm.num_usable_blocks, "num_free_blocks": bm.num_free_blocks,
-                "num_used_blocks": bm.num_usable_blocks - bm.num_free_blocks,
+        """Pool and scheduler statistics: blocks total / free / used / cached, KV waste over the
+        running sequences, prefix-cache hit rate, preemptions, queue lengths."""
+        return {**self.block_manager.stats(),
+                "kv_waste": self.block_manager.kv_waste(self.scheduler.running),
                 "num_preemptions": self.scheduler.num_preemptions,
                 "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting)}

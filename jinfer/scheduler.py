@@ -44,6 +44,7 @@ class Schedule:
 
     prefill: SchedulerOutput
     decode: SchedulerOutput
+    block_copies: list[tuple[int, int]]  # (src, dst): copy-on-write, done on device first
 
     @property
     def is_empty(self) -> bool:
@@ -80,6 +81,8 @@ class Scheduler:
         self.num_steps += 1
         budget = self.config.max_num_batched_tokens
         prefill, decode = [], []
+        self._block_copies: list[tuple[int, int]] = []
+        self._scheduled: set[int] = set()  # seq ids in this step's batches: never victims
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -88,47 +91,62 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._reserve(seq, seq.num_computed_tokens + num_new):
                 (decode if num_new == 1 else prefill).append(ScheduledSequence(seq, num_new))
+                self._scheduled.add(seq.seq_id)
                 budget -= num_new
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             item = self._admit(self.waiting[0], budget)
             if item is None:
                 break
             (decode if item.num_new_tokens == 1 else prefill).append(item)
+            self._scheduled.add(item.seq.seq_id)
             budget -= item.num_new_tokens
-        return Schedule(SchedulerOutput(True, prefill), SchedulerOutput(False, decode))
+        return Schedule(SchedulerOutput(True, prefill), SchedulerOutput(False, decode),
+                        self._block_copies)
 
     def _admit(self, seq: Sequence, budget: int):
-        """Moves the head of the queue to running with blocks for its first chunk, or None."""
-        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-        end = seq.num_computed_tokens + num_new
-        if not self.block_manager.can_allocate(seq, end):
+        """Moves the head of the queue to running with blocks for its first chunk, or None.
+
+        Leading full blocks found in the prefix cache are shared, not recomputed: they cost
+        neither budget nor fresh blocks.
+        """
+        _, num_cached = self.block_manager.get_computed_blocks(seq)
+        num_new = min(seq.num_tokens - num_cached, budget)
+        if not self.block_manager.can_allocate_prompt(seq, num_cached + num_new):
             return None
-        self.block_manager.allocate(seq, end)
+        self.block_manager.allocate_prompt(seq, num_cached + num_new)
         self.waiting.popleft()
+        self.running.append(seq)
         seq.status = SequenceStatus.RUNNING
         if seq.num_preemptions:
             seq.resumed_at_step = self.num_steps
-        self.running.append(seq)
         return ScheduledSequence(seq, num_new)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Joins a sequence that already holds its blocks (a fork) straight to the batch."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Allocates blocks for `seq` to hold `num_tokens`, preempting other running sequences
-        when the pool is dry. False if `seq` itself had to give way."""
-        while not self.block_manager.can_allocate(seq, num_tokens):
+        """Makes `seq`'s blocks cover `num_tokens` and gives it private copies of shared blocks
+        it is about to write (copy-on-write), preempting other running sequences when the pool
+        is dry. False if `seq` itself had to give way."""
+        while not self.block_manager.can_append_slots(seq, num_tokens):
             victim = self._pick_victim()
             self._preempt(victim)
             if victim is seq:
                 return False
-        self.block_manager.allocate(seq, num_tokens)
+        self._block_copies += self.block_manager.append_slots(seq, num_tokens)
         return True
 
     def _pick_victim(self) -> Sequence:
-        """The most recently admitted sequence, passing over ones that just resumed."""
+        """The most recently admitted sequence not yet in this step's batches, passing over
+        ones that just resumed while another could give way."""
         grace = self.config.preemption_grace_steps
-        for seq in reversed(self.running):
+        candidates = [s for s in self.running if s.seq_id not in self._scheduled]
+        for seq in reversed(candidates):
             if self.num_steps - seq.resumed_at_step > grace:
                 return seq
-        return self.running[-1]
+        return candidates[-1]
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the blocks, go back to the front of the waiting queue."""

@@ -93,6 +93,7 @@ def test_victim_skips_a_just_resumed_sequence():
     older, resumed = make_seq(0, 4), make_seq(1, 4)
     scheduler.running = [older, resumed]
     scheduler.num_steps = 10
+    scheduler._scheduled = set()
     resumed.resumed_at_step = 9  # resumed last step: the older one gives way instead
     assert scheduler._pick_victim() is older
     resumed.resumed_at_step = 5  # grace over: the newest gives way again
