@@ -2,6 +2,13 @@
 
 Reads K/V straight out of the paged pool through the block tables, so it is also the engine's
 attention where the kernels are slower (the CPU).
+
+`paged_attention_reference` covers every case (prefill, chunked prefill, prefix hits, decode).
+`paged_decode_attention` is the same maths for one query token per sequence, arranged for XLA
+CPU: its dots have the sequence as their only batch dimension and read the gathered K/V in the
+pool's own layout, where the general einsum (batch dims sequence and KV head) makes XLA transpose
+the whole gathered context and run many tiny matmuls. tests/test_attention.py checks both against
+dense NumPy attention.
 """
 
 from __future__ import annotations
@@ -64,3 +71,46 @@ def paged_attention_reference(
     out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def paged_decode_attention(
+    q: jax.Array,             # [batch, 1, num_heads, head_dim]
+    k_pool: jax.Array,        # [layers, num_blocks, block_size, kv_heads, head_dim]
+    v_pool: jax.Array,        # [layers, num_blocks, block_size, kv_heads, head_dim]
+    layer: jax.Array,         # int32 scalar
+    block_tables: jax.Array,  # [batch, max_blocks] int32
+    positions: jax.Array,     # [batch, 1] int32, absolute position of the query token
+    context_lens: jax.Array,  # [batch] int32, tokens in the pool for each sequence (incl. new)
+    *,
+    scale: float,
+) -> jax.Array:               # [batch, 1, num_heads, head_dim]
+    """Decode attention (one query token per sequence) with sequence-only batched dots.
+
+    Grouped-query attention without a KV-head batch dimension: each query head is spread over a
+    [kv_heads * head_dim] row that is zero outside its own KV head's slice, so one dot against
+    the gathered K rows [ctx, kv_heads * head_dim] gives every head's scores (the zero slices add
+    nothing), and one dot of the probabilities with V gives [heads, kv_heads * head_dim], of
+    which each head keeps its own KV head's slice. kv_heads times the (tiny) FLOPs of the
+    einsum form, but no transposes of the context. Accumulates in float32.
+    """
+    batch, _, num_heads, head_dim = q.shape
+    kv_heads = k_pool.shape[3]
+    group = num_heads // kv_heads
+    width = kv_heads * head_dim
+    k = gather_pages(k_pool, layer, block_tables).reshape(batch, -1, width)  # [batch, ctx, width]
+    v = gather_pages(v_pool, layer, block_tables).reshape(batch, -1, width)
+    own = jnp.eye(kv_heads, dtype=q.dtype)  # [kv_heads, kv_heads]: head's KV head -> 1
+    q_spread = (q.reshape(batch, kv_heads, group, 1, head_dim)
+                * own[None, :, None, :, None]).reshape(batch, num_heads, width)
+    scores = jnp.einsum("bhc,btc->bht", q_spread, k, preferred_element_type=jnp.float32)
+    scores = scores * scale  # [batch, num_heads, ctx]
+    kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
+    visible = (kv_pos[None, :] <= positions[:, :1]) & (kv_pos[None, :] < context_lens[:, None])
+    scores = jnp.where(visible[:, None, :], scores, -jnp.inf)
+    scores = jnp.where(visible.any(-1)[:, None, None], scores, 0.0)  # padding rows: finite
+    probs = jax.nn.softmax(scores, axis=-1)
+    spread = jnp.einsum("bht,btc->bhc", probs.astype(v.dtype), v,
+                        preferred_element_type=jnp.float32)  # [batch, num_heads, width]
+    out = jnp.einsum("bkgjd,kj->bkgd", spread.reshape(batch, kv_heads, group, kv_heads, head_dim),
+                     own.astype(jnp.float32))  # keep each head's own KV head slice
+    return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
