@@ -67,6 +67,8 @@ class EngineConfig:
         prefilled in chunks).
       seed: seeds requests that carry no seed of their own.
       attention_backend: "reference" (jnp) for now; the Pallas kernels plug in here.
+      enable_prefix_caching: share the blocks of equal prompt prefixes (hash chain over full
+        blocks) and skip their prefill.
       preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a
         victim again for this many steps while another sequence could give way.
     """
@@ -80,6 +82,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "reference"
     preemption_grace_steps: int = 8
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):

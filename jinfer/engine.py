@@ -69,7 +69,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.block_manager = BlockManager(num_blocks, config.block_size, shuffle_blocks_seed)
+        self.block_manager = BlockManager(num_blocks, config.block_size, shuffle_blocks_seed,
+                                          config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

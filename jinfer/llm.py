@@ -42,7 +42,8 @@ class LLM:
       model: a Hugging Face folder, a .gguf file, or None for the default model.
       dtype: "float32" | "bfloat16" | "float16" for weights, activations and the KV pool.
       block_size, num_kv_blocks, max_model_len, max_num_seqs, max_num_batched_tokens, seed,
-      kv_cache_memory_bytes, attention_backend: engine knobs (see `EngineConfig`).
+      kv_cache_memory_bytes, attention_backend, enable_prefix_caching: engine knobs (see
+      `EngineConfig`).
       enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
     """
 
@@ -51,7 +52,8 @@ class LLM:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  kv_cache_memory_bytes: int = 512 * 1024 * 1024,
-                 attention_backend: str = "reference", enable_compilation_cache: bool = True,
+                 attention_backend: str = "reference", enable_prefix_caching: bool = True,
+                 enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
@@ -69,7 +71,7 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
-            attention_backend=attention_backend)
+            attention_backend=attention_backend, enable_prefix_caching=enable_prefix_caching)
         num_blocks = self._num_blocks(model_config, DTYPES[dtype])
         device_params = jax.device_put(prepare_params(params))
         runner = ModelRunner(model_config, self.config, device_params, num_blocks, DTYPES[dtype])
