@@ -76,6 +76,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
         self.vocab_size = runner.model_config.vocab_size
+        self.num_computed_tokens = 0         # tokens whose K/V a device step computed
+        self.num_computed_prompt_tokens = 0  # of those, prompt tokens (prefill work)
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
@@ -142,6 +144,7 @@ class LLMEngine:
             result = self.runner.execute(step_input, flags)
             for i, item in enumerate(batch.scheduled):
                 seq, samples = item.seq, item.samples
+                self._count_computed(seq, item.num_new_tokens)
                 seq.num_computed_tokens += item.num_new_tokens
                 self.block_manager.mark_computed(seq)
                 if samples:
@@ -153,6 +156,12 @@ class LLMEngine:
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _count_computed(self, seq: Sequence, num_new: int) -> None:
+        start = seq.num_computed_tokens
+        self.num_computed_tokens += num_new
+        self.num_computed_prompt_tokens += max(0, min(start + num_new, seq.num_prompt_tokens)
+                                               - start)
 
     def _fork_siblings(self, seq: Sequence) -> None:
         """Parallel sampling (n > 1): once sequence 0 has prefilled the prompt, its siblings
@@ -242,5 +251,7 @@ class LLMEngine:
         return {**self.block_manager.stats(),
                 "kv_waste": self.block_manager.kv_waste(self.scheduler.running),
                 "num_preemptions": self.scheduler.num_preemptions,
+                "num_computed_tokens": self.num_computed_tokens,
+                "num_computed_prompt_tokens": self.num_computed_prompt_tokens,
                 "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting)}
