@@ -1,0 +1,223 @@
+"""The Pallas paged decode kernel against dense float64 attention and the jnp reference.
+
+On CPU the kernel runs in interpret mode (same kernel code, a modest grid of cases); the
+`gpu`-marked tests run the full grid and larger shapes through the Triton lowering.
+
+Poisoning: the kernel writes only its own fresh outputs. Interpret mode fills those with NaN
+before the kernel runs, so a program that skipped a write shows up as NaN, and every test
+asserts a finite output. Stale pool slots hold POISON (finite, large) so that any read past a
+sequence's context, or of another sequence's block, moves the result far out of tolerance.
+
+Tolerances: float32 is compared tightly (2e-5: float32 accumulation, exact-precision dots).
+bfloat16 / float16 inputs are rounded once in the test and the float64 oracle sees the same
+rounded values; the remaining error is the kernel's rounding of the softmax probabilities to
+the input dtype before the P.V dot (as the jnp reference and flash attention do: relative 2^-9
+per weight for bf16) plus the final rounding of the output to the input dtype (relative 2^-9,
+outputs here are below ~3 in magnitude), hence 2e-2 for bf16 and 1e-2 for f16.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_decode import (choose_num_splits, make_plan,
+                                         paged_decode_attention_pallas)
+from pallas_kernels.reference import paged_attention_reference
+
+POISON = 1e4
+LAYERS, LAYER = 2, 1
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
+
+
+def dense_decode(q, k, v, scale):
+    """q [heads, dim]; k, v [ctx, kv_heads, dim] -> [heads, dim] float64 (zeros when ctx 0)."""
+    heads, dim = q.shape
+    if k.shape[0] == 0:
+        return np.zeros((heads, dim))
+    group = heads // k.shape[1]
+    k = np.repeat(k, group, axis=1).astype(np.float64)
+    v = np.repeat(v, group, axis=1).astype(np.float64)
+    scores = np.einsum("hd,thd->ht", q.astype(np.float64), k) * scale
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("ht,thd->hd", probs, v)
+
+
+def _rounded(a, dtype):
+    """a's values after a round trip through dtype, as float64 (what the kernel sees)."""
+    return np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64)
+
+
+def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_blocks, dtype):
+    """Random sequences in a shuffled, poisoned pool; block 0 is the pad block (also poisoned).
+
+    Returns (q [batch, heads, dim], k_pool, v_pool, tables, lens, contexts) where contexts[i]
+    is (k, v) [ctx, kv_heads, dim] as float64 of the dtype-rounded values.
+    """
+    batch = len(context_lens)
+    num_blocks = 1 + batch * max_blocks + 3  # a few never-used blocks too
+    shape = (LAYERS, num_blocks, block_size, kv_heads, head_dim)
+    k_pool = np.full(shape, POISON, np.float32)
+    v_pool = np.full(shape, POISON, np.float32)
+    free = rng.permutation(np.arange(1, num_blocks))
+    tables = np.zeros((batch, max_blocks), np.int32)
+    contexts = []
+    for i, ctx in enumerate(context_lens):
+        used = -(-ctx // block_size)
+        tables[i, :used] = free[i * max_blocks:i * max_blocks + used]
+        k = rng.standard_normal((ctx, kv_heads, head_dim)).astype(np.float32)
+        v = rng.standard_normal((ctx, kv_heads, head_dim)).astype(np.float32)
+        for t in range(ctx):
+            k_pool[LAYER, tables[i, t // block_size], t % block_size] = k[t]
+            v_pool[LAYER, tables[i, t // block_size], t % block_size] = v[t]
+        contexts.append((_rounded(k, dtype), _rounded(v, dtype)))
+    q = rng.standard_normal((batch, kv_heads * group, head_dim)).astype(np.float32)
+    return (jnp.asarray(q, dtype), jnp.asarray(k_pool, dtype), jnp.asarray(v_pool, dtype),
+            jnp.asarray(tables), jnp.asarray(context_lens, jnp.int32), contexts)
+
+
+def contexts_for(batch, block_size, max_blocks):
+    """1 token, a non-multiple of the block size, the full table (batch 1: a non-multiple)."""
+    full = block_size * max_blocks
+    if batch == 1:
+        return [full - block_size // 2 - 1]
+    return [1, block_size + 3, full][:batch] + [full - 1] * max(0, batch - 3)
+
+
+def check(seed, *, batch, kv_heads, group, head_dim, block_size, num_splits, dtype,
+          max_blocks=5, context_lens=None, **kwargs):
+    rng = np.random.default_rng(seed)
+    lens = context_lens or contexts_for(batch, block_size, max_blocks)
+    q, k_pool, v_pool, tables, lens_arr, contexts = make_case(
+        rng, context_lens=lens, kv_heads=kv_heads, group=group, head_dim=head_dim,
+        block_size=block_size, max_blocks=max_blocks, dtype=dtype)
+    scale = head_dim ** -0.5
+    out = paged_decode_attention_pallas(q, k_pool, v_pool, LAYER, tables, lens_arr, scale=scale,
+                                        num_splits=num_splits, **kwargs)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    assert np.isfinite(out).all()
+    q64 = np.asarray(q.astype(jnp.float32), np.float64)
+    expected = np.stack([dense_decode(q64[i], k, v, scale) for i, (k, v) in enumerate(contexts)])
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out, expected, atol=tol, rtol=tol)
+    live = np.asarray(lens) > 0
+    if live.any():  # the oracle's padding rows (context 0) are defined differently: skip them
+        ref = paged_attention_reference(q[:, None], k_pool, v_pool, LAYER, tables,
+                                        (lens_arr - 1)[:, None], lens_arr, scale=scale)[:, 0]
+        ref = np.asarray(ref.astype(jnp.float32), np.float64)
+        np.testing.assert_allclose(out[live], ref[live], atol=tol, rtol=tol)
+    return out
+
+
+# (batch, kv_heads, group, head_dim, block_size, num_splits, dtype): every value of each axis
+# of the issue's grid at least once, several pairs; the GPU test below runs the full product.
+CPU_CASES = [
+    (3, 2, 4, 64, 8, 3, jnp.float32),
+    (3, 1, 4, 128, 16, 1, jnp.float32),
+    (1, 2, 1, 64, 32, 3, jnp.bfloat16),
+    (3, 2, 1, 128, 8, 1, jnp.bfloat16),
+    (1, 1, 1, 64, 16, 1, jnp.float32),
+    (3, 1, 4, 64, 32, 3, jnp.bfloat16),
+    (3, 2, 4, 128, 32, 1, jnp.float32),
+    (1, 2, 4, 128, 8, 3, jnp.bfloat16),
+    (3, 2, 4, 64, 16, None, jnp.bfloat16),
+    (3, 1, 1, 64, 8, 3, jnp.float16),
+]
+
+
+@pytest.mark.parametrize("batch,kv_heads,group,head_dim,block_size,num_splits,dtype", CPU_CASES)
+def test_matches_dense_attention(batch, kv_heads, group, head_dim, block_size, num_splits,
+                                 dtype):
+    check(0, batch=batch, kv_heads=kv_heads, group=group, head_dim=head_dim,
+          block_size=block_size, num_splits=num_splits, dtype=dtype)
+
+
+def test_padding_rows_give_zeros():
+    """Rows with context_len 0 (batch padding, table all pad block) give exact zeros, with one
+    or several splits, and leave the other rows untouched."""
+    for splits in (1, 3):
+        out = check(1, batch=3, kv_heads=2, group=4, head_dim=64, block_size=8,
+                    num_splits=splits, dtype=jnp.float32, context_lens=[0, 19, 0])
+        assert (out[0] == 0).all() and (out[2] == 0).all()
+
+
+def test_small_steps_and_many_splits():
+    """One page per step (block 32), more splits than pages (empty splits), a long table."""
+    check(2, batch=3, kv_heads=2, group=4, head_dim=64, block_size=32, num_splits=7,
+          dtype=jnp.float32, pages_per_compute_block=1)
+    check(3, batch=2, kv_heads=1, group=4, head_dim=64, block_size=8, num_splits=2,
+          dtype=jnp.float32, max_blocks=13, context_lens=[97, 45], pages_per_compute_block=4)
+
+
+def test_traced_layer_under_jit():
+    """The layer may be a traced int32 scalar (a layer scan), and matches the static index."""
+    rng = np.random.default_rng(4)
+    q, k_pool, v_pool, tables, lens, _ = make_case(
+        rng, context_lens=[5, 12], kv_heads=2, group=2, head_dim=64, block_size=8,
+        max_blocks=2, dtype=jnp.float32)
+
+    @jax.jit
+    def run(layer):
+        return paged_decode_attention_pallas(q, k_pool, v_pool, layer, tables, lens,
+                                             scale=0.125, num_splits=2)
+
+    static = paged_decode_attention_pallas(q, k_pool, v_pool, LAYER, tables, lens, scale=0.125,
+                                           num_splits=2)
+    np.testing.assert_array_equal(np.asarray(run(jnp.int32(LAYER))), np.asarray(static))
+    assert np.abs(np.asarray(run(jnp.int32(0)))).max() > 1.0  # layer 0 is all POISON
+
+
+def test_plan_fills_the_gpu_and_covers_the_table():
+    assert choose_num_splits(128, 8, 16384) == 1
+    assert choose_num_splits(1, 8, 16384) * 8 >= 132  # a lone long sequence still fills SMs
+    assert choose_num_splits(1, 8, 64) == 1            # short contexts: no split overhead
+    for batch, bs, max_blocks, splits in itertools.product(
+            (1, 32), (8, 16, 32), (1, 5, 1024), (None, 1, 3)):
+        plan = make_plan(batch, 8, 4, bs, max_blocks, splits, None)
+        step = plan.pages_per_compute_block
+        assert step & (step - 1) == 0 and step * bs >= 16
+        assert plan.pages_per_split % step == 0
+        assert plan.num_splits * plan.pages_per_split >= max_blocks
+        assert splits is None or plan.num_splits == splits
+        assert splits is not None or (plan.num_splits - 1) * plan.pages_per_split < max_blocks
+
+
+def test_bad_input_raises_value_error():
+    q = jnp.zeros((2, 6, 64))
+    pool = jnp.zeros((1, 4, 8, 4, 64))
+    tables, lens = jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        paged_decode_attention_pallas(q, pool, pool, 0, tables, lens, scale=1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        paged_decode_attention_pallas(jnp.zeros((2, 8, 64)), pool, pool, 1, tables, lens,
+                                      scale=1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention_pallas(jnp.zeros((2, 8, 64)), pool, pool, 0, tables, lens,
+                                      scale=1.0, pages_per_compute_block=3)
+
+
+GPU_GRID = list(itertools.product((1, 3), (1, 2), (1, 4), (64, 128), (8, 16, 32), (1, 3),
+                                  (jnp.float32, jnp.bfloat16)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,kv_heads,group,head_dim,block_size,num_splits,dtype", GPU_GRID)
+def test_gpu_full_grid(batch, kv_heads, group, head_dim, block_size, num_splits, dtype):
+    check(0, batch=batch, kv_heads=kv_heads, group=group, head_dim=head_dim,
+          block_size=block_size, num_splits=num_splits, dtype=dtype, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits,dtype", [(None, jnp.bfloat16), (1, jnp.bfloat16),
+                                              (5, jnp.float16), (None, jnp.float32)])
+def test_gpu_large_shapes(num_splits, dtype):
+    """Engine-sized heads (32 q / 8 KV, dim 128, block 16) with long ragged contexts."""
+    check(5, batch=6, kv_heads=8, group=4, head_dim=128, block_size=16, num_splits=num_splits,
+          dtype=dtype, max_blocks=160, context_lens=[1, 17, 2559, 1000, 0, 2560],
+          interpret=False)
