@@ -3,6 +3,9 @@
 The metadata is an explicit argument of the model's forward (never hidden global state). A backend
 is a function `(q, k_pool, v_pool, layer, metadata, scale) -> out`; it reads layer `layer` of
 the stacked pool (passing the whole pool, not a slice of it, keeps the pool's update in place).
+
+Backends: "reference" (jnp; decode steps use the decode-specialised form, which is several times
+faster on XLA CPU) and "oracle" (the plain reference for every step, for checking).
 """
 
 from __future__ import annotations
@@ -24,6 +27,22 @@ class AttentionMetadata:
     slot_mapping: jax.Array  # [batch, q_len] int32, pool slot (block * block_size + offset)
     block_tables: jax.Array  # [batch, max_blocks] int32, padding entries are block 0
     context_lens: jax.Array  # [batch] int32, tokens in the pool after this step's writes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedTokens:
+    """Maps a packed prefill (every sequence's new tokens back to back in one row, so the
+    matmuls do no padding work) to the attention's per-sequence layout [seqs, q_len] and back.
+
+    Padding tokens (past the last real one) sit at the last position of the last sequence and
+    write their K/V to the pad block.
+    """
+
+    positions: jax.Array     # [1, num_tokens] int32, absolute position of each packed token
+    slot_mapping: jax.Array  # [1, num_tokens] int32, pool slot of each packed token
+    to_rows: jax.Array       # [seqs, q_len] int32, packed index of each attention query slot
+    to_tokens: jax.Array     # [num_tokens] int32, flat attention slot (seq * q_len + i) per token
 
 
 AttentionFn = Callable[..., jax.Array]

@@ -12,12 +12,13 @@ the KV pool stays one stacked array, indexed by a static layer number, updated i
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.attention import AttentionFn, AttentionMetadata
+from jinfer.attention import AttentionFn, AttentionMetadata, PackedTokens
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import KVCache
 
@@ -40,11 +41,16 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE (Hugging Face layout). x: [batch, q_len, heads, head_dim]."""
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions [batch, q_len] -> (cos, sin), each [batch, q_len, 1, head_dim // 2]; computed
+    once per step and shared by every layer's Q and K."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, q_len, head_dim/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). x: [batch, q_len, heads, head_dim];
+    cos, sin: [batch, q_len, 1, head_dim // 2] from `rope_cos_sin`."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -69,21 +75,28 @@ def _write_kv(pool: jax.Array, layer: int, slots: jax.Array, new: jax.Array) -> 
         new.reshape(-1, *pool.shape[3:]).astype(pool.dtype))
 
 
-def _attention_block(config, lp, h, layer, kv, meta, attn_fn, inv_freq):
-    """One layer's attention sublayer: norm -> QKV -> RoPE -> write K/V -> paged attention."""
-    batch, q_len, _ = h.shape
+def _attention_block(config, lp, h, layer, kv, meta, packed, attn_fn, rope):
+    """One layer's attention sublayer: norm -> QKV -> RoPE -> write K/V -> paged attention.
+
+    h: [rows, tokens, hidden]. Unpacked, rows are the attention's sequences; packed (`packed` not
+    None) h is [1, num_tokens, hidden] and only the attention sees the per-sequence layout.
+    """
+    rows, tokens, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
-    qkv = x @ lp["wqkv"]  # [batch, q_len, q_size + 2 * kv_size]
+    qkv = x @ lp["wqkv"]  # [rows, tokens, q_size + 2 * kv_size]
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
-    q = q.reshape(batch, q_len, config.num_heads, config.head_dim)
-    k = k.reshape(batch, q_len, config.num_kv_heads, config.head_dim)
-    v = v.reshape(batch, q_len, config.num_kv_heads, config.head_dim)
-    q = apply_rope(q, meta.positions, inv_freq)
-    k = apply_rope(k, meta.positions, inv_freq)
-    k_pool = _write_kv(kv.k, layer, meta.slot_mapping, k)
-    v_pool = _write_kv(kv.v, layer, meta.slot_mapping, v)
+    q = apply_rope(q.reshape(rows, tokens, config.num_heads, config.head_dim), *rope)
+    k = apply_rope(k.reshape(rows, tokens, config.num_kv_heads, config.head_dim), *rope)
+    v = v.reshape(rows, tokens, config.num_kv_heads, config.head_dim)
+    slots = meta.slot_mapping if packed is None else packed.slot_mapping
+    k_pool = _write_kv(kv.k, layer, slots, k)
+    v_pool = _write_kv(kv.v, layer, slots, v)
+    if packed is not None:  # [1, tokens, heads, dim] -> [seqs, q_len, heads, dim]
+        q = q[0][packed.to_rows]
     out = attn_fn(q, k_pool, v_pool, layer, meta, 1.0 / math.sqrt(config.head_dim))
-    out = out.reshape(batch, q_len, config.q_size) @ lp["wo"]
+    if packed is not None:  # back to [1, tokens, heads, dim]
+        out = out.reshape(-1, config.num_heads, config.head_dim)[packed.to_tokens][None]
+    out = out.reshape(rows, tokens, config.q_size) @ lp["wo"]
     return h + out, KVCache(k=k_pool, v=v_pool)
 
 
@@ -101,14 +114,21 @@ def forward_hidden(
     *,
     config: ModelConfig,
     attn_fn: AttentionFn,
+    packed: Optional[PackedTokens] = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Runs the decoder stack; returns the final-normed hidden states [batch, q_len, hidden]."""
-    inv_freq = rope_inv_freq(config)
+    """Runs the decoder stack; returns the final-normed hidden states [batch, q_len, hidden].
+
+    With `packed`, token_ids is [1, num_tokens]: several sequences' prompt chunks back to back,
+    so the matmuls skip the per-sequence padding; `meta` still describes the attention's
+    per-sequence layout [seqs, q_len] and `packed` maps between the two.
+    """
+    positions = meta.positions if packed is None else packed.positions
+    rope = rope_cos_sin(positions, rope_inv_freq(config))
     h = params["embed"][token_ids]
     for layer, lp in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{layer}"):
-            h, kv_cache = _attention_block(config, lp, h, layer, kv_cache, meta, attn_fn,
-                                           inv_freq)
+            h, kv_cache = _attention_block(config, lp, h, layer, kv_cache, meta, packed,
+                                           attn_fn, rope)
             h = _mlp_block(config, lp, h)
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
 

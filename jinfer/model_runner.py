@@ -10,13 +10,14 @@ import dataclasses
 import functools
 import logging
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jinfer import sampler as sampler_lib
-from jinfer.attention import AttentionMetadata, get_attention_backend
+from jinfer.attention import AttentionMetadata, PackedTokens, get_attention_backend
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.kv_cache import KVCache, PAD_BLOCK, init_kv_cache
 from jinfer.model import compute_logits, forward_hidden
@@ -25,11 +26,21 @@ from jinfer.scheduler import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 MIN_PREFILL_BUCKET = 16
-MIN_CONTEXT_BUCKET = 256  # tokens; smaller block tables are padded up to this
+# Tokens; smaller block tables are padded up to this. Decode attention costs in proportion to the
+# padded context, so this stays small; each extra power of two is one more compile per batch size.
+MIN_CONTEXT_BUCKET = 32
 
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def packed_bucket(n: int) -> int:
+    """Token-count bucket of a packed prefill: powers of two and 1.5x between them (16, 24, 32,
+    48, 64, 96, ...), so padding stays under a third for 2x the compiles of powers of two."""
+    n = max(n, MIN_PREFILL_BUCKET)
+    power = next_power_of_2(n)
+    return power * 3 // 4 if n <= power * 3 // 4 else power
 
 
 @jax.tree_util.register_dataclass
@@ -37,18 +48,19 @@ def next_power_of_2(n: int) -> int:
 class StepInput:
     """Everything one device step reads besides weights and pool, padded to a bucket."""
 
-    token_ids: jax.Array       # [batch, q_len] int32
+    token_ids: jax.Array       # [batch, q_len] int32, or [1, num_tokens] when packed
     attention: AttentionMetadata
-    logits_indices: jax.Array  # [batch] int32, the query index whose logits are sampled
+    logits_indices: jax.Array  # [batch] int32, flat index into token_ids of each row's sampled token
     sampling: sampler_lib.SamplingMetadata
+    packed: Optional[PackedTokens] = None  # set for packed prefill (several sequences, one row)
 
 
 def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags):
     """The jitted device step: decoder stack, logits at each row's last token, sampling."""
     hidden, kv_cache = forward_hidden(
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
-        attn_fn=get_attention_backend(attention_backend))
-    last = jnp.take_along_axis(hidden, step_input.logits_indices[:, None, None], axis=1)[:, 0]
+        attn_fn=get_attention_backend(attention_backend), packed=step_input.packed)
+    last = hidden.reshape(-1, hidden.shape[-1])[step_input.logits_indices]  # [batch, hidden]
     logits = compute_logits(params, last, config)  # [batch, vocab]
     return sampler_lib.sample(logits, step_input.sampling, flags), kv_cache
 
@@ -107,35 +119,72 @@ class ModelRunner:
                                  block_tables=block_tables, context_lens=context_lens)
 
     def prepare(self, out: SchedulerOutput, sampling_rows, num_logprobs: int):
-        """SchedulerOutput -> (StepInput of NumPy arrays, sampler flags)."""
+        """SchedulerOutput -> (StepInput of NumPy arrays, sampler flags).
+
+        Prompt chunks of several sequences are packed into one row (see `PackedTokens`); decode
+        rows and single chunks keep the [batch, q_len] layout.
+        """
         items = out.scheduled
         batch = self.batch_bucket(len(items))
         q_len = self.query_bucket(max(item.num_new_tokens for item in items))
-        token_ids = np.zeros((batch, q_len), np.int32)
-        rows = []
-        for i, item in enumerate(items):
+        rows, chunks = [], []
+        for item in items:
             seq, start = item.seq, item.seq.num_computed_tokens
-            token_ids[i, :item.num_new_tokens] = seq.token_ids()[start:start + item.num_new_tokens]
+            chunks.append(seq.token_ids()[start:start + item.num_new_tokens])
             rows.append((seq.block_table, start, item.num_new_tokens))
-        logits_indices = np.zeros((batch,), np.int32)
-        logits_indices[:len(items)] = [item.num_new_tokens - 1 for item in items]
+        meta = self._attention_arrays(rows, batch, q_len)
         sampling = sampler_lib.make_sampling_metadata(sampling_rows, pad_to=batch)
         flags = sampler_lib.sampler_flags([r[0] for r in sampling_rows], num_logprobs)
-        step_input = StepInput(token_ids=token_ids, attention=self._attention_arrays(
-            rows, batch, q_len), logits_indices=logits_indices, sampling=sampling)
+        if q_len > 1 and len(items) > 1:
+            token_ids, packed, logits_indices = self._pack(chunks, meta, batch, q_len)
+        else:
+            packed = None
+            token_ids = np.zeros((batch, q_len), np.int32)  # [batch, q_len]
+            logits_indices = np.zeros((batch,), np.int32)    # [batch]
+            for i, chunk in enumerate(chunks):
+                token_ids[i, :len(chunk)] = chunk
+                logits_indices[i] = i * q_len + len(chunk) - 1
+        step_input = StepInput(token_ids=token_ids, attention=meta,
+                               logits_indices=logits_indices, sampling=sampling, packed=packed)
         return step_input, flags
+
+    def _pack(self, chunks, meta: AttentionMetadata, batch: int, q_len: int):
+        """Lays the chunks back to back in one row -> (token_ids [1, n], PackedTokens,
+        logits_indices [batch]); `meta` holds the per-sequence layout the attention reads."""
+        lengths = [len(chunk) for chunk in chunks]
+        total = sum(lengths)
+        n = packed_bucket(total)
+        token_ids = np.zeros((1, n), np.int32)
+        to_tokens = np.full((n,), (len(chunks) - 1) * q_len + lengths[-1] - 1, np.int32)
+        to_rows = np.full((batch, q_len), total - 1, np.int32)
+        logits_indices = np.zeros((batch,), np.int32)
+        offset = 0
+        for i, (chunk, length) in enumerate(zip(chunks, lengths)):
+            token_ids[0, offset:offset + length] = chunk
+            to_tokens[offset:offset + length] = i * q_len + np.arange(length)
+            to_rows[i, :length] = offset + np.arange(length)
+            offset += length
+            logits_indices[i] = offset - 1
+        # Padding tokens take the last real token's position and write to the pad block.
+        positions = meta.positions.reshape(-1)[to_tokens][None]  # [1, n]
+        slots = meta.slot_mapping.reshape(-1)[to_tokens][None]   # [1, n]
+        slots[0, total:] = PAD_BLOCK * self.block_size
+        packed = PackedTokens(positions=positions, slot_mapping=slots, to_rows=to_rows,
+                              to_tokens=to_tokens)
+        return token_ids, packed, logits_indices
 
     # -- device ------------------------------------------------------------------------------
     def execute(self, step_input: StepInput, flags) -> sampler_lib.SamplerOutput:
         """Runs one step; returns the sampler's output as NumPy (the only device->host copy)."""
-        key = (step_input.token_ids.shape, step_input.attention.block_tables.shape[1], flags)
+        meta = step_input.attention
+        key = (step_input.token_ids.shape, meta.positions.shape, meta.block_tables.shape[1], flags)
         started = time.perf_counter()
         result, self.kv_cache = self._step_fn(self.params, self.kv_cache, step_input, flags=flags)
         result = jax.device_get(result)
         if key not in self._compiled_shapes:
             self._compiled_shapes.add(key)
-            logger.info("compiled step for batch x q_len %s, %d blocks, %s in %.2f s",
-                        key[0], key[1], flags, time.perf_counter() - started)
+            logger.info("compiled step for tokens %s, attention rows x q_len %s, %d blocks, %s "
+                        "in %.2f s", *key, time.perf_counter() - started)
         return result
 
     def prompt_logits(self, token_ids: list[int], block_table: list[int]) -> np.ndarray:
