@@ -15,7 +15,8 @@ PAD_BLOCK = 0  # block 0 is never allocated: padded rows write into it and read 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Per-layer K and V pools, stacked over layers so the layer loop can be a `lax.scan`.
+    """Per-layer K and V pools, stacked over layers into one buffer each (donated and updated in
+    place every step; the model indexes it with a static layer number).
 
     Layout [layers, num_blocks, block_size, kv_heads, head_dim]: writing a token's K/V is a plain
     row write at its slot (block * block_size + offset).
