@@ -15,6 +15,7 @@ from typing import Callable
 
 import jax
 
+from pallas_kernels.paged_decode import paged_decode_attention_pallas
 from pallas_kernels.reference import paged_attention_reference, paged_decode_attention
 
 
@@ -63,7 +64,24 @@ def _reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) 
     return _oracle(q, k_pool, v_pool, layer, meta, scale)
 
 
-_BACKENDS: dict[str, AttentionFn] = {"reference": _reference, "oracle": _oracle}
+def _pallas(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) -> jax.Array:
+    """The Pallas kernels: paged decode (Triton on GPU, interpret mode on CPU); prompt chunks
+    use the plain reference until the ragged prefill kernel lands."""
+    if q.shape[1] != 1:
+        return _oracle(q, k_pool, v_pool, layer, meta, scale)
+    out = paged_decode_attention_pallas(q[:, 0], k_pool, v_pool, layer, meta.block_tables,
+                                        meta.context_lens, scale=scale)
+    return out[:, None]
+
+
+_BACKENDS: dict[str, AttentionFn] = {"reference": _reference, "oracle": _oracle,
+                                     "pallas": _pallas}
+
+
+def default_attention_backend() -> str:
+    """The Pallas kernels on GPU; the jnp reference on CPU, where it is faster than the kernels'
+    interpret mode."""
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
 def get_attention_backend(name: str) -> AttentionFn:

@@ -66,7 +66,8 @@ class EngineConfig:
       max_num_batched_tokens: most prompt tokens prefilled in one step (longer prompts are
         prefilled in chunks).
       seed: seeds requests that carry no seed of their own.
-      attention_backend: "reference" (jnp) for now; the Pallas kernels plug in here.
+      attention_backend: "pallas" (the kernels; the default on GPU), "reference" (jnp; the
+        default on CPU) or "oracle" (the plain reference everywhere, for checking).
       enable_prefix_caching: share the blocks of equal prompt prefixes (hash chain over full
         blocks) and skip their prefill.
       preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a

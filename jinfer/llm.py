@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jinfer import compilation_cache
+from jinfer.attention import default_attention_backend, get_attention_backend
 from jinfer.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.engine import LLMEngine
@@ -52,11 +53,13 @@ class LLM:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  kv_cache_memory_bytes: int = 512 * 1024 * 1024,
-                 attention_backend: str = "reference", enable_prefix_caching: bool = True,
+                 attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
                  enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+        if attention_backend is not None:
+            get_attention_backend(attention_backend)  # a clear error before any loading
         if enable_compilation_cache:
             compilation_cache.enable()
         started = time.perf_counter()
@@ -71,7 +74,8 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
-            attention_backend=attention_backend, enable_prefix_caching=enable_prefix_caching)
+            attention_backend=attention_backend or default_attention_backend(),
+            enable_prefix_caching=enable_prefix_caching)
         num_blocks = self._num_blocks(model_config, DTYPES[dtype])
         device_params = jax.device_put(prepare_params(params))
         runner = ModelRunner(model_config, self.config, device_params, num_blocks, DTYPES[dtype])

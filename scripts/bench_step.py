@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import sampler as sampler_lib
+from jinfer.attention import default_attention_backend
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.loader.hf import allocate_params
 from jinfer.model import prepare_params
@@ -87,18 +87,22 @@ def main() -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--attention-backend", default=default_attention_backend(),
+                   choices=["pallas", "reference", "oracle"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     config = SHAPES[args.shape]
     num_blocks = 1 + max(args.batch) * -(-args.context // 16)
     engine_config = EngineConfig(max_model_len=max(args.context, args.prefill) * 2,
-                                 max_num_seqs=max(args.batch))
+                                 max_num_seqs=max(args.batch),
+                                 attention_backend=args.attention_backend)
     runner = ModelRunner(config, engine_config, random_params(config, args.dtype), num_blocks,
                          DTYPES[args.dtype])
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(runner.params))
     bandwidth = copy_bandwidth()
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                "shape": args.shape, "dtype": args.dtype, "weight_bytes": weight_bytes,
+               "attention_backend": args.attention_backend,
                "copy_GBps": bandwidth / 1e9, "runs": []}
     for batch in args.batch:
         r = time_step(runner, batch, 1, args.context, args.iters)

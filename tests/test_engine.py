@@ -214,3 +214,19 @@ def test_abort_mid_prefill_frees_blocks(tiny_model_dir):
     engine.abort("long")
     assert_pool_whole(llm)
     assert not engine.has_unfinished_requests()
+
+
+def test_pallas_backend_matches_reference(tiny_model_dir, llm):
+    """The engine on the Pallas decode kernel (interpret mode on CPU) gives the same tokens."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)]
+    pallas = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256,
+                 attention_backend="pallas", enable_compilation_cache=False)
+    got = [o.outputs[0].token_ids for o in pallas.generate(PROMPTS[:2], params, use_tqdm=False)]
+    assert got == expected
+    assert_pool_whole(pallas)
+
+
+def test_unknown_attention_backend(tiny_model_dir):
+    with pytest.raises(ValueError, match="attention_backend"):
+        LLM(str(tiny_model_dir), attention_backend="flash", enable_compilation_cache=False)
