@@ -23,7 +23,8 @@ from jinfer.model import prepare_params
 from jinfer.model_runner import ModelRunner
 from jinfer.outputs import RequestOutput
 from jinfer.sampling_params import SamplingParams
-from jinfer.tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
+from jinfer.gguf_tokenizer import load_gguf_tokenizer
+from jinfer.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jinfer import sampler as sampler_lib
