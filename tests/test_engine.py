@@ -230,3 +230,18 @@ def test_pallas_backend_matches_reference(tiny_model_dir, llm):
 def test_unknown_attention_backend(tiny_model_dir):
     with pytest.raises(ValueError, match="attention_backend"):
         LLM(str(tiny_model_dir), attention_backend="flash", enable_compilation_cache=False)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 2e-2), ("float16", 4e-3)])
+def test_half_precision_logits_track_float32(tiny_model_dir, llm, dtype, tolerance):
+    """Weights, activations and the KV pool in 16 bits: logits within the dtype's rounding of
+    the float32 ones (bf16 keeps 8 mantissa bits, f16 11)."""
+    half = LLM(str(tiny_model_dir), dtype=dtype, num_kv_blocks=64, max_model_len=256,
+               enable_compilation_cache=False)
+    assert half.engine.runner.kv_cache.k.dtype == dtype
+    ids = llm.get_tokenizer().encode(PROMPTS[1])
+    expected, got = llm.prompt_logits(ids), half.prompt_logits(ids)
+    assert np.abs(got - expected).max() / np.abs(expected).max() < tolerance
+    out = half.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=4),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 4 or out.finish_reason == "stop"
