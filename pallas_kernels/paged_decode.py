@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_SMS = 132          # H100 SXM; used when the device does not report its SM count
 MIN_DOT_ROWS = 16              # Triton's smallest tile side for tl.dot
-TOKENS_PER_STEP = 128          # default tokens gathered per inner iteration (2-byte inputs)
+TOKENS_PER_STEP = 64           # default tokens gathered per inner iteration: 64 x 4 warps beat
+                               # 128 on the H100 sweep (BENCHMARKS.md), 2-byte inputs
 STEP_TILE_BYTES = 128 * 128 * 2  # K (or V) tile bytes per step: 2 of them x 2 pipeline stages
                                  # must fit in shared memory (227 KB on H100)
 MIN_TOKENS_PER_SPLIT = 128     # below this a split is all overhead
@@ -66,10 +67,12 @@ def _num_sms() -> int:
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int,
                       num_sms: int = DEFAULT_NUM_SMS) -> int:
-    """How many splits of the context fill the GPU: about two programs per SM, but no split
-    shorter than MIN_TOKENS_PER_SPLIT tokens of the table's capacity `max_context`."""
+    """How many splits of the context fill the GPU: about two programs per SM, and a split per
+    4,096 tokens for long contexts (up to 4; faster on the H100 sweep even when the batch alone
+    fills the GPU), but no split shorter than MIN_TOKENS_PER_SPLIT tokens of the table's
+    capacity `max_context`."""
     programs = max(1, batch * kv_heads)
-    want = pl.cdiv(2 * num_sms, programs)
+    want = max(pl.cdiv(2 * num_sms, programs), min(4, max_context // 4096))
     cap = max(1, max_context // MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, cap))
 

@@ -136,7 +136,8 @@ def bench_shape(cfg, batch: int, ctx: int, args) -> dict:
                                              interpret=args.cpu_smoke, **kw)
 
     configs = [("ours", {})]
-    if args.sweep and ((batch, ctx) in SWEEP_SHAPES or args.cpu_smoke and batch == 1):
+    if args.sweep and ((batch, ctx) in SWEEP_SHAPES or args.sweep_all
+                       or args.cpu_smoke and batch == 1):
         configs += [(f"ours_s{s}_pp{pp}_w{w}", {"num_splits": s, "pages_per_compute_block": pp,
                                                   "num_warps": w})
                     for s in (1, 4) for pp in (4, 8) for w in (4, 8)]
@@ -227,6 +228,10 @@ def main() -> None:
                         help="tiny shapes in interpret mode on the CPU (checks the script runs)")
     parser.add_argument("--sweep", action="store_true",
                         help=f"also time split/step/warp variants of ours on {SWEEP_SHAPES}")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated BATCHxCONTEXT list, e.g. 8x4096,64x1024")
+    parser.add_argument("--sweep-all", action="store_true",
+                        help="time the --sweep variants on every shape run")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 
@@ -235,6 +240,8 @@ def main() -> None:
     else:
         cfg, copy_bytes = Config, 2 << 30
         shapes = list(QUICK) if args.quick else [(b, c) for b in BATCHES for c in CONTEXTS]
+        if args.shapes:
+            shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     device = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
     t_start = time.perf_counter()
     copy_bw = copy_bandwidth(copy_bytes, max(args.reps, 5))
