@@ -129,7 +129,7 @@ class ModelRunner:
         rows, chunks = [], []
         for item in items:
             seq, start = item.seq, item.seq.num_computed_tokens
-            chunks.append(seq.token_ids()[start:start + item.num_new_tokens])
+            chunks.append(seq.token_ids_slice(start, start + item.num_new_tokens))
             rows.append((seq.block_table, start, item.num_new_tokens))
         meta = self._attention_arrays(rows, batch, q_len)
         sampling = sampler_lib.make_sampling_metadata(sampling_rows, pad_to=batch)

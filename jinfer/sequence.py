@@ -57,6 +57,13 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """token_ids()[start:end] without copying the whole sequence (decode reads one token)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        return self.token_ids()[start:end]
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
