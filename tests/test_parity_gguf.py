@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -22,11 +21,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jinfer  # noqa: E402
+from parity_support import load_fixture_module  # noqa: E402
 from jinfer import SamplingParams  # noqa: E402
 from jinfer.loader import load_weights  # noqa: E402
 from jinfer.loader.default_model import default_model_path  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_TOKENS = 32
 # Both sides run float32 over bitwise-identical dequantized weights; what differs is only the
 # order of float32 sums (matmul blocking, attention, RMSNorm) through 30 layers, ~1e-6 of the
@@ -40,16 +39,6 @@ CHATS = [
     [{"role": "system", "content": "You are a helpful assistant."},
      {"role": "user", "content": "Write a haiku about the sea."}],
 ]
-
-
-def _fixtures_module():
-    name = "make_parity_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +124,7 @@ def test_prompt_logits_match_hf(hf_model, llm, prompts):
 
 
 def test_greedy_generation_matches_hf(hf_model, llm, prompts):
-    fixtures = _fixtures_module()
+    fixtures = load_fixture_module()
     want, want_logprobs, margins = fixtures.reference_greedy(hf_model, prompts, MAX_TOKENS)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
     outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)

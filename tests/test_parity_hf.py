@@ -15,9 +15,7 @@ After every workload the KV pool must be whole again (no leaked blocks).
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -26,23 +24,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jinfer  # noqa: E402
+from parity_support import load_fixture_module  # noqa: E402
 from jinfer import SamplingParams  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_fixture_module():
-    """scripts/make_parity_fixtures.py as a module (scripts/ is not a package)."""
-    name = "make_parity_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fixtures = _load_fixture_module()
+fixtures = load_fixture_module()
 
 # Query buckets 1, 16, 16, 128, 256; 70 and 150 run past llama3's original_max_position (64).
 PROMPT_LENGTHS = (1, 5, 13, 70, 150)
