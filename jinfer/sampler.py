@@ -161,20 +161,34 @@ def _row_gumbel(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """First index of each row's maximum, x [B, V] -> [B] i32; equal to `jnp.argmax` for
+    non-NaN rows (a row that is all -inf gives 0).
+
+    Two plain reductions (max, then min over matching indices) instead of `jnp.argmax`'s
+    (value, index) pair reduction, which XLA CPU does not vectorise: 4-7x faster on a
+    [16, 49152] batch of logits there, the same on GPU.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)  # [B, 1]
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    first = jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)  # V when the row is NaN
+    return jnp.minimum(first, x.shape[-1] - 1).astype(jnp.int32)
+
+
 def random_sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array) -> jax.Array:
     """Gumbel-max draw from softmax(logits) per row with the row's own key. Returns [B] i32."""
     noise = jax.vmap(_row_gumbel, in_axes=(0, 0, None))(seeds, steps, logits.shape[1])
-    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
+    return argmax(logits + noise)
 
 
 def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> SamplerOutput:
     """Samples one token per row. logits [B, V]; `flags` must be static under jit."""
-    logits = logits.astype(jnp.float32)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
-    logits = apply_banned_tokens(logits, meta.banned_tokens)
+    raw = logits.astype(jnp.float32)
+    log_normalizer = jax.nn.logsumexp(raw, axis=-1)  # [B]; log_softmax = raw - log_normalizer
+    logits = apply_banned_tokens(raw, meta.banned_tokens)
     if flags.any_penalties:
         logits = apply_penalties(logits, meta)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B], greedy
+    tokens = argmax(logits)  # [B], greedy
     if not flags.all_greedy:
         is_greedy = meta.temperature < SAMPLING_EPS  # [B]
         temperature = jnp.where(is_greedy, 1.0, meta.temperature)
@@ -184,10 +198,12 @@ def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Sa
             scaled = apply_min_p(scaled, meta.min_p)
         sampled = random_sample(scaled, meta.seeds, meta.steps)
         tokens = jnp.where(is_greedy, tokens, sampled)
-    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    if flags.num_logprobs > 0:
-        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
-        ranks = 1 + jnp.sum(raw_logprobs > logprobs[:, None], axis=-1, dtype=jnp.int32)
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]  # [B] raw logit
+    logprobs = chosen - log_normalizer
+    if flags.num_logprobs > 0:  # only then is the whole [B, V] log_softmax needed
+        top_logits, top_ids = jax.lax.top_k(raw, flags.num_logprobs)
+        top_logprobs = top_logits - log_normalizer[:, None]
+        ranks = 1 + jnp.sum(raw > chosen[:, None], axis=-1, dtype=jnp.int32)
     else:
         top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
         top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
