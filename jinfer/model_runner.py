@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 MIN_PREFILL_BUCKET = 16
 # Tokens; smaller block tables are padded up to this. Decode attention costs in proportion to the
-# padded context, so this stays small; each extra power of two is one more compile per batch size.
+# padded context, so this stays small; each extra bucket is one more compile per batch size.
 MIN_CONTEXT_BUCKET = 32
 
 
@@ -34,12 +34,16 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def packed_bucket(n: int) -> int:
-    """Token-count bucket of a packed prefill: powers of two and 1.5x between them (16, 24, 32,
-    48, 64, 96, ...), so padding stays under a third for 2x the compiles of powers of two."""
-    n = max(n, MIN_PREFILL_BUCKET)
+def three_quarter_bucket(n: int) -> int:
+    """The smallest of the powers of two and the 1.5x steps between them (1, 2, 3, 4, 6, 8, 12,
+    16, 24, ...) that holds n: padding stays under a third for 2x the compiles of powers of two."""
     power = next_power_of_2(n)
     return power * 3 // 4 if n <= power * 3 // 4 else power
+
+
+def packed_bucket(n: int) -> int:
+    """Token-count bucket of a packed prefill (16, 24, 32, 48, 64, 96, ...)."""
+    return three_quarter_bucket(max(n, MIN_PREFILL_BUCKET))
 
 
 @jax.tree_util.register_dataclass
@@ -95,8 +99,11 @@ class ModelRunner:
         return n if n == 1 else max(MIN_PREFILL_BUCKET, next_power_of_2(n))
 
     def blocks_bucket(self, n: int) -> int:
+        """Block-table width for a longest table of n blocks: attention reads (and the decode
+        step's cost grows with) the padded width, hence the 1.5x steps."""
         minimum = -(-MIN_CONTEXT_BUCKET // self.block_size)
-        return min(max(minimum, next_power_of_2(n)), next_power_of_2(self.max_blocks_per_seq))
+        return min(max(minimum, three_quarter_bucket(n)),
+                   three_quarter_bucket(self.max_blocks_per_seq))
 
     # -- host -> device arrays ---------------------------------------------------------------
     def _attention_arrays(self, rows, batch: int, q_len: int):
