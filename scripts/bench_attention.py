@@ -1,6 +1,7 @@
 """Paged decode attention on the GPU: jinfer's Pallas kernel, JAX's shipped Pallas kernel and an
 XLA gather-then-attend reference, over the issue's shapes, with the copy-bandwidth ceiling
-measured in the same run.
+measured in the same run. Where jax_triton imports (`pip install "jinfer[triton]"`), jinfer's
+Triton-language kernel is timed beside them too.
 
 Method (shared/benchmarking.md): each kernel runs `iters` times inside one jitted
 `lax.fori_loop`, cycling over `copies` different inputs (distinct pages of one pool, distinct
@@ -30,6 +31,7 @@ from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.paged_decode import paged_decode_attention_pallas  # noqa: E402
+from pallas_kernels.triton_decode import paged_decode_attention_triton  # noqa: E402
 
 BATCHES = (1, 8, 32, 64, 128)
 CONTEXTS = (512, 1024, 4096, 16384)
@@ -147,6 +149,14 @@ def bench_shape(cfg, batch: int, ctx: int, args) -> dict:
         res["max_abs_err"] = float(jnp.abs(res.pop("last").astype(jnp.float32) - expected).max())
         row[name] = res
 
+    if args.triton:  # same inputs and plan as ours, kernel written in Triton (jax-triton)
+        tri_fn = lambda q1, t1, kp, vp: paged_decode_attention_triton(  # noqa: E731
+            q1, kp, vp, 0, t1, lens, scale=scale)
+        res = measure(timed_loop(tri_fn, iters, copies), (q, tables, k_pool, v_pool), iters,
+                      args.reps)
+        res["max_abs_err"] = float(jnp.abs(res.pop("last").astype(jnp.float32) - expected).max())
+        row["triton"] = res
+
     # JAX's shipped kernel in its own layout [kv_heads, pages, page_size, head_dim].
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
     k_pages = jnp.transpose(k_pool[0], (2, 0, 1, 3))
@@ -180,20 +190,24 @@ def markdown(rows, copy_bw, device: str) -> str:
              f"read+write) "
              f"{copy_bw['GBps']:.0f} GB/s median.",
              "", "| batch | ctx | KV MB | ours us (min-max) | ours GB/s | % copy | "
-             "JAX Pallas us | JAX GB/s | XLA us | XLA GB/s | ours vs JAX | max err ours / JAX |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "JAX Pallas us | JAX GB/s | Triton us | Triton GB/s | XLA us | XLA GB/s | "
+             "ours vs JAX | max err ours / JAX / Triton |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['batch']} | {r['ctx']} | skipped: {r['skipped']} |")
             continue
-        o, j, x = r["ours"], r["jax_pallas"], r["xla"]
-        flag = "" if max(o["max_abs_err"], j["max_abs_err"]) < ERR_TOL else " **BAD**"
+        o, j, x, t = r["ours"], r["jax_pallas"], r["xla"], r.get("triton")
+        errs = [o["max_abs_err"], j["max_abs_err"]] + ([t["max_abs_err"]] if t else [])
+        flag = "" if max(errs) < ERR_TOL else " **BAD**"
+        triton = f"{t['median_us']:.1f} | {t['GBps']:.0f}" if t else "- | -"
         lines.append(
             f"| {r['batch']} | {r['ctx']} | {r['kv_bytes'] / 1e6:.1f} | {o['median_us']:.1f} "
             f"({o['min_us']:.1f}-{o['max_us']:.1f}) | {o['GBps']:.0f} | "
             f"{100 * o['GBps'] / copy_bw['GBps']:.0f}% | {j['median_us']:.1f} | {j['GBps']:.0f} | "
-            f"{x['median_us']:.1f} | {x['GBps']:.0f} | {j['median_us'] / o['median_us']:.2f}x | "
-            f"{o['max_abs_err']:.1e} / {j['max_abs_err']:.1e}{flag} |")
+            f"{triton} | {x['median_us']:.1f} | {x['GBps']:.0f} | "
+            f"{j['median_us'] / o['median_us']:.2f}x | "
+            f"{' / '.join(f'{e:.1e}' for e in errs)}{flag} |")
     extra = [(r["batch"], r["ctx"], k, v) for r in rows for k, v in r.items()
              if k.startswith("ours_")]
     if extra:
@@ -204,10 +218,22 @@ def markdown(rows, copy_bw, device: str) -> str:
                   for b, c, k, v in extra]
     comp = [r for r in rows if "ours" in r]
     if comp:
-        lines += ["", "Compile (s, loop incl.): ours " + ", ".join(
-            f"{r['ours']['compile_s']:.1f}" for r in comp) + "; JAX " + ", ".join(
-            f"{r['jax_pallas']['compile_s']:.1f}" for r in comp)]
+        kernels = [("ours", "ours"), ("JAX", "jax_pallas")]
+        kernels += [("Triton", "triton")] if "triton" in comp[0] else []
+        lines += ["", "Compile (s, loop incl.): " + "; ".join(
+            f"{label} " + ", ".join(f"{r[key]['compile_s']:.1f}" for r in comp)
+            for label, key in kernels)]
     return "\n".join(lines)
+
+
+def triton_available() -> bool:
+    """Whether jinfer's Triton backend can run here (jax_triton imports; it needs a GPU JAX)."""
+    try:
+        import jax_triton  # noqa: F401
+    except ImportError as err:
+        print(f"# Triton kernel not timed: {err}", flush=True)
+        return False
+    return True
 
 
 class Config:
@@ -234,6 +260,7 @@ def main() -> None:
                         help="time the --sweep variants on every shape run")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
+    args.triton = not args.cpu_smoke and triton_available()
 
     if args.cpu_smoke:
         cfg, shapes, copy_bytes, args.reps = SmokeConfig, [(1, 32), (2, 64)], 1 << 24, 2
@@ -254,9 +281,10 @@ def main() -> None:
         t0 = time.perf_counter()
         rows.append(bench_shape(cfg, batch, ctx, args))
         r = rows[-1]
+        tri = f"Triton {r['triton']['median_us']:9.1f} us | " if "triton" in r else ""
         print(f"batch {batch:4d} ctx {ctx:6d}: ours {r['ours']['median_us']:9.1f} us "
               f"{r['ours']['GBps']:6.0f} GB/s | JAX {r['jax_pallas']['median_us']:9.1f} us | "
-              f"XLA {r['xla']['median_us']:9.1f} us | {time.perf_counter() - t0:.1f} s",
+              f"{tri}XLA {r['xla']['median_us']:9.1f} us | {time.perf_counter() - t0:.1f} s",
               flush=True)
     table = markdown(rows, copy_bw, device)
     print(table)
