@@ -1,81 +1,150 @@
-"""Attention metadata and the backend interface that attention kernels plug into.
+"""Attention metadata of a step and the backends that attention kernels plug into.
 
-The metadata is an explicit argument of the model's forward (never hidden global state). A backend
-is a function `(q, k_pool, v_pool, layer, metadata, scale) -> out`; it reads layer `layer` of
-the stacked pool (passing the whole pool, not a slice of it, keeps the pool's update in place).
+A step's tokens sit back to back in one packed row: first one token per decoding sequence (a
+bucketed number of rows), then every prompt chunk (prefill) of the step, then padding. The
+matmuls run over the whole row at once; attention runs per group, decodes and prompt chunks,
+each through its backend function, inside the same jitted call. The metadata is an explicit
+argument of the model's forward (never hidden global state).
 
-Backends: "reference" (jnp; decode steps use the decode-specialised form, which is several times
-faster on XLA CPU) and "oracle" (the plain reference for every step, for checking).
+A backend is three functions over layer `layer` of the stacked pool (passing the whole pool,
+not a slice of it, keeps the pool's update in place):
+  write_kv(k_pool, v_pool, layer, slots [T], k [T, kv_heads, dim], v) -> (k_pool, v_pool)
+  decode(q [rows, heads, dim], k_pool, v_pool, layer, meta: AttentionMetadata, scale)
+  prefill(q [tokens, heads, dim], k_pool, v_pool, layer, meta: PrefillMetadata, scale)
+
+Backends: "reference" (jnp, with an XLA scatter for the KV write; the decode-specialised form
+for decodes, which is several times faster on XLA CPU), "oracle" (the plain reference
+everywhere, for checking), "pallas" (the Pallas kernels: KV write, paged decode and ragged paged
+prefill) and "triton" (the Triton-language decode kernel through jax-triton, with the Pallas
+KV-write and prefill kernels).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels.kv_write import write_kv_pallas
 from pallas_kernels.paged_decode import paged_decode_attention_pallas
+from pallas_kernels.paged_prefill import ragged_paged_attention_pallas
 from pallas_kernels.reference import paged_attention_reference, paged_decode_attention
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
-    """Where each query token sits and which blocks each sequence reads."""
+    """A group of sequences in the padded per-sequence layout [rows, q_len]."""
 
-    positions: jax.Array     # [batch, q_len] int32, absolute position of each query token
-    slot_mapping: jax.Array  # [batch, q_len] int32, pool slot (block * block_size + offset)
-    block_tables: jax.Array  # [batch, max_blocks] int32, padding entries are block 0
-    context_lens: jax.Array  # [batch] int32, tokens in the pool after this step's writes
+    positions: jax.Array     # [rows, q_len] int32, absolute position of each query token
+    block_tables: jax.Array  # [rows, max_blocks] int32, padding entries are block 0
+    context_lens: jax.Array  # [rows] int32, tokens in the pool after this step's writes
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PackedTokens:
-    """Maps a packed prefill (every sequence's new tokens back to back in one row, so the
-    matmuls do no padding work) to the attention's per-sequence layout [seqs, q_len] and back.
+class PrefillMetadata:
+    """The step's prompt chunks: packed tokens [num_tokens] and, for the jnp reference, the
+    padded per-sequence layout [rows, q_len] with the maps between the two.
 
-    Padding tokens (past the last real one) sit at the last position of the last sequence and
-    write their K/V to the pad block.
+    Padding rows have q_len 0 and context 0; padding tokens (past the last real one) point at
+    the last real token's query slot.
     """
 
-    positions: jax.Array     # [1, num_tokens] int32, absolute position of each packed token
-    slot_mapping: jax.Array  # [1, num_tokens] int32, pool slot of each packed token
-    to_rows: jax.Array       # [seqs, q_len] int32, packed index of each attention query slot
-    to_tokens: jax.Array     # [num_tokens] int32, flat attention slot (seq * q_len + i) per token
+    attention: AttentionMetadata  # [rows, q_len] layout
+    query_start_loc: jax.Array    # [rows + 1] int32, row s owns packed tokens [qsl[s], qsl[s+1])
+    to_rows: jax.Array            # [rows, q_len] int32, packed index of each query slot
+    to_tokens: jax.Array          # [num_tokens] int32, flat query slot (row * q_len + i) per token
 
 
-AttentionFn = Callable[..., jax.Array]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepAttention:
+    """Everything attention and the KV write need for one step's packed row of T tokens."""
+
+    positions: jax.Array     # [T] int32, absolute position of each token (RoPE)
+    slot_mapping: jax.Array  # [T] int32, pool slot (block * block_size + offset) of each token
+    decode: Optional[AttentionMetadata] = None  # [rows, 1]: tokens [0, rows) of the row
+    prefill: Optional[PrefillMetadata] = None   # the tokens after the decode rows
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return 0 if self.decode is None else self.decode.context_lens.shape[0]
 
 
-def _oracle(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) -> jax.Array:
-    """The plain reference for every step shape (slow on CPU for decode; for checking)."""
-    return paged_attention_reference(
-        q, k_pool, v_pool, layer, meta.block_tables, meta.positions, meta.context_lens, scale=scale)
+class AttentionBackend(NamedTuple):
+    decode: Callable[..., jax.Array]
+    prefill: Callable[..., jax.Array]
+    write_kv: Callable[..., tuple[jax.Array, jax.Array]]
 
 
-def _reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) -> jax.Array:
-    """jnp attention: the decode-specialised form for q_len == 1 (decided at trace time), the
-    plain reference otherwise. Both are checked against dense attention in test_attention.py."""
-    if q.shape[1] == 1:
-        return paged_decode_attention(q, k_pool, v_pool, layer, meta.block_tables,
-                                      meta.positions, meta.context_lens, scale=scale)
-    return _oracle(q, k_pool, v_pool, layer, meta, scale)
+def attend(backend: AttentionBackend, q, k_pool, v_pool, layer, meta: StepAttention,
+           scale: float) -> jax.Array:
+    """q [T, heads, dim] of the packed row -> attention output [T, heads, dim]."""
+    outputs, start = [], meta.num_decode_tokens
+    if meta.decode is not None:
+        outputs.append(backend.decode(q[:start], k_pool, v_pool, layer, meta.decode, scale))
+    if meta.prefill is not None:
+        outputs.append(backend.prefill(q[start:], k_pool, v_pool, layer, meta.prefill, scale))
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=0)
 
 
-def _pallas(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float) -> jax.Array:
-    """The Pallas kernels: paged decode (Triton on GPU, interpret mode on CPU); prompt chunks
-    use the plain reference until the ragged prefill kernel lands."""
-    if q.shape[1] != 1:
-        return _oracle(q, k_pool, v_pool, layer, meta, scale)
-    out = paged_decode_attention_pallas(q[:, 0], k_pool, v_pool, layer, meta.block_tables,
-                                        meta.context_lens, scale=scale)
-    return out[:, None]
+def _decode_reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+    out = paged_decode_attention(q[:, None], k_pool, v_pool, layer, meta.block_tables,
+                                 meta.positions, meta.context_lens, scale=scale)
+    return out[:, 0]
 
 
-_BACKENDS: dict[str, AttentionFn] = {"reference": _reference, "oracle": _oracle,
-                                     "pallas": _pallas}
+def _decode_oracle(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+    out = paged_attention_reference(q[:, None], k_pool, v_pool, layer, meta.block_tables,
+                                    meta.positions, meta.context_lens, scale=scale)
+    return out[:, 0]
+
+
+def _decode_pallas(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+    return paged_decode_attention_pallas(q, k_pool, v_pool, layer, meta.block_tables,
+                                         meta.context_lens, scale=scale)
+
+
+def _decode_triton(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+    from pallas_kernels.triton_decode import paged_decode_attention_triton  # optional extra
+    return paged_decode_attention_triton(q, k_pool, v_pool, layer, meta.block_tables,
+                                         meta.context_lens, scale=scale)
+
+
+def _write_kv_xla(k_pool, v_pool, layer: int, slots, k, v):
+    """The new tokens' K/V rows into their slots: XLA scatters, in place under the step's
+    donation. Indexes (layer, block, offset) directly: a reshape of the pool here would make
+    XLA copy the whole pool at every layer."""
+    block_size = k_pool.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    return (k_pool.at[layer, blocks, offsets].set(k.astype(k_pool.dtype)),
+            v_pool.at[layer, blocks, offsets].set(v.astype(v_pool.dtype)))
+
+
+def _prefill_reference(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float):
+    """Unpacks to [rows, q_len], runs the plain reference, packs the result again."""
+    heads, dim = q.shape[1:]
+    att = meta.attention
+    out = paged_attention_reference(q[meta.to_rows], k_pool, v_pool, layer, att.block_tables,
+                                    att.positions, att.context_lens, scale=scale)
+    return out.reshape(-1, heads, dim)[meta.to_tokens]
+
+
+def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float):
+    att = meta.attention
+    return ragged_paged_attention_pallas(q, k_pool, v_pool, layer, att.block_tables,
+                                         meta.query_start_loc, att.context_lens, scale=scale)
+
+
+_BACKENDS: dict[str, AttentionBackend] = {
+    "reference": AttentionBackend(_decode_reference, _prefill_reference, _write_kv_xla),
+    "oracle": AttentionBackend(_decode_oracle, _prefill_reference, _write_kv_xla),
+    "pallas": AttentionBackend(_decode_pallas, _prefill_pallas, write_kv_pallas),
+    "triton": AttentionBackend(_decode_triton, _prefill_pallas, write_kv_pallas),
+}
 
 
 def default_attention_backend() -> str:
@@ -84,8 +153,11 @@ def default_attention_backend() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
-def get_attention_backend(name: str) -> AttentionFn:
+def get_attention_backend(name: str) -> AttentionBackend:
     if name not in _BACKENDS:
         raise ValueError(
             f"attention_backend={name!r} is not available; choose one of {sorted(_BACKENDS)}")
+    if name == "triton":
+        from pallas_kernels.triton_decode import _kernels  # raises with the install command
+        _kernels()
     return _BACKENDS[name]

@@ -59,8 +59,11 @@ class EngineConfig:
     Attributes:
       block_size: tokens per KV block.
       num_kv_blocks: blocks in the KV pool (block 0 is reserved as the padding block). None sizes
-        the pool from `kv_cache_memory_bytes`.
+        the pool from `kv_cache_memory_bytes`, else from `gpu_memory_utilization` on a GPU, else
+        (CPU) from DEFAULT_CPU_KV_BYTES.
       kv_cache_memory_bytes: memory budget for the pool when `num_kv_blocks` is None.
+      gpu_memory_utilization: fraction of the device memory JAX may use that weights, step
+        scratch and the pool may take together (vLLM's knob); GPU only.
       max_model_len: longest sequence (prompt + output) a request may reach.
       max_num_seqs: most sequences in one decode batch.
       max_num_batched_tokens: most prompt tokens prefilled in one step (longer prompts are
@@ -76,7 +79,8 @@ class EngineConfig:
 
     block_size: int = 16
     num_kv_blocks: Optional[int] = None
-    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
     max_model_len: int = 2048
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -90,6 +94,12 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be positive or None, got "
+                             f"{self.kv_cache_memory_bytes}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(
                 f"num_kv_blocks must be at least 2 (block 0 is the padding block), "

@@ -1,13 +1,15 @@
 """The engine loop. Each `step()` is the whole engine:
 
-1. schedule     the Scheduler picks a batch of prompt chunks (prefill) or one token for every
-                running sequence (decode); the BlockManager grows block tables, and preempts by
-                recompute when the pool runs dry. Host state only.
-2. batch        the ModelRunner pads the chosen sequences into bucketed NumPy arrays: token ids,
-                positions, slot mapping, block tables, context lengths, per-row sampling options.
-3. device step  one jitted call: embed -> decoder layers over the paged pool (donated, written in
-                place) -> logits at each row's last token -> sampler. Only the sampled tokens (and
-                logprobs when asked) come back to the host.
+1. schedule     the Scheduler picks one token for every running sequence (decode) and prompt
+                chunks (prefill) under a token budget; the BlockManager grows block tables, and
+                preempts by recompute when the pool runs dry. Host state only.
+2. batch        the ModelRunner lays the step's tokens out in one packed row (decode rows, then
+                prompt chunks) as bucketed NumPy arrays: token ids, positions, slot mapping,
+                block tables, context lengths, per-row sampling options.
+3. device step  one jitted call for decodes and prompt chunks together: embed -> decoder layers
+                over the paged pool (donated, written in place) -> logits at each sequence's
+                last token -> sampler. Only the sampled tokens (and logprobs when asked) come
+                back to the host.
 4. postprocess  append tokens, check eos / stop ids / stop strings / max_tokens, detokenize
                 incrementally, free finished sequences' blocks, report RequestOutputs.
 """
@@ -52,7 +54,7 @@ class Request:
 
     def output(self) -> RequestOutput:
         completions = [CompletionOutput(
-            index=seq.index, text=seq.detokenizer.output_text,
+            index=seq.index, text=seq.detokenizer.output_text if seq.detokenizer else "",
             token_ids=list(seq.output_token_ids), cumulative_logprob=seq.cumulative_logprob,
             logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
         ) for seq in self.seqs]
@@ -85,10 +87,13 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use; pick a unique id")
         self._validate_prompt(prompt_token_ids)
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer, and this engine was built without "
+                             "one (skip_tokenizer_init); use stop_token_ids instead")
         seqs = []
         for index in range(params.n):
             seed = self._seed_for(params, index)
-            detok = IncrementalDetokenizer(
+            detok = None if self.tokenizer is None else IncrementalDetokenizer(
                 self.tokenizer, prompt_token_ids, stop=params.stop or (),
                 skip_special_tokens=params.skip_special_tokens,
                 include_stop_str_in_output=params.include_stop_str_in_output)
@@ -137,19 +142,23 @@ class LLMEngine:
         if schedule.block_copies:
             self.runner.kv_cache = copy_blocks(self.runner.kv_cache, schedule.block_copies)
         touched: dict[str, Request] = {}
-        for batch in schedule.batches():
-            seqs = [item.seq for item in batch.scheduled]
+        decode, prefill = schedule.decode.scheduled, schedule.prefill.scheduled
+        if decode or prefill:
+            items = decode + prefill  # the step's row order: decodes first, then prompt chunks
+            seqs = [item.seq for item in items]
             rows = [self._sampling_row(seq) for seq in seqs]
-            step_input, flags = self.runner.prepare(batch, rows, self._logprobs_bucket(seqs))
+            step_input, flags = self.runner.prepare(decode, prefill, rows,
+                                                    self._logprobs_bucket(seqs))
             result = self.runner.execute(step_input, flags)
-            for i, item in enumerate(batch.scheduled):
+            row_of = {id(item): i for i, item in enumerate(items)}
+            for item in prefill + decode:  # prompts first: forks join the running set in order
                 seq, samples = item.seq, item.samples
                 self._count_computed(seq, item.num_new_tokens)
                 seq.num_computed_tokens += item.num_new_tokens
                 self.block_manager.mark_computed(seq)
                 if samples:
                     self._fork_siblings(seq)
-                    self._append_token(seq, result, i)
+                    self._append_token(seq, result, row_of[id(item)])
                 touched[seq.request_id] = self.requests[seq.request_id]
         outputs = [request.output() for request in touched.values()]
         for request in touched.values():
@@ -200,16 +209,18 @@ class LLMEngine:
         if seq.logprobs is not None:
             seq.logprobs.append(self._token_logprobs(seq, result, row, token))
         reason = self._stop_by_token(seq, token)
+        detok = seq.detokenizer  # None without a tokenizer: token ids only
         if reason is None:
-            seq.detokenizer.append(token)
-            if seq.detokenizer.stopped:
-                seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
+            if detok is not None:
+                detok.append(token)
+            if detok is not None and detok.stopped:
+                seq.finish_reason, seq.stop_reason = "stop", detok.stop_reason
             elif (seq.num_output_tokens >= seq.params.max_tokens
                   or seq.num_tokens >= self.config.max_model_len):
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
-            if not seq.detokenizer.stopped:
-                seq.detokenizer.flush()
+            if detok is not None and not detok.stopped:
+                detok.flush()
             self.scheduler.finish(seq)
 
     def _stop_by_token(self, seq: Sequence, token: int):
@@ -230,7 +241,9 @@ class LLMEngine:
         entry = {int(t): Logprob(float(v), rank + 1) for rank, (t, v) in enumerate(zip(ids, values))}
         entry.setdefault(token, Logprob(float(result.logprobs[row]), int(result.ranks[row])))
         for token_id, logprob in entry.items():
-            logprob.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if self.tokenizer is not None:
+                logprob.decoded_token = self.tokenizer.decode([token_id],
+                                                              skip_special_tokens=False)
         return entry
 
     def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
@@ -241,7 +254,7 @@ class LLMEngine:
             raise RuntimeError("the KV pool is busy; call prompt_logits between generate calls")
         self.block_manager.allocate(seq, len(token_ids))
         try:
-            return self.runner.prompt_logits(token_ids, seq.block_table)
+            return self.runner.prompt_logits(seq)
         finally:
             self.block_manager.free(seq)
 

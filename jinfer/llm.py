@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jinfer import compilation_cache
+from jinfer import compilation_cache, memory
 from jinfer.attention import default_attention_backend, get_attention_backend
 from jinfer.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.engine import LLMEngine
-from jinfer.kv_cache import bytes_per_block
-from jinfer.loader import load_weights, resolve_model_path
+from jinfer.kv_cache import bytes_per_block, init_kv_cache
+from jinfer.loader import load_generation_eos, load_hf_config, load_weights, resolve_model_path
 from jinfer.model import prepare_params
 from jinfer.model_runner import ModelRunner
 from jinfer.outputs import RequestOutput
@@ -29,6 +29,7 @@ from jinfer.tokenizer import Tokenizer, load_tokenizer
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024  # the pool's budget on CPU when nothing else is given
 # Chat models end a turn with one of these; stop there even when the checkpoint's eos differs.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>",
                       "<end_of_turn>")
@@ -41,58 +42,75 @@ class LLM:
     """Loads a model (None: the embedded SmolLM2-135M-Instruct) and generates from it.
 
     Args:
-      model: a Hugging Face folder, a .gguf file, or None for the default model.
+      model: a Hugging Face folder, a .gguf file, or None for the default model; with
+        load_format="dummy" also a shape name of `jinfer.model_shapes.MODEL_SHAPES`.
       dtype: "float32" | "bfloat16" | "float16" for weights, activations and the KV pool.
-      block_size, num_kv_blocks, max_model_len, max_num_seqs, max_num_batched_tokens, seed,
-      kv_cache_memory_bytes, attention_backend, enable_prefix_caching: engine knobs (see
-      `EngineConfig`).
+      load_format: "auto" (read the weights) or "dummy" (random weights of the model's shape,
+        made on device: for benchmarks without downloads, as vLLM's load_format="dummy").
+      skip_tokenizer_init: load no tokenizer; prompts must then be token ids and outputs carry
+        token ids only (the default with load_format="dummy" when the model has no tokenizer).
+      block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_model_len,
+      max_num_seqs, max_num_batched_tokens, seed, attention_backend, enable_prefix_caching:
+      engine knobs (see `EngineConfig`).
       enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
     """
 
     def __init__(self, model: Optional[str] = None, *, dtype: str = "float32",
+                 load_format: str = "auto", skip_tokenizer_init: bool = False,
                  block_size: int = 16, num_kv_blocks: Optional[int] = None,
+                 kv_cache_memory_bytes: Optional[int] = None,
+                 gpu_memory_utilization: float = 0.9,
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, seed: int = 0,
-                 kv_cache_memory_bytes: int = 512 * 1024 * 1024,
                  attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
                  enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format={load_format!r} is not supported; choose 'auto' (read "
+                             f"the weights) or 'dummy' (random weights of the model's shape)")
         if attention_backend is not None:
             get_attention_backend(attention_backend)  # a clear error before any loading
         if enable_compilation_cache:
             compilation_cache.enable()
         started = time.perf_counter()
-        path = resolve_model_path(model)
-        model_config, params, info = load_weights(path, dtype)
-        self.tokenizer: Tokenizer = (
-            load_gguf_tokenizer(path, reader=info.get("gguf_reader")) if info["format"] == "gguf"
-            else load_tokenizer(path))
+        model_config, device_params, self.tokenizer, eos_ids, source = _load(
+            model, dtype, load_format, skip_tokenizer_init, seed)
         self.model_config = model_config
         self.config = EngineConfig(
             block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
             attention_backend=attention_backend or default_attention_backend(),
             enable_prefix_caching=enable_prefix_caching)
-        num_blocks = self._num_blocks(model_config, DTYPES[dtype])
-        device_params = jax.device_put(prepare_params(params))
-        runner = ModelRunner(model_config, self.config, device_params, num_blocks, DTYPES[dtype])
+        runner = ModelRunner(model_config, self.config, device_params, 2, DTYPES[dtype])
+        num_blocks = self._num_blocks(runner, DTYPES[dtype])
+        runner.kv_cache = init_kv_cache(model_config, num_blocks, block_size, DTYPES[dtype])
         self.engine = LLMEngine(runner, self.tokenizer, self.config,
-                                self._eos_ids(info["eos_token_ids"]), num_blocks,
-                                shuffle_blocks_seed)
+                                self._eos_ids(eos_ids), num_blocks, shuffle_blocks_seed)
         self._request_counter = 0
-        logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", path, dtype,
+        logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", source, dtype,
                     time.perf_counter() - started, num_blocks - 1, block_size)
 
-    def _num_blocks(self, model_config: ModelConfig, dtype) -> int:
-        """Pool size, counting block 0 (padding); checks the pool holds one longest sequence."""
+    def _num_blocks(self, runner: ModelRunner, dtype) -> int:
+        """Pool size, counting block 0 (padding): num_kv_blocks, else kv_cache_memory_bytes,
+        else what gpu_memory_utilization leaves (measured; GPU), else DEFAULT_CPU_KV_BYTES.
+        Checks the pool holds one longest sequence."""
         config = self.config
-        per_block = bytes_per_block(model_config, config.block_size, dtype)
-        num_blocks = config.num_kv_blocks or 1 + config.kv_cache_memory_bytes // per_block
+        per_block = bytes_per_block(self.model_config, config.block_size, dtype)
         needed = -(-config.max_model_len // config.block_size)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif config.kv_cache_memory_bytes is not None:
+            num_blocks = 1 + config.kv_cache_memory_bytes // per_block
+        elif memory.device_memory() is not None:
+            num_blocks = 1 + memory.blocks_for_utilization(
+                runner, config.gpu_memory_utilization, per_block, needed)
+        else:
+            num_blocks = 1 + DEFAULT_CPU_KV_BYTES // per_block
         if num_blocks - 1 < needed:
             raise ValueError(
                 f"the KV pool ({num_blocks - 1} usable blocks of {config.block_size} tokens) "
@@ -103,6 +121,8 @@ class LLM:
 
     def _eos_ids(self, checkpoint_eos: Sequence[int]) -> set[int]:
         eos = set(checkpoint_eos)
+        if self.tokenizer is None:
+            return eos
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         for text in END_OF_TURN_TOKENS:
@@ -112,7 +132,8 @@ class LLM:
         return eos
 
     # -- public API ----------------------------------------------------------------------------
-    def get_tokenizer(self) -> Tokenizer:
+    def get_tokenizer(self) -> Optional[Tokenizer]:
+        """The model's tokenizer; None when built with skip_tokenizer_init."""
         return self.tokenizer
 
     def stats(self) -> dict:
@@ -159,6 +180,9 @@ class LLM:
              add_generation_prompt: bool = True, use_tqdm: bool = True, **template_kwargs):
         """Applies the model's chat template to one conversation (a list of {role, content}) or
         a list of conversations, then generates."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs the model's tokenizer and chat template; this LLM has "
+                             "none (skip_tokenizer_init)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(
             conv, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs)
@@ -210,6 +234,9 @@ class LLM:
         if prompt_token_ids is not None:
             ids = [list(map(int, p)) for p in prompt_token_ids]
             return [None] * len(ids), ids
+        if self.tokenizer is None:
+            raise ValueError("this LLM has no tokenizer (skip_tokenizer_init, or a dummy model "
+                             "without one): pass prompt_token_ids instead of text prompts")
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("prompts must be a string or a list of strings; pass token ids "
@@ -227,3 +254,33 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, "
                              f"or one per prompt")
         return params
+
+
+def _load(model, dtype: str, load_format: str, skip_tokenizer_init: bool, seed: int):
+    """-> (ModelConfig, device params in the run layout, tokenizer or None, checkpoint eos ids,
+    a description of the source for the log)."""
+    if load_format == "dummy":
+        from jinfer.model_shapes import MODEL_SHAPES, random_params
+        if isinstance(model, str) and model in MODEL_SHAPES:
+            config, folder = MODEL_SHAPES[model], None
+        else:
+            folder = resolve_model_path(model)
+            if not folder.is_dir():
+                raise ValueError(f"load_format='dummy' needs a model folder with config.json or "
+                                 f"one of {sorted(MODEL_SHAPES)}, got {model!r}")
+            config = load_hf_config(folder)
+        params = prepare_params(random_params(config, dtype, seed))
+        has_tokenizer = folder is not None and any(
+            (folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = (load_tokenizer(folder) if has_tokenizer and not skip_tokenizer_init
+                     else None)
+        eos = load_generation_eos(folder) if folder is not None else ()
+        return config, params, tokenizer, eos, f"random weights of {model}"
+    path = resolve_model_path(model)
+    config, params, info = load_weights(path, dtype)
+    tokenizer = None
+    if not skip_tokenizer_init:
+        tokenizer = (load_gguf_tokenizer(path, reader=info.get("gguf_reader"))
+                     if info["format"] == "gguf" else load_tokenizer(path))
+    device_params = jax.device_put(prepare_params(params))
+    return config, device_params, tokenizer, info["eos_token_ids"], str(path)

@@ -12,13 +12,11 @@ the KV pool stays one stacked array, indexed by a static layer number, updated i
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.attention import AttentionFn, AttentionMetadata, PackedTokens
+from jinfer.attention import AttentionBackend, StepAttention, attend
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import KVCache
 
@@ -42,18 +40,18 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """positions [batch, q_len] -> (cos, sin), each [batch, q_len, 1, head_dim // 2]; computed
-    once per step and shared by every layer's Q and K."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, q_len, head_dim/2]
+    """positions [T] -> (cos, sin), each [T, 1, head_dim // 2]; computed once per step and
+    shared by every layer's Q and K."""
+    angles = positions[:, None].astype(jnp.float32) * inv_freq  # [T, head_dim / 2]
     # The barrier keeps XLA from fusing cos/sin into every layer's RoPE (recomputing them per
     # head and layer: a measurable share of a CPU decode step).
     cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
-    return cos[:, :, None, :], sin[:, :, None, :]
+    return cos[:, None, :], sin[:, None, :]
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (Hugging Face layout). x: [batch, q_len, heads, head_dim];
-    cos, sin: [batch, q_len, 1, head_dim // 2] from `rope_cos_sin`."""
+    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, head_dim]; cos, sin: [T, 1,
+    head_dim // 2] from `rope_cos_sin`."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -65,42 +63,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def _write_kv(pool: jax.Array, layer: int, slots: jax.Array, new: jax.Array) -> jax.Array:
-    """Writes new K or V rows at their slots of one layer, in place.
-
-    pool: [layers, num_blocks, block_size, kv_heads, head_dim]; slots: [batch, q_len];
-    new: [batch, q_len, kv_heads, head_dim]. Indexes (layer, block, offset) directly: a reshape
-    of the pool here would make XLA copy the whole pool at every layer.
-    """
-    block_size = pool.shape[2]
-    slots = slots.reshape(-1)
-    return pool.at[layer, slots // block_size, slots % block_size].set(
-        new.reshape(-1, *pool.shape[3:]).astype(pool.dtype))
-
-
-def _attention_block(config, lp, h, layer, kv, meta, packed, attn_fn, rope):
-    """One layer's attention sublayer: norm -> QKV -> RoPE -> write K/V -> paged attention.
-
-    h: [rows, tokens, hidden]. Unpacked, rows are the attention's sequences; packed (`packed` not
-    None) h is [1, num_tokens, hidden] and only the attention sees the per-sequence layout.
-    """
-    rows, tokens, _ = h.shape
+def _attention_block(config, lp, h, layer, kv, meta: StepAttention, backend, rope):
+    """One layer's attention sublayer over the packed row h [T, hidden]: norm -> QKV -> RoPE ->
+    write K/V -> paged attention (decode rows and prompt chunks, each by its backend)."""
+    tokens = h.shape[0]
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
-    qkv = x @ lp["wqkv"]  # [rows, tokens, q_size + 2 * kv_size]
+    qkv = x @ lp["wqkv"]  # [T, q_size + 2 * kv_size]
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
-    q = apply_rope(q.reshape(rows, tokens, config.num_heads, config.head_dim), *rope)
-    k = apply_rope(k.reshape(rows, tokens, config.num_kv_heads, config.head_dim), *rope)
-    v = v.reshape(rows, tokens, config.num_kv_heads, config.head_dim)
-    slots = meta.slot_mapping if packed is None else packed.slot_mapping
-    k_pool = _write_kv(kv.k, layer, slots, k)
-    v_pool = _write_kv(kv.v, layer, slots, v)
-    if packed is not None:  # [1, tokens, heads, dim] -> [seqs, q_len, heads, dim]
-        q = q[0][packed.to_rows]
-    out = attn_fn(q, k_pool, v_pool, layer, meta, 1.0 / math.sqrt(config.head_dim))
-    if packed is not None:  # back to [1, tokens, heads, dim]
-        out = out.reshape(-1, config.num_heads, config.head_dim)[packed.to_tokens][None]
-    out = out.reshape(rows, tokens, config.q_size) @ lp["wo"]
-    return h + out, KVCache(k=k_pool, v=v_pool)
+    q = apply_rope(q.reshape(tokens, config.num_heads, config.head_dim), *rope)
+    k = apply_rope(k.reshape(tokens, config.num_kv_heads, config.head_dim), *rope)
+    v = v.reshape(tokens, config.num_kv_heads, config.head_dim)
+    k_pool, v_pool = backend.write_kv(kv.k, kv.v, layer, meta.slot_mapping, k, v)
+    out = attend(backend, q, k_pool, v_pool, layer, meta, 1.0 / math.sqrt(config.head_dim))
+    return h + out.reshape(tokens, config.q_size) @ lp["wo"], KVCache(k=k_pool, v=v_pool)
 
 
 def _mlp_block(config, lp, h):
@@ -112,26 +87,19 @@ def _mlp_block(config, lp, h):
 def forward_hidden(
     params: dict,
     kv_cache: KVCache,
-    token_ids: jax.Array,  # [batch, q_len] int32
-    meta: AttentionMetadata,
+    token_ids: jax.Array,  # [T] int32, the step's packed row
+    meta: StepAttention,
     *,
     config: ModelConfig,
-    attn_fn: AttentionFn,
-    packed: Optional[PackedTokens] = None,
+    backend: AttentionBackend,
 ) -> tuple[jax.Array, KVCache]:
-    """Runs the decoder stack; returns the final-normed hidden states [batch, q_len, hidden].
-
-    With `packed`, token_ids is [1, num_tokens]: several sequences' prompt chunks back to back,
-    so the matmuls skip the per-sequence padding; `meta` still describes the attention's
-    per-sequence layout [seqs, q_len] and `packed` maps between the two.
-    """
-    positions = meta.positions if packed is None else packed.positions
-    rope = rope_cos_sin(positions, rope_inv_freq(config))
+    """Runs the decoder stack over one packed row of tokens (decode rows, then prompt chunks);
+    returns the final-normed hidden states [T, hidden] and the updated pool."""
+    rope = rope_cos_sin(meta.positions, rope_inv_freq(config))
     h = params["embed"][token_ids]
     for layer, lp in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{layer}"):
-            h, kv_cache = _attention_block(config, lp, h, layer, kv_cache, meta, packed,
-                                           attn_fn, rope)
+            h, kv_cache = _attention_block(config, lp, h, layer, kv_cache, meta, backend, rope)
             h = _mlp_block(config, lp, h)
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
 
@@ -141,17 +109,19 @@ def prepare_params(params: dict) -> dict:
     into one `wqkv` and gate/up into one `w_gate_up` (fewer, larger matmuls).
 
     The loader stacks layers ({name: [layers, ...]}); NumPy views keep this free of copies until
-    the fused weights are concatenated.
+    the fused weights are concatenated. Device arrays (random weights made on device) stay on
+    device.
     """
     stacked = params["layers"]
+    xp = jnp if isinstance(stacked["wq"], jax.Array) else np
     layers = []
     for i in range(len(stacked["wq"])):
         layers.append({
             "attn_norm": stacked["attn_norm"][i],
-            "wqkv": np.concatenate([stacked["wq"][i], stacked["wk"][i], stacked["wv"][i]], 1),
+            "wqkv": xp.concatenate([stacked["wq"][i], stacked["wk"][i], stacked["wv"][i]], 1),
             "wo": stacked["wo"][i],
             "mlp_norm": stacked["mlp_norm"][i],
-            "w_gate_up": np.concatenate([stacked["w_gate"][i], stacked["w_up"][i]], 1),
+            "w_gate_up": xp.concatenate([stacked["w_gate"][i], stacked["w_up"][i]], 1),
             "w_down": stacked["w_down"][i],
         })
     return {**params, "layers": layers}

@@ -10,17 +10,18 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Optional
 
 import jax
 import numpy as np
 
 from jinfer import sampler as sampler_lib
-from jinfer.attention import AttentionMetadata, PackedTokens, get_attention_backend
+from jinfer.attention import (AttentionMetadata, PrefillMetadata, StepAttention,
+                              get_attention_backend)
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.kv_cache import KVCache, PAD_BLOCK, init_kv_cache
 from jinfer.model import compute_logits, forward_hidden
-from jinfer.scheduler import SchedulerOutput
+from jinfer.scheduler import ScheduledSequence
+from jinfer.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -49,28 +50,26 @@ def packed_bucket(n: int) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepInput:
-    """Everything one device step reads besides weights and pool, padded to a bucket."""
+    """Everything one device step reads besides weights and pool, padded to buckets."""
 
-    token_ids: jax.Array       # [batch, q_len] int32, or [1, num_tokens] when packed
-    attention: AttentionMetadata
-    logits_indices: jax.Array  # [batch] int32, flat index into token_ids of each row's sampled token
-    sampling: sampler_lib.SamplingMetadata
-    packed: Optional[PackedTokens] = None  # set for packed prefill (several sequences, one row)
+    token_ids: jax.Array       # [T] int32: decode rows, then prompt chunks, then padding
+    attention: StepAttention
+    logits_indices: jax.Array  # [S] int32, index into token_ids of each sampled row's token
+    sampling: sampler_lib.SamplingMetadata  # [S] rows: decodes, then prompt chunks, padding
 
 
 def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags):
     """The jitted device step: decoder stack, logits at each row's last token, sampling."""
     hidden, kv_cache = forward_hidden(
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
-        attn_fn=get_attention_backend(attention_backend), packed=step_input.packed)
-    last = hidden.reshape(-1, hidden.shape[-1])[step_input.logits_indices]  # [batch, hidden]
-    logits = compute_logits(params, last, config)  # [batch, vocab]
+        backend=get_attention_backend(attention_backend))
+    logits = compute_logits(params, hidden[step_input.logits_indices], config)  # [S, vocab]
     return sampler_lib.sample(logits, step_input.sampling, flags), kv_cache
 
 
-def _all_logits(params, kv_cache, token_ids, meta, *, config, attention_backend):
-    hidden, kv_cache = forward_hidden(params, kv_cache, token_ids, meta, config=config,
-                                      attn_fn=get_attention_backend(attention_backend))
+def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend):
+    hidden, kv_cache = forward_hidden(params, kv_cache, token_ids, attention, config=config,
+                                      backend=get_attention_backend(attention_backend))
     return compute_logits(params, hidden, config), kv_cache
 
 
@@ -106,103 +105,144 @@ class ModelRunner:
                    three_quarter_bucket(self.max_blocks_per_seq))
 
     # -- host -> device arrays ---------------------------------------------------------------
-    def _attention_arrays(self, rows, batch: int, q_len: int):
-        """rows: (block_table, start position, num_new) per sequence -> padded NumPy arrays."""
-        width = self.blocks_bucket(max(len(table) for table, _, _ in rows))
-        block_tables = np.full((batch, width), PAD_BLOCK, np.int32)    # [batch, width]
-        positions = np.zeros((batch, q_len), np.int32)                 # [batch, q_len]
-        slots = np.zeros((batch, q_len), np.int32)                     # [batch, q_len]
-        context_lens = np.zeros((batch,), np.int32)                    # [batch]
-        for i, (table, start, num_new) in enumerate(rows):
-            block_tables[i, :len(table)] = table
-            pos = np.arange(start, start + num_new, dtype=np.int32)
-            positions[i, :num_new] = pos
-            slots[i, :num_new] = block_tables[i, pos // self.block_size] * self.block_size + (
-                pos % self.block_size)
-            positions[i, num_new:] = pos[-1]  # padding queries: harmless, written to block 0
-            context_lens[i] = start + num_new
-        return AttentionMetadata(positions=positions, slot_mapping=slots,
-                                 block_tables=block_tables, context_lens=context_lens)
+    def _slot(self, table: np.ndarray, positions):
+        """Pool slot(s) of the token(s) at `positions` of a sequence with block table `table`."""
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def prepare(self, out: SchedulerOutput, sampling_rows, num_logprobs: int):
-        """SchedulerOutput -> (StepInput of NumPy arrays, sampler flags).
-
-        Prompt chunks of several sequences are packed into one row (see `PackedTokens`); decode
-        rows and single chunks keep the [batch, q_len] layout.
-        """
-        items = out.scheduled
-        batch = self.batch_bucket(len(items))
-        q_len = self.query_bucket(max(item.num_new_tokens for item in items))
-        rows, chunks = [], []
-        for item in items:
+    def _decode_arrays(self, items: list[ScheduledSequence]):
+        """One new token per sequence -> (token ids, positions, slots) [rows] and their
+        AttentionMetadata [rows, 1]; padding rows have context 0 and write to the pad block."""
+        rows = self.batch_bucket(len(items))
+        width = self.blocks_bucket(max(len(item.seq.block_table) for item in items))
+        tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
+        positions = np.zeros((rows,), np.int32)               # [rows]
+        context_lens = np.zeros((rows,), np.int32)            # [rows]
+        token_ids = np.zeros((rows,), np.int32)               # [rows]
+        for i, item in enumerate(items):
             seq, start = item.seq, item.seq.num_computed_tokens
-            chunks.append(seq.token_ids_slice(start, start + item.num_new_tokens))
-            rows.append((seq.block_table, start, item.num_new_tokens))
-        meta = self._attention_arrays(rows, batch, q_len)
-        sampling = sampler_lib.make_sampling_metadata(sampling_rows, pad_to=batch)
-        flags = sampler_lib.sampler_flags([r[0] for r in sampling_rows], num_logprobs)
-        if q_len > 1 and len(items) > 1:
-            token_ids, packed, logits_indices = self._pack(chunks, meta, batch, q_len)
-        else:
-            packed = None
-            token_ids = np.zeros((batch, q_len), np.int32)  # [batch, q_len]
-            logits_indices = np.zeros((batch,), np.int32)    # [batch]
-            for i, chunk in enumerate(chunks):
-                token_ids[i, :len(chunk)] = chunk
-                logits_indices[i] = i * q_len + len(chunk) - 1
-        step_input = StepInput(token_ids=token_ids, attention=meta,
-                               logits_indices=logits_indices, sampling=sampling, packed=packed)
-        return step_input, flags
+            assert item.num_new_tokens == 1, "decode rows carry exactly one new token"
+            tables[i, :len(seq.block_table)] = seq.block_table
+            positions[i], context_lens[i] = start, start + 1
+            token_ids[i] = seq.token_ids_slice(start, start + 1)[0]
+        slots = np.array([self._slot(table, pos) for table, pos in zip(tables, positions)],
+                         np.int32)  # [rows]
+        slots[len(items):] = PAD_BLOCK * self.block_size
+        meta = AttentionMetadata(positions=positions[:, None], block_tables=tables,
+                                 context_lens=context_lens)
+        return token_ids, positions, slots, meta
 
-    def _pack(self, chunks, meta: AttentionMetadata, batch: int, q_len: int):
-        """Lays the chunks back to back in one row -> (token_ids [1, n], PackedTokens,
-        logits_indices [batch]); `meta` holds the per-sequence layout the attention reads."""
-        lengths = [len(chunk) for chunk in chunks]
-        total = sum(lengths)
-        n = packed_bucket(total)
-        token_ids = np.zeros((1, n), np.int32)
-        to_tokens = np.full((n,), (len(chunks) - 1) * q_len + lengths[-1] - 1, np.int32)
-        to_rows = np.full((batch, q_len), total - 1, np.int32)
-        logits_indices = np.zeros((batch,), np.int32)
+    def _prefill_arrays(self, items: list[ScheduledSequence]):
+        """Prompt chunks back to back -> (token ids, positions, slots) [num_tokens] (a packed
+        bucket, so the matmuls do no per-sequence padding work) and the PrefillMetadata."""
+        chunks, tables = [], []
+        for item in items:
+            start = item.seq.num_computed_tokens
+            chunks.append((start, item.seq.token_ids_slice(start, start + item.num_new_tokens)))
+            tables.append(item.seq.block_table)
+        rows = self.batch_bucket(len(items))
+        q_len = self.query_bucket(max(len(chunk) for _, chunk in chunks))
+        total = sum(len(chunk) for _, chunk in chunks)
+        num_tokens = packed_bucket(total)
+        width = self.blocks_bucket(max(len(table) for table in tables))
+        block_tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
+        row_positions = np.zeros((rows, q_len), np.int32)           # [rows, q_len]
+        context_lens = np.zeros((rows,), np.int32)                  # [rows]
+        query_start_loc = np.full((rows + 1,), total, np.int32)     # [rows + 1]
+        to_rows = np.full((rows, q_len), total - 1, np.int32)       # [rows, q_len]
+        token_ids = np.zeros((num_tokens,), np.int32)               # [num_tokens]
+        positions = np.zeros((num_tokens,), np.int32)               # [num_tokens]
+        slots = np.full((num_tokens,), PAD_BLOCK * self.block_size, np.int32)
+        to_tokens = np.zeros((num_tokens,), np.int32)               # [num_tokens]
         offset = 0
-        for i, (chunk, length) in enumerate(zip(chunks, lengths)):
-            token_ids[0, offset:offset + length] = chunk
-            to_tokens[offset:offset + length] = i * q_len + np.arange(length)
-            to_rows[i, :length] = offset + np.arange(length)
-            offset += length
-            logits_indices[i] = offset - 1
-        # Padding tokens take the last real token's position and write to the pad block.
-        positions = meta.positions.reshape(-1)[to_tokens][None]  # [1, n]
-        slots = meta.slot_mapping.reshape(-1)[to_tokens][None]   # [1, n]
-        slots[0, total:] = PAD_BLOCK * self.block_size
-        packed = PackedTokens(positions=positions, slot_mapping=slots, to_rows=to_rows,
-                              to_tokens=to_tokens)
-        return token_ids, packed, logits_indices
+        for i, ((start, chunk), table) in enumerate(zip(chunks, tables)):
+            n, span = len(chunk), slice(offset, offset + len(chunk))
+            block_tables[i, :len(table)] = table
+            pos = np.arange(start, start + n, dtype=np.int32)
+            row_positions[i, :n], row_positions[i, n:] = pos, pos[-1]
+            context_lens[i], query_start_loc[i] = start + n, offset
+            to_rows[i, :n] = np.arange(offset, offset + n)
+            token_ids[span], positions[span] = chunk, pos
+            slots[span] = self._slot(block_tables[i], pos)
+            to_tokens[span] = i * q_len + np.arange(n)
+            offset += n
+        # Padding tokens take the last real token's position and query slot; they write to the
+        # pad block.
+        positions[total:], to_tokens[total:] = positions[total - 1], to_tokens[total - 1]
+        meta = PrefillMetadata(
+            attention=AttentionMetadata(positions=row_positions, block_tables=block_tables,
+                                        context_lens=context_lens),
+            query_start_loc=query_start_loc, to_rows=to_rows, to_tokens=to_tokens)
+        ends = np.append(query_start_loc[1:len(items)], total)  # [len(items)]
+        return token_ids, positions, slots, meta, ends - 1
+
+    def prepare(self, decode: list[ScheduledSequence], prefill: list[ScheduledSequence],
+                sampling_rows, num_logprobs: int):
+        """One step's work -> (StepInput of NumPy arrays, sampler flags).
+
+        The packed row holds the decode rows first, then the prompt chunks; `sampling_rows`
+        (one per sequence, in that order) become the sampler's rows.
+        """
+        assert decode or prefill, "an empty step"
+        parts, decode_meta, prefill_meta = [], None, None
+        last_tokens = []  # packed index of each sequence's last new token
+        if decode:
+            *arrays, decode_meta = self._decode_arrays(decode)
+            parts.append(arrays)
+            last_tokens += range(len(decode))
+        if prefill:
+            *arrays, prefill_meta, ends = self._prefill_arrays(prefill)
+            last_tokens += list(ends + (len(parts[0][0]) if parts else 0))
+            parts.append(arrays)
+        token_ids, positions, slots = (np.concatenate(column) for column in zip(*parts))
+        num_rows = self.batch_bucket(len(last_tokens))
+        logits_indices = np.zeros((num_rows,), np.int32)  # [S]
+        logits_indices[:len(last_tokens)] = last_tokens
+        attention = StepAttention(positions=positions, slot_mapping=slots, decode=decode_meta,
+                                  prefill=prefill_meta)
+        sampling = sampler_lib.make_sampling_metadata(sampling_rows, pad_to=num_rows)
+        flags = sampler_lib.sampler_flags([r[0] for r in sampling_rows], num_logprobs)
+        return StepInput(token_ids=token_ids, attention=attention, logits_indices=logits_indices,
+                         sampling=sampling), flags
 
     # -- device ------------------------------------------------------------------------------
     def execute(self, step_input: StepInput, flags) -> sampler_lib.SamplerOutput:
         """Runs one step; returns the sampler's output as NumPy (the only device->host copy)."""
-        meta = step_input.attention
-        key = (step_input.token_ids.shape, meta.positions.shape, meta.block_tables.shape[1], flags)
+        key = (_shapes(step_input), flags)
         started = time.perf_counter()
         result, self.kv_cache = self._step_fn(self.params, self.kv_cache, step_input, flags=flags)
         result = jax.device_get(result)
         if key not in self._compiled_shapes:
             self._compiled_shapes.add(key)
-            logger.info("compiled step for tokens %s, attention rows x q_len %s, %d blocks, %s "
-                        "in %.2f s", *key, time.perf_counter() - started)
+            logger.info("compiled a step for %s in %.2f s", _describe(step_input),
+                        time.perf_counter() - started)
         return result
 
-    def prompt_logits(self, token_ids: list[int], block_table: list[int]) -> np.ndarray:
+    def prompt_logits(self, seq: Sequence) -> np.ndarray:
         """Logits at every prompt position [len, vocab], computed through the paged pool.
 
         For parity tests and scoring: one sequence, prefilled in a single step into the blocks
-        of `block_table` (which the caller owns).
+        of its block table (which the caller owns).
         """
-        n = len(token_ids)
-        q_len = self.query_bucket(n)
-        ids = np.zeros((1, q_len), np.int32)
-        ids[0, :n] = token_ids
-        meta = self._attention_arrays([(block_table, 0, n)], 1, q_len)
-        logits, self.kv_cache = self._logits_fn(self.params, self.kv_cache, ids, meta)
-        return np.asarray(logits[0, :n])
+        n = seq.num_prompt_tokens
+        token_ids, positions, slots, meta, _ = self._prefill_arrays([ScheduledSequence(seq, n)])
+        attention = StepAttention(positions=positions, slot_mapping=slots, prefill=meta)
+        logits, self.kv_cache = self._logits_fn(self.params, self.kv_cache, token_ids, attention)
+        return np.asarray(logits[:n])
+
+
+def _shapes(step_input: StepInput) -> tuple:
+    """Hashable (structure, shapes) of a step input: equal keys share one compiled program."""
+    leaves, treedef = jax.tree.flatten(step_input)
+    return str(treedef), tuple(np.shape(leaf) for leaf in leaves)
+
+
+def _describe(step_input: StepInput) -> str:
+    """The shape buckets of a step, for the compile log line."""
+    att, parts = step_input.attention, [f"{step_input.token_ids.shape[0]} tokens"]
+    if att.decode is not None:
+        parts.append("decode rows x blocks %s" % (att.decode.block_tables.shape,))
+    if att.prefill is not None:
+        parts.append("prompt rows x q_len %s, %d blocks" % (
+            att.prefill.attention.positions.shape, att.prefill.attention.block_tables.shape[1]))
+    parts.append(f"{step_input.logits_indices.shape[0]} sampled rows")
+    return ", ".join(parts)

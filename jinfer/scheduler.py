@@ -50,9 +50,6 @@ class Schedule:
     def is_empty(self) -> bool:
         return self.prefill.is_empty and self.decode.is_empty
 
-    def batches(self) -> list[SchedulerOutput]:
-        return [b for b in (self.prefill, self.decode) if not b.is_empty]
-
 
 class Scheduler:
     """Continuous batching: running sequences first (decodes, unfinished prompt chunks), then

@@ -4,6 +4,9 @@
 lowering on GPU, `interpret=True` on CPU) plug in behind `jinfer.attention`.
 """
 
-from pallas_kernels.reference import gather_pages, paged_attention_reference
+from pallas_kernels.paged_prefill import ragged_paged_attention_pallas
+from pallas_kernels.reference import (gather_pages, paged_attention_reference,
+                                      ragged_paged_attention_reference)
 
-__all__ = ["gather_pages", "paged_attention_reference"]
+__all__ = ["gather_pages", "paged_attention_reference", "ragged_paged_attention_pallas",
+           "ragged_paged_attention_reference"]

@@ -114,3 +114,36 @@ def paged_decode_attention(
     out = jnp.einsum("bkgjd,kj->bkgd", spread.reshape(batch, kv_heads, group, kv_heads, head_dim),
                      own.astype(jnp.float32))  # keep each head's own KV head slice
     return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,                # [num_tokens, num_heads, head_dim], sequences back to back
+    k_pool: jax.Array,           # [layers, num_blocks, block_size, kv_heads, head_dim]
+    v_pool: jax.Array,           # [layers, num_blocks, block_size, kv_heads, head_dim]
+    layer,                       # int or int32 scalar
+    block_tables: jax.Array,     # [num_seqs, max_blocks] int32
+    query_start_loc: jax.Array,  # [num_seqs + 1] int32: seq s owns q[qsl[s]:qsl[s + 1]]
+    context_lens: jax.Array,     # [num_seqs] int32, tokens in the pool per seq (incl. new)
+    *,
+    scale: float,
+) -> jax.Array:                  # [num_tokens, num_heads, head_dim]
+    """The packed (ragged) layout of `paged_attention_reference`, for testing the kernel.
+
+    Unpacks q into [num_seqs, num_tokens, ...] (every sequence padded to the whole packed
+    length: memory is no concern here), gives query i of sequence s the position
+    context_lens[s] - q_len_s + i (padding queries -1: they see nothing), runs the padded
+    reference and packs the rows back. Rows past query_start_loc[-1] are zeros.
+    """
+    num_tokens = q.shape[0]
+    starts, ends = query_start_loc[:-1], query_start_loc[1:]  # [num_seqs]
+    i = jnp.arange(num_tokens, dtype=jnp.int32)
+    own = i[None, :] < (ends - starts)[:, None]  # [num_seqs, num_tokens]
+    rows = jnp.clip(starts[:, None] + i[None, :], 0, num_tokens - 1)
+    positions = jnp.where(own, (context_lens - (ends - starts))[:, None] + i[None, :], -1)
+    out = paged_attention_reference(q[rows], k_pool, v_pool, layer, block_tables, positions,
+                                    context_lens, scale=scale)  # [num_seqs, num_tokens, ...]
+    seq = jnp.searchsorted(ends, i, side="right")  # the sequence owning packed row i
+    live = seq < starts.shape[0]
+    seq = jnp.minimum(seq, starts.shape[0] - 1)
+    packed = out[seq, jnp.clip(i - starts[seq], 0, num_tokens - 1)]
+    return jnp.where(live[:, None, None], packed, 0).astype(q.dtype)

@@ -1,8 +1,9 @@
-"""Every attention path against dense NumPy attention on random paged data, and packed prefill
-against the per-sequence layout through the whole model."""
+"""Every attention path against dense NumPy attention on random paged data, and a mixed step
+(decode rows and prompt chunks in one packed row) against separate steps through the model."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -10,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.attention import AttentionMetadata, get_attention_backend
+from jinfer.attention import AttentionMetadata, PrefillMetadata, get_attention_backend
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.model import forward_hidden, prepare_params
 from jinfer.model_runner import ModelRunner
+from jinfer.sampling_params import SamplingParams
+from jinfer.scheduler import ScheduledSequence
+from jinfer.sequence import Sequence
 from pallas_kernels.reference import paged_attention_reference, paged_decode_attention
 
 POISON = 1e4  # stale pool slots: finite (as in the engine) but large enough to show any leak
@@ -33,9 +37,9 @@ def dense_attention(q, k, v, positions, scale):
     return np.einsum("hqt,thd->qhd", probs, v)
 
 
-def make_case(rng, block_size, heads, kv_heads, seqs, q_len, num_rows):
+def make_case(rng, block_size, heads, kv_heads, seqs, q_len, num_rows, dim=8):
     """Random sequences (start, num_new) in a shuffled, poisoned pool; rows past `seqs` pad."""
-    dim, width = 8, max(2, -(-(q_len + 12) // block_size))  # room for a prefix
+    width = max(2, -(-(q_len + 12) // block_size))  # room for a prefix
     num_blocks = 1 + seqs * width
     shape = (LAYERS, num_blocks, block_size, kv_heads, dim)
     k_pool = np.full(shape, POISON, np.float32)
@@ -95,50 +99,99 @@ def test_decode_path_matches_dense_and_reference(block_size, heads):
     np.testing.assert_allclose(out, paged_attention_reference(*args, scale=0.3), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "oracle"])
+def pack_prefill(q, tables, positions, lens, contexts):
+    """The make_case rows as a packed prompt-chunk group: (q [tokens, heads, dim],
+    PrefillMetadata) with the per-sequence layout the jnp reference reads."""
+    num_rows, q_len = positions.shape
+    lengths = [num_new for _, _, num_new in contexts] + [0] * (num_rows - len(contexts))
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # [rows + 1]
+    total = int(starts[-1])
+    to_rows = np.full((num_rows, q_len), total - 1, np.int32)
+    to_tokens = np.zeros((total + 3,), np.int32)  # 3 padding tokens at the end
+    for i, n in enumerate(lengths):
+        to_rows[i, :n] = starts[i] + np.arange(n)
+        to_tokens[starts[i]:starts[i] + n] = i * q_len + np.arange(n)
+    to_tokens[total:] = to_tokens[total - 1]
+    meta = PrefillMetadata(
+        attention=AttentionMetadata(positions=positions, block_tables=tables,
+                                    context_lens=lens),
+        query_start_loc=starts, to_rows=to_rows, to_tokens=to_tokens)
+    return q.reshape(-1, *q.shape[2:])[to_tokens], meta
+
+
+@pytest.mark.parametrize("backend", ["reference", "oracle", "pallas"])
 @pytest.mark.parametrize("q_len", [1, 7])
 def test_backends_match_dense(backend, q_len):
+    """Each backend's decode (q_len 1) and prompt-chunk paths against dense attention."""
     rng = np.random.default_rng(q_len)
     q, k_pool, v_pool, tables, positions, lens, contexts = make_case(
-        rng, 16, 6, 2, seqs=3, q_len=q_len, num_rows=4)
-    meta = AttentionMetadata(positions=positions, slot_mapping=np.zeros_like(positions),
-                             block_tables=tables, context_lens=lens)
-    fn = jax.jit(get_attention_backend(backend), static_argnums=(3, 5))
-    check(fn(q, k_pool, v_pool, LAYER, meta, 0.3), q, positions, contexts, 0.3)
+        rng, 16, 6, 2, seqs=3, q_len=q_len, num_rows=4, dim=16)
+    impl = get_attention_backend(backend)
+    if q_len == 1:
+        meta = AttentionMetadata(positions=positions, block_tables=tables, context_lens=lens)
+        out = jax.jit(impl.decode, static_argnums=(3, 5))(q[:, 0], k_pool, v_pool, LAYER, meta,
+                                                          0.3)
+        check(np.asarray(out)[:, None], q, positions, contexts, 0.3)
+        return
+    packed_q, meta = pack_prefill(q, tables, positions, lens, contexts)
+    out = np.asarray(jax.jit(impl.prefill, static_argnums=(3, 5))(
+        packed_q, k_pool, v_pool, LAYER, meta, 0.3))
+    assert np.isfinite(out).all()
+    for i, (k, v, num_new) in enumerate(contexts):
+        start = meta.query_start_loc[i]
+        expected = dense_attention(q[i, :num_new], k, v, positions[i, :num_new], 0.3)
+        np.testing.assert_allclose(out[start:start + num_new], expected, rtol=2e-5, atol=2e-5)
 
 
-def test_packed_prefill_matches_per_sequence_layout():
-    """The model's packed prefill (one row of back-to-back chunks) == the padded layout."""
+def tiny_runner(num_blocks=40):
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)
     rng = np.random.default_rng(0)
-    w = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)
+    w = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
     layers = dict(attn_norm=1 + w(2, 32), wq=w(2, 32, 32), wk=w(2, 32, 16), wv=w(2, 32, 16),
                   wo=w(2, 32, 32), mlp_norm=1 + w(2, 32), w_gate=w(2, 32, 48),
                   w_up=w(2, 32, 48), w_down=w(2, 48, 32))
     params = prepare_params({"embed": w(64, 32), "layers": layers, "final_norm": 1 + w(32)})
-    runner = ModelRunner(config, EngineConfig(block_size=4, max_model_len=64), params, 40,
-                         jnp.float32)
-    prompts = [list(rng.integers(0, 64, n)) for n in (5, 11, 3)]
-    tables = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
-    # Chunked prefill: the second sequence already has 4 tokens in the pool (a prefix).
-    runner.prompt_logits(prompts[1][:4], tables[1])
-    rows = [(t, c, len(p) - c) for p, t, c in zip(prompts, tables, (0, 4, 0))]
-    meta = runner._attention_arrays(rows, 4, 16)
-    chunks = [p[c:] for p, c in zip(prompts, (0, 4, 0))]
-    ids, packed, last = runner._pack(chunks, meta, 4, 16)
-    attn = get_attention_backend("reference")
-    kv = runner.kv_cache
-    hidden_packed, kv_packed = forward_hidden(params, kv, ids, meta, config=config, attn_fn=attn,
-                                              packed=packed)
-    padded = np.zeros((4, 16), np.int32)
-    for i, chunk in enumerate(chunks):
-        padded[i, :len(chunk)] = chunk
-    hidden, kv_padded = forward_hidden(params, kv, padded, meta, config=config, attn_fn=attn)
-    for i, chunk in enumerate(chunks):
-        np.testing.assert_allclose(np.asarray(hidden_packed)[0, packed.to_rows[i, :len(chunk)]],
-                                   np.asarray(hidden)[i, :len(chunk)], rtol=1e-5, atol=1e-5)
-    used = [b for t in tables for b in t]  # the pad block (0) differs: only real blocks compare
-    np.testing.assert_allclose(np.asarray(kv_packed.k)[:, used], np.asarray(kv_padded.k)[:, used],
-                               rtol=1e-5, atol=1e-5)
-    assert list(last[:3]) == list(np.cumsum([len(c) for c in chunks]) - 1)
+    return ModelRunner(config, EngineConfig(block_size=4, max_model_len=64), params,
+                       num_blocks, jnp.float32)
+
+
+def make_seq(seq_id, tokens, table, computed):
+    seq = Sequence(seq_id, str(seq_id), 0, tokens, SamplingParams(), seed=0, detokenizer=None)
+    seq.block_table, seq.num_computed_tokens = table, computed
+    return seq
+
+
+def run(runner, decode, prefill):
+    step_input, _ = runner.prepare(decode, prefill, [], 0)
+    hidden, runner.kv_cache = jax.jit(functools.partial(
+        forward_hidden, config=runner.model_config, backend=get_attention_backend("reference")))(
+        runner.params, runner.kv_cache, step_input.token_ids, step_input.attention)
+    return np.asarray(hidden)[step_input.logits_indices[:len(decode) + len(prefill)]]
+
+
+def test_mixed_step_matches_separate_steps():
+    """Decode rows and prompt chunks (one with a cached prefix) in one packed step give the
+    same last hidden states and pool contents as a decode-only and a prefill-only step."""
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 64, n)) for n in (9, 6, 5, 11, 3)]
+    tables = [[1, 2, 3], [4, 5], [6, 7], [8, 9, 10], [11]]
+    results = []
+    for mixed in (True, False):
+        runner = tiny_runner()
+        # Sequences 0 and 1 have all but their last token in the pool; 3 has a 4-token prefix.
+        for i, computed in ((0, 8), (1, 5), (3, 4)):
+            runner.prompt_logits(make_seq(i, prompts[i][:computed], tables[i], 0))
+        seqs = [make_seq(i, p, t, c) for i, (p, t, c) in
+                enumerate(zip(prompts, tables, (8, 5, 0, 4, 0)))]
+        decode = [ScheduledSequence(s, 1) for s in seqs[:2]]
+        prefill = [ScheduledSequence(s, s.num_tokens - s.num_computed_tokens) for s in seqs[2:]]
+        if mixed:
+            hidden = run(runner, decode, prefill)
+        else:
+            hidden = np.concatenate([run(runner, decode, []), run(runner, [], prefill)])
+        used = [b for t in tables for b in t]  # the pad block (0) differs: only real blocks
+        results.append((hidden, np.asarray(runner.kv_cache.k)[:, used],
+                        np.asarray(runner.kv_cache.v)[:, used]))
+    for mixed, separate in zip(*results):
+        np.testing.assert_allclose(mixed, separate, rtol=1e-5, atol=1e-5)

@@ -245,3 +245,39 @@ def test_half_precision_logits_track_float32(tiny_model_dir, llm, dtype, toleran
     out = half.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=4),
                         use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 4 or out.finish_reason == "stop"
+
+
+def test_decodes_and_prompt_chunks_share_one_device_call(llm):
+    """A prompt arriving while another sequence decodes is computed in the same jitted call as
+    that decode, and both give the tokens they give alone."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    tok = llm.get_tokenizer()
+    alone = [o.outputs[0].token_ids
+             for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)]  # batched, same step
+    engine, runner = llm.engine, llm.engine.runner
+    calls = []
+    execute = runner.execute
+
+    def spy(step_input, flags):
+        calls.append(step_input.attention)
+        return execute(step_input, flags)
+
+    runner.execute = spy
+    try:
+        engine.add_request("first", None, tok.encode(PROMPTS[0]), params)
+        engine.step()
+        engine.step()  # "first" decodes now
+        engine.add_request("second", None, tok.encode(PROMPTS[1]), params)
+        calls.clear()
+        engine.step()
+        assert len(calls) == 1
+        assert calls[0].decode is not None and calls[0].prefill is not None
+        outputs = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.outputs[0].token_ids
+    finally:
+        runner.execute = execute
+    assert [outputs["first"], outputs["second"]] == alone
+    assert_pool_whole(llm)

@@ -19,13 +19,12 @@ def run_step(scheduler: Scheduler) -> dict[int, int]:
     Returns {seq_id: new tokens computed}."""
     schedule = scheduler.schedule()
     computed = {}
-    for batch in schedule.batches():
-        for item in batch.scheduled:
-            samples = item.samples
-            item.seq.num_computed_tokens += item.num_new_tokens
-            if samples:
-                item.seq.output_token_ids.append(7)
-            computed[item.seq.seq_id] = item.num_new_tokens
+    for item in schedule.prefill.scheduled + schedule.decode.scheduled:
+        samples = item.samples
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if samples:
+            item.seq.output_token_ids.append(7)
+        computed[item.seq.seq_id] = item.num_new_tokens
     return computed
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU half of CI in one command: the kernel tests (Triton lowering), the engine tests on the
+# Pallas backend, then the benchmarks, each writing its log / JSON under OUT_DIR.
+#
+#   bash scripts/gpu_suite.sh OUT_DIR [tests|bench|all]
+#
+# Needs a GPU build of JAX; pytest-xdist speeds the tests up when installed. The Triton-language
+# backend runs where jax-triton imports (pip install "jinfer[triton]"), and is skipped otherwise.
+set -u
+out=${1:?usage: gpu_suite.sh OUT_DIR [tests|bench|all]}
+what=${2:-all}
+mkdir -p "$out"
+status=0
+workers=()
+python -c "import xdist" 2>/dev/null && workers=(-n 6)
+
+if [[ $what == tests || $what == all ]]; then
+  python -m pytest -q "${workers[@]}" -rs tests/test_pallas_decode.py tests/test_paged_prefill.py \
+      tests/test_kv_write.py tests/test_triton_decode.py tests/test_attention.py \
+      tests/test_engine.py tests/test_batch_invariance.py tests/test_beam_search.py \
+      > "$out/pytest_gpu.log" 2>&1 || status=1
+  tail -n 25 "$out/pytest_gpu.log"
+fi
+
+if [[ $what == bench || $what == all ]]; then
+  python scripts/bench_attention.py --out "$out/bench_attention.json" \
+      > "$out/bench_attention.md" 2>&1 || status=1
+  python scripts/bench_prefill.py --out "$out/bench_prefill.json" \
+      > "$out/bench_prefill.md" 2>&1 || status=1
+  python scripts/bench_kv_write.py --out "$out/bench_kv_write.json" \
+      > "$out/bench_kv_write.md" 2>&1 || status=1
+  for backend in pallas reference; do
+    python scripts/bench_step.py --dtype bfloat16 --batch 1 16 64 --context 512 \
+        --attention-backend "$backend" --out "$out/bench_step_$backend.json" \
+        > "$out/bench_step_$backend.log" 2>&1 || status=1
+  done
+  tail -n 40 "$out"/bench_*.md
+fi
+exit $status

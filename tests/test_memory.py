@@ -1,0 +1,59 @@
+"""KV pool sizing from device memory (gpu_memory_utilization), on CPU with a faked allocator:
+the arithmetic, the measured step scratch, and the error when the model does not fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from jinfer import LLM, memory
+from jinfer.kv_cache import bytes_per_block
+
+GiB = 2**30
+
+
+def fake_device(monkeypatch, limit: int, in_use: int):
+    monkeypatch.setattr(memory, "device_memory", lambda: (limit, in_use))
+
+
+def test_step_scratch_is_measured_and_grows_with_the_token_budget(tiny_model_dir):
+    small = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, max_num_seqs=1,
+                max_num_batched_tokens=32, enable_compilation_cache=False)
+    large = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, max_num_seqs=1,
+                max_num_batched_tokens=192, enable_compilation_cache=False)
+    small_bytes = memory.step_temp_bytes(small.engine.runner)
+    large_bytes = memory.step_temp_bytes(large.engine.runner)
+    assert 0 < small_bytes < large_bytes
+
+
+def test_pool_takes_what_utilization_leaves(tiny_model_dir, monkeypatch):
+    limit, in_use = 1 * GiB, 100 * 2**20
+    fake_device(monkeypatch, limit, in_use)
+    temps = []
+    real = memory.step_temp_bytes
+    monkeypatch.setattr(memory, "step_temp_bytes", lambda runner: temps.append(real(runner))
+                        or temps[-1])
+    llm = LLM(str(tiny_model_dir), max_model_len=128, gpu_memory_utilization=0.5,
+              enable_compilation_cache=False)
+    per_block = bytes_per_block(llm.model_config, 16, llm.engine.runner.kv_cache.k.dtype)
+    expected = (int(0.5 * limit) - in_use - temps[0]) // per_block - 1
+    assert llm.stats()["num_total_blocks"] == expected
+    out = llm.generate("hello", use_tqdm=False)[0].outputs[0]
+    assert out.token_ids
+
+
+def test_model_that_does_not_fit_says_what_is_needed(tiny_model_dir, monkeypatch):
+    fake_device(monkeypatch, 64 * 2**20, 60 * 2**20)
+    with pytest.raises(ValueError, match="does not fit.*gpu_memory_utilization=0.9.*max_model_len"):
+        LLM(str(tiny_model_dir), max_model_len=256, enable_compilation_cache=False)
+
+
+def test_explicit_sizes_win_over_utilization(tiny_model_dir, monkeypatch):
+    fake_device(monkeypatch, 1 * GiB, 0)
+    llm = LLM(str(tiny_model_dir), max_model_len=128, num_kv_blocks=40,
+              enable_compilation_cache=False)
+    assert llm.stats()["num_total_blocks"] == 39
+
+
+def test_bad_utilization_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(str(tiny_model_dir), gpu_memory_utilization=1.5, enable_compilation_cache=False)
