@@ -285,6 +285,10 @@ class BlockManager:
         last = min(self.blocks_needed(num_tokens), len(seq.block_table))
         return [i for i in range(first, last) if self.ref_counts[seq.block_table[i]] > 1]
 
+    def shares_write_range(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether computing tokens [num_computed, num_tokens) would write a shared block."""
+        return bool(self._shared_in_write_range(seq, num_tokens))
+
     def can_append_slots(self, seq: Sequence, num_tokens: Optional[int] = None) -> bool:
         """Whether `append_slots(seq, num_tokens)` would succeed (default: all of seq's tokens)."""
         n = seq.num_tokens if num_tokens is None else num_tokens

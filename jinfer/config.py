@@ -73,6 +73,9 @@ class EngineConfig:
         default on CPU) or "oracle" (the plain reference everywhere, for checking).
       enable_prefix_caching: share the blocks of equal prompt prefixes (hash chain over full
         blocks) and skip their prefill.
+      num_scheduler_steps: decode steps one device call may run back to back when only decodes
+        run (vLLM's multi-step scheduling): the host syncs, schedules and detokenizes once per
+        call instead of once per token. 1 switches it off.
       preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a
         victim again for this many steps while another sequence could give way.
     """
@@ -87,10 +90,12 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "reference"
     preemption_grace_steps: int = 8
+    num_scheduler_steps: int = 1
     enable_prefix_caching: bool = True
 
     def __post_init__(self):
-        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "num_scheduler_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

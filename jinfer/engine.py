@@ -20,6 +20,7 @@ import itertools
 import logging
 from typing import Optional, Sequence as Seq
 
+import jax
 import numpy as np
 
 from jinfer.block_manager import BlockManager
@@ -143,28 +144,84 @@ class LLMEngine:
             self.runner.kv_cache = copy_blocks(self.runner.kv_cache, schedule.block_copies)
         touched: dict[str, Request] = {}
         decode, prefill = schedule.decode.scheduled, schedule.prefill.scheduled
-        if decode or prefill:
-            items = decode + prefill  # the step's row order: decodes first, then prompt chunks
-            seqs = [item.seq for item in items]
-            rows = [self._sampling_row(seq) for seq in seqs]
-            step_input, flags = self.runner.prepare(decode, prefill, rows,
-                                                    self._logprobs_bucket(seqs))
-            result = self.runner.execute(step_input, flags)
-            row_of = {id(item): i for i, item in enumerate(items)}
-            for item in prefill + decode:  # prompts first: forks join the running set in order
-                seq, samples = item.seq, item.samples
-                self._count_computed(seq, item.num_new_tokens)
-                seq.num_computed_tokens += item.num_new_tokens
-                self.block_manager.mark_computed(seq)
-                if samples:
-                    self._fork_siblings(seq)
-                    self._append_token(seq, result, row_of[id(item)])
-                touched[seq.request_id] = self.requests[seq.request_id]
+        num_steps = self._num_decode_steps(decode, prefill)
+        if num_steps > 1:
+            self._run_decode_steps(decode, num_steps, touched)
+        elif decode or prefill:
+            self._run_step(decode, prefill, touched)
         outputs = [request.output() for request in touched.values()]
         for request in touched.values():
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _run_step(self, decode, prefill, touched: dict) -> None:
+        """One device call for the step's decode rows and prompt chunks together."""
+        items = decode + prefill  # the step's row order: decodes first, then prompt chunks
+        seqs = [item.seq for item in items]
+        rows = [self._sampling_row(seq) for seq in seqs]
+        step_input, flags = self.runner.prepare(decode, prefill, rows,
+                                                self._logprobs_bucket(seqs))
+        result = self.runner.execute(step_input, flags)
+        row_of = {id(item): i for i, item in enumerate(items)}
+        for item in prefill + decode:  # prompts first: forks join the running set in order
+            seq, samples = item.seq, item.samples
+            self._advance(seq, item.num_new_tokens)
+            if samples:
+                self._fork_siblings(seq)
+                self._append_token(seq, result, row_of[id(item)])
+            touched[seq.request_id] = self.requests[seq.request_id]
+
+    def _num_decode_steps(self, decode, prefill) -> int:
+        """How many decode steps the next device call may run back to back (multi-step
+        scheduling): num_scheduler_steps when only decodes run, nobody waits for admission,
+        no row needs the host between tokens (penalties read the growing output, min_tokens
+        bans change) and the pool has the slots; else 1. Trimmed to a power of two covering
+        the most tokens any row still wants, so short tails compile few variants."""
+        limit = self.config.num_scheduler_steps
+        if limit == 1 or prefill or not decode or self.scheduler.waiting:
+            return 1
+        wanted = 1
+        for item in decode:
+            seq, params = item.seq, item.seq.params
+            if (params.has_penalties or seq.num_output_tokens < params.min_tokens
+                    or seq.num_computed_tokens + limit > self.config.max_model_len):
+                return 1
+            wanted = max(wanted, params.max_tokens - seq.num_output_tokens)
+        num_steps = min(limit, 1 << (wanted - 1).bit_length())
+        new_blocks = sum(self.block_manager.num_new_blocks(
+            item.seq, item.seq.num_computed_tokens + num_steps) for item in decode)
+        shared = any(self.block_manager.shares_write_range(
+            item.seq, item.seq.num_computed_tokens + num_steps) for item in decode)
+        if shared or new_blocks > self.block_manager.num_free_blocks:
+            return 1
+        return num_steps
+
+    def _run_decode_steps(self, decode, num_steps: int, touched: dict) -> None:
+        """`num_steps` decode steps in one device call; tokens past a row's finish are
+        discarded (their slots go back with the row's blocks)."""
+        for item in decode:  # slots for the tokens the later steps write
+            seq = item.seq
+            copies = self.block_manager.append_slots(seq, seq.num_computed_tokens + num_steps)
+            assert not copies, "shared blocks in the write range are excluded beforehand"
+        seqs = [item.seq for item in decode]
+        rows = [self._sampling_row(seq) for seq in seqs]
+        step_input, flags = self.runner.prepare(decode, [], rows, self._logprobs_bucket(seqs))
+        results = self.runner.execute_decode_steps(step_input, flags, num_steps)
+        for step in range(num_steps):
+            result = jax.tree.map(lambda a: a[step], results)  # noqa: B023
+            for row, seq in enumerate(seqs):
+                if seq.is_finished:
+                    continue
+                self._advance(seq, 1)
+                self._append_token(seq, result, row)
+                touched[seq.request_id] = self.requests[seq.request_id]
+
+    def _advance(self, seq: Sequence, num_new: int) -> None:
+        """Counts `num_new` freshly computed tokens of `seq` and registers its full blocks."""
+        self._count_computed(seq, num_new)
+        seq.num_computed_tokens += num_new
+        self.block_manager.mark_computed(seq)
 
     def _count_computed(self, seq: Sequence, num_new: int) -> None:
         start = seq.num_computed_tokens

@@ -50,8 +50,9 @@ class LLM:
       skip_tokenizer_init: load no tokenizer; prompts must then be token ids and outputs carry
         token ids only (the default with load_format="dummy" when the model has no tokenizer).
       block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_model_len,
-      max_num_seqs, max_num_batched_tokens, seed, attention_backend, enable_prefix_caching:
-      engine knobs (see `EngineConfig`).
+      max_num_seqs, max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
+      num_scheduler_steps (None: `default_scheduler_steps()`): engine knobs (see
+      `EngineConfig`).
       enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
     """
 
@@ -63,7 +64,7 @@ class LLM:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
-                 enable_compilation_cache: bool = True,
+                 num_scheduler_steps: Optional[int] = None, enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
@@ -85,7 +86,8 @@ class LLM:
             max_model_len=max_model_len or min(model_config.max_position_embeddings, 8192),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
             attention_backend=attention_backend or default_attention_backend(),
-            enable_prefix_caching=enable_prefix_caching)
+            enable_prefix_caching=enable_prefix_caching,
+            num_scheduler_steps=num_scheduler_steps or default_scheduler_steps())
         runner = ModelRunner(model_config, self.config, device_params, 2, DTYPES[dtype])
         num_blocks = self._num_blocks(runner, DTYPES[dtype])
         runner.kv_cache = init_kv_cache(model_config, num_blocks, block_size, DTYPES[dtype])
@@ -254,6 +256,12 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, "
                              f"or one per prompt")
         return params
+
+
+def default_scheduler_steps() -> int:
+    """Decode steps per device call when only decodes run: 8 on GPU, where a step is short
+    enough for the host's per-call work to matter; 1 on CPU, where it does not."""
+    return 8 if jax.default_backend() == "gpu" else 1
 
 
 def _load(model, dtype: str, load_format: str, skip_tokenizer_init: bool, seed: int):

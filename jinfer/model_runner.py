@@ -12,6 +12,7 @@ import logging
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jinfer import sampler as sampler_lib
@@ -67,6 +68,40 @@ def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend,
     return sampler_lib.sample(logits, step_input.sampling, flags), kv_cache
 
 
+def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags,
+                  num_steps: int):
+    """`num_steps` decode steps in one jitted call (a scan): each step's sampled tokens are the
+    next step's inputs, positions and context lengths advance on device, and the slots come
+    from the block tables (the host reserved them beforehand). Decode-only steps whose rows
+    need no host attention in between (no penalties, nothing banned): the sampler sees exactly
+    what single steps would show it. Returns SamplerOutput fields stacked [num_steps, S]."""
+    meta = step_input.attention.decode
+    tables, block_size = meta.block_tables, kv_cache.block_size  # [rows, width]
+    live = meta.context_lens > 0  # [rows]; padding rows stay empty and write to the pad block
+    rows = jnp.arange(tables.shape[0])
+
+    def one_step(carry, _):
+        kv, tokens, positions, context_lens, steps = carry
+        slots = tables[rows, positions // block_size] * block_size + positions % block_size
+        attention = StepAttention(
+            positions=positions, slot_mapping=jnp.where(live, slots, PAD_BLOCK * block_size),
+            decode=AttentionMetadata(positions=positions[:, None], block_tables=tables,
+                                     context_lens=context_lens))
+        step = StepInput(token_ids=tokens, attention=attention,
+                         logits_indices=step_input.logits_indices,
+                         sampling=dataclasses.replace(step_input.sampling, steps=steps))
+        out, kv = _step(params, kv, step, config=config, attention_backend=attention_backend,
+                        flags=flags)
+        advance = live.astype(jnp.int32)
+        return (kv, out.tokens[:tokens.shape[0]], positions + advance, context_lens + advance,
+                steps + 1), out
+
+    init = (kv_cache, step_input.token_ids, step_input.attention.positions, meta.context_lens,
+            step_input.sampling.steps)
+    (kv_cache, *_), outs = jax.lax.scan(one_step, init, None, length=num_steps)
+    return outs, kv_cache
+
+
 def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend):
     hidden, kv_cache = forward_hidden(params, kv_cache, token_ids, attention, config=config,
                                       backend=get_attention_backend(attention_backend))
@@ -86,6 +121,9 @@ class ModelRunner:
         static = dict(config=model_config, attention_backend=engine_config.attention_backend)
         self._step_fn = jax.jit(functools.partial(_step, **static),
                                 static_argnames=("flags",), donate_argnums=(1,))
+        self._decode_steps_fn = jax.jit(functools.partial(_decode_steps, **static),
+                                        static_argnames=("flags", "num_steps"),
+                                        donate_argnums=(1,))
         self._logits_fn = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
         self._compiled_shapes: set = set()
         self.max_blocks_per_seq = -(-engine_config.max_model_len // self.block_size)
@@ -215,6 +253,21 @@ class ModelRunner:
             self._compiled_shapes.add(key)
             logger.info("compiled a step for %s in %.2f s", _describe(step_input),
                         time.perf_counter() - started)
+        return result
+
+    def execute_decode_steps(self, step_input: StepInput, flags,
+                             num_steps: int) -> sampler_lib.SamplerOutput:
+        """Runs `num_steps` decode steps of a decode-only StepInput in one call (see
+        `_decode_steps`); returns the sampler outputs stacked [num_steps, S] as NumPy."""
+        key = (_shapes(step_input), flags, num_steps)
+        started = time.perf_counter()
+        result, self.kv_cache = self._decode_steps_fn(self.params, self.kv_cache, step_input,
+                                                      flags=flags, num_steps=num_steps)
+        result = jax.device_get(result)
+        if key not in self._compiled_shapes:
+            self._compiled_shapes.add(key)
+            logger.info("compiled %d decode steps for %s in %.2f s", num_steps,
+                        _describe(step_input), time.perf_counter() - started)
         return result
 
     def prompt_logits(self, seq: Sequence) -> np.ndarray:

@@ -281,3 +281,30 @@ def test_decodes_and_prompt_chunks_share_one_device_call(llm):
         runner.execute = execute
     assert [outputs["first"], outputs["second"]] == alone
     assert_pool_whole(llm)
+
+
+@pytest.mark.parametrize("num_steps", [4, 8])
+def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, llm, num_steps):
+    """Several decode steps per device call: the same tokens and logprobs as one step per call
+    for greedy, seeded sampling and stop conditions (stop ids, stop strings, max_tokens cut
+    inside a call), with the pool whole afterwards."""
+    params = [SamplingParams(temperature=0, max_tokens=11, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=13, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=7, stop=[" the"]),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=9, stop_token_ids=[5, 6, 7])]
+    expected = llm.generate(PROMPTS, params, use_tqdm=False)
+    multi = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, seed=1,
+                num_scheduler_steps=num_steps, enable_compilation_cache=False)
+    calls = []
+    runner = multi.engine.runner
+    execute = runner.execute_decode_steps
+    runner.execute_decode_steps = lambda *a: calls.append(a[2]) or execute(*a)
+    got = multi.generate(PROMPTS, params, use_tqdm=False)
+    assert calls and max(calls) == num_steps
+    for want, out in zip(expected, got):
+        w, o = want.outputs[0], out.outputs[0]
+        assert (o.token_ids, o.text, o.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+        assert o.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-4)
+    assert [list(d) for d in got[0].outputs[0].logprobs] == [
+        list(d) for d in expected[0].outputs[0].logprobs]
+    assert_pool_whole(multi)
