@@ -76,6 +76,8 @@ class EngineConfig:
       num_scheduler_steps: decode steps one device call may run back to back when only decodes
         run (vLLM's multi-step scheduling): the host syncs, schedules and detokenizes once per
         call instead of once per token. 1 switches it off.
+      mixed_batching: run a step's decode rows and prompt chunks in one device call (else
+        two calls: the prompt chunks, then the decodes; fewer shapes to compile).
       preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a
         victim again for this many steps while another sequence could give way.
     """
@@ -91,6 +93,7 @@ class EngineConfig:
     attention_backend: str = "reference"
     preemption_grace_steps: int = 8
     num_scheduler_steps: int = 1
+    mixed_batching: bool = True
     enable_prefix_caching: bool = True
 
     def __post_init__(self):

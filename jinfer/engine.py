@@ -147,8 +147,11 @@ class LLMEngine:
         num_steps = self._num_decode_steps(decode, prefill)
         if num_steps > 1:
             self._run_decode_steps(decode, num_steps, touched)
-        elif decode or prefill:
+        elif self.config.mixed_batching or not (decode and prefill):
             self._run_step(decode, prefill, touched)
+        else:  # two calls: fewer distinct shapes to compile, where compiling is slow (CPU)
+            self._run_step([], prefill, touched)
+            self._run_step(decode, [], touched)
         outputs = [request.output() for request in touched.values()]
         for request in touched.values():
             if request.finished:

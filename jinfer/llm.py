@@ -51,8 +51,8 @@ class LLM:
         token ids only (the default with load_format="dummy" when the model has no tokenizer).
       block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_model_len,
       max_num_seqs, max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
-      num_scheduler_steps (None: `default_scheduler_steps()`): engine knobs (see
-      `EngineConfig`).
+      num_scheduler_steps (None: `default_scheduler_steps()`), mixed_batching (None: on GPU):
+      engine knobs (see `EngineConfig`).
       enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
     """
 
@@ -64,7 +64,8 @@ class LLM:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
-                 num_scheduler_steps: Optional[int] = None, enable_compilation_cache: bool = True,
+                 num_scheduler_steps: Optional[int] = None,
+                 mixed_batching: Optional[bool] = None, enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
@@ -87,7 +88,9 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
             attention_backend=attention_backend or default_attention_backend(),
             enable_prefix_caching=enable_prefix_caching,
-            num_scheduler_steps=num_scheduler_steps or default_scheduler_steps())
+            num_scheduler_steps=num_scheduler_steps or default_scheduler_steps(),
+            mixed_batching=(jax.default_backend() == "gpu" if mixed_batching is None
+                            else mixed_batching))
         runner = ModelRunner(model_config, self.config, device_params, 2, DTYPES[dtype])
         num_blocks = self._num_blocks(runner, DTYPES[dtype])
         runner.kv_cache = init_kv_cache(model_config, num_blocks, block_size, DTYPES[dtype])

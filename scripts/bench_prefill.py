@@ -312,8 +312,9 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     table = markdown(rows, matmul, device, cfg)
     print(table)
-    args.out.write_text(json.dumps({"device": device, "config": describe(cfg), "matmul": matmul, "rows": rows,
-                                    "total_s": time.perf_counter() - t_start}, indent=1))
+    args.out.write_text(json.dumps({"device": device, "config": describe(cfg), "matmul": matmul,
+                                    "rows": rows, "total_s": time.perf_counter() - t_start},
+                                   indent=1))
     args.out.with_suffix(".md").write_text(table + "\n")
 
 

@@ -17,29 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.attention import default_attention_backend
-from jinfer.config import EngineConfig, ModelConfig
-from jinfer.loader.hf import allocate_params
+from jinfer.config import EngineConfig
 from jinfer.model import prepare_params
+from jinfer.model_shapes import MODEL_SHAPES, random_params
 from jinfer.model_runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import ScheduledSequence, SchedulerOutput
+from jinfer.scheduler import ScheduledSequence
 from jinfer.sequence import Sequence
 
-SHAPES = {
-    "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                                rope_theta=100000.0, max_position_embeddings=8192,
-                                tie_word_embeddings=True),
-}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def random_params(config: ModelConfig, dtype: str, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    host = jax.tree.map(lambda a: (rng.standard_normal(a.shape, np.float32) * 0.02).astype(a.dtype),
-                        allocate_params(config, np.dtype(np.float32)))
-    return jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, DTYPES[dtype]),
-                                       prepare_params(host)))
 
 
 def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
@@ -63,10 +49,10 @@ def time_step(runner: ModelRunner, batch: int, q_len: int, context: int, iters: 
         blocks = -(-context // runner.block_size)
         seq.block_table = list(range(1 + i * blocks, 1 + (i + 1) * blocks))
         seqs.append(seq)
-    out = SchedulerOutput(is_prefill=q_len > 1,
-                          scheduled=[ScheduledSequence(s, q_len) for s in seqs])
+    items = [ScheduledSequence(s, q_len) for s in seqs]
     rows = [(params, s.seed, 0, s.prompt_token_ids, [], []) for s in seqs]
-    step_input, flags = runner.prepare(out, rows, 0)
+    step_input, flags = runner.prepare([] if q_len > 1 else items, items if q_len > 1 else [],
+                                       rows, 0)
     started = time.perf_counter()
     runner.execute(step_input, flags)
     compile_s = time.perf_counter() - started
@@ -81,23 +67,23 @@ def time_step(runner: ModelRunner, batch: int, q_len: int, context: int, iters: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(MODEL_SHAPES))
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--attention-backend", default=default_attention_backend(),
-                   choices=["pallas", "reference", "oracle"])
+                   choices=["pallas", "triton", "reference", "oracle"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    config = SHAPES[args.shape]
+    config = MODEL_SHAPES[args.shape]
     num_blocks = 1 + max(args.batch) * -(-args.context // 16)
     engine_config = EngineConfig(max_model_len=max(args.context, args.prefill) * 2,
                                  max_num_seqs=max(args.batch),
                                  attention_backend=args.attention_backend)
-    runner = ModelRunner(config, engine_config, random_params(config, args.dtype), num_blocks,
-                         DTYPES[args.dtype])
+    params = prepare_params(random_params(config, args.dtype))  # made and fused on device
+    runner = ModelRunner(config, engine_config, params, num_blocks, DTYPES[args.dtype])
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(runner.params))
     bandwidth = copy_bandwidth()
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,

@@ -247,13 +247,15 @@ def test_half_precision_logits_track_float32(tiny_model_dir, llm, dtype, toleran
     assert len(out.token_ids) == 4 or out.finish_reason == "stop"
 
 
-def test_decodes_and_prompt_chunks_share_one_device_call(llm):
+def test_decodes_and_prompt_chunks_share_one_device_call(tiny_model_dir, llm):
     """A prompt arriving while another sequence decodes is computed in the same jitted call as
-    that decode, and both give the tokens they give alone."""
+    that decode (mixed_batching), and both give the tokens they give alone."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    tok = llm.get_tokenizer()
     alone = [o.outputs[0].token_ids
              for o in llm.generate(PROMPTS[:2], params, use_tqdm=False)]  # batched, same step
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, mixed_batching=True,
+              num_scheduler_steps=1, enable_compilation_cache=False)
+    tok = llm.get_tokenizer()
     engine, runner = llm.engine, llm.engine.runner
     calls = []
     execute = runner.execute

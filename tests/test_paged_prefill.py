@@ -52,12 +52,12 @@ def dense_prefill(q, k, v, scale):
     group = heads // k.shape[1]
     k = np.repeat(k, group, axis=1).astype(np.float64)
     v = np.repeat(v, group, axis=1).astype(np.float64)
-    scores = np.einsum("qhd,thd->hqt", q.astype(np.float64), k) * scale
+    scores = np.einsum("qhd,thd->hqt", q.astype(np.float64), k, optimize=True) * scale
     visible = np.arange(ctx)[None, :] <= (ctx - n + np.arange(n))[:, None]  # [n, ctx]
     scores = np.where(visible[None], scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("hqt,thd->qhd", probs, v)
+    return np.einsum("hqt,thd->qhd", probs, v, optimize=True)
 
 
 def _rounded(a, dtype):

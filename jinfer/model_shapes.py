@@ -1,0 +1,128 @@
+"""Real model shapes with random weights, for benchmarking without downloading a checkpoint.
+
+`MODEL_SHAPES` holds the configs of published checkpoints (numbers from their config.json);
+`random_params` fills the loader's stacked layout (`jinfer.loader.hf.param_shapes`) with random
+values generated on the device, leaf by leaf and directly in the target dtype, so even an 8B
+model never passes through host memory. `config_to_hf_dict` gives the same shape to HF
+transformers (`LlamaConfig(**d)`), so a peer can be built on equal terms.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pathlib
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.config import ModelConfig, RopeScaling
+from jinfer.loader.hf import load_hf_config, numpy_dtype, param_shapes
+
+# Numbers from each checkpoint's config.json on the Hugging Face Hub.
+MODEL_SHAPES: dict[str, ModelConfig] = {
+    # HuggingFaceTB/SmolLM2-135M
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True),
+    # meta-llama/Llama-3.2-1B: 1.24B parameters
+    "llama3-1b": ModelConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+        num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+        max_position_embeddings=131072, tie_word_embeddings=True),
+    # meta-llama/Llama-3.1-8B: 8.03B parameters
+    "llama3-8b": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+        max_position_embeddings=131072, tie_word_embeddings=False),
+}
+
+
+def resolve_model_config(name_or_folder: str | os.PathLike) -> ModelConfig:
+    """A MODEL_SHAPES name, or a folder holding a config.json, -> its ModelConfig."""
+    if isinstance(name_or_folder, str) and name_or_folder in MODEL_SHAPES:
+        return MODEL_SHAPES[name_or_folder]
+    path = pathlib.Path(name_or_folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{name_or_folder!r} is neither a model shape "
+                         f"({', '.join(MODEL_SHAPES)}) nor a folder holding a config.json")
+    return load_hf_config(path)
+
+
+def num_params(config: ModelConfig) -> int:
+    """Parameters of the model (the tied embedding counted once)."""
+    shapes = param_shapes(config)
+    layers = shapes.pop("layers")
+    return sum(math.prod(s) for s in [*shapes.values(), *layers.values()])
+
+
+def kv_bytes_per_token(config: ModelConfig, itemsize: int) -> int:
+    """Bytes of K and V that one token of context adds (and that a decode step reads)."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "ones"))
+def _random_leaf(key: jax.Array, shape: tuple[int, ...], dtype: Any, ones: bool) -> jax.Array:
+    if ones:
+        return jnp.ones(shape, dtype)
+    return jax.random.normal(key, shape, dtype) * jnp.asarray(0.02, dtype)
+
+
+def random_params(config: ModelConfig, dtype: Any, seed: int = 0) -> dict:
+    """Random device arrays in the loader's stacked layout (the keys and shapes of
+    `allocate_params`): normal * 0.02 for the matrices, ones for the norm weights.
+
+    Each leaf is made by its own jitted call on the default device in `dtype`, so only one
+    leaf's scratch is live at a time and nothing is built on the host. A leaf's values depend
+    only on (seed, its name, its shape). `lm_head` is present only when the embeddings are
+    untied.
+    """
+    dtype = numpy_dtype(dtype)
+    key = jax.random.key(seed)
+
+    def leaf(name: str, shape: tuple[int, ...]) -> jax.Array:
+        leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
+        return _random_leaf(leaf_key, tuple(shape), dtype, name.endswith("norm"))
+
+    shapes = param_shapes(config)
+    params = {name: leaf(name, shape) for name, shape in shapes.items() if name != "layers"}
+    params["layers"] = {name: leaf(f"layers.{name}", shape)
+                        for name, shape in shapes["layers"].items()}
+    return params
+
+
+def config_to_hf_dict(config: ModelConfig) -> dict:
+    """A LlamaConfig-style dict of `config` (`transformers.LlamaConfig(**d)` builds the same
+    shape; written as config.json it loads back through `jinfer.loader.load_hf_config`)."""
+    scaling = config.rope_scaling
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None if scaling is None else {
+            "rope_type": "llama3", "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings},
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
