@@ -92,7 +92,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "reference"
     preemption_grace_steps: int = 8
-    num_scheduler_steps: int = 1
+    num_scheduler_steps: int = 8
     mixed_batching: bool = True
     enable_prefix_caching: bool = True
 

@@ -147,11 +147,15 @@ class LLMEngine:
         num_steps = self._num_decode_steps(decode, prefill)
         if num_steps > 1:
             self._run_decode_steps(decode, num_steps, touched)
-        elif self.config.mixed_batching or not (decode and prefill):
-            self._run_step(decode, prefill, touched)
-        else:  # two calls: fewer distinct shapes to compile, where compiling is slow (CPU)
+        elif decode and prefill and not self.config.mixed_batching:
+            # Two calls: fewer distinct shapes to compile, where compiling is slow (CPU).
             self._run_step([], prefill, touched)
             self._run_step(decode, [], touched)
+        elif decode or prefill:  # (neither: everything gave way to preemption this step)
+            self._run_step(decode, prefill, touched)
+        elif self.requests and not self.scheduler.has_unfinished():
+            raise RuntimeError(f"internal error: requests {sorted(self.requests)[:5]} are "
+                               "unfinished but no sequence is running or waiting")
         outputs = [request.output() for request in touched.values()]
         for request in touched.values():
             if request.finished:
@@ -178,20 +182,24 @@ class LLMEngine:
     def _num_decode_steps(self, decode, prefill) -> int:
         """How many decode steps the next device call may run back to back (multi-step
         scheduling): num_scheduler_steps when only decodes run, nobody waits for admission,
-        no row needs the host between tokens (penalties read the growing output, min_tokens
-        bans change) and the pool has the slots; else 1. Trimmed to a power of two covering
-        the most tokens any row still wants, so short tails compile few variants."""
+        every row has sampled before (a prompt's last token is not a decode: n > 1 siblings fork
+        after it), no row needs the host between tokens (penalties read the growing output,
+        min_tokens bans change), some row still wants that many tokens and the pool has the slots; else
+        1 (one compiled multi-step variant per shape bucket, and short tails run singly)."""
         limit = self.config.num_scheduler_steps
         if limit == 1 or prefill or not decode or self.scheduler.waiting:
             return 1
         wanted = 1
         for item in decode:
             seq, params = item.seq, item.seq.params
-            if (params.has_penalties or seq.num_output_tokens < params.min_tokens
+            if (not seq.num_output_tokens  # a prompt's last token: forks n > 1 siblings after it
+                    or params.has_penalties or seq.num_output_tokens < params.min_tokens
                     or seq.num_computed_tokens + limit > self.config.max_model_len):
                 return 1
             wanted = max(wanted, params.max_tokens - seq.num_output_tokens)
-        num_steps = min(limit, 1 << (wanted - 1).bit_length())
+        if wanted < limit:
+            return 1
+        num_steps = limit
         new_blocks = sum(self.block_manager.num_new_blocks(
             item.seq, item.seq.num_computed_tokens + num_steps) for item in decode)
         shared = any(self.block_manager.shares_write_range(

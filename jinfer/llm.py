@@ -51,8 +51,7 @@ class LLM:
         token ids only (the default with load_format="dummy" when the model has no tokenizer).
       block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_model_len,
       max_num_seqs, max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
-      num_scheduler_steps (None: `default_scheduler_steps()`), mixed_batching (None: on GPU):
-      engine knobs (see `EngineConfig`).
+      num_scheduler_steps, mixed_batching (None: on GPU): engine knobs (see `EngineConfig`).
       enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
     """
 
@@ -64,7 +63,7 @@ class LLM:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
-                 num_scheduler_steps: Optional[int] = None,
+                 num_scheduler_steps: int = 8,
                  mixed_batching: Optional[bool] = None, enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
         if dtype not in DTYPES:
@@ -88,7 +87,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, seed=seed,
             attention_backend=attention_backend or default_attention_backend(),
             enable_prefix_caching=enable_prefix_caching,
-            num_scheduler_steps=num_scheduler_steps or default_scheduler_steps(),
+            num_scheduler_steps=num_scheduler_steps,
             mixed_batching=(jax.default_backend() == "gpu" if mixed_batching is None
                             else mixed_batching))
         runner = ModelRunner(model_config, self.config, device_params, 2, DTYPES[dtype])
@@ -259,12 +258,6 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, "
                              f"or one per prompt")
         return params
-
-
-def default_scheduler_steps() -> int:
-    """Decode steps per device call when only decodes run: 8 on GPU, where a step is short
-    enough for the host's per-call work to matter; 1 on CPU, where it does not."""
-    return 8 if jax.default_backend() == "gpu" else 1
 
 
 def _load(model, dtype: str, load_format: str, skip_tokenizer_init: bool, seed: int):

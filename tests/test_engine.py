@@ -312,3 +312,14 @@ def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, llm, num_steps)
     assert [list(d) for d in got[0].outputs[0].logprobs] == [
         list(d) for d in expected[0].outputs[0].logprobs]
     assert_pool_whole(multi)
+
+
+def test_multi_step_with_one_token_prompts_and_n(tiny_model_dir):
+    """A one-token prompt's first step looks like a decode; its n > 1 siblings fork after it, so
+    it must not run inside a multi-step call (this hung the engine before)."""
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=128, num_scheduler_steps=4,
+              enable_compilation_cache=False)
+    params = SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=9, ignore_eos=True)
+    out = llm.generate(prompt_token_ids=[[7]], sampling_params=params, use_tqdm=False)[0]
+    assert [len(c.token_ids) for c in out.outputs] == [9, 9, 9]
+    assert_pool_whole(llm)
