@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from jinfer import compilation_cache, memory
 from jinfer.attention import default_attention_backend, get_attention_backend
 from jinfer.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from jinfer.config import EngineConfig, ModelConfig
+from jinfer.config import EngineConfig
 from jinfer.engine import LLMEngine
 from jinfer.kv_cache import bytes_per_block, init_kv_cache
 from jinfer.loader import load_generation_eos, load_hf_config, load_weights, resolve_model_path

@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import pathlib
-import statistics
 import sys
 import time
 
@@ -32,6 +31,7 @@ from jax import lax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.paged_decode import paged_decode_attention_pallas  # noqa: E402
 from pallas_kernels.triton_decode import paged_decode_attention_triton  # noqa: E402
+from bench_common import copy_bandwidth, measure  # noqa: E402
 
 BATCHES = (1, 8, 32, 64, 128)
 CONTEXTS = (512, 1024, 4096, 16384)
@@ -70,37 +70,6 @@ def timed_loop(fn, iters: int, copies: int):
         zero = jnp.zeros(q_stack.shape[1:], q_stack.dtype)
         return lax.fori_loop(0, iters, body, (zero.astype(jnp.float32), zero))
     return jax.jit(run)
-
-
-def measure(fn, args, iters: int, reps: int) -> dict:
-    """Compiles apart, warms up once, then times `reps` loops. Times in microseconds per call."""
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        _, last = jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - t0) / iters * 1e6)
-    return {"median_us": statistics.median(times), "min_us": min(times), "max_us": max(times),
-            "compile_s": compile_s, "last": last}
-
-
-def copy_bandwidth(nbytes: int, reps: int) -> dict:
-    """jnp.copy of an nbytes array: (read + written bytes) / time, median over reps."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(jnp.copy)
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    del x
-    return {"bytes": nbytes, "median_us": med * 1e6, "GBps": 2 * nbytes / med / 1e9,
-            "GBps_best": 2 * nbytes / min(times) / 1e9}
 
 
 def make_inputs(key, cfg, batch: int, ctx: int, copies: int):

@@ -42,6 +42,7 @@ from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.kv_write import write_kv_pallas, write_kv_reference  # noqa: E402
+from bench_common import copy_bandwidth  # noqa: E402
 
 TOKENS = (1, 16, 64, 256, 2048, 8192)
 PATTERNS = ("scattered", "blocks")
@@ -178,20 +179,6 @@ def bench_row(cfg: PoolConfig, num_tokens: int, pattern: str, args) -> dict:
     for res in (v for v in row.values() if isinstance(v, dict)):
         res["GBps"] = 2 * new_bytes / (res["median_us"] * 1e-6) / 1e9
     return row
-
-
-def copy_bandwidth(nbytes: int, reps: int) -> dict:
-    """jnp.copy of an nbytes array: (read + written bytes) / time, median over reps."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(jnp.copy)
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"bytes": nbytes, "median_us": med * 1e6, "GBps": 2 * nbytes / med / 1e9}
 
 
 def fits(cfg: PoolConfig) -> bool:

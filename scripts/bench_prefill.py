@@ -36,6 +36,7 @@ from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.paged_prefill import ragged_paged_attention_pallas  # noqa: E402
+from bench_common import measure  # noqa: E402
 
 SHAPES = ("1x1024", "1x2048", "1x4096", "1x8192", "8x512", "8x512+1024")
 SWEEP_SHAPES = ("1x8192", "8x512+1024")
@@ -79,21 +80,6 @@ def timed_loop(fn, iters: int, copies: int):
         zero = jnp.zeros(shape.shape, shape.dtype)
         return lax.fori_loop(0, iters, body, (zero.astype(jnp.float32), zero))
     return jax.jit(run)
-
-
-def measure(fn, args, iters: int, reps: int) -> dict:
-    """Compiles apart, warms up once, then times `reps` loops. Times in microseconds per call."""
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        _, last = jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - t0) / iters * 1e6)
-    return {"median_us": statistics.median(times), "min_us": min(times), "max_us": max(times),
-            "compile_s": compile_s, "last": last}
 
 
 def matmul_rate(n: int, iters: int, reps: int) -> dict:
