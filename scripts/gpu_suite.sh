@@ -29,6 +29,10 @@ if [[ $what == bench || $what == all ]]; then
       > "$out/bench_prefill.md" 2>&1 || status=1
   python scripts/bench_kv_write.py --out "$out/bench_kv_write.json" \
       > "$out/bench_kv_write.md" 2>&1 || status=1
+  python scripts/bench_latency.py --out "$out/bench_latency.json" \
+      > "$out/bench_latency.md" 2>&1 || status=1
+  python scripts/bench_throughput.py --quick --out "$out/bench_throughput.json" \
+      > "$out/bench_throughput.md" 2>&1 || status=1
   for backend in pallas reference; do
     python scripts/bench_step.py --dtype bfloat16 --batch 1 16 64 --context 512 \
         --attention-backend "$backend" --out "$out/bench_step_$backend.json" \
