@@ -323,3 +323,13 @@ def test_multi_step_with_one_token_prompts_and_n(tiny_model_dir):
     out = llm.generate(prompt_token_ids=[[7]], sampling_params=params, use_tqdm=False)[0]
     assert [len(c.token_ids) for c in out.outputs] == [9, 9, 9]
     assert_pool_whole(llm)
+
+
+def test_triton_backend_without_jax_triton_says_how_to_install(tiny_model_dir):
+    try:
+        import jax_triton  # noqa: F401
+        pytest.skip("jax_triton is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"jinfer\[triton\]"):
+        LLM(str(tiny_model_dir), attention_backend="triton", enable_compilation_cache=False)
