@@ -25,6 +25,7 @@ from jinfer.outputs import RequestOutput
 from jinfer.sampling_params import SamplingParams
 from jinfer.gguf_tokenizer import load_gguf_tokenizer
 from jinfer.tokenizer import Tokenizer, load_tokenizer
+from jinfer.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,13 @@ class LLM:
     def get_tokenizer(self) -> Optional[Tokenizer]:
         """The model's tokenizer; None when built with skip_tokenizer_init."""
         return self.tokenizer
+
+    def warmup(self, max_context: int = 512) -> dict:
+        """Compiles the common step shapes now (prompts up to max_num_batched_tokens, decode
+        batches up to max_num_seqs at contexts up to `max_context` tokens) so that requests do
+        not wait on compiles; with the persistent compilation cache a later start loads them.
+        Returns {"programs": compiled, "seconds": time taken}; logs the same."""
+        return warm_up(self.engine.runner, max_context)
 
     def stats(self) -> dict:
         """Pool and scheduler statistics (blocks total / free / used, preemptions, queues)."""

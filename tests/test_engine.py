@@ -333,3 +333,21 @@ def test_triton_backend_without_jax_triton_says_how_to_install(tiny_model_dir):
         pass
     with pytest.raises(ImportError, match=r"jinfer\[triton\]"):
         LLM(str(tiny_model_dir), attention_backend="triton", enable_compilation_cache=False)
+
+
+def test_warmup_compiles_what_requests_then_use(tiny_model_dir):
+    """After warmup(), greedy single-prompt requests within the warmed-up shapes compile
+    nothing new, and the pool is untouched (warm-up runs on the pad block)."""
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=64, max_num_seqs=4,
+              max_num_batched_tokens=32, num_scheduler_steps=4, enable_compilation_cache=False)
+    runner = llm.engine.runner
+    k_before = np.asarray(runner.kv_cache.k)[:, 1:]
+    result = llm.warmup(max_context=64)
+    assert result["programs"] == len(runner._compiled_shapes) > 0
+    np.testing.assert_array_equal(np.asarray(runner.kv_cache.k)[:, 1:], k_before)
+    shapes = set(runner._compiled_shapes)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    for prompt in PROMPTS[:3]:
+        llm.generate(prompt, params, use_tqdm=False)
+    assert runner._compiled_shapes == shapes
+    assert_pool_whole(llm)

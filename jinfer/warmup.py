@@ -1,0 +1,78 @@
+"""Start-up compilation: runs the step programs of the common shape buckets once, before the
+first request, so that no request waits on a compile (and JAX's persistent cache holds them for
+the next start).
+
+Everything runs on the pad block (block 0: every table entry and slot points there), so the
+real pool's contents are untouched. Covered: one prompt per prefill step, every decode batch;
+greedy sampling without logprobs. Steps that prefill several prompts at once, mixed steps and
+other sampler variants compile on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from jinfer.kv_cache import PAD_BLOCK
+from jinfer.model_runner import packed_bucket
+from jinfer.sampling_params import SamplingParams
+from jinfer.scheduler import ScheduledSequence
+from jinfer.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def _pad_block_items(num_seqs: int, num_tokens: int, num_new: int, block_size: int):
+    """num_seqs sequences of num_tokens tokens whose last num_new are this step's, every block
+    the pad block."""
+    params = SamplingParams(temperature=0)
+    items = []
+    for i in range(num_seqs):
+        seq = Sequence(-1 - i, "warmup", 0, [0] * num_tokens, params, 0, detokenizer=None)
+        seq.block_table = [PAD_BLOCK] * -(-num_tokens // block_size)
+        seq.num_computed_tokens = num_tokens - num_new
+        items.append(ScheduledSequence(seq, num_new))
+    return items
+
+
+def _buckets(first: int, last: int, bucket) -> list[int]:
+    """The distinct buckets of every n in [first, last]."""
+    values, n = [], first
+    while n <= last:
+        values.append(bucket(n))
+        n = values[-1] + 1
+    return values
+
+
+def warm_up(runner, max_context: int) -> dict:
+    """Runs, on the pad block: the prefill of one prompt for every packed token bucket up to
+    max_num_batched_tokens, and the decode step (single and, with num_scheduler_steps > 1,
+    multi-step) for every batch bucket up to max_num_seqs and every block-table width up to
+    max_context tokens. Returns {"programs": count, "seconds": time}."""
+    config, block_size = runner.config, runner.block_size
+    started, before = time.perf_counter(), len(runner._compiled_shapes)
+    max_context = min(max_context, config.max_model_len)
+    for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context), packed_bucket):
+        items = _pad_block_items(1, tokens, tokens, block_size)
+        step_input, flags = runner.prepare([], items, [_row(item) for item in items], 0)
+        runner.execute(step_input, flags)
+    widths = _buckets(1, -(-max_context // block_size), runner.blocks_bucket)
+    for batch in _buckets(1, config.max_num_seqs, runner.batch_bucket):
+        for width in widths:
+            context = min(width * block_size, max_context)
+            items = _pad_block_items(batch, context, 1, block_size)
+            step_input, flags = runner.prepare(items, [], [_row(item) for item in items], 0)
+            runner.execute(step_input, flags)
+            if config.num_scheduler_steps > 1:
+                runner.execute_decode_steps(step_input, flags, config.num_scheduler_steps)
+    result = {"programs": len(runner._compiled_shapes) - before,
+              "seconds": time.perf_counter() - started}
+    logger.info("warm-up: compiled %d step programs (prompts up to %d tokens, batches up to "
+                "%d, contexts up to %d) in %.1f s", result["programs"],
+                config.max_num_batched_tokens, config.max_num_seqs, max_context,
+                result["seconds"])
+    return result
+
+
+def _row(item: ScheduledSequence):
+    return (item.seq.params, 0, 0, [], [], [])
