@@ -143,9 +143,11 @@ class ModelRunner:
                    three_quarter_bucket(self.max_blocks_per_seq))
 
     # -- host -> device arrays ---------------------------------------------------------------
-    def _slot(self, table: np.ndarray, positions):
-        """Pool slot(s) of the token(s) at `positions` of a sequence with block table `table`."""
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+    def _slot(self, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Pool slots of the tokens at `positions` [..., n] under block tables `table` [...,
+        width] (one table, or one per row)."""
+        blocks = np.take_along_axis(table, positions // self.block_size, axis=-1)
+        return (blocks * self.block_size + positions % self.block_size).astype(np.int32)
 
     def _decode_arrays(self, items: list[ScheduledSequence]):
         """One new token per sequence -> (token ids, positions, slots) [rows] and their
@@ -162,8 +164,7 @@ class ModelRunner:
             tables[i, :len(seq.block_table)] = seq.block_table
             positions[i], context_lens[i] = start, start + 1
             token_ids[i] = seq.token_ids_slice(start, start + 1)[0]
-        slots = np.array([self._slot(table, pos) for table, pos in zip(tables, positions)],
-                         np.int32)  # [rows]
+        slots = self._slot(tables, positions[:, None])[:, 0]  # [rows]
         slots[len(items):] = PAD_BLOCK * self.block_size
         meta = AttentionMetadata(positions=positions[:, None], block_tables=tables,
                                  context_lens=context_lens)
@@ -286,7 +287,7 @@ class ModelRunner:
 def _shapes(step_input: StepInput) -> tuple:
     """Hashable (structure, shapes) of a step input: equal keys share one compiled program."""
     leaves, treedef = jax.tree.flatten(step_input)
-    return str(treedef), tuple(np.shape(leaf) for leaf in leaves)
+    return treedef, tuple(np.shape(leaf) for leaf in leaves)
 
 
 def _describe(step_input: StepInput) -> str:
