@@ -13,9 +13,7 @@ import logging
 
 import jax
 
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import ScheduledSequence
-from jinfer.sequence import Sequence
+from jinfer.warmup import greedy_rows, pad_block_items
 
 logger = logging.getLogger(__name__)
 
@@ -31,31 +29,18 @@ def device_memory() -> tuple[int, int] | None:
     return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
 
 
-def _profile_seqs(num_seqs: int, num_tokens: int, computed: int, table: list[int]):
-    params = SamplingParams(temperature=0)
-    seqs = []
-    for i in range(num_seqs):
-        seq = Sequence(-1 - i, "profile", 0, [0] * num_tokens, params, 0, detokenizer=None)
-        seq.block_table, seq.num_computed_tokens = table, computed
-        seqs.append(ScheduledSequence(seq, num_tokens - computed))
-    return seqs
-
-
 def step_temp_bytes(runner) -> int:
     """Scratch memory of the largest steps, from XLA's buffer assignment of their compiled
     programs: a prefill of max_num_batched_tokens tokens and a decode of max_num_seqs rows at
-    max_model_len. Every table entry points at block 1 (the data is irrelevant, the shapes are
+    max_model_len. Stand-in sequences on the pad block (the data is irrelevant, the shapes are
     not); nothing runs."""
     config, block_size = runner.config, runner.block_size
-    table = [1] * (-(-config.max_model_len // block_size))
     prefill_tokens = min(config.max_num_batched_tokens, config.max_model_len - 1)
-    steps = [([], _profile_seqs(1, prefill_tokens, 0, table)),
-             (_profile_seqs(config.max_num_seqs, config.max_model_len, config.max_model_len - 1,
-                            table), [])]
+    steps = [([], pad_block_items(1, prefill_tokens, prefill_tokens, block_size)),
+             (pad_block_items(config.max_num_seqs, config.max_model_len, 1, block_size), [])]
     temp = 0
     for decode, prefill in steps:
-        rows = [(item.seq.params, 0, 0, [], [], []) for item in decode + prefill]
-        step_input, flags = runner.prepare(decode, prefill, rows, 0)
+        step_input, flags = runner.prepare(decode, prefill, greedy_rows(decode + prefill), 0)
         compiled = runner._step_fn.lower(runner.params, runner.kv_cache, step_input,
                                          flags=flags).compile()
         analysis = compiled.memory_analysis()

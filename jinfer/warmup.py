@@ -22,9 +22,10 @@ from jinfer.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-def _pad_block_items(num_seqs: int, num_tokens: int, num_new: int, block_size: int):
-    """num_seqs sequences of num_tokens tokens whose last num_new are this step's, every block
-    the pad block."""
+def pad_block_items(num_seqs: int, num_tokens: int, num_new: int, block_size: int):
+    """num_seqs stand-in sequences of num_tokens tokens whose last num_new are this step's,
+    every block the pad block (for compiling or measuring a step shape without touching the
+    pool)."""
     params = SamplingParams(temperature=0)
     items = []
     for i in range(num_seqs):
@@ -53,15 +54,15 @@ def warm_up(runner, max_context: int) -> dict:
     started, before = time.perf_counter(), len(runner._compiled_shapes)
     max_context = min(max_context, config.max_model_len)
     for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context), packed_bucket):
-        items = _pad_block_items(1, tokens, tokens, block_size)
-        step_input, flags = runner.prepare([], items, [_row(item) for item in items], 0)
+        items = pad_block_items(1, tokens, tokens, block_size)
+        step_input, flags = runner.prepare([], items, greedy_rows(items), 0)
         runner.execute(step_input, flags)
     widths = _buckets(1, -(-max_context // block_size), runner.blocks_bucket)
     for batch in _buckets(1, config.max_num_seqs, runner.batch_bucket):
         for width in widths:
             context = min(width * block_size, max_context)
-            items = _pad_block_items(batch, context, 1, block_size)
-            step_input, flags = runner.prepare(items, [], [_row(item) for item in items], 0)
+            items = pad_block_items(batch, context, 1, block_size)
+            step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
             runner.execute(step_input, flags)
             if config.num_scheduler_steps > 1:
                 runner.execute_decode_steps(step_input, flags, config.num_scheduler_steps)
@@ -74,5 +75,6 @@ def warm_up(runner, max_context: int) -> dict:
     return result
 
 
-def _row(item: ScheduledSequence):
-    return (item.seq.params, 0, 0, [], [], [])
+def greedy_rows(items: list[ScheduledSequence]) -> list[tuple]:
+    """Sampling rows (see `make_sampling_metadata`) for stand-in sequences."""
+    return [(item.seq.params, 0, 0, [], [], []) for item in items]
