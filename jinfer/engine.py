@@ -12,10 +12,19 @@
                 back to the host.
 4. postprocess  append tokens, check eos / stop ids / stop strings / max_tokens, detokenize
                 incrementally, free finished sequences' blocks, report RequestOutputs.
+
+Decode-only stretches run several steps per device call (multi-step, `num_scheduler_steps`), and
+those calls overlap the host: a multi-step call is dispatched and left in flight; the next
+`step()` dispatches the call that continues the same rows (its input tokens are the in-flight
+call's last samples, still on the device) before it reads back and postprocesses the call in
+flight. The device always has the next call queued while the host detokenizes and checks stops.
+Tokens computed past a sequence's finish are discarded; the KV pool threads through every call,
+so the device runs them in dispatch order and a freed block is rewritten only after.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from typing import Optional, Sequence as Seq
@@ -27,10 +36,10 @@ from jinfer.block_manager import BlockManager
 from jinfer.cache_ops import copy_blocks
 from jinfer.config import EngineConfig
 from jinfer.detokenizer import IncrementalDetokenizer
-from jinfer.model_runner import ModelRunner
+from jinfer.model_runner import ModelRunner, decode_steps_bucket
 from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import Scheduler
+from jinfer.scheduler import ScheduledSequence, Scheduler
 from jinfer.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -63,6 +72,16 @@ class Request:
                              self.finished)
 
 
+@dataclasses.dataclass
+class InFlight:
+    """A multi-step decode call dispatched to the device and not yet read back."""
+
+    items: list[ScheduledSequence]  # its rows, in order
+    num_steps: int
+    results: object                 # SamplerOutput on the device, fields [num_steps, S]
+    last_tokens: object             # [rows] on the device: the continuing call's input
+
+
 class LLMEngine:
     """Host loop around the device step: requests in, RequestOutputs out."""
 
@@ -81,6 +100,7 @@ class LLMEngine:
         self.vocab_size = runner.model_config.vocab_size
         self.num_computed_tokens = 0         # tokens whose K/V a device step computed
         self.num_computed_prompt_tokens = 0  # of those, prompt tokens (prefill work)
+        self._in_flight: Optional[InFlight] = None
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
@@ -138,7 +158,12 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One schedule -> batch -> device -> postprocess round; outputs of touched requests."""
+        """One schedule -> batch -> device -> postprocess round; outputs of touched requests.
+
+        With a multi-step call in flight: dispatch its continuation (when nothing else needs
+        the device), then read the call back and postprocess it."""
+        if self._in_flight is not None:
+            return self._step_in_flight()
         schedule = self.scheduler.schedule()
         if schedule.block_copies:
             self.runner.kv_cache = copy_blocks(self.runner.kv_cache, schedule.block_copies)
@@ -146,7 +171,7 @@ class LLMEngine:
         decode, prefill = schedule.decode.scheduled, schedule.prefill.scheduled
         num_steps = self._num_decode_steps(decode, prefill)
         if num_steps > 1:
-            self._run_decode_steps(decode, num_steps, touched)
+            self._in_flight = self._launch_decode_steps(decode, num_steps)
         elif decode and prefill and not self.config.mixed_batching:
             # Two calls: fewer distinct shapes to compile, where compiling is slow (CPU).
             self._run_step([], prefill, touched)
@@ -156,11 +181,7 @@ class LLMEngine:
         elif self.requests and not self.scheduler.has_unfinished():
             raise RuntimeError(f"internal error: requests {sorted(self.requests)[:5]} are "
                                "unfinished but no sequence is running or waiting")
-        outputs = [request.output() for request in touched.values()]
-        for request in touched.values():
-            if request.finished:
-                del self.requests[request.request_id]
-        return outputs
+        return self._outputs(touched)
 
     def _run_step(self, decode, prefill, touched: dict) -> None:
         """One device call for the step's decode rows and prompt chunks together."""
@@ -181,11 +202,12 @@ class LLMEngine:
 
     def _num_decode_steps(self, decode, prefill) -> int:
         """How many decode steps the next device call may run back to back (multi-step
-        scheduling): num_scheduler_steps when only decodes run, nobody waits for admission,
-        every row has sampled before (a prompt's last token is not a decode: n > 1 siblings fork
-        after it), no row needs the host between tokens (penalties read the growing output,
-        min_tokens bans change), some row still wants that many tokens and the pool has the slots; else
-        1 (one compiled multi-step variant per shape bucket, and short tails run singly)."""
+        scheduling): only decodes run, nobody waits for admission, every row has sampled before
+        (a prompt's last token is not a decode: n > 1 siblings fork after it), no row needs the
+        host between tokens (penalties read the growing output, min_tokens bans change); then
+        num_scheduler_steps, or a power of two below it that the longest row still wants
+        (`decode_steps_bucket`), halved until every row fits in max_model_len and the pool has
+        the slots (with no shared block in the write range). Else 1."""
         limit = self.config.num_scheduler_steps
         if limit == 1 or prefill or not decode or self.scheduler.waiting:
             return 1
@@ -193,40 +215,85 @@ class LLMEngine:
         for item in decode:
             seq, params = item.seq, item.seq.params
             if (not seq.num_output_tokens  # a prompt's last token: forks n > 1 siblings after it
-                    or params.has_penalties or seq.num_output_tokens < params.min_tokens
-                    or seq.num_computed_tokens + limit > self.config.max_model_len):
+                    or params.has_penalties or seq.num_output_tokens < params.min_tokens):
                 return 1
             wanted = max(wanted, params.max_tokens - seq.num_output_tokens)
-        if wanted < limit:
-            return 1
-        num_steps = limit
-        new_blocks = sum(self.block_manager.num_new_blocks(
-            item.seq, item.seq.num_computed_tokens + num_steps) for item in decode)
-        shared = any(self.block_manager.shares_write_range(
-            item.seq, item.seq.num_computed_tokens + num_steps) for item in decode)
-        if shared or new_blocks > self.block_manager.num_free_blocks:
-            return 1
+        num_steps = decode_steps_bucket(wanted, limit)
+        while num_steps > 1 and not self._decode_steps_fit(decode, num_steps):
+            num_steps = decode_steps_bucket(num_steps - 1, limit)
         return num_steps
 
-    def _run_decode_steps(self, decode, num_steps: int, touched: dict) -> None:
-        """`num_steps` decode steps in one device call; tokens past a row's finish are
-        discarded (their slots go back with the row's blocks)."""
-        for item in decode:  # slots for the tokens the later steps write
+    def _decode_steps_fit(self, decode, num_steps: int, ahead: int = 0) -> bool:
+        """Every row can take num_steps more tokens (after `ahead` in flight): within
+        max_model_len, with free blocks for them and no shared block to copy on write."""
+        ends = [item.seq.num_computed_tokens + ahead + num_steps for item in decode]
+        if max(ends) > self.config.max_model_len:
+            return False
+        manager = self.block_manager
+        if any(manager.shares_write_range(item.seq, end) for item, end in zip(decode, ends)):
+            return False
+        new_blocks = sum(manager.num_new_blocks(item.seq, end) for item, end in zip(decode, ends))
+        return new_blocks <= manager.num_free_blocks
+
+    def _launch_decode_steps(self, decode, num_steps: int, ahead: int = 0,
+                             token_ids=None) -> InFlight:
+        """Reserves the slots of `num_steps` tokens per row (after `ahead` still in flight) and
+        dispatches the multi-step call without waiting for it."""
+        for item in decode:
             seq = item.seq
-            copies = self.block_manager.append_slots(seq, seq.num_computed_tokens + num_steps)
+            copies = self.block_manager.append_slots(
+                seq, seq.num_computed_tokens + ahead + num_steps)
             assert not copies, "shared blocks in the write range are excluded beforehand"
         seqs = [item.seq for item in decode]
-        rows = [self._sampling_row(seq) for seq in seqs]
-        step_input, flags = self.runner.prepare(decode, [], rows, self._logprobs_bucket(seqs))
-        results = self.runner.execute_decode_steps(step_input, flags, num_steps)
-        for step in range(num_steps):
+        rows = [self._sampling_row(seq, ahead) for seq in seqs]
+        step_input, flags = self.runner.prepare(decode, [], rows, self._logprobs_bucket(seqs),
+                                                ahead=ahead)
+        results, last_tokens = self.runner.launch_decode_steps(step_input, flags, num_steps,
+                                                               token_ids)
+        return InFlight(decode, num_steps, results, last_tokens)
+
+    def _continuation(self, prev: InFlight) -> Optional[InFlight]:
+        """The call that continues `prev`'s rows, dispatched before `prev` is read back: when
+        nothing waits for admission, every running sequence is in `prev` and unfinished, and
+        some row wants at least two tokens past `prev` (a row finishing on eos or a stop string
+        inside `prev` wastes its share of the call; its tokens are discarded)."""
+        seqs = [item.seq for item in prev.items]
+        if (self.scheduler.waiting or len(self.scheduler.running) != len(seqs)
+                or any(seq.is_finished for seq in seqs)):
+            return None
+        ahead = prev.num_steps
+        wanted = max(min(seq.params.max_tokens - seq.num_output_tokens,
+                         self.config.max_model_len - seq.num_tokens) - ahead for seq in seqs)
+        num_steps = decode_steps_bucket(wanted, self.config.num_scheduler_steps)
+        while num_steps > 1 and not self._decode_steps_fit(prev.items, num_steps, ahead):
+            num_steps = decode_steps_bucket(num_steps - 1, self.config.num_scheduler_steps)
+        if num_steps < 2:
+            return None
+        return self._launch_decode_steps(prev.items, num_steps, ahead, prev.last_tokens)
+
+    def _step_in_flight(self) -> list[RequestOutput]:
+        in_flight, self._in_flight = self._in_flight, None
+        self._in_flight = self._continuation(in_flight)
+        touched: dict[str, Request] = {}
+        results = jax.device_get(in_flight.results)  # waits for the call
+        seqs = [item.seq for item in in_flight.items]
+        for step in range(in_flight.num_steps):
             result = jax.tree.map(lambda a: a[step], results)  # noqa: B023
             for row, seq in enumerate(seqs):
-                if seq.is_finished:
+                if seq.is_finished:  # finished earlier in the call (or aborted): discarded
                     continue
                 self._advance(seq, 1)
                 self._append_token(seq, result, row)
                 touched[seq.request_id] = self.requests[seq.request_id]
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict) -> list[RequestOutput]:
+        """RequestOutputs of the touched requests; finished ones leave the engine."""
+        outputs = [request.output() for request in touched.values()]
+        for request in touched.values():
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
 
     def _advance(self, seq: Sequence, num_new: int) -> None:
         """Counts `num_new` freshly computed tokens of `seq` and registers its full blocks."""
@@ -252,14 +319,15 @@ class LLMEngine:
             sibling.num_computed_tokens = sibling.num_prompt_tokens - 1
             self.scheduler.add_running(sibling)
 
-    def _sampling_row(self, seq: Sequence):
+    def _sampling_row(self, seq: Sequence, ahead: int = 0):
+        """The sampler row of `seq`'s next token (`ahead` tokens past its last known one)."""
         params = seq.params
         banned: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             banned = list(params.stop_token_ids or ())
             if not params.ignore_eos:
                 banned += sorted(self.eos_token_ids)
-        return (params, seq.seed, seq.num_output_tokens, seq.prompt_token_ids,
+        return (params, seq.seed, seq.num_output_tokens + ahead, seq.prompt_token_ids,
                 seq.output_token_ids, banned)
 
     @staticmethod

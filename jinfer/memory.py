@@ -41,9 +41,7 @@ def step_temp_bytes(runner) -> int:
     temp = 0
     for decode, prefill in steps:
         step_input, flags = runner.prepare(decode, prefill, greedy_rows(decode + prefill), 0)
-        compiled = runner._step_fn.lower(runner.params, runner.kv_cache, step_input,
-                                         flags=flags).compile()
-        analysis = compiled.memory_analysis()
+        analysis = runner.compile_step(step_input, flags).memory_analysis()
         temp = max(temp, int(analysis.temp_size_in_bytes) if analysis else 0)
     return temp
 

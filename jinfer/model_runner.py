@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer import host_transfer
 from jinfer import sampler as sampler_lib
 from jinfer.attention import (AttentionMetadata, PrefillMetadata, StepAttention,
                               get_attention_backend)
@@ -41,6 +42,24 @@ def three_quarter_bucket(n: int) -> int:
     16, 24, ...) that holds n: padding stays under a third for 2x the compiles of powers of two."""
     power = next_power_of_2(n)
     return power * 3 // 4 if n <= power * 3 // 4 else power
+
+
+def decode_steps_bucket(wanted: int, limit: int) -> int:
+    """Decode steps for one multi-step call when the rows want at most `wanted` more tokens:
+    `limit` (num_scheduler_steps), else the largest power of two below it that `wanted` fills
+    (a tail of 7 tokens runs as 4 + 2 + 1, not 7 calls, for 2 more compiled variants)."""
+    if wanted >= limit:
+        return limit
+    return 1 << (max(wanted, 1).bit_length() - 1)
+
+
+def decode_steps_buckets(limit: int) -> list[int]:
+    """Every value `decode_steps_bucket` returns above 1, largest first."""
+    buckets, n = [], limit
+    while n > 1:
+        buckets.append(n)
+        n = 1 << ((n - 1).bit_length() - 1)
+    return buckets
 
 
 def packed_bucket(n: int) -> int:
@@ -74,7 +93,9 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
     next step's inputs, positions and context lengths advance on device, and the slots come
     from the block tables (the host reserved them beforehand). Decode-only steps whose rows
     need no host attention in between (no penalties, nothing banned): the sampler sees exactly
-    what single steps would show it. Returns SamplerOutput fields stacked [num_steps, S]."""
+    what single steps would show it. Returns (SamplerOutput fields stacked [num_steps, S], the
+    pool, the last step's sampled tokens [rows]: the input of a call that continues these
+    rows)."""
     meta = step_input.attention.decode
     tables, block_size = meta.block_tables, kv_cache.block_size  # [rows, width]
     live = meta.context_lens > 0  # [rows]; padding rows stay empty and write to the pad block
@@ -98,8 +119,27 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
 
     init = (kv_cache, step_input.token_ids, step_input.attention.positions, meta.context_lens,
             step_input.sampling.steps)
-    (kv_cache, *_), outs = jax.lax.scan(one_step, init, None, length=num_steps)
-    return outs, kv_cache
+    (kv_cache, last_tokens, *_), outs = jax.lax.scan(one_step, init, None, length=num_steps)
+    return outs, kv_cache, last_tokens
+
+
+def _packed_step(params, kv_cache, buffer, *, layout, **kwargs):
+    """`_step` on a StepInput packed into one int32 buffer (one host-to-device copy)."""
+    return _step(params, kv_cache, host_transfer.unpack(buffer, layout), **kwargs)
+
+
+def _packed_decode_steps(params, kv_cache, buffer, token_ids, *, layout, **kwargs):
+    """`_decode_steps` on a StepInput packed into one int32 buffer; the first step's input
+    tokens come apart, as they may still be on the device (the last call's samples)."""
+    step_input = dataclasses.replace(host_transfer.unpack(buffer, layout), token_ids=token_ids)
+    return _decode_steps(params, kv_cache, step_input, **kwargs)
+
+
+# XLA's rematerialization pass counts the donated KV pool as if the step held it twice and,
+# finding the step "over" device memory, recomputes activations to save space (on an H100 it
+# ran each layer's QKV projection twice). The pool is sized from the step's measured scratch
+# (jinfer.memory), so the steps are compiled without that pass.
+STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
 def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend):
@@ -119,12 +159,18 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.kv_cache: KVCache = init_kv_cache(model_config, num_blocks, self.block_size, dtype)
         static = dict(config=model_config, attention_backend=engine_config.attention_backend)
-        self._step_fn = jax.jit(functools.partial(_step, **static),
-                                static_argnames=("flags",), donate_argnums=(1,))
-        self._decode_steps_fn = jax.jit(functools.partial(_decode_steps, **static),
-                                        static_argnames=("flags", "num_steps"),
-                                        donate_argnums=(1,))
+        self._step_fn = jax.jit(functools.partial(_packed_step, **static),
+                                static_argnames=("layout", "flags"), donate_argnums=(1,),
+                                compiler_options=STEP_COMPILER_OPTIONS)
+        self._decode_steps_fn = jax.jit(functools.partial(_packed_decode_steps, **static),
+                                        static_argnames=("layout", "flags", "num_steps"),
+                                        donate_argnums=(1,),
+                                        compiler_options=STEP_COMPILER_OPTIONS)
         self._logits_fn = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
+        # XLA on GPU turns a one-row matmul of a small weight (under ~10M elements: Llama's QKV
+        # and output projections) into a multiply + reduce that ran 2-3x slower than a GEMM on an
+        # H100; decode steps there carry at least two rows (a padding row is nearly free).
+        self.min_decode_rows = 2 if jax.default_backend() == "gpu" else 1
         self._compiled_shapes: set = set()
         self.max_blocks_per_seq = -(-engine_config.max_model_len // self.block_size)
 
@@ -149,21 +195,24 @@ class ModelRunner:
         blocks = np.take_along_axis(table, positions // self.block_size, axis=-1)
         return (blocks * self.block_size + positions % self.block_size).astype(np.int32)
 
-    def _decode_arrays(self, items: list[ScheduledSequence]):
+    def _decode_arrays(self, items: list[ScheduledSequence], ahead: int = 0):
         """One new token per sequence -> (token ids, positions, slots) [rows] and their
-        AttentionMetadata [rows, 1]; padding rows have context 0 and write to the pad block."""
-        rows = self.batch_bucket(len(items))
+        AttentionMetadata [rows, 1]; padding rows have context 0 and write to the pad block.
+        `ahead` > 0: the rows continue a call still running, which computes their next `ahead`
+        tokens; the input tokens are that call's last samples (0 here, given on the device)."""
+        rows = self.batch_bucket(max(len(items), self.min_decode_rows))
         width = self.blocks_bucket(max(len(item.seq.block_table) for item in items))
         tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
         positions = np.zeros((rows,), np.int32)               # [rows]
         context_lens = np.zeros((rows,), np.int32)            # [rows]
         token_ids = np.zeros((rows,), np.int32)               # [rows]
         for i, item in enumerate(items):
-            seq, start = item.seq, item.seq.num_computed_tokens
+            seq, start = item.seq, item.seq.num_computed_tokens + ahead
             assert item.num_new_tokens == 1, "decode rows carry exactly one new token"
             tables[i, :len(seq.block_table)] = seq.block_table
             positions[i], context_lens[i] = start, start + 1
-            token_ids[i] = seq.token_ids_slice(start, start + 1)[0]
+            if not ahead:
+                token_ids[i] = seq.token_ids_slice(start, start + 1)[0]
         slots = self._slot(tables, positions[:, None])[:, 0]  # [rows]
         slots[len(items):] = PAD_BLOCK * self.block_size
         meta = AttentionMetadata(positions=positions[:, None], block_tables=tables,
@@ -215,17 +264,18 @@ class ModelRunner:
         return token_ids, positions, slots, meta, ends - 1
 
     def prepare(self, decode: list[ScheduledSequence], prefill: list[ScheduledSequence],
-                sampling_rows, num_logprobs: int):
+                sampling_rows, num_logprobs: int, ahead: int = 0):
         """One step's work -> (StepInput of NumPy arrays, sampler flags).
 
         The packed row holds the decode rows first, then the prompt chunks; `sampling_rows`
-        (one per sequence, in that order) become the sampler's rows.
+        (one per sequence, in that order) become the sampler's rows. `ahead`: decode rows that
+        continue a call still in flight (see `_decode_arrays`).
         """
         assert decode or prefill, "an empty step"
         parts, decode_meta, prefill_meta = [], None, None
         last_tokens = []  # packed index of each sequence's last new token
         if decode:
-            *arrays, decode_meta = self._decode_arrays(decode)
+            *arrays, decode_meta = self._decode_arrays(decode, ahead)
             parts.append(arrays)
             last_tokens += range(len(decode))
         if prefill:
@@ -233,7 +283,8 @@ class ModelRunner:
             last_tokens += list(ends + (len(parts[0][0]) if parts else 0))
             parts.append(arrays)
         token_ids, positions, slots = (np.concatenate(column) for column in zip(*parts))
-        num_rows = self.batch_bucket(len(last_tokens))
+        # A decode-only step samples every row it runs (multi-step feeds them all back).
+        num_rows = len(parts[0][0]) if not prefill else self.batch_bucket(len(last_tokens))
         logits_indices = np.zeros((num_rows,), np.int32)  # [S]
         logits_indices[:len(last_tokens)] = last_tokens
         attention = StepAttention(positions=positions, slot_mapping=slots, decode=decode_meta,
@@ -246,9 +297,11 @@ class ModelRunner:
     # -- device ------------------------------------------------------------------------------
     def execute(self, step_input: StepInput, flags) -> sampler_lib.SamplerOutput:
         """Runs one step; returns the sampler's output as NumPy (the only device->host copy)."""
-        key = (_shapes(step_input), flags)
+        buffer, layout = host_transfer.pack(step_input)
+        key = (layout, flags)
         started = time.perf_counter()
-        result, self.kv_cache = self._step_fn(self.params, self.kv_cache, step_input, flags=flags)
+        result, self.kv_cache = self._step_fn(self.params, self.kv_cache, buffer, layout=layout,
+                                              flags=flags)
         result = jax.device_get(result)
         if key not in self._compiled_shapes:
             self._compiled_shapes.add(key)
@@ -256,20 +309,38 @@ class ModelRunner:
                         time.perf_counter() - started)
         return result
 
-    def execute_decode_steps(self, step_input: StepInput, flags,
-                             num_steps: int) -> sampler_lib.SamplerOutput:
-        """Runs `num_steps` decode steps of a decode-only StepInput in one call (see
-        `_decode_steps`); returns the sampler outputs stacked [num_steps, S] as NumPy."""
-        key = (_shapes(step_input), flags, num_steps)
+    def launch_decode_steps(self, step_input: StepInput, flags, num_steps: int,
+                            token_ids=None) -> tuple:
+        """Dispatches `num_steps` decode steps of a decode-only StepInput in one call (see
+        `_decode_steps`) and returns at once, before the device is done: (the sampler outputs
+        stacked [num_steps, S], the last sampled tokens [rows]), both still on the device.
+        `token_ids` (device or host, [rows]) replaces the step input's first tokens: a call
+        that continues the previous one passes that call's last tokens without reading them."""
+        buffer, layout = host_transfer.pack(step_input)
+        key = (layout, flags, num_steps)
+        tokens = step_input.token_ids if token_ids is None else token_ids
         started = time.perf_counter()
-        result, self.kv_cache = self._decode_steps_fn(self.params, self.kv_cache, step_input,
-                                                      flags=flags, num_steps=num_steps)
-        result = jax.device_get(result)
-        if key not in self._compiled_shapes:
+        results, self.kv_cache, last_tokens = self._decode_steps_fn(
+            self.params, self.kv_cache, buffer, tokens, layout=layout, flags=flags,
+            num_steps=num_steps)
+        if key not in self._compiled_shapes:  # dispatch returns once compiled
             self._compiled_shapes.add(key)
             logger.info("compiled %d decode steps for %s in %.2f s", num_steps,
                         _describe(step_input), time.perf_counter() - started)
-        return result
+        return results, last_tokens
+
+    def execute_decode_steps(self, step_input: StepInput, flags,
+                             num_steps: int) -> sampler_lib.SamplerOutput:
+        """`launch_decode_steps` and wait: the sampler outputs [num_steps, S] as NumPy."""
+        results, _ = self.launch_decode_steps(step_input, flags, num_steps)
+        return jax.device_get(results)
+
+    def compile_step(self, step_input: StepInput, flags):
+        """The compiled (not run) program of a single step on `step_input`'s shapes: for its
+        memory analysis (jinfer.memory)."""
+        buffer, layout = host_transfer.pack(step_input)
+        return self._step_fn.lower(self.params, self.kv_cache, buffer, layout=layout,
+                                   flags=flags).compile()
 
     def prompt_logits(self, seq: Sequence) -> np.ndarray:
         """Logits at every prompt position [len, vocab], computed through the paged pool.
@@ -282,12 +353,6 @@ class ModelRunner:
         attention = StepAttention(positions=positions, slot_mapping=slots, prefill=meta)
         logits, self.kv_cache = self._logits_fn(self.params, self.kv_cache, token_ids, attention)
         return np.asarray(logits[:n])
-
-
-def _shapes(step_input: StepInput) -> tuple:
-    """Hashable (structure, shapes) of a step input: equal keys share one compiled program."""
-    leaves, treedef = jax.tree.flatten(step_input)
-    return treedef, tuple(np.shape(leaf) for leaf in leaves)
 
 
 def _describe(step_input: StepInput) -> str:

@@ -14,7 +14,7 @@ import logging
 import time
 
 from jinfer.kv_cache import PAD_BLOCK
-from jinfer.model_runner import packed_bucket
+from jinfer.model_runner import decode_steps_buckets, packed_bucket
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler import ScheduledSequence
 from jinfer.sequence import Sequence
@@ -48,7 +48,7 @@ def _buckets(first: int, last: int, bucket) -> list[int]:
 def warm_up(runner, max_context: int) -> dict:
     """Runs, on the pad block: the prefill of one prompt for every packed token bucket up to
     max_num_batched_tokens, and the decode step (single and, with num_scheduler_steps > 1,
-    multi-step) for every batch bucket up to max_num_seqs and every block-table width up to
+    each multi-step count of `decode_steps_buckets`) for every batch bucket up to max_num_seqs and every block-table width up to
     max_context tokens. Returns {"programs": count, "seconds": time}."""
     config, block_size = runner.config, runner.block_size
     started, before = time.perf_counter(), len(runner._compiled_shapes)
@@ -64,8 +64,8 @@ def warm_up(runner, max_context: int) -> dict:
             items = pad_block_items(batch, context, 1, block_size)
             step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
             runner.execute(step_input, flags)
-            if config.num_scheduler_steps > 1:
-                runner.execute_decode_steps(step_input, flags, config.num_scheduler_steps)
+            for num_steps in decode_steps_buckets(config.num_scheduler_steps):
+                runner.execute_decode_steps(step_input, flags, num_steps)
     result = {"programs": len(runner._compiled_shapes) - before,
               "seconds": time.perf_counter() - started}
     logger.info("warm-up: compiled %d step programs (prompts up to %d tokens, batches up to "

@@ -19,6 +19,13 @@ def llm(tiny_model_dir):
                enable_compilation_cache=False)
 
 
+@pytest.fixture(scope="module")
+def single_step_llm(tiny_model_dir):
+    """One decode step per device call: the baseline multi-step decoding must reproduce."""
+    return LLM(str(tiny_model_dir), num_kv_blocks=256, max_model_len=256, seed=1,
+               num_scheduler_steps=1, enable_compilation_cache=False)
+
+
 def greedy_by_recompute(llm: LLM, prompt_ids: list[int], steps: int) -> list[int]:
     """Oracle: re-prefill the whole sequence each step and take the argmax."""
     ids = list(prompt_ids)
@@ -288,7 +295,7 @@ def test_decodes_and_prompt_chunks_share_one_device_call(tiny_model_dir, llm):
 
 
 @pytest.mark.parametrize("num_steps", [4, 8])
-def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, llm, num_steps):
+def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, single_step_llm, num_steps):
     """Several decode steps per device call: the same tokens and logprobs as one step per call
     for greedy, seeded sampling and stop conditions (stop ids, stop strings, max_tokens cut
     inside a call), with the pool whole afterwards."""
@@ -296,13 +303,13 @@ def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, llm, num_steps)
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=13, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=7, stop=[" the"]),
               SamplingParams(temperature=1.0, seed=5, max_tokens=9, stop_token_ids=[5, 6, 7])]
-    expected = llm.generate(PROMPTS, params, use_tqdm=False)
+    expected = single_step_llm.generate(PROMPTS, params, use_tqdm=False)
     multi = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, seed=1,
                 num_scheduler_steps=num_steps, enable_compilation_cache=False)
     calls = []
     runner = multi.engine.runner
-    execute = runner.execute_decode_steps
-    runner.execute_decode_steps = lambda *a: calls.append(a[2]) or execute(*a)
+    launch = runner.launch_decode_steps
+    runner.launch_decode_steps = lambda *a: calls.append(a[2]) or launch(*a)
     got = multi.generate(PROMPTS, params, use_tqdm=False)
     assert calls and max(calls) == num_steps
     for want, out in zip(expected, got):
@@ -311,6 +318,53 @@ def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, llm, num_steps)
         assert o.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-4)
     assert [list(d) for d in got[0].outputs[0].logprobs] == [
         list(d) for d in expected[0].outputs[0].logprobs]
+    assert_pool_whole(multi)
+
+
+def test_continuations_are_dispatched_with_device_tokens(tiny_model_dir, single_step_llm):
+    """While a multi-step call is in flight, the next one is dispatched with that call's last
+    samples still on the device as its input (the host reads the first back afterwards); the
+    tokens are those of single steps, also for a sequence that stops inside a call whose
+    continuation is already dispatched, and for one aborted while its call is in flight."""
+    import jax
+
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=4, max_tokens=27, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, stop=[" the", "e"])]
+    expected = single_step_llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    multi = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, seed=1,
+                num_scheduler_steps=4, enable_compilation_cache=False)
+    runner, engine = multi.engine.runner, multi.engine
+    launches = []
+    launch = runner.launch_decode_steps
+
+    def spy(step_input, flags, num_steps, token_ids=None):
+        launches.append((num_steps, token_ids))
+        return launch(step_input, flags, num_steps, token_ids)
+
+    runner.launch_decode_steps = spy
+    got = multi.generate(PROMPTS[:3], params, use_tqdm=False)
+    continued = [t for _, t in launches if t is not None]
+    assert continued and all(isinstance(t, jax.Array) for t in continued)
+    for want, out in zip(expected, got):
+        w, o = want.outputs[0], out.outputs[0]
+        assert (o.token_ids, o.finish_reason) == (w.token_ids, w.finish_reason)
+    assert_pool_whole(multi)
+
+    tok = multi.get_tokenizer()
+    for i in range(2):
+        engine.add_request(f"r{i}", None, tok.encode(PROMPTS[i]), params[i])
+    while engine._in_flight is None:
+        engine.step()
+    engine.abort("r0")
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert set(outputs) == {"r1"}
+    assert outputs["r1"].outputs[0].token_ids == expected[1].outputs[0].token_ids
+    while engine._in_flight is not None:  # a dangling continuation is read back and dropped
+        assert engine.step() == []
     assert_pool_whole(multi)
 
 

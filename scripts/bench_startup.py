@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Start-up time: process start to the first generated token, cold and warm compilation cache.
+
+Each run is a fresh interpreter (as a user's `python scripts/generate.py` is): it imports jinfer,
+builds `LLM` (load, KV-pool sizing, compiles or cache loads), and generates one token from a
+short chat prompt. The parent times from spawning the child to the child's report of its first
+token. Run 1 uses an empty compilation cache (JINFER_CACHE_DIR in a temp folder: everything
+compiles and is written); runs 2.. find it filled (the warm start issue 5 asks under 10 s for).
+
+  python scripts/bench_startup.py --out startup.json            # the default model (GGUF)
+  python scripts/bench_startup.py --model-shape smollm2-135m --out startup.json   # random
+      weights of its shape (on the GPU machine, where the default model's file is not present)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = r"""
+import sys, time, json
+t0 = time.perf_counter()
+from jinfer import LLM, SamplingParams
+t_import = time.perf_counter() - t0
+spec = json.loads(sys.argv[1])
+kwargs = {"dtype": spec["dtype"], "max_model_len": spec["max_model_len"]}
+if spec["model_shape"]:
+    llm = LLM(spec["model_shape"], load_format="dummy", **kwargs)
+else:
+    llm = LLM(spec["model"], **kwargs)
+t_load = time.perf_counter() - t0
+params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+tok = llm.get_tokenizer()
+if tok is not None:
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}])
+                     if tok.chat_template else "Why is the sky blue?", add_special_tokens=False)
+else:
+    ids = list(range(1, 17))
+out = llm.generate(prompt_token_ids=[ids], sampling_params=params, use_tqdm=False)
+assert len(out[0].outputs[0].token_ids) == 1
+t_first = time.perf_counter() - t0
+print("RESULT " + json.dumps({"import_s": t_import, "load_s": t_load, "first_token_s": t_first}),
+      flush=True)
+"""
+
+
+def run_child(spec: dict, cache_dir: str) -> dict:
+    env = {**os.environ, "JINFER_CACHE_DIR": cache_dir}
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,
+                         stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - started
+    if out.returncode:
+        raise RuntimeError(f"the child failed (exit {out.returncode}); its log is above")
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    # wall: spawn to exit, including interpreter start-up and teardown; first_token_s is
+    # measured inside from before `import jinfer`.
+    return {**json.loads(line[len("RESULT "):]), "process_wall_s": wall}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M)")
+    p.add_argument("--model-shape", default=None,
+                   help="random weights of this shape instead (jinfer.model_shapes)")
+    p.add_argument("--dtype", default="float32", help="as generate.py's default")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--warm-runs", type=int, default=2)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    spec = {"model": args.model, "model_shape": args.model_shape, "dtype": args.dtype,
+            "max_model_len": args.max_model_len}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cold = run_child(spec, cache_dir)
+        warm = [run_child(spec, cache_dir) for _ in range(args.warm_runs)]
+    import jax  # after the children: the parent holds no device memory while they run
+    result = {"spec": spec, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "cold": cold, "warm": warm}
+    label = args.model_shape and f"{args.model_shape} (random weights)" or (
+        args.model or "SmolLM2-135M-Instruct GGUF")
+    print(f"\n{label}, {args.dtype}, on {result['device']}: process start -> first token")
+    print("| run | import s | LLM() s | first token s | process wall s |\n|---|---|---|---|---|")
+    for name, r in [("cold cache", cold)] + [(f"warm {i + 1}", r) for i, r in enumerate(warm)]:
+        print(f"| {name} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['first_token_s']:.2f} "
+              f"| {r['process_wall_s']:.2f} |")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

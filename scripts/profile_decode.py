@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Where a decode step's time goes: a jax.profiler trace of generate, summed per GPU kernel.
+
+Random weights of a real model's shape (jinfer.model_shapes), greedy, ignore_eos. After a warm-up
+generate of the same shape, one generate runs under the profiler; the trace's device events are
+grouped by kernel name and reported per decoded token: how many kernels a token launches, how long
+they run, how much of the wall time the GPU sits idle, and the kernels that cost the most.
+
+  python scripts/profile_decode.py --model-shape llama3-1b --batch 1 --out prof.json
+  python scripts/profile_decode.py --model-shape smollm2-135m --batch 1 --cpu   # the CPU's ops
+  XLA_FLAGS=--xla_dump_to=/tmp/hlo python scripts/profile_decode.py ...         # and the HLO
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def trace_events(trace_dir: str, device_prefix: str):
+    """(device events, host events): (name, start_ns, duration_ns) of every event on the device
+    planes' stream lines, and of the host plane's driver-API and XLA runtime events (kernel
+    launches, graph launches, copies, synchronisation, thunk execution)."""
+    from jax._src.lib import _profile_data
+    (path,) = pathlib.Path(trace_dir).rglob("*.xplane.pb")
+    data = _profile_data.ProfileData.from_file(str(path))
+    device, host = [], []
+    for plane in data.planes:
+        for line in plane.lines:
+            if plane.name.startswith(device_prefix):
+                # GPU planes: one line per stream ("Stream #N(...)"), plus summary lines.
+                if device_prefix.startswith("/device:GPU") and not line.name.startswith("Stream"):
+                    continue
+                device += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+            elif plane.name.startswith("/host"):
+                host += [(e.name, e.start_ns, e.duration_ns) for e in line.events
+                         if e.name.startswith("cu") or "Thunk" in e.name
+                         or "CommandBuffer" in e.name]
+    return device, host
+
+
+GAP_BINS_US = (2, 10, 100, 1000, float("inf"))
+
+
+def idle_gaps(events) -> list[list[float]]:
+    """[upper bound us, count, total ms] of the idle gaps between consecutive device events."""
+    bins = [[bound, 0, 0.0] for bound in GAP_BINS_US]
+    end = None
+    for _, start, duration in sorted(events, key=lambda e: e[1]):
+        if end is not None and start > end:
+            gap_us = (start - end) / 1e3
+            row = next(b for b in bins if gap_us < b[0])
+            row[1] += 1
+            row[2] += gap_us / 1e3
+        end = start + duration if end is None else max(end, start + duration)
+    return bins
+
+
+def per_name(events) -> list[list]:
+    """[name, count, total us] per distinct event name, costliest first."""
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for name, _, duration in events:
+        totals[name][0] += 1
+        totals[name][1] += duration / 1e3
+    return sorted(([n, c, t] for n, (c, t) in totals.items()), key=lambda r: -r[2])
+
+
+def busy_ns(events) -> float:
+    """Length of the union of the events' intervals."""
+    total, end = 0.0, -1.0
+    for _, start, duration in sorted(events, key=lambda e: e[1]):
+        stop = start + duration
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-shape", default="llama3-1b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    p.add_argument("--num-scheduler-steps", type=int, default=8)
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--top", type=int, default=30, help="kernels listed")
+    p.add_argument("--cpu", action="store_true", help="profile the CPU backend's ops instead")
+    p.add_argument("--out", help="JSON file for the results")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import jax
+    if args.cpu:
+        jax.config.update("jax_platforms", "cpu")
+    from jinfer import LLM, SamplingParams
+    from jinfer.model_shapes import resolve_model_config
+
+    config = resolve_model_config(args.model_shape)
+    kwargs = dict(load_format="dummy", dtype=args.dtype, seed=0, max_num_seqs=args.batch,
+                  max_model_len=args.prompt_len + args.tokens,
+                  num_scheduler_steps=args.num_scheduler_steps)
+    if args.attention_backend:
+        kwargs["attention_backend"] = args.attention_backend
+    if not args.cpu:
+        kwargs["gpu_memory_utilization"] = 0.5
+    llm = LLM(args.model_shape, **kwargs)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+
+    def generate() -> float:
+        prompts = rng.integers(0, config.vocab_size, (args.batch, args.prompt_len)).tolist()
+        started = time.perf_counter()
+        llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        return time.perf_counter() - started
+
+    def prefill_only() -> float:
+        prompts = rng.integers(0, config.vocab_size, (args.batch, args.prompt_len)).tolist()
+        started = time.perf_counter()
+        llm.generate(prompt_token_ids=prompts, use_tqdm=False,
+                     sampling_params=SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        return time.perf_counter() - started
+
+    generate(), prefill_only(), generate()  # compile every shape
+    t_full = min(generate() for _ in range(3))
+    t_first = min(prefill_only() for _ in range(3))
+    decode_tok_s = args.batch * (args.tokens - 1) / (t_full - t_first)
+
+    prefix = "/host:CPU" if args.cpu else "/device:GPU"
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        started = time.perf_counter()
+        generate()
+        wall_ns = (time.perf_counter() - started) * 1e9
+        jax.profiler.stop_trace()
+        events, host_events = trace_events(trace_dir, prefix)
+    if not events:
+        print(f"no events on {prefix} planes in the trace", file=sys.stderr)
+        return 1
+
+    kernels = per_name(events)
+    tokens = args.tokens  # steps: one prefill + (tokens - 1) decodes
+    span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
+    busy = busy_ns(events)
+    kernel_ns = 1e3 * sum(row[2] for row in kernels)
+    gaps = idle_gaps(events)
+    result = {
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "model_shape": args.model_shape, "batch": args.batch, "prompt_len": args.prompt_len,
+        "tokens": args.tokens, "num_scheduler_steps": args.num_scheduler_steps,
+        "decode_tok_s": decode_tok_s, "decode_ms_per_step": 1e3 * (t_full - t_first) / (
+            args.tokens - 1),
+        "traced_wall_ms": wall_ns / 1e6, "device_span_ms": span / 1e6,
+        "device_busy_ms": busy / 1e6, "kernel_ms": kernel_ns / 1e6,
+        "kernels": len(events), "kernels_per_token": len(events) / tokens,
+        "top": kernels[:args.top], "idle_gaps": gaps, "host": per_name(host_events)[:args.top],
+    }
+    print(f"{result['device']}, {args.model_shape} {args.dtype}, batch {args.batch}, prompt "
+          f"{args.prompt_len}, {args.tokens} tokens, {args.num_scheduler_steps} steps per call")
+    print(f"decode {decode_tok_s:,.1f} tok/s ({result['decode_ms_per_step']:.3f} ms/step); "
+          f"traced generate {wall_ns / 1e6:.1f} ms, device busy {busy / 1e6:.1f} ms "
+          f"({100 * busy / wall_ns:.0f}%), {len(events)} kernels "
+          f"({len(events) / tokens:.0f} per token, mean {kernel_ns / len(events) / 1e3:.1f} us)")
+    print("\n| kernel | count | per token | total ms | mean us | share |\n|---|---|---|---|---|---|")
+    for name, count, total_us in result["top"]:
+        print(f"| {name[:90]} | {count} | {count / tokens:.1f} | {total_us / 1e3:.2f} | "
+              f"{total_us / count:.1f} | {100 * total_us * 1e3 / kernel_ns:.1f}% |")
+    print("\nidle gaps between device events: " + ", ".join(
+        f"<{bound:g} us: {count} ({total:.1f} ms)" for bound, count, total in gaps))
+    print("\n| host event | count | per token | total ms | mean us |\n|---|---|---|---|---|")
+    for name, count, total_us in result["host"][:15]:
+        print(f"| {name[:90]} | {count} | {count / tokens:.1f} | {total_us / 1e3:.2f} | "
+              f"{total_us / count:.1f} |")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
