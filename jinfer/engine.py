@@ -253,23 +253,29 @@ class LLMEngine:
         return InFlight(decode, num_steps, results, last_tokens)
 
     def _continuation(self, prev: InFlight) -> Optional[InFlight]:
-        """The call that continues `prev`'s rows, dispatched before `prev` is read back: when
-        nothing waits for admission, every running sequence is in `prev` and unfinished, and
-        some row wants at least two tokens past `prev` (a row finishing on eos or a stop string
-        inside `prev` wastes its share of the call; its tokens are discarded)."""
-        seqs = [item.seq for item in prev.items]
-        if (self.scheduler.waiting or len(self.scheduler.running) != len(seqs)
-                or any(seq.is_finished for seq in seqs)):
+        """The call that continues `prev`'s unfinished rows, dispatched before `prev` is read
+        back: when nothing waits for admission, every running sequence is one of them, and some
+        row wants at least two tokens past `prev`. Rows that finished before `prev` was
+        dispatched drop out (their input tokens are gathered on the device); rows that finish
+        on eos or a stop string inside `prev` waste their share of the call (discarded)."""
+        live = [row for row, item in enumerate(prev.items) if not item.seq.is_finished]
+        seqs = [prev.items[row].seq for row in live]
+        if not seqs or self.scheduler.waiting or len(self.scheduler.running) != len(seqs):
             return None
+        items = [prev.items[row] for row in live]
         ahead = prev.num_steps
         wanted = max(min(seq.params.max_tokens - seq.num_output_tokens,
                          self.config.max_model_len - seq.num_tokens) - ahead for seq in seqs)
         num_steps = decode_steps_bucket(wanted, self.config.num_scheduler_steps)
-        while num_steps > 1 and not self._decode_steps_fit(prev.items, num_steps, ahead):
+        while num_steps > 1 and not self._decode_steps_fit(items, num_steps, ahead):
             num_steps = decode_steps_bucket(num_steps - 1, self.config.num_scheduler_steps)
         if num_steps < 2:
             return None
-        return self._launch_decode_steps(prev.items, num_steps, ahead, prev.last_tokens)
+        tokens = prev.last_tokens
+        if len(items) < len(prev.items):  # a device-side gather: no wait for `prev`
+            rows = self.runner.batch_bucket(max(len(items), self.runner.min_decode_rows))
+            tokens = tokens[np.pad(np.array(live), (0, rows - len(live)))]
+        return self._launch_decode_steps(items, num_steps, ahead, tokens)
 
     def _step_in_flight(self) -> list[RequestOutput]:
         in_flight, self._in_flight = self._in_flight, None

@@ -21,7 +21,7 @@ same run: each step streaming only the weights (batch x bandwidth / weight bytes
 weights plus every sequence's K/V at the workload's mean decode context.
 
   python scripts/bench_throughput.py --out throughput.json     # Llama-3.2-1B shape, bf16
-  python scripts/bench_throughput.py --quick --out t.json      # one sweep point, one HF batch
+  python scripts/bench_throughput.py --quick --out t.json      # no sweep, one HF batch size
   python scripts/bench_throughput.py --cpu-smoke --out /tmp/t.json  # tiny, CPU, no HF
 """
 
@@ -221,7 +221,7 @@ def make_spec(args, model: str, config) -> dict:
         num_requests, low, high, max_num_seqs, sweep = 4, 4, 12, 4, [2]
     else:
         num_requests, low, high = args.num_requests, args.min_len, args.max_len
-        max_num_seqs, sweep = args.max_num_seqs, ([64] if args.quick else args.sweep)
+        max_num_seqs, sweep = args.max_num_seqs, ([] if args.quick else args.sweep)
     return {"model": model, "dtype": args.dtype, "temperature": args.temperature,
             "label": args.model or ("smoke" if args.cpu_smoke else args.model_shape),
             "low": low, "high": high, "num_requests": num_requests,
@@ -270,9 +270,11 @@ def main() -> int:
         model, config = model_source(args, workdir)
         spec = make_spec(args, model, config)
         env = child_env("jinfer", args.cpu_smoke)
-        runs = [run_child(__file__, "jinfer", spec, env)]
-        for batch in spec["sweep"]:
+        runs = []
+        for batch in [spec["max_num_seqs"]] + spec["sweep"]:
             runs.append(run_child(__file__, "jinfer", {**spec, "max_num_seqs": batch}, env))
+            logger.warning("jinfer max_num_seqs=%d: %.2f s (load %.1f s, warm-up %.1f s)", batch,
+                           runs[-1]["elapsed_s"], runs[-1]["load_s"], runs[-1]["warmup_s"])
         results = {"jinfer": runs}
         if not (args.skip_hf or args.cpu_smoke):
             results["hf"] = run_child(__file__, "hf", spec, child_env("hf", False))

@@ -325,13 +325,16 @@ def test_continuations_are_dispatched_with_device_tokens(tiny_model_dir, single_
     """While a multi-step call is in flight, the next one is dispatched with that call's last
     samples still on the device as its input (the host reads the first back afterwards); the
     tokens are those of single steps, also for a sequence that stops inside a call whose
-    continuation is already dispatched, and for one aborted while its call is in flight."""
+    continuation is already dispatched (the rows left continue without it), and for one aborted
+    while its call is in flight."""
     import jax
 
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[2]]
     params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
               SamplingParams(temperature=0.7, seed=4, max_tokens=27, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=30, stop=[" the", "e"])]
-    expected = single_step_llm.generate(PROMPTS[:3], params, use_tqdm=False)
+              SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, stop=["é"])]
+    expected = single_step_llm.generate(prompts, params, use_tqdm=False)
     multi = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, seed=1,
                 num_scheduler_steps=4, enable_compilation_cache=False)
     runner, engine = multi.engine.runner, multi.engine
@@ -339,13 +342,17 @@ def test_continuations_are_dispatched_with_device_tokens(tiny_model_dir, single_
     launch = runner.launch_decode_steps
 
     def spy(step_input, flags, num_steps, token_ids=None):
-        launches.append((num_steps, token_ids))
+        live_rows = int((step_input.attention.decode.context_lens > 0).sum())
+        launches.append((live_rows, token_ids))
         return launch(step_input, flags, num_steps, token_ids)
 
     runner.launch_decode_steps = spy
-    got = multi.generate(PROMPTS[:3], params, use_tqdm=False)
-    continued = [t for _, t in launches if t is not None]
-    assert continued and all(isinstance(t, jax.Array) for t in continued)
+    got = multi.generate(prompts, params, use_tqdm=False)
+    continued = [(rows, t) for rows, t in launches if t is not None]
+    assert continued and all(isinstance(t, jax.Array) for _, t in continued)
+    # the stop-string and the short sequences finish early; the others continue without them
+    assert expected[3].outputs[0].finish_reason == "stop"
+    assert len({rows for rows, _ in continued}) > 1
     for want, out in zip(expected, got):
         w, o = want.outputs[0], out.outputs[0]
         assert (o.token_ids, o.finish_reason) == (w.token_ids, w.finish_reason)
@@ -353,7 +360,7 @@ def test_continuations_are_dispatched_with_device_tokens(tiny_model_dir, single_
 
     tok = multi.get_tokenizer()
     for i in range(2):
-        engine.add_request(f"r{i}", None, tok.encode(PROMPTS[i]), params[i])
+        engine.add_request(f"r{i}", None, tok.encode(prompts[i]), params[i])
     while engine._in_flight is None:
         engine.step()
     engine.abort("r0")
