@@ -45,7 +45,9 @@ class LLM:
     Args:
       model: a Hugging Face folder, a .gguf file, or None for the default model; with
         load_format="dummy" also a shape name of `jinfer.model_shapes.MODEL_SHAPES`.
-      dtype: "float32" | "bfloat16" | "float16" for weights, activations and the KV pool.
+      dtype: "float32" | "bfloat16" | "float16" for weights, activations and the KV pool;
+        "auto" (the default): bfloat16 on a GPU, float32 on the CPU (where bfloat16 is
+        emulated and slower).
       load_format: "auto" (read the weights) or "dummy" (random weights of the model's shape,
         made on device: for benchmarks without downloads, as vLLM's load_format="dummy").
       skip_tokenizer_init: load no tokenizer; prompts must then be token ids and outputs carry
@@ -56,7 +58,7 @@ class LLM:
       enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
     """
 
-    def __init__(self, model: Optional[str] = None, *, dtype: str = "float32",
+    def __init__(self, model: Optional[str] = None, *, dtype: str = "auto",
                  load_format: str = "auto", skip_tokenizer_init: bool = False,
                  block_size: int = 16, num_kv_blocks: Optional[int] = None,
                  kv_cache_memory_bytes: Optional[int] = None,
@@ -67,8 +69,11 @@ class LLM:
                  num_scheduler_steps: int = 8,
                  mixed_batching: Optional[bool] = None, enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
+        if dtype == "auto":
+            dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+            raise ValueError(f"dtype={dtype!r} is not supported; choose 'auto' or one of "
+                             f"{sorted(DTYPES)}")
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={load_format!r} is not supported; choose 'auto' (read "
                              f"the weights) or 'dummy' (random weights of the model's shape)")

@@ -18,7 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="+", help="prompt text (several prompts run as one batch)")
     p.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: when the model has one)")

@@ -37,11 +37,15 @@ if [[ $what == bench || $what == all ]]; then
       > "$out/bench_latency.md" 2>&1 || status=1
   python scripts/bench_throughput.py --quick --out "$out/bench_throughput.json" \
       > "$out/bench_throughput.md" 2>&1 || status=1
+  python scripts/bench_startup.py --model-shape smollm2-135m --out "$out/bench_startup.json" \
+      > "$out/bench_startup.md" 2>&1 || status=1
+  python scripts/profile_decode.py --model-shape llama3-1b --batch 1 \
+      --out "$out/profile_b1.json" > "$out/profile_b1.md" 2>&1 || status=1
   for backend in pallas reference; do
     python scripts/bench_step.py --dtype bfloat16 --batch 1 16 64 --context 512 \
         --attention-backend "$backend" --out "$out/bench_step_$backend.json" \
         > "$out/bench_step_$backend.log" 2>&1 || status=1
   done
-  tail -n 40 "$out"/bench_*.md
+  tail -n 40 "$out"/bench_*.md "$out"/profile_b1.md
 fi
 exit $status

@@ -412,3 +412,15 @@ def test_warmup_compiles_what_requests_then_use(tiny_model_dir):
         llm.generate(prompt, params, use_tqdm=False)
     assert runner._compiled_shapes == shapes
     assert_pool_whole(llm)
+
+
+def test_dtype_auto_is_float32_on_the_cpu_and_bad_dtypes_say_what_to_use(tiny_model_dir):
+    import jax
+    import jax.numpy as jnp
+
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=16, max_model_len=64,
+              enable_compilation_cache=False)
+    expected = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    assert llm.engine.runner.kv_cache.k.dtype == expected
+    with pytest.raises(ValueError, match="dtype='fp8' is not supported; choose 'auto' or one"):
+        LLM(str(tiny_model_dir), dtype="fp8", enable_compilation_cache=False)
