@@ -202,14 +202,15 @@ class LLMEngine:
 
     def _num_decode_steps(self, decode, prefill) -> int:
         """How many decode steps the next device call may run back to back (multi-step
-        scheduling): only decodes run, nobody waits for admission, every row has sampled before
-        (a prompt's last token is not a decode: n > 1 siblings fork after it), no row needs the
-        host between tokens (penalties read the growing output, min_tokens bans change); then
+        scheduling): only decodes run, no waiting sequence could be admitted (see
+        `_admission_possible`), every row has sampled before (a prompt's last token is not a
+        decode: n > 1 siblings fork after it), no row needs the host between tokens (penalties
+        read the growing output, min_tokens bans change); then
         num_scheduler_steps, or a power of two below it that the longest row still wants
         (`decode_steps_bucket`), halved until every row fits in max_model_len and the pool has
         the slots (with no shared block in the write range). Else 1."""
         limit = self.config.num_scheduler_steps
-        if limit == 1 or prefill or not decode or self.scheduler.waiting:
+        if limit == 1 or prefill or not decode or self._admission_possible():
             return 1
         wanted = 1
         for item in decode:
@@ -222,6 +223,13 @@ class LLMEngine:
         while num_steps > 1 and not self._decode_steps_fit(decode, num_steps):
             num_steps = decode_steps_bucket(num_steps - 1, limit)
         return num_steps
+
+    def _admission_possible(self) -> bool:
+        """A waiting sequence could join the batch now (a free seat under max_num_seqs): then
+        the next step should schedule rather than run decodes ahead. With every seat taken,
+        waiting sequences wait for a finish either way (at most one more call)."""
+        return bool(self.scheduler.waiting) and (
+            len(self.scheduler.running) < self.config.max_num_seqs)
 
     def _decode_steps_fit(self, decode, num_steps: int, ahead: int = 0) -> bool:
         """Every row can take num_steps more tokens (after `ahead` in flight): within
@@ -254,13 +262,13 @@ class LLMEngine:
 
     def _continuation(self, prev: InFlight) -> Optional[InFlight]:
         """The call that continues `prev`'s unfinished rows, dispatched before `prev` is read
-        back: when nothing waits for admission, every running sequence is one of them, and some
-        row wants at least two tokens past `prev`. Rows that finished before `prev` was
+        back: when no waiting sequence could be admitted, every running sequence is one of them,
+        and some row wants at least two tokens past `prev`. Rows that finished before `prev` was
         dispatched drop out (their input tokens are gathered on the device); rows that finish
         on eos or a stop string inside `prev` waste their share of the call (discarded)."""
         live = [row for row, item in enumerate(prev.items) if not item.seq.is_finished]
         seqs = [prev.items[row].seq for row in live]
-        if not seqs or self.scheduler.waiting or len(self.scheduler.running) != len(seqs):
+        if not seqs or self._admission_possible() or len(self.scheduler.running) != len(seqs):
             return None
         items = [prev.items[row] for row in live]
         ahead = prev.num_steps

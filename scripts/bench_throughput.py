@@ -187,9 +187,10 @@ def plot(path: str, results: dict, label: str) -> bool:
     runs = sorted(results["jinfer"], key=lambda r: r["max_num_seqs"])
     batches = [r["max_num_seqs"] for r in runs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(batches, [r["roofline_weights_tok_s"] for r in runs], "k--",
+    ceilings = results["ceilings"]
+    ax.plot([c["batch"] for c in ceilings], [c["weights_tok_s"] for c in ceilings], "k--",
             label="ceiling: weights only at copy bandwidth")
-    ax.plot(batches, [r["roofline_kv_tok_s"] for r in runs], "k:",
+    ax.plot([c["batch"] for c in ceilings], [c["kv_tok_s"] for c in ceilings], "k:",
             label="ceiling: weights + K/V at mean context")
     ax.plot(batches, [r["output_tok_s"] for r in runs], "o-", label="jinfer (max_num_seqs)")
     hf = [r for r in results.get("hf", {}).get("runs", []) if r["status"] == "ok"]
@@ -198,7 +199,7 @@ def plot(path: str, results: dict, label: str) -> bool:
         ax.plot([r["batch"] for r in hf], [r["output_tok_s"] for r in hf], "s-",
                 label="HF transformers generate (batch size)")
     ax.set_xscale("log", base=2)
-    ticks = sorted({*batches, *(r["batch"] for r in hf)})
+    ticks = sorted({*batches, *(r["batch"] for r in hf), *(c["batch"] for c in ceilings)})
     ax.set_xticks(ticks, [str(b) for b in ticks])
     ax.minorticks_off()
     ax.set_yscale("log")
@@ -292,6 +293,11 @@ def main() -> int:
           for r in results.get("hf", {}).get("runs", []) if r["status"] == "ok"]
     if ok:
         results["hf_best"] = max(ok, key=lambda r: r["output_tok_s"])
+    largest = max([r["max_num_seqs"] for r in runs] + spec["hf_batch_sizes"])
+    results["ceilings"] = [
+        {"batch": b, "weights_tok_s": roofline(config, args.dtype, bandwidth, b, 0)["tok_s"],
+         "kv_tok_s": roofline(config, args.dtype, bandwidth, b, context)["tok_s"]}
+        for b in (1 << i for i in range(largest.bit_length())) if b <= largest]
     results["workload"] = {"num_requests": spec["num_requests"], "prompt_tokens": prompt_tokens,
                            "output_tokens": output_tokens, "mean_decode_context": context}
     results["spec"] = {k: v for k, v in spec.items() if "prompts" not in k and "lens" not in k}

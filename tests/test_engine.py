@@ -375,6 +375,29 @@ def test_continuations_are_dispatched_with_device_tokens(tiny_model_dir, single_
     assert_pool_whole(multi)
 
 
+def test_full_batch_runs_ahead_while_requests_wait(tiny_model_dir, single_step_llm):
+    """With every max_num_seqs seat taken, waiting requests cannot join before a finish, so
+    decodes still run several steps per call (and continue in flight); each waiting request
+    joins once a seat frees, and every output is the one single steps give."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 20, 14, 6)]
+    expected = single_step_llm.generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, seed=1, max_num_seqs=2,
+              num_scheduler_steps=4, enable_compilation_cache=False)
+    engine, runner = llm.engine, llm.engine.runner
+    waiting_at_launch = []
+    launch = runner.launch_decode_steps
+
+    def spy(*args):
+        waiting_at_launch.append(len(engine.scheduler.waiting))
+        return launch(*args)
+
+    runner.launch_decode_steps = spy
+    got = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert any(waiting_at_launch)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert_pool_whole(llm)
+
+
 def test_multi_step_with_one_token_prompts_and_n(tiny_model_dir):
     """A one-token prompt's first step looks like a decode; its n > 1 siblings fork after it, so
     it must not run inside a multi-step call (this hung the engine before)."""

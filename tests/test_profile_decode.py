@@ -1,0 +1,31 @@
+"""scripts/profile_decode.py's trace arithmetic: busy time, idle gaps and per-kernel totals."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+_path = pathlib.Path(__file__).parent.parent / "scripts" / "profile_decode.py"
+_spec = importlib.util.spec_from_file_location("profile_decode", _path)
+profile_decode = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profile_decode)
+
+# (name, start ns, duration ns): two overlapping kernels, a 1.5 us gap, a 50 us gap, a 2 ms gap
+EVENTS = [("a", 0, 1000), ("b", 500, 1000), ("a", 3000, 1000), ("c", 54000, 2000),
+          ("a", 2056000, 1000)]
+
+
+def test_busy_time_is_the_union_of_the_intervals():
+    assert profile_decode.busy_ns(EVENTS) == 1500 + 1000 + 2000 + 1000
+
+
+def test_idle_gaps_fall_into_their_bins():
+    gaps = {bound: (count, total) for bound, count, total in profile_decode.idle_gaps(EVENTS)}
+    assert gaps[2] == (1, pytest.approx(1.5e-3))
+    assert gaps[100] == (1, pytest.approx(50e-3))
+    assert gaps[float("inf")] == (1, pytest.approx(2.0))
+    assert gaps[10][0] == gaps[1000][0] == 0
+
+
+def test_per_name_totals_costliest_first():
+    assert profile_decode.per_name(EVENTS) == [["a", 3, 3.0], ["c", 1, 2.0], ["b", 1, 1.0]]
