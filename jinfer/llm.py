@@ -98,7 +98,7 @@ class LLM:
                             else mixed_batching))
         runner = ModelRunner(model_config, self.config, device_params, 2, DTYPES[dtype])
         num_blocks = self._num_blocks(runner, DTYPES[dtype])
-        runner.kv_cache = init_kv_cache(model_config, num_blocks, block_size, DTYPES[dtype])
+        runner.kv_cache = _allocate_pool(model_config, num_blocks, block_size, DTYPES[dtype])
         self.engine = LLMEngine(runner, self.tokenizer, self.config,
                                 self._eos_ids(eos_ids), num_blocks, shuffle_blocks_seed)
         self._request_counter = 0
@@ -271,6 +271,21 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, "
                              f"or one per prompt")
         return params
+
+
+def _allocate_pool(model_config, num_blocks: int, block_size: int, dtype):
+    """The KV pool, allocated now: an allocation that fails does so here, with what to change,
+    rather than inside the first request's step."""
+    try:
+        return jax.block_until_ready(init_kv_cache(model_config, num_blocks, block_size, dtype))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        size = (num_blocks * bytes_per_block(model_config, block_size, dtype)) / 2**30
+        raise ValueError(
+            f"the KV pool ({num_blocks - 1} blocks of {block_size} tokens, {size:.2f} GiB) could "
+            f"not be allocated on the device ({e}); lower gpu_memory_utilization, or give "
+            f"kv_cache_memory_bytes or num_kv_blocks") from e
 
 
 def _load(model, dtype: str, load_format: str, skip_tokenizer_init: bool, seed: int):

@@ -73,3 +73,19 @@ def test_explicit_sizes_win_over_utilization(tiny_model_dir, monkeypatch):
 def test_bad_utilization_is_a_clear_error(tiny_model_dir):
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLM(str(tiny_model_dir), gpu_memory_utilization=1.5, enable_compilation_cache=False)
+
+
+def test_pool_that_cannot_be_allocated_fails_at_construction_with_a_fix(tiny_model_dir,
+                                                                        monkeypatch):
+    import jax
+
+    import jinfer.llm
+
+    def out_of_memory(*args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                         "allocate 26.44GiB")
+
+    monkeypatch.setattr(jinfer.llm, "init_kv_cache", out_of_memory)
+    with pytest.raises(ValueError, match="could not be allocated.*lower gpu_memory_utilization"):
+        LLM(str(tiny_model_dir), max_model_len=128, num_kv_blocks=40,
+            enable_compilation_cache=False)
