@@ -281,12 +281,12 @@ class LLMEngine:
             return None
         tokens = prev.last_tokens
         if len(items) < len(prev.items):  # a device-side gather: no wait for `prev`
-            rows = self.runner.batch_bucket(max(len(items), self.runner.min_decode_rows))
+            rows = self.runner.decode_rows_bucket(len(items))
             tokens = tokens[np.pad(np.array(live), (0, rows - len(live)))]
         return self._launch_decode_steps(items, num_steps, ahead, tokens)
 
     def _step_in_flight(self) -> list[RequestOutput]:
-        in_flight, self._in_flight = self._in_flight, None
+        in_flight = self._in_flight
         self._in_flight = self._continuation(in_flight)
         touched: dict[str, Request] = {}
         results = jax.device_get(in_flight.results)  # waits for the call

@@ -9,7 +9,6 @@ at max_model_len).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import jax
@@ -21,29 +20,13 @@ logger = logging.getLogger(__name__)
 GiB = 2**30
 
 
-@dataclasses.dataclass(frozen=True)
-class DeviceMemory:
-    """The first device's allocator, in bytes."""
-
-    limit: int   # what JAX may allocate in all
-    in_use: int  # allocated now
-    held: int    # allocated now or unusable for one large new buffer: freed temporaries
-    # (weight conversion, compile-time autotuning) leave holes in the allocator's memory, and a
-    # KV pool array needs one contiguous range. Growing on demand
-    # (XLA_PYTHON_CLIENT_PREALLOCATE=false) the allocator never hands those regions back, so
-    # all it holds counts; preallocated, the ranges below its high-water mark do.
-
-
-def device_memory() -> DeviceMemory | None:
-    """The allocator's numbers for the first device; None where the backend reports none (the
-    CPU)."""
+def device_memory() -> tuple[int, int] | None:
+    """(bytes JAX may allocate, bytes in use) on the first device; None where the backend
+    reports no allocator statistics (the CPU)."""
     stats = jax.devices()[0].memory_stats()
     if not stats or "bytes_limit" not in stats:
         return None
-    limit, in_use = int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
-    region = int(stats.get("pool_bytes", 0))
-    held = region if 0 < region < limit else int(stats.get("peak_bytes_in_use", in_use))
-    return DeviceMemory(limit=limit, in_use=in_use, held=max(held, in_use))
+    return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
 
 
 def step_temp_bytes(runner) -> int:
@@ -69,16 +52,14 @@ def blocks_for_utilization(runner, utilization: float, bytes_per_block: int,
     besides what is allocated now (the weights; the runner's pool should be minimal) and the
     scratch of the largest steps. Raises a ValueError that says what is needed when not even
     `min_blocks` fit."""
-    temp = step_temp_bytes(runner)  # compiling first: its autotuning scratch leaves holes too
-    mem = device_memory()
-    limit, in_use = mem.limit, mem.in_use
-    used = mem.held + temp
+    limit, in_use = device_memory()
+    used = in_use + step_temp_bytes(runner)
     budget = int(utilization * limit) - used
     blocks = max(0, budget // bytes_per_block - 1)
     logger.info("KV pool sizing: %.2f GiB allowed (gpu_memory_utilization=%.2f of %.2f GiB), "
-                "weights %.2f GiB (allocator holds %.2f GiB) + step scratch %.2f GiB -> %d "
-                "blocks (%.2f GiB)", utilization * limit / GiB, utilization, limit / GiB,
-                in_use / GiB, mem.held / GiB, temp / GiB, blocks, blocks * bytes_per_block / GiB)
+                "weights %.2f GiB + step scratch %.2f GiB -> %d blocks (%.2f GiB)",
+                utilization * limit / GiB, utilization, limit / GiB, in_use / GiB,
+                (used - in_use) / GiB, blocks, blocks * bytes_per_block / GiB)
     if blocks < min_blocks:
         needed = used + (min_blocks + 1) * bytes_per_block
         raise ValueError(

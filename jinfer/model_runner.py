@@ -178,6 +178,10 @@ class ModelRunner:
     def batch_bucket(self, n: int) -> int:
         return next_power_of_2(n)
 
+    def decode_rows_bucket(self, n: int) -> int:
+        """Rows of a decode-only step of n sequences (at least `min_decode_rows`)."""
+        return self.batch_bucket(max(n, self.min_decode_rows))
+
     def query_bucket(self, n: int) -> int:
         return n if n == 1 else max(MIN_PREFILL_BUCKET, next_power_of_2(n))
 
@@ -200,7 +204,7 @@ class ModelRunner:
         AttentionMetadata [rows, 1]; padding rows have context 0 and write to the pad block.
         `ahead` > 0: the rows continue a call still running, which computes their next `ahead`
         tokens; the input tokens are that call's last samples (0 here, given on the device)."""
-        rows = self.batch_bucket(max(len(items), self.min_decode_rows))
+        rows = self.decode_rows_bucket(len(items))
         width = self.blocks_bucket(max(len(item.seq.block_table) for item in items))
         tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
         positions = np.zeros((rows,), np.int32)               # [rows]

@@ -47,9 +47,9 @@ def _buckets(first: int, last: int, bucket) -> list[int]:
 
 def warm_up(runner, max_context: int) -> dict:
     """Runs, on the pad block: the prefill of one prompt for every packed token bucket up to
-    max_num_batched_tokens, and the decode step (single and, with num_scheduler_steps > 1,
-    each multi-step count of `decode_steps_buckets`) for every batch bucket up to max_num_seqs and every block-table width up to
-    max_context tokens. Returns {"programs": count, "seconds": time}."""
+    max_num_batched_tokens, and the decode step (single, and each multi-step count of
+    `decode_steps_buckets`) for every batch bucket up to max_num_seqs and every block-table
+    width up to max_context tokens. Returns {"programs": count, "seconds": time}."""
     config, block_size = runner.config, runner.block_size
     started, before = time.perf_counter(), len(runner._compiled_shapes)
     max_context = min(max_context, config.max_model_len)
