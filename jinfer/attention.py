@@ -7,16 +7,21 @@ each through its backend function, inside the same jitted call. The metadata is 
 argument of the model's forward (never hidden global state).
 
 A backend is three functions over layer `layer` of the stacked pool (passing the whole pool,
-not a slice of it, keeps the pool's update in place):
+not a slice of it, keeps the pool's update in place), and optionally a fourth:
   write_kv(k_pool, v_pool, layer, slots [T], k [T, kv_heads, dim], v) -> (k_pool, v_pool)
   decode(q [rows, heads, dim], k_pool, v_pool, layer, meta: AttentionMetadata, scale)
   prefill(q [tokens, heads, dim], k_pool, v_pool, layer, meta: PrefillMetadata, scale)
+  fused_decode(qkv [rows, ...], cos, sin, k_pool, v_pool, layer, slots, meta, num_heads,
+               scale) -> (out [rows, heads * dim], k_pool, v_pool): RoPE, KV write and decode
+               attention of the decode rows in one kernel (a batch-1 step is bound by kernel
+               count, not bytes)
 
 Backends: "reference" (jnp, with an XLA scatter for the KV write; the decode-specialised form
 for decodes, which is several times faster on XLA CPU), "oracle" (the plain reference
-everywhere, for checking), "pallas" (the Pallas kernels: KV write, paged decode and ragged paged
-prefill) and "triton" (the Triton-language decode kernel through jax-triton, with the Pallas
-KV-write and prefill kernels).
+everywhere, for checking), "pallas" (the Pallas kernels: fused decode, KV write and ragged paged
+prefill), "pallas_unfused" (the Pallas kernels with RoPE, KV write and paged decode attention
+as separate steps) and "triton" (the Triton-language decode kernel through jax-triton, with the
+Pallas KV-write and prefill kernels).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.fused_decode import fused_decode_attention_pallas, triton_supports
 from pallas_kernels.kv_write import write_kv_pallas
 from pallas_kernels.paged_decode import paged_decode_attention_pallas
 from pallas_kernels.paged_prefill import ragged_paged_attention_pallas
-from pallas_kernels.reference import paged_attention_reference, paged_decode_attention
+from pallas_kernels.reference import (apply_rope, paged_attention_reference,
+                                      paged_decode_attention)
 
 
 @jax.tree_util.register_dataclass
@@ -78,17 +85,48 @@ class AttentionBackend(NamedTuple):
     decode: Callable[..., jax.Array]
     prefill: Callable[..., jax.Array]
     write_kv: Callable[..., tuple[jax.Array, jax.Array]]
+    # RoPE + KV write + decode attention in one kernel, from the QKV row (None: unfused), and
+    # whether it takes a pool of this (block_size, head_dim) (else the unfused path runs).
+    fused_decode: Optional[Callable[..., tuple[jax.Array, jax.Array, jax.Array]]] = None
+    fused_supports: Callable[[int, int], bool] = lambda block_size, head_dim: True
 
 
-def attend(backend: AttentionBackend, q, k_pool, v_pool, layer, meta: StepAttention,
-           scale: float) -> jax.Array:
-    """q [T, heads, dim] of the packed row -> attention output [T, heads, dim]."""
-    outputs, start = [], meta.num_decode_tokens
-    if meta.decode is not None:
-        outputs.append(backend.decode(q[:start], k_pool, v_pool, layer, meta.decode, scale))
-    if meta.prefill is not None:
-        outputs.append(backend.prefill(q[start:], k_pool, v_pool, layer, meta.prefill, scale))
-    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=0)
+def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
+           meta: StepAttention, *, num_heads: int, scale: float):
+    """The attention sublayer after the QKV projection, over the step's packed row.
+
+    qkv [T, (num_heads + 2 * kv_heads) * head_dim]; cos, sin [T, 1, head_dim // 2] (RoPE at each
+    token's position) -> (output [T, num_heads * head_dim], k_pool, v_pool): RoPE on q and k,
+    the tokens' K/V written into the pool, attention of the decode rows and of the prompt
+    chunks, each by its backend function. With a fused decode function the decode rows go
+    through it whole (RoPE, write and attention in one kernel).
+    """
+    kv_heads, head_dim = k_pool.shape[3:]
+    rows = meta.num_decode_tokens
+    outputs = []
+    first = 0  # first token of the unfused part
+    if rows and backend.fused_decode is not None and backend.fused_supports(k_pool.shape[2],
+                                                                            head_dim):
+        out, k_pool, v_pool = backend.fused_decode(
+            qkv[:rows], cos[:rows, 0], sin[:rows, 0], k_pool, v_pool, layer,
+            meta.slot_mapping[:rows], meta.decode, num_heads, scale)
+        outputs.append(out)
+        first = rows
+    if first < qkv.shape[0]:
+        tokens = qkv.shape[0] - first
+        q, k, v = jnp.split(qkv[first:].reshape(tokens, num_heads + 2 * kv_heads, head_dim),
+                            [num_heads, num_heads + kv_heads], axis=1)
+        q = apply_rope(q, cos[first:], sin[first:])
+        k = apply_rope(k, cos[first:], sin[first:])
+        k_pool, v_pool = backend.write_kv(k_pool, v_pool, layer, meta.slot_mapping[first:], k, v)
+        if first < rows:
+            outputs.append(backend.decode(q[:rows], k_pool, v_pool, layer, meta.decode, scale))
+        if meta.prefill is not None:
+            outputs.append(backend.prefill(q[rows - first:], k_pool, v_pool, layer,
+                                           meta.prefill, scale))
+    out = outputs[0] if len(outputs) == 1 else jnp.concatenate(
+        [o.reshape(o.shape[0], -1) for o in outputs], axis=0)
+    return out.reshape(qkv.shape[0], num_heads * head_dim), k_pool, v_pool
 
 
 def _decode_reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
@@ -112,6 +150,18 @@ def _decode_triton(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: flo
     from pallas_kernels.triton_decode import paged_decode_attention_triton  # optional extra
     return paged_decode_attention_triton(q, k_pool, v_pool, layer, meta.block_tables,
                                          meta.context_lens, scale=scale)
+
+
+def _fused_decode_pallas(qkv, cos, sin, k_pool, v_pool, layer, slots,
+                         meta: AttentionMetadata, num_heads: int, scale: float):
+    return fused_decode_attention_pallas(qkv, cos, sin, k_pool, v_pool, layer, slots,
+                                         meta.block_tables, meta.context_lens,
+                                         num_heads=num_heads, scale=scale)
+
+
+def _fused_decode_supported(block_size: int, head_dim: int) -> bool:
+    """The fused kernel where its Triton lowering takes the pool (always in interpret mode)."""
+    return jax.default_backend() == "cpu" or triton_supports(block_size, head_dim)
 
 
 def _write_kv_xla(k_pool, v_pool, layer: int, slots, k, v):
@@ -152,7 +202,9 @@ def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: floa
 _BACKENDS: dict[str, AttentionBackend] = {
     "reference": AttentionBackend(_decode_reference, _prefill_reference, _write_kv_xla),
     "oracle": AttentionBackend(_decode_oracle, _prefill_reference, _write_kv_xla),
-    "pallas": AttentionBackend(_decode_pallas, _prefill_pallas, _write_kv_kernel),
+    "pallas": AttentionBackend(_decode_pallas, _prefill_pallas, _write_kv_kernel,
+                               _fused_decode_pallas, _fused_decode_supported),
+    "pallas_unfused": AttentionBackend(_decode_pallas, _prefill_pallas, _write_kv_kernel),
     "triton": AttentionBackend(_decode_triton, _prefill_pallas, _write_kv_kernel),
 }
 

@@ -69,8 +69,9 @@ class EngineConfig:
       max_num_batched_tokens: most prompt tokens prefilled in one step (longer prompts are
         prefilled in chunks).
       seed: seeds requests that carry no seed of their own.
-      attention_backend: "pallas" (the kernels; the default on GPU), "reference" (jnp; the
-        default on CPU) or "oracle" (the plain reference everywhere, for checking).
+      attention_backend: "pallas" (the kernels; the default on GPU), "pallas_unfused",
+        "triton", "reference" (jnp; the default on CPU) or "oracle" (the plain reference
+        everywhere, for checking); see jinfer.attention.
       enable_prefix_caching: share the blocks of equal prompt prefixes (hash chain over full
         blocks) and skip their prefill.
       num_scheduler_steps: decode steps one device call may run back to back when only decodes

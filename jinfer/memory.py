@@ -60,6 +60,15 @@ def blocks_for_utilization(runner, utilization: float, bytes_per_block: int,
                 "weights %.2f GiB + step scratch %.2f GiB -> %d blocks (%.2f GiB)",
                 utilization * limit / GiB, utilization, limit / GiB, in_use / GiB,
                 (used - in_use) / GiB, blocks, blocks * bytes_per_block / GiB)
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("pool_bytes", limit) < limit and blocks * bytes_per_block > limit // 4:
+        # Seen on an H100: float32 pools of 2 x 26 GiB under a 53 GiB budget; the allocator
+        # reserved 34 GiB for the first and had no room left for the second at the first step.
+        logger.warning(
+            "the device allocator grows on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false): its "
+            "regions may leave no room for a %.1f GiB pool buffer within the budget; if a step "
+            "runs out of memory, lower gpu_memory_utilization or leave preallocation on",
+            blocks * bytes_per_block / 2 / GiB)
     if blocks < min_blocks:
         needed = used + (min_blocks + 1) * bytes_per_block
         raise ValueError(

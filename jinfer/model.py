@@ -49,14 +49,6 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array,
     return cos[:, None, :], sin[:, None, :]
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, head_dim]; cos, sin: [T, 1,
-    head_dim // 2] from `rope_cos_sin`."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
-
-
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -66,16 +58,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def _attention_block(config, lp, h, layer, kv, meta: StepAttention, backend, rope):
     """One layer's attention sublayer over the packed row h [T, hidden]: norm -> QKV -> RoPE ->
     write K/V -> paged attention (decode rows and prompt chunks, each by its backend)."""
-    tokens = h.shape[0]
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
     qkv = x @ lp["wqkv"]  # [T, q_size + 2 * kv_size]
-    q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
-    q = apply_rope(q.reshape(tokens, config.num_heads, config.head_dim), *rope)
-    k = apply_rope(k.reshape(tokens, config.num_kv_heads, config.head_dim), *rope)
-    v = v.reshape(tokens, config.num_kv_heads, config.head_dim)
-    k_pool, v_pool = backend.write_kv(kv.k, kv.v, layer, meta.slot_mapping, k, v)
-    out = attend(backend, q, k_pool, v_pool, layer, meta, 1.0 / math.sqrt(config.head_dim))
-    return h + out.reshape(tokens, config.q_size) @ lp["wo"], KVCache(k=k_pool, v=v_pool)
+    out, k_pool, v_pool = attend(backend, qkv, *rope, kv.k, kv.v, layer, meta,
+                                 num_heads=config.num_heads,
+                                 scale=1.0 / math.sqrt(config.head_dim))
+    return h + out @ lp["wo"], KVCache(k=k_pool, v=v_pool)
 
 
 def _mlp_block(config, lp, h):

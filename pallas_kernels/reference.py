@@ -17,6 +17,14 @@ import jax
 import jax.numpy as jnp
 
 
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, head_dim]; cos, sin: [T, 1,
+    head_dim // 2] (`jinfer.model.rope_cos_sin`)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
 def gather_pages(pool: jax.Array, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
     """Lays each sequence's blocks of one layer out contiguously.
 

@@ -162,17 +162,23 @@ def make_seq(seq_id, tokens, table, computed):
     return seq
 
 
-def run(runner, decode, prefill):
+def run(runner, decode, prefill, backend="reference"):
     step_input, _ = runner.prepare(decode, prefill, [], 0)
+    impl = get_attention_backend("reference")
+    if backend == "fused":  # the Pallas fused decode kernel for the decode rows (interpret)
+        impl = impl._replace(fused_decode=get_attention_backend("pallas").fused_decode)
     hidden, runner.kv_cache = jax.jit(functools.partial(
-        forward_hidden, config=runner.model_config, backend=get_attention_backend("reference")))(
+        forward_hidden, config=runner.model_config, backend=impl))(
         runner.params, runner.kv_cache, step_input.token_ids, step_input.attention)
     return np.asarray(hidden)[step_input.logits_indices[:len(decode) + len(prefill)]]
 
 
-def test_mixed_step_matches_separate_steps():
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_mixed_step_matches_separate_steps(backend):
     """Decode rows and prompt chunks (one with a cached prefix) in one packed step give the
-    same last hidden states and pool contents as a decode-only and a prefill-only step."""
+    same last hidden states and pool contents as a decode-only and a prefill-only step of the
+    reference backend; "fused" runs the mixed step's decode rows through the fused decode
+    kernel (RoPE, KV write and attention in one Pallas kernel)."""
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, 64, n)) for n in (9, 6, 5, 11, 3)]
     tables = [[1, 2, 3], [4, 5], [6, 7], [8, 9, 10], [11]]
@@ -187,7 +193,7 @@ def test_mixed_step_matches_separate_steps():
         decode = [ScheduledSequence(s, 1) for s in seqs[:2]]
         prefill = [ScheduledSequence(s, s.num_tokens - s.num_computed_tokens) for s in seqs[2:]]
         if mixed:
-            hidden = run(runner, decode, prefill)
+            hidden = run(runner, decode, prefill, backend)
         else:
             hidden = np.concatenate([run(runner, decode, []), run(runner, [], prefill)])
         used = [b for t in tables for b in t]  # the pad block (0) differs: only real blocks

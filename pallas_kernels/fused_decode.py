@@ -1,0 +1,314 @@
+"""One decode token per sequence, from the QKV projection to the attention output, in one
+Pallas kernel: RoPE on the query and key, the new token's K/V written into the paged pool, and
+grouped-query flash-decoding over the sequence's context.
+
+Why fused: at batch 1 a decode step is memory-latency bound, and each separate small kernel
+(split Q/K/V, RoPE of q, RoPE of k, pad the query group, write K/V, attention) costs ~1.3 us of
+launch and drain on an H100, more than the work it does. This kernel takes the projection's
+output row as it is and replaces six of them with one (plus the split combine when the context
+is cut into several splits). Triton lowering on NVIDIA GPUs; `interpret=True` runs the same
+kernel code on the CPU (CI).
+
+Design (the plan, pool layout and online softmax of `paged_decode.py`):
+- Grid (sequence, KV head, split). Each program loads its group's query heads and its KV head's
+  new key from the QKV row and rotates them (rotate-half RoPE, float32, rounded to the input
+  dtype as the unfused model does). The rotation pairs element i with i + head_dim / 2, so
+  the rotated halves are kept apart and every dot over head_dim is the sum of two dots over
+  half of it: no concatenation inside the kernel.
+- The program of split 0 stores the new K/V row at the token's slot (the pools come out through
+  `input_output_aliases`, in place under donation) and starts its softmax state with the new
+  token, taken from registers; every split attends the pool's tokens before the new one. So no
+  program reads a slot that another is writing.
+- The query group is placed in a tile of at least 16 rows (Triton's smallest dot) row by row
+  (a select per head, no padded copy in HBM), and the output goes back head by head: one split
+  writes [batch, num_heads * head_dim] directly, several write float32 partials that a jnp
+  combine merges.
+
+Semantics (shared with `fused_decode_reference`): token t of sequence b is at position
+context_lens[b] - 1 and slot slots[b] (block * block_size + offset; < 0 or past the pool: not
+written); rows with context_len 0 give zeros (their K/V are still written to their slot, as
+the unfused KV write does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.paged_decode import (LOG2E, MIN_DOT_ROWS, NEG_INF, DecodePlan, _combine,
+                                         _triton_params, make_plan)
+from pallas_kernels.kv_write import write_kv_reference
+from pallas_kernels.reference import apply_rope, paged_attention_reference
+
+
+def _select_row(tile: jax.Array, row: int) -> jax.Array:
+    """tile[row] of a [rows, n] register tile, as a select and a sum (Triton has no slicing)."""
+    picked = lax.broadcasted_iota(jnp.int32, tile.shape, 0) == row
+    return jnp.where(picked, tile, 0).sum(axis=0)
+
+
+def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, sin_ref,
+                  k_ref, v_ref, *out_refs, plan: DecodePlan, block_size: int, num_heads: int,
+                  scale: float, precision):
+    """One (sequence, KV head, split) program.
+
+    layer_ref [1]; lens_ref, slots_ref [batch]; tables_ref [width] (this sequence's row);
+    qkv_ref [batch, num_heads + 2 * kv_heads, head_dim]; cos_ref, sin_ref [batch, head_dim / 2]
+    float32; k_ref, v_ref: the whole pools (inputs, never read at the written slot).
+    out_refs: (k_out, v_out, out [batch, num_heads, head_dim]) with one split, else (k_out,
+    v_out, acc [block_h, head_dim] f32, max [block_h], sum [block_h]) of this split.
+    """
+    k_out_ref, v_out_ref, *outs = out_refs
+    seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layers, num_blocks = k_ref.shape[:2]
+    kv_heads, head_dim = k_ref.shape[3:]
+    group, half = num_heads // kv_heads, head_dim // 2
+    block_h = plan.block_h
+    layer = layer_ref[0]
+    context_len = lens_ref[seq]
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    cos, sin = cos_ref[seq, :], sin_ref[seq, :]  # [half] float32
+    dtype = qkv_ref.dtype
+
+    def rotate(head):  # (rotated first half, second half) of one head of the QKV row
+        x1 = qkv_ref[seq, head, lo].astype(jnp.float32)
+        x2 = qkv_ref[seq, head, hi].astype(jnp.float32)
+        return (x1 * cos - x2 * sin).astype(dtype), (x2 * cos + x1 * sin).astype(dtype)
+
+    # The group's query heads as rows 0..group-1 of [block_h, half] tiles (other rows 0).
+    row_ids = lax.broadcasted_iota(jnp.int32, (block_h, half), 0)
+    q1 = jnp.zeros((block_h, half), dtype)
+    q2 = jnp.zeros((block_h, half), dtype)
+    for g in range(group):
+        h1, h2 = rotate(kv_head * group + g)
+        q1 = jnp.where(row_ids == g, h1[None, :], q1)
+        q2 = jnp.where(row_ids == g, h2[None, :], q2)
+    k1, k2 = rotate(num_heads + kv_head)
+    k1, k2 = k1.astype(k_ref.dtype), k2.astype(k_ref.dtype)
+    v_new = qkv_ref[seq, num_heads + kv_heads + kv_head, :].astype(v_ref.dtype)  # [head_dim]
+
+    slot = slots_ref[seq]
+    writes = ((split == 0) & (slot >= 0) & (slot < num_blocks * block_size)
+              & (layer >= 0) & (layer < layers))
+
+    @pl.when(writes)
+    def _store_new_token():
+        block, offset = lax.div(slot, block_size), lax.rem(slot, block_size)
+        k_out_ref[layer, block, offset, kv_head, lo] = k1
+        k_out_ref[layer, block, offset, kv_head, hi] = k2
+        v_out_ref[layer, block, offset, kv_head, :] = v_new
+
+    # Softmax state (base 2): split 0 starts with the new token, other splits empty.
+    log2_scale = scale * LOG2E
+    new_logit = ((q1.astype(jnp.float32) * k1.astype(jnp.float32)[None, :]).sum(axis=1)
+                 + (q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :]).sum(axis=1))
+    # (Tensor-shaped flags: the Triton lowering mistypes selects on a scalar predicate.)
+    has_new = (jnp.full((block_h,), context_len, jnp.int32) > 0) & (split == 0)  # [block_h]
+    row_max = jnp.where(has_new, new_logit * log2_scale, NEG_INF)
+    row_sum = jnp.where(has_new, jnp.ones((block_h,), jnp.float32),
+                        jnp.zeros((block_h,), jnp.float32))
+    acc = jnp.where(has_new[:, None],
+                    jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], (block_h, head_dim)),
+                    jnp.zeros((block_h, head_dim), jnp.float32))
+
+    # The pool's tokens 0 .. context_len - 2 in this split's pages.
+    cached = jnp.maximum(context_len - 1, 0)
+    step = plan.pages_per_compute_block
+    block_k = step * block_size
+    first_page = split * plan.pages_per_split
+    last_page = jnp.minimum(pl.cdiv(cached, block_size), first_page + plan.pages_per_split)
+    num_steps = pl.cdiv(jnp.maximum(last_page - first_page, 0), step)
+    token_in_step = jnp.arange(block_k, dtype=jnp.int32)
+    dims = (((1,), (1,)), ((), ()))
+
+    def body(i, carry):
+        acc, row_max, row_sum = carry
+        page0 = first_page + i * step
+        pages = tables_ref[pl.ds(page0, step)]
+        kp1 = k_ref[layer, pages, :, kv_head, lo].reshape(block_k, half)
+        kp2 = k_ref[layer, pages, :, kv_head, hi].reshape(block_k, half)
+        v = v_ref[layer, pages, :, kv_head, :].reshape(block_k, head_dim)
+        logits = (lax.dot_general(q1, kp1, dims, precision=precision,
+                                  preferred_element_type=jnp.float32)
+                  + lax.dot_general(q2, kp2, dims, precision=precision,
+                                    preferred_element_type=jnp.float32))  # [block_h, block_k]
+        logits = logits * log2_scale
+        valid = (page0 * block_size + token_in_step) < cached
+        logits = jnp.where(valid[None, :], logits, NEG_INF)
+        new_max = jnp.maximum(row_max, logits.max(axis=1))
+        rescale = jnp.exp2(row_max - new_max)
+        probs = jnp.exp2(logits - new_max[:, None])
+        row_sum = rescale * row_sum + probs.sum(axis=1)
+        pv = lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
+        return rescale[:, None] * acc + pv, new_max, row_sum
+
+    acc, row_max, row_sum = lax.fori_loop(0, num_steps, body, (acc, row_max, row_sum))
+
+    if plan.num_splits == 1:
+        (o_ref,) = outs
+        safe_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # empty context: acc is 0 -> out 0
+        out = (acc / safe_sum[:, None]).astype(o_ref.dtype)
+        for g in range(group):
+            o_ref[seq, kv_head * group + g, :] = _select_row(out, g)
+    else:
+        o_ref, max_ref, sum_ref = outs
+        o_ref[...] = acc
+        max_ref[...] = row_max
+        sum_ref[...] = row_sum
+
+
+def triton_supports(block_size: int, head_dim: int) -> bool:
+    """Whether the Triton lowering takes this pool geometry: power-of-two block_size and
+    head_dim, and half a head of at least 16 (Triton's smallest dot). Interpret mode takes any."""
+    return (block_size & (block_size - 1) == 0 and head_dim & (head_dim - 1) == 0
+            and head_dim >= 2 * MIN_DOT_ROWS)
+
+
+def _validate(qkv, cos, sin, k_pool, v_pool, slots, block_tables, context_lens, num_heads,
+              interpret: bool) -> None:
+    if k_pool.ndim != 5 or k_pool.shape != v_pool.shape:
+        raise ValueError(
+            f"k_pool and v_pool must both be [layers, num_blocks, block_size, kv_heads, "
+            f"head_dim]; got {k_pool.shape} and {v_pool.shape}")
+    _, _, block_size, kv_heads, head_dim = k_pool.shape
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of the pool's "
+                         f"{kv_heads} KV heads")
+    width = (num_heads + 2 * kv_heads) * head_dim
+    if qkv.ndim != 2 or qkv.shape[1] != width:
+        raise ValueError(f"qkv must be [batch, (num_heads + 2 * kv_heads) * head_dim = {width}] "
+                         f"(the fused QKV projection's output), got shape {qkv.shape}")
+    batch = qkv.shape[0]
+    for name, arr in (("cos", cos), ("sin", sin)):
+        if arr.shape != (batch, head_dim // 2):
+            raise ValueError(f"{name} must be [batch={batch}, head_dim / 2={head_dim // 2}], "
+                             f"got {arr.shape}")
+    for name, arr in (("slots", slots), ("context_lens", context_lens)):
+        if arr.shape != (batch,):
+            raise ValueError(f"{name} must be [batch={batch}], got {arr.shape}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [batch={batch}, max_blocks], "
+                         f"got {block_tables.shape}")
+    if not interpret and not triton_supports(block_size, head_dim):
+        raise ValueError(
+            f"the Triton kernel needs a power-of-two block_size and head_dim >= 32, got "
+            f"block_size={block_size}, head_dim={head_dim}; use the unfused path instead")
+
+
+def fused_decode_attention_pallas(
+    qkv: jax.Array,           # [batch, (num_heads + 2 * kv_heads) * head_dim]: q | k | v
+    cos: jax.Array,           # [batch, head_dim // 2] float32, RoPE at each token's position
+    sin: jax.Array,           # [batch, head_dim // 2] float32
+    k_pool: jax.Array,        # [layers, num_blocks, block_size, kv_heads, head_dim]
+    v_pool: jax.Array,        # [layers, num_blocks, block_size, kv_heads, head_dim]
+    layer,                    # int or int32 scalar array: which layer of the pools
+    slots: jax.Array,         # [batch] int32, pool slot of each new token (< 0: not written)
+    block_tables: jax.Array,  # [batch, max_blocks] int32, padding entries a valid block (0)
+    context_lens: jax.Array,  # [batch] int32, tokens including the new one (0: padding row)
+    *,
+    num_heads: int,
+    scale: float,
+    num_splits: int | None = None,
+    pages_per_compute_block: int | None = None,
+    interpret: bool | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # (out [batch, num_heads * head_dim], k, v pools)
+    """RoPE, KV write and paged decode attention of one new token per sequence (module
+    docstring). The pools come back updated through `input_output_aliases`: call it inside a
+    jit that donates them (or carries them through a loop) and they are updated in place.
+
+    num_splits / pages_per_compute_block override the automatic launch plan of
+    `paged_decode.make_plan`; interpret defaults to True on a CPU backend; num_warps /
+    num_stages tune the Triton compile.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    _validate(qkv, cos, sin, k_pool, v_pool, slots, block_tables, context_lens, num_heads,
+              interpret)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 or None (automatic), got {num_splits}")
+    if isinstance(layer, int) and not 0 <= layer < k_pool.shape[0]:
+        raise ValueError(f"layer={layer} is out of range for a pool of {k_pool.shape[0]} layers")
+    batch = qkv.shape[0]
+    _, _, block_size, kv_heads, head_dim = k_pool.shape
+    plan = make_plan(batch, kv_heads, num_heads // kv_heads, block_size, block_tables.shape[1],
+                     num_splits, pages_per_compute_block, head_dim=head_dim,
+                     itemsize=jnp.dtype(k_pool.dtype).itemsize)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    return _fused_decode(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), k_pool, v_pool,
+                         layer, slots.astype(jnp.int32), block_tables.astype(jnp.int32),
+                         context_lens.astype(jnp.int32), num_heads=num_heads,
+                         scale=float(scale), plan=plan, interpret=bool(interpret),
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "scale", "plan", "interpret",
+                                             "num_warps", "num_stages"))
+def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, context_lens, *,
+                  num_heads: int, scale: float, plan: DecodePlan, interpret: bool, num_warps,
+                  num_stages):
+    """Pads the table to the splits, launches the kernel, combines the splits."""
+    batch = qkv.shape[0]
+    _, _, block_size, kv_heads, head_dim = k_pool.shape
+    group, splits, block_h = num_heads // kv_heads, plan.num_splits, plan.block_h
+    qkv = qkv.reshape(batch, num_heads + 2 * kv_heads, head_dim)  # free: a view of the row
+    width = splits * plan.pages_per_split
+    tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))  # pad: block 0
+    whole = lambda arr: pl.BlockSpec(arr.shape, lambda b, h, s: (0,) * arr.ndim)  # noqa: E731
+    in_specs = [whole(layer), whole(context_lens), whole(slots),
+                pl.BlockSpec((None, width), lambda b, h, s: (b, 0)),
+                whole(qkv), whole(cos), whole(sin), whole(k_pool), whole(v_pool)]
+    out_shape = [jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),
+                 jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype)]
+    out_specs = [whole(k_pool), whole(v_pool)]
+    if splits == 1:
+        out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, head_dim), qkv.dtype))
+        out_specs.append(whole(out_shape[-1]))
+    else:
+        part = (batch, kv_heads, splits, block_h)
+        out_shape += [jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
+                      jax.ShapeDtypeStruct(part, jnp.float32),
+                      jax.ShapeDtypeStruct(part, jnp.float32)]
+        out_specs += [
+            pl.BlockSpec((None, None, None, block_h, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0))]
+    precision = lax.Precision.HIGHEST if qkv.dtype == jnp.float32 else None  # f32: no TF32
+    kernel = functools.partial(_fused_kernel, plan=plan, block_size=block_size,
+                               num_heads=num_heads, scale=scale, precision=precision)
+    k_pool, v_pool, *outs = pl.pallas_call(
+        kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, input_output_aliases={7: 0, 8: 1}, interpret=interpret,
+        compiler_params=_triton_params(num_warps, num_stages, head_dim,
+                                       block_size * plan.pages_per_compute_block),
+        name=f"fused_decode_bh{block_h}_pp{plan.pages_per_compute_block}_s{splits}",
+    )(layer, context_lens, slots, tables, qkv, cos, sin, k_pool, v_pool)
+    if splits == 1:
+        out = outs[0]
+    else:
+        out = _combine(*outs)[:, :, :group].astype(qkv.dtype)  # [batch, kv_heads, group, dim]
+    return out.reshape(batch, num_heads * head_dim), k_pool, v_pool
+
+
+def fused_decode_reference(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables,
+                           context_lens, *, num_heads: int, scale: float):
+    """The unfused composition, in plain jnp: split the QKV row, RoPE q and k, write K/V
+    (`write_kv_reference`), attend (`paged_attention_reference`). Same signature and results
+    as `fused_decode_attention_pallas` up to float32 rounding order."""
+    batch = qkv.shape[0]
+    kv_heads, head_dim = k_pool.shape[3:]
+    q, k, v = jnp.split(qkv.reshape(batch, num_heads + 2 * kv_heads, head_dim),
+                        [num_heads, num_heads + kv_heads], axis=1)
+    cos, sin = cos[:, None, :].astype(jnp.float32), sin[:, None, :].astype(jnp.float32)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_pool, v_pool = write_kv_reference(k_pool, v_pool, layer, slots, k, v)
+    positions = jnp.maximum(context_lens - 1, 0)[:, None]
+    out = paged_attention_reference(q[:, None], k_pool, v_pool, jnp.asarray(layer, jnp.int32),
+                                    block_tables, positions, context_lens, scale=scale)
+    return out.reshape(batch, num_heads * head_dim), k_pool, v_pool
