@@ -18,6 +18,7 @@ from jinfer.model_runner import ModelRunner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler import ScheduledSequence
 from jinfer.sequence import Sequence
+from pallas_kernels.fused_decode import fused_decode_attention_pallas
 from pallas_kernels.reference import paged_attention_reference, paged_decode_attention
 
 POISON = 1e4  # stale pool slots: finite (as in the engine) but large enough to show any leak
@@ -162,11 +163,20 @@ def make_seq(seq_id, tokens, table, computed):
     return seq
 
 
+def interpreted_fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, meta, num_heads,
+                             scale):
+    """The fused decode kernel in interpret mode (the tiny model's head_dim 8 is below what
+    its Triton lowering takes), as a backend's fused_decode."""
+    return fused_decode_attention_pallas(qkv, cos, sin, k_pool, v_pool, layer, slots,
+                                         meta.block_tables, meta.context_lens,
+                                         num_heads=num_heads, scale=scale, interpret=True)
+
+
 def run(runner, decode, prefill, backend="reference"):
     step_input, _ = runner.prepare(decode, prefill, [], 0)
     impl = get_attention_backend("reference")
     if backend == "fused":  # the Pallas fused decode kernel for the decode rows (interpret)
-        impl = impl._replace(fused_decode=get_attention_backend("pallas").fused_decode)
+        impl = impl._replace(fused_decode=interpreted_fused_decode)
     hidden, runner.kv_cache = jax.jit(functools.partial(
         forward_hidden, config=runner.model_config, backend=impl))(
         runner.params, runner.kv_cache, step_input.token_ids, step_input.attention)
