@@ -204,8 +204,9 @@ class LLMEngine:
         """How many decode steps the next device call may run back to back (multi-step
         scheduling): only decodes run, no waiting sequence could be admitted (see
         `_admission_possible`), every row has sampled before (a prompt's last token is not a
-        decode: n > 1 siblings fork after it), no row needs the host between tokens (penalties
-        read the growing output, min_tokens bans change); then
+        decode: n > 1 siblings fork after it), no row needs the host between tokens (min_tokens
+        bans change; penalties do not: the call appends each step's samples to the rows'
+        output tokens on the device); then
         num_scheduler_steps, or a power of two below it that the longest row still wants
         (`decode_steps_bucket`), halved until every row fits in max_model_len and the pool has
         the slots (with no shared block in the write range). Else 1."""
@@ -216,7 +217,7 @@ class LLMEngine:
         for item in decode:
             seq, params = item.seq, item.seq.params
             if (not seq.num_output_tokens  # a prompt's last token: forks n > 1 siblings after it
-                    or params.has_penalties or seq.num_output_tokens < params.min_tokens):
+                    or seq.num_output_tokens < params.min_tokens):
                 return 1
             wanted = max(wanted, params.max_tokens - seq.num_output_tokens)
         num_steps = decode_steps_bucket(wanted, limit)
@@ -255,7 +256,7 @@ class LLMEngine:
         seqs = [item.seq for item in decode]
         rows = [self._sampling_row(seq, ahead) for seq in seqs]
         step_input, flags = self.runner.prepare(decode, [], rows, self._logprobs_bucket(seqs),
-                                                ahead=ahead)
+                                                ahead=ahead, num_steps=num_steps)
         results, last_tokens = self.runner.launch_decode_steps(step_input, flags, num_steps,
                                                                token_ids)
         return InFlight(decode, num_steps, results, last_tokens)
@@ -263,12 +264,15 @@ class LLMEngine:
     def _continuation(self, prev: InFlight) -> Optional[InFlight]:
         """The call that continues `prev`'s unfinished rows, dispatched before `prev` is read
         back: when no waiting sequence could be admitted, every running sequence is one of them,
-        and some row wants at least two tokens past `prev`. Rows that finished before `prev` was
-        dispatched drop out (their input tokens are gathered on the device); rows that finish
-        on eos or a stop string inside `prev` waste their share of the call (discarded)."""
+        no row has penalties (they read the output tokens, and `prev`'s are not on the host
+        yet), and some row wants at least two tokens past `prev`. Rows that finished before
+        `prev` was dispatched drop out (their input tokens are gathered on the device); rows
+        that finish on eos or a stop string inside `prev` waste their share of the call
+        (discarded)."""
         live = [row for row, item in enumerate(prev.items) if not item.seq.is_finished]
         seqs = [prev.items[row].seq for row in live]
-        if not seqs or self._admission_possible() or len(self.scheduler.running) != len(seqs):
+        if (not seqs or self._admission_possible() or len(self.scheduler.running) != len(seqs)
+                or any(seq.params.has_penalties for seq in seqs)):
             return None
         items = [prev.items[row] for row in live]
         ahead = prev.num_steps

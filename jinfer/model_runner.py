@@ -91,9 +91,10 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
                   num_steps: int):
     """`num_steps` decode steps in one jitted call (a scan): each step's sampled tokens are the
     next step's inputs, positions and context lengths advance on device, and the slots come
-    from the block tables (the host reserved them beforehand). Decode-only steps whose rows
-    need no host attention in between (no penalties, nothing banned): the sampler sees exactly
-    what single steps would show it. Returns (SamplerOutput fields stacked [num_steps, S], the
+    from the block tables (the host reserved them beforehand), and each step's samples join
+    the rows' output tokens (penalties read them). Decode-only steps whose rows need no host
+    attention in between (nothing banned): the sampler sees exactly what single steps would
+    show it. Returns (SamplerOutput fields stacked [num_steps, S], the
     pool, the last step's sampled tokens [rows]: the input of a call that continues these
     rows)."""
     meta = step_input.attention.decode
@@ -102,23 +103,23 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
     rows = jnp.arange(tables.shape[0])
 
     def one_step(carry, _):
-        kv, tokens, positions, context_lens, steps = carry
+        kv, tokens, positions, context_lens, sampling = carry
         slots = tables[rows, positions // block_size] * block_size + positions % block_size
         attention = StepAttention(
             positions=positions, slot_mapping=jnp.where(live, slots, PAD_BLOCK * block_size),
             decode=AttentionMetadata(positions=positions[:, None], block_tables=tables,
                                      context_lens=context_lens))
         step = StepInput(token_ids=tokens, attention=attention,
-                         logits_indices=step_input.logits_indices,
-                         sampling=dataclasses.replace(step_input.sampling, steps=steps))
+                         logits_indices=step_input.logits_indices, sampling=sampling)
         out, kv = _step(params, kv, step, config=config, attention_backend=attention_backend,
                         flags=flags)
         advance = live.astype(jnp.int32)
+        sampling = sampler_lib.append_outputs(sampling, out.tokens, live[:out.tokens.shape[0]])
         return (kv, out.tokens[:tokens.shape[0]], positions + advance, context_lens + advance,
-                steps + 1), out
+                sampling), out
 
     init = (kv_cache, step_input.token_ids, step_input.attention.positions, meta.context_lens,
-            step_input.sampling.steps)
+            step_input.sampling)
     (kv_cache, last_tokens, *_), outs = jax.lax.scan(one_step, init, None, length=num_steps)
     return outs, kv_cache, last_tokens
 
@@ -268,12 +269,13 @@ class ModelRunner:
         return token_ids, positions, slots, meta, ends - 1
 
     def prepare(self, decode: list[ScheduledSequence], prefill: list[ScheduledSequence],
-                sampling_rows, num_logprobs: int, ahead: int = 0):
+                sampling_rows, num_logprobs: int, ahead: int = 0, num_steps: int = 1):
         """One step's work -> (StepInput of NumPy arrays, sampler flags).
 
         The packed row holds the decode rows first, then the prompt chunks; `sampling_rows`
         (one per sequence, in that order) become the sampler's rows. `ahead`: decode rows that
-        continue a call still in flight (see `_decode_arrays`).
+        continue a call still in flight (see `_decode_arrays`). `num_steps`: decode steps the
+        call runs (penalised rows' output tokens keep room for the ones it appends).
         """
         assert decode or prefill, "an empty step"
         parts, decode_meta, prefill_meta = [], None, None
@@ -293,7 +295,8 @@ class ModelRunner:
         logits_indices[:len(last_tokens)] = last_tokens
         attention = StepAttention(positions=positions, slot_mapping=slots, decode=decode_meta,
                                   prefill=prefill_meta)
-        sampling = sampler_lib.make_sampling_metadata(sampling_rows, pad_to=num_rows)
+        sampling = sampler_lib.make_sampling_metadata(sampling_rows, pad_to=num_rows,
+                                                      spare_output_columns=num_steps - 1)
         flags = sampler_lib.sampler_flags([r[0] for r in sampling_rows], num_logprobs)
         return StepInput(token_ids=token_ids, attention=attention, logits_indices=logits_indices,
                          sampling=sampling), flags

@@ -124,6 +124,20 @@ def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
     return logits - meta.presence_penalty[:, None] * in_output.astype(logits.dtype)
 
 
+def append_outputs(meta: SamplingMetadata, tokens: jax.Array, live: jax.Array) -> SamplingMetadata:
+    """The metadata of the next decode step on the device: each live row's sampled token
+    [B] appended to its output_tokens (after its last valid id; the caller left spare columns,
+    see `make_sampling_metadata`), steps advanced. Penalties then see exactly what a host-built
+    next step would show them."""
+    output = meta.output_tokens  # [B, O]
+    if output.shape[1]:
+        rows = jnp.arange(output.shape[0])
+        length = (output >= 0).sum(axis=1)  # [B] valid ids (PAD_TOKEN padding at the end)
+        column = jnp.where(live, length, output.shape[1])  # padding rows: dropped
+        output = output.at[rows, column].set(tokens[:output.shape[0]], mode="drop")
+    return dataclasses.replace(meta, output_tokens=output, steps=meta.steps + 1)
+
+
 def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Masks to -inf every token outside the row's top-k, then outside its top-p nucleus.
 
@@ -249,7 +263,8 @@ def sampler_flags(params_list: Sequence[SamplingParams], num_logprobs: int = 0) 
 
 def make_sampling_metadata(rows: Sequence[tuple], pad_to: int,
                            pad_tokens_to: Optional[int] = None,
-                           pad_banned_to: Optional[int] = None) -> SamplingMetadata:
+                           pad_banned_to: Optional[int] = None,
+                           spare_output_columns: int = 0) -> SamplingMetadata:
     """Builds the batch's `SamplingMetadata` with NumPy.
 
     Args:
@@ -260,12 +275,15 @@ def make_sampling_metadata(rows: Sequence[tuple], pad_to: int,
       pad_tokens_to: columns of prompt_tokens/output_tokens; None buckets to a power of two
         (0 when no row has penalties, since then they are not read).
       pad_banned_to: columns of banned_tokens; None buckets likewise (0 when nothing is banned).
+      spare_output_columns: output_tokens keeps room for this many more tokens per penalised
+        row (a multi-step call appends its samples on the device).
     """
     if pad_to < len(rows):
         raise ValueError(f"pad_to ({pad_to}) must be at least the number of rows ({len(rows)})")
     meta = _scalar_fields(rows, pad_to)
     penalised = [i for i, r in enumerate(rows) if r[0].has_penalties]
-    longest = max([max(len(rows[i][3]), len(rows[i][4])) for i in penalised], default=0)
+    longest = max([max(len(rows[i][3]), len(rows[i][4]) + spare_output_columns)
+                   for i in penalised], default=0)
     width = _pad_length("pad_tokens_to", longest, pad_tokens_to) if penalised else 0
     prompt = np.full((pad_to, width), PAD_TOKEN, np.int32)
     output = np.full((pad_to, width), PAD_TOKEN, np.int32)

@@ -322,6 +322,32 @@ def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, single_step_llm
     assert_pool_whole(multi)
 
 
+def test_multi_step_with_penalties_gives_the_same_tokens(tiny_model_dir, single_step_llm):
+    """Rows with repetition / frequency / presence penalties run several steps per call (each
+    step's samples join the output tokens on the device) and give the single-step tokens; their
+    calls are not continued before being read back (the host needs their outputs first)."""
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                             repetition_penalty=1.8, frequency_penalty=0.7),
+              SamplingParams(temperature=0.9, seed=7, max_tokens=10, ignore_eos=True,
+                             presence_penalty=1.5, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)]
+    expected = single_step_llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    multi = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, seed=1,
+                num_scheduler_steps=4, enable_compilation_cache=False)
+    calls = []
+    runner = multi.engine.runner
+    launch = runner.launch_decode_steps
+    runner.launch_decode_steps = lambda *a: calls.append((a[2], a[3] is None)) or launch(*a)
+    got = multi.generate(PROMPTS[:3], params, use_tqdm=False)
+    assert calls and max(n for n, _ in calls) == 4
+    assert all(host_tokens for _, host_tokens in calls)  # no continuation on device tokens
+    for want, out in zip(expected, got):
+        w, o = want.outputs[0], out.outputs[0]
+        assert o.token_ids == w.token_ids
+        assert o.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-4)
+    assert_pool_whole(multi)
+
+
 def test_continuations_are_dispatched_with_device_tokens(tiny_model_dir, single_step_llm):
     """While a multi-step call is in flight, the next one is dispatched with that call's last
     samples still on the device as its input (the host reads the first back afterwards); the

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.sampler import (SamplerFlags, apply_penalties, make_sampling_metadata, sample,
-                            sampler_flags)
+from jinfer.sampler import (SamplerFlags, append_outputs, apply_penalties,
+                            make_sampling_metadata, sample, sampler_flags)
 from jinfer.sampling_params import SamplingParams
 
 V = 32
@@ -256,3 +256,18 @@ def test_sampler_flags():
     assert sampler_flags([SamplingParams(min_p=0.1)]).any_top_k_top_p_min_p
     with pytest.raises(ValueError, match="num_logprobs"):
         sampler_flags([SamplingParams()], 21)
+
+
+def test_append_outputs_extends_penalised_rows_on_device():
+    """A multi-step call's next step: each live row's sample after its last output id (in the
+    spare columns), padding rows untouched, steps advanced."""
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    rows = [(penalised, 0, 2, [1, 2], [7, 8], []), (penalised, 0, 0, [3], [], [])]
+    meta = make_sampling_metadata(rows, pad_to=4, spare_output_columns=2)
+    assert meta.output_tokens.shape[1] >= 4  # two outputs + two spare
+    live = jnp.array([True, True, False, False])
+    nxt = append_outputs(jax.tree.map(jnp.asarray, meta), jnp.array([5, 6, 9, 9]), live)
+    out = np.asarray(nxt.output_tokens)
+    assert list(out[0, :3]) == [7, 8, 5] and list(out[1, :2]) == [6, -1]
+    assert (out[2:] == -1).all()
+    np.testing.assert_array_equal(np.asarray(nxt.steps), np.asarray(meta.steps) + 1)
