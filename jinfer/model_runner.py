@@ -92,9 +92,8 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
     """`num_steps` decode steps in one jitted call (a scan): each step's sampled tokens are the
     next step's inputs, positions and context lengths advance on device, and the slots come
     from the block tables (the host reserved them beforehand), and each step's samples join
-    the rows' output tokens (penalties read them). Decode-only steps whose rows need no host
-    attention in between (nothing banned): the sampler sees exactly what single steps would
-    show it. Returns (SamplerOutput fields stacked [num_steps, S], the
+    the rows' output tokens (penalties read them; min_tokens bans lapse by step count): the
+    sampler sees exactly what single steps would show it. Returns (SamplerOutput fields stacked [num_steps, S], the
     pool, the last step's sampled tokens [rows]: the input of a call that continues these
     rows)."""
     meta = step_input.attention.decode

@@ -32,7 +32,7 @@ PAD_TOKEN = -1  # padding in the token-id arrays of `SamplingMetadata`
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "seeds", "steps",
+                 "presence_penalty", "frequency_penalty", "seeds", "steps", "ban_until",
                  "prompt_tokens", "output_tokens", "banned_tokens"],
     meta_fields=[])
 @dataclasses.dataclass
@@ -53,9 +53,10 @@ class SamplingMetadata:
     frequency_penalty: jax.Array   # [B] f32, 0 -> off; output tokens, times their count
     seeds: jax.Array               # [B] u32
     steps: jax.Array               # [B] i32, tokens generated so far by the row
+    ban_until: jax.Array           # [B] i32, banned_tokens apply while steps < ban_until
     prompt_tokens: jax.Array       # [B, P] i32, PAD_TOKEN padded
     output_tokens: jax.Array       # [B, O] i32, PAD_TOKEN padded
-    banned_tokens: jax.Array       # [B, M] i32, PAD_TOKEN padded; masked to -inf this step
+    banned_tokens: jax.Array       # [B, M] i32, PAD_TOKEN padded; masked to -inf (ban_until)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +99,16 @@ def _valid_ids(ids: jax.Array, vocab: int) -> jax.Array:
     return jnp.where(ids < 0, vocab, ids)  # [B, X]
 
 
-def apply_banned_tokens(logits: jax.Array, banned: jax.Array) -> jax.Array:
-    """Sets logits[b, banned[b, j]] to -inf. logits [B, V], banned [B, M]."""
+def apply_banned_tokens(logits: jax.Array, banned: jax.Array,
+                        active: jax.Array | None = None) -> jax.Array:
+    """Sets logits[b, banned[b, j]] to -inf for the rows where active[b] (default: all).
+    logits [B, V], banned [B, M], active [B] bool."""
     if banned.shape[1] == 0:
         return logits
     rows = jnp.arange(logits.shape[0])[:, None]  # [B, 1]
     ids = _valid_ids(banned, logits.shape[1])
+    if active is not None:
+        ids = jnp.where(active[:, None], ids, logits.shape[1])  # inactive rows: dropped
     return logits.at[rows, ids].set(-jnp.inf, mode="drop")
 
 
@@ -199,7 +204,7 @@ def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Sa
     """Samples one token per row. logits [B, V]; `flags` must be static under jit."""
     raw = logits.astype(jnp.float32)
     log_normalizer = jax.nn.logsumexp(raw, axis=-1)  # [B]; log_softmax = raw - log_normalizer
-    logits = apply_banned_tokens(raw, meta.banned_tokens)
+    logits = apply_banned_tokens(raw, meta.banned_tokens, meta.steps < meta.ban_until)
     if flags.any_penalties:
         logits = apply_penalties(logits, meta)
     tokens = argmax(logits)  # [B], greedy
@@ -307,7 +312,12 @@ def _scalar_fields(rows: Sequence[tuple], pad_to: int) -> dict:
     f["top_k"] = np.zeros(pad_to, np.int32)
     f["seeds"] = np.zeros(pad_to, np.uint32)
     f["steps"] = np.zeros(pad_to, np.int32)
+    # A row's banned ids are min_tokens' bans: they lapse (on the device too, in a multi-step
+    # call) once the row has generated min_tokens tokens; without min_tokens they always hold.
+    f["ban_until"] = np.full(pad_to, np.iinfo(np.int32).max, np.int32)
     for i, (p, seed, step, *_) in enumerate(rows):
+        if p.min_tokens > 0:
+            f["ban_until"][i] = p.min_tokens
         f["repetition_penalty"][i] = p.repetition_penalty
         f["presence_penalty"][i] = p.presence_penalty
         f["frequency_penalty"][i] = p.frequency_penalty

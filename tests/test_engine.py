@@ -331,19 +331,46 @@ def test_multi_step_with_penalties_gives_the_same_tokens(tiny_model_dir, single_
               SamplingParams(temperature=0.9, seed=7, max_tokens=10, ignore_eos=True,
                              presence_penalty=1.5, logprobs=1),
               SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)]
-    expected = single_step_llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    check_multi_step_matches(tiny_model_dir, single_step_llm, params, continued=False)
+
+
+def test_multi_step_with_min_tokens_gives_the_same_tokens(tiny_model_dir, single_step_llm):
+    """Rows under min_tokens run several steps per call: their banned stop ids lapse on the
+    device at min_tokens, inside a call. The stop id is the token seeded sampling draws right at
+    min_tokens (and not before: banning a token that does not win a draw leaves the draw as it
+    is), so a ban that outlived min_tokens changes the output."""
+    sampled = dict(temperature=3.0, seed=11, ignore_eos=True)  # the tiny model repeats itself
+    probe = single_step_llm.generate(PROMPTS[1], SamplingParams(max_tokens=10, **sampled),
+                                     use_tqdm=False)[0].outputs[0].token_ids
+    lapses = [m for m in range(4, 9) if probe[m] not in probe[:m]]
+    assert lapses, f"no usable stop id in the probe {probe}"
+    params = [SamplingParams(max_tokens=m + 2, min_tokens=m, stop_token_ids=[probe[m]],
+                             **sampled) for m in lapses]
+    params.append(SamplingParams(temperature=0.7, seed=2, max_tokens=10, min_tokens=3,
+                                 ignore_eos=True))
+    check_multi_step_matches(tiny_model_dir, single_step_llm, params, continued=True,
+                             prompts=[PROMPTS[1]] * len(lapses) + [PROMPTS[0]])
+
+
+def check_multi_step_matches(tiny_model_dir, single_step_llm, params, *, continued: bool,
+                             prompts=None):
+    """The prompts under `params` with 4 steps per call give the single-step tokens; with
+    `continued` False no call may be continued before it is read back."""
+    prompts = prompts or PROMPTS[:len(params)]
+    expected = single_step_llm.generate(prompts, params, use_tqdm=False)
     multi = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, seed=1,
                 num_scheduler_steps=4, enable_compilation_cache=False)
     calls = []
     runner = multi.engine.runner
     launch = runner.launch_decode_steps
     runner.launch_decode_steps = lambda *a: calls.append((a[2], a[3] is None)) or launch(*a)
-    got = multi.generate(PROMPTS[:3], params, use_tqdm=False)
+    got = multi.generate(prompts, params, use_tqdm=False)
     assert calls and max(n for n, _ in calls) == 4
-    assert all(host_tokens for _, host_tokens in calls)  # no continuation on device tokens
+    if not continued:
+        assert all(host_tokens for _, host_tokens in calls)  # no continuation on device tokens
     for want, out in zip(expected, got):
         w, o = want.outputs[0], out.outputs[0]
-        assert o.token_ids == w.token_ids
+        assert (o.token_ids, o.finish_reason) == (w.token_ids, w.finish_reason)
         assert o.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-4)
     assert_pool_whole(multi)
 
