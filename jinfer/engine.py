@@ -204,9 +204,9 @@ class LLMEngine:
         """How many decode steps the next device call may run back to back (multi-step
         scheduling): only decodes run, no waiting sequence could be admitted (see
         `_admission_possible`), every row has sampled before (a prompt's last token is not a
-        decode: n > 1 siblings fork after it) (penalties and min_tokens bans need no host between
-        tokens: the call appends each step's samples to the rows' output tokens, and the bans
-        lapse at min_tokens, on the device); then
+        decode: n > 1 siblings fork after it); penalties and min_tokens bans need no host
+        between tokens (the call appends each step's samples to the rows' output tokens and
+        lifts the bans at min_tokens, on the device). Then
         num_scheduler_steps, or a power of two below it that the longest row still wants
         (`decode_steps_bucket`), halved until every row fits in max_model_len and the pool has
         the slots (with no shared block in the write range). Else 1."""

@@ -93,9 +93,9 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
     next step's inputs, positions and context lengths advance on device, and the slots come
     from the block tables (the host reserved them beforehand), and each step's samples join
     the rows' output tokens (penalties read them; min_tokens bans lapse by step count): the
-    sampler sees exactly what single steps would show it. Returns (SamplerOutput fields stacked [num_steps, S], the
-    pool, the last step's sampled tokens [rows]: the input of a call that continues these
-    rows)."""
+    sampler sees exactly what single steps would show it. Returns (SamplerOutput fields
+    stacked [num_steps, S], the pool, the last step's sampled tokens [rows]: the input of a
+    call that continues these rows)."""
     meta = step_input.attention.decode
     tables, block_size = meta.block_tables, kv_cache.block_size  # [rows, width]
     live = meta.context_lens > 0  # [rows]; padding rows stay empty and write to the pad block

@@ -129,7 +129,8 @@ def apply_penalties(logits: jax.Array, meta: SamplingMetadata) -> jax.Array:
     return logits - meta.presence_penalty[:, None] * in_output.astype(logits.dtype)
 
 
-def append_outputs(meta: SamplingMetadata, tokens: jax.Array, live: jax.Array) -> SamplingMetadata:
+def append_outputs(meta: SamplingMetadata, tokens: jax.Array,
+                   live: jax.Array) -> SamplingMetadata:
     """The metadata of the next decode step on the device: each live row's sampled token
     [B] appended to its output_tokens (after its last valid id; the caller left spare columns,
     see `make_sampling_metadata`), steps advanced. Penalties then see exactly what a host-built

@@ -65,7 +65,8 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
     return dict(qkv=jnp.asarray(qkv, dtype), cos=jnp.asarray(np.cos(angles), jnp.float32),
                 sin=jnp.asarray(np.sin(angles), jnp.float32),
                 k_pool=jnp.asarray(k_pool, dtype), v_pool=jnp.asarray(v_pool, dtype),
-                slots=jnp.asarray(slots), true_slots=jnp.asarray(true_slots), block_tables=jnp.asarray(tables),
+                slots=jnp.asarray(slots), true_slots=jnp.asarray(true_slots),
+                block_tables=jnp.asarray(tables),
                 context_lens=jnp.asarray(context_lens, jnp.int32))
 
 
