@@ -6,8 +6,12 @@ Triton-language kernel is timed beside them too.
 Method (shared/benchmarking.md): each kernel runs `iters` times inside one jitted
 `lax.fori_loop`, cycling over `copies` different inputs (distinct pages of one pool, distinct
 queries) that total >= 256 MB so L2 cannot serve them; per-call device time = loop time /
-iters, median and min/max over --reps repetitions; compile is timed apart. Every kernel's
-output (last iteration) is checked against the XLA reference's (max abs error).
+iters, median and min/max over --reps repetitions; compile is timed apart. One more loop runs
+under jax.profiler and gives each kernel's device time per call: the summed durations of the
+kernels its own code launched (e.g. a split kernel and its combine), without the loop's
+bookkeeping kernels or the gaps between launches (shared/benchmarking.md: "read device time
+from a profiler trace"; at batch 1 the loop's ~5 us per iteration is most of the loop time).
+Every kernel's output (last iteration) is checked against the XLA reference's (max abs error).
 
   python scripts/bench_attention.py --out bench_attention.json          # full grid, H100
   python scripts/bench_attention.py --quick --out quick.json             # 3 shapes
@@ -40,6 +44,7 @@ SWEEP_SHAPES = ((8, 4096), (64, 1024))
 MIN_STACK_BYTES = 256 << 20   # inputs cycled per loop: beyond the 50 MB L2
 MIN_LOOP_BYTES = 4 << 30      # KV bytes read per timed loop: dispatch is < 5% of it
 ERR_TOL = 2e-2                # bf16 outputs
+SCOPE = "kernel_under_test"   # named scope of the timed call inside the loop (device time)
 
 
 def xla_reference(q, k_pool, v_pool, tables, lens, *, scale):
@@ -65,7 +70,11 @@ def timed_loop(fn, iters: int, copies: int):
         def body(i, carry):
             acc, _ = carry
             j = i % copies
-            out = fn(q_stack[j], tables_stack[j], *rest)
+            q1, t1 = q_stack[j], tables_stack[j]
+            with jax.named_scope(SCOPE):
+                # the barrier keeps the kernel's own epilogue (a split combine) from fusing
+                # into the loop's accumulate, so the device time counts it
+                out = lax.optimization_barrier(fn(q1, t1, *rest))
             return acc + out.astype(jnp.float32), out
         zero = jnp.zeros(q_stack.shape[1:], q_stack.dtype)
         return lax.fori_loop(0, iters, body, (zero.astype(jnp.float32), zero))
@@ -98,7 +107,7 @@ def bench_shape(cfg, batch: int, ctx: int, args) -> dict:
 
     ref_fn = functools.partial(xla_reference, lens=lens, scale=scale)
     ref = measure(timed_loop(lambda q1, t1, kp, vp: ref_fn(q1, kp, vp, t1), iters, copies),
-                  (q, tables, k_pool, v_pool), iters, args.reps)
+                  (q, tables, k_pool, v_pool), iters, args.reps, SCOPE)
     expected = ref.pop("last").astype(jnp.float32)
     row["xla"] = ref
 
@@ -114,7 +123,7 @@ def bench_shape(cfg, batch: int, ctx: int, args) -> dict:
                     for s in (1, 4) for pp in (4, 8) for w in (4, 8)]
     for name, kw in configs:
         res = measure(timed_loop(functools.partial(ours_fn, **kw), iters, copies),
-                      (q, tables, k_pool, v_pool), iters, args.reps)
+                      (q, tables, k_pool, v_pool), iters, args.reps, SCOPE)
         res["max_abs_err"] = float(jnp.abs(res.pop("last").astype(jnp.float32) - expected).max())
         row[name] = res
 
@@ -122,7 +131,7 @@ def bench_shape(cfg, batch: int, ctx: int, args) -> dict:
         tri_fn = lambda q1, t1, kp, vp: paged_decode_attention_triton(  # noqa: E731
             q1, kp, vp, 0, t1, lens, scale=scale)
         res = measure(timed_loop(tri_fn, iters, copies), (q, tables, k_pool, v_pool), iters,
-                      args.reps)
+                      args.reps, SCOPE)
         res["max_abs_err"] = float(jnp.abs(res.pop("last").astype(jnp.float32) - expected).max())
         row["triton"] = res
 
@@ -136,12 +145,14 @@ def bench_shape(cfg, batch: int, ctx: int, args) -> dict:
     jax_fn = lambda q1, t1, kp, vp: paged_attention(  # noqa: E731
         q1, kp, vp, t1, lens, k_splits=k_splits, interpret=args.cpu_smoke)
     res = measure(timed_loop(jax_fn, iters, copies), (q_scaled, tables, k_pages, v_pages),
-                  iters, args.reps)
+                  iters, args.reps, SCOPE)
     res["max_abs_err"] = float(jnp.abs(res.pop("last").astype(jnp.float32) - expected).max())
     res["k_splits"] = k_splits
     row["jax_pallas"] = res
     for name in [k for k in row if isinstance(row[k], dict)]:
         row[name]["GBps"] = kv_bytes / (row[name]["median_us"] * 1e-6) / 1e9
+        if row[name].get("device_us"):
+            row[name]["device_GBps"] = kv_bytes / (row[name]["device_us"] * 1e-6) / 1e9
     return row
 
 
@@ -177,6 +188,7 @@ def markdown(rows, copy_bw, device: str) -> str:
             f"{triton} | {x['median_us']:.1f} | {x['GBps']:.0f} | "
             f"{j['median_us'] / o['median_us']:.2f}x | "
             f"{' / '.join(f'{e:.1e}' for e in errs)}{flag} |")
+    lines += device_table(rows, copy_bw)
     extra = [(r["batch"], r["ctx"], k, v) for r in rows for k, v in r.items()
              if k.startswith("ours_")]
     if extra:
@@ -193,6 +205,36 @@ def markdown(rows, copy_bw, device: str) -> str:
             f"{label} " + ", ".join(f"{r[key]['compile_s']:.1f}" for r in comp)
             for label, key in kernels)]
     return "\n".join(lines)
+
+
+def device_table(rows, copy_bw) -> list[str]:
+    """Markdown lines: each kernel's device time per call from the profiler (its own kernels
+    only: no loop bookkeeping, no launch gaps), and ours vs JAX's on it."""
+    comp = [r for r in rows if "ours" in r and r["ours"].get("device_us")]
+    if not comp:
+        return []
+    keys = [("ours", "ours"), ("JAX Pallas", "jax_pallas"), ("XLA", "xla")]
+    keys += [("Triton", "triton")] if comp[0].get("triton", {}).get("device_us") else []
+    lines = ["", "Device time per call (profiler: the summed durations of the kernel's own "
+             "kernels, e.g. a split kernel and its combine):", "",
+             "| batch | ctx | " + " | ".join(f"{label} us | {label} GB/s" for label, _ in keys)
+             + " | ours vs JAX | best of ours vs JAX |",
+             "|---|---|" + "---|---|" * len(keys) + "---|---|"]
+    ratios, best_ratios = [], []
+    for r in comp:
+        cells = [f"{r[k]['device_us']:.1f} | {r[k]['device_GBps']:.0f}" for _, k in keys]
+        ours = [r[k]["device_us"] for k in ("ours", "triton") if r.get(k, {}).get("device_us")]
+        ratio = r["jax_pallas"]["device_us"] / r["ours"]["device_us"]
+        best = r["jax_pallas"]["device_us"] / min(ours)
+        ratios.append(ratio)
+        best_ratios.append(best)
+        lines.append(f"| {r['batch']} | {r['ctx']} | " + " | ".join(cells)
+                     + f" | {ratio:.2f}x | {best:.2f}x |")
+    geo = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))  # noqa: E731
+    lines += ["", f"Device-time geometric mean vs JAX's kernel: ours {geo(ratios):.2f}x, best "
+              f"of ours per shape {geo(best_ratios):.2f}x; copy bandwidth "
+              f"{copy_bw['GBps']:.0f} GB/s."]
+    return lines
 
 
 def triton_available() -> bool:
@@ -251,7 +293,14 @@ def main() -> None:
         rows.append(bench_shape(cfg, batch, ctx, args))
         r = rows[-1]
         tri = f"Triton {r['triton']['median_us']:9.1f} us | " if "triton" in r else ""
-        print(f"batch {batch:4d} ctx {ctx:6d}: ours {r['ours']['median_us']:9.1f} us "
+        dev = r["ours"].get("device_us")
+        dev = f" (device {dev:7.1f} us)" if dev else ""
+        if len(rows) == 1:  # which kernels the device time counted, once
+            for key in [k for k in r if isinstance(r[k], dict) and "device_kernel_names" in r[k]]:
+                print(f"# device time of {key}: {r[key]['device_kernels_per_call']:.1f} "
+                      f"kernels per call: {r[key]['device_kernel_names']}; not counted: "
+                      f"{r[key]['device_other_kernels']}", flush=True)
+        print(f"batch {batch:4d} ctx {ctx:6d}: ours {r['ours']['median_us']:9.1f} us{dev} "
               f"{r['ours']['GBps']:6.0f} GB/s | JAX {r['jax_pallas']['median_us']:9.1f} us | "
               f"{tri}XLA {r['xla']['median_us']:9.1f} us | {time.perf_counter() - t0:.1f} s",
               flush=True)
