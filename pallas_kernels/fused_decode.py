@@ -60,7 +60,8 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
     qkv_ref [batch, num_heads + 2 * kv_heads, head_dim]; cos_ref, sin_ref [batch, head_dim / 2]
     float32; k_ref, v_ref: the whole pools (inputs, never read at the written slot).
     out_refs: (k_out, v_out, out [batch, num_heads, head_dim]) with one split, else (k_out,
-    v_out, acc [block_h, head_dim] f32, max [block_h], sum [block_h]) of this split.
+    v_out, acc [block_h, head_dim] f32, max [block_h], sum [block_h]) of this split (blocks over
+    the group's `group` real rows: the rows past them are masked off).
     """
     k_out_ref, v_out_ref, *outs = out_refs
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -155,11 +156,13 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
         out = (acc / safe_sum[:, None]).astype(o_ref.dtype)
         for g in range(group):
             o_ref[seq, kv_head * group + g, :] = _select_row(out, g)
-    else:
+    else:  # partials of the group's real rows only (the blocks' rows past them: masked off)
+        from jax.experimental.pallas import triton as plgpu  # GPU-only module, CPU-importable
         o_ref, max_ref, sum_ref = outs
-        o_ref[...] = acc
-        max_ref[...] = row_max
-        sum_ref[...] = row_sum
+        live = lax.broadcasted_iota(jnp.int32, (block_h,), 0) < group
+        plgpu.store(o_ref, acc, mask=jnp.broadcast_to(live[:, None], (block_h, head_dim)))
+        plgpu.store(max_ref, row_max, mask=live)
+        plgpu.store(sum_ref, row_sum, mask=live)
 
 
 def triton_supports(block_size: int, head_dim: int) -> bool:
@@ -271,7 +274,7 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
         out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, head_dim), qkv.dtype))
         out_specs.append(whole(out_shape[-1]))
     else:
-        part = (batch, kv_heads, splits, block_h)
+        part = (batch, kv_heads, splits, group)  # blocks of block_h rows, masked past group
         out_shape += [jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
                       jax.ShapeDtypeStruct(part, jnp.float32),
                       jax.ShapeDtypeStruct(part, jnp.float32)]
@@ -292,7 +295,7 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
     if splits == 1:
         out = outs[0]
     else:
-        out = _combine(*outs)[:, :, :group].astype(qkv.dtype)  # [batch, kv_heads, group, dim]
+        out = _combine(*outs).astype(qkv.dtype)  # [batch, kv_heads, group, head_dim]
     return out.reshape(batch, num_heads * head_dim), k_pool, v_pool
 
 

@@ -11,8 +11,9 @@ Design (flash-decoding over the engine's own pool layout):
   transposed outside the kernel). Each step gathers `pages_per_compute_block` pages through the
   block table: a [pages, block_size, head_dim] tile of one KV head, a strided load (row stride
   kv_heads * head_dim) that Triton vectorises along head_dim.
-- The query group is padded to at least 16 rows (Triton's smallest dot tile); the padding rows
-  cost registers, not HBM traffic.
+- The query group is padded to at least 16 rows (Triton's smallest dot tile) inside the kernel:
+  the rows past the group are masked off in the query load and the output stores, so they cost
+  registers, not HBM traffic (no padded copy of q, no padded partials for the combine).
 - Online softmax in float32 (base 2: the scale is folded with log2(e)). Each split writes its
   partial (unnormalised out, running max, running sum); a cheap jnp combine merges the splits.
   With one split the kernel normalises and writes the output itself.
@@ -101,25 +102,30 @@ def make_plan(batch: int, kv_heads: int, group: int, block_size: int, max_blocks
 
 
 def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs,
-                   plan: DecodePlan, block_size: int, scale: float, precision):
+                   plan: DecodePlan, block_size: int, group: int, scale: float, precision):
     """One (sequence, KV head, split) program.
 
     layer_ref [1] int32; lens_ref [batch] int32; tables_ref [padded_blocks] int32 (this
-    sequence's row); q_ref [block_h, head_dim]; k_ref, v_ref: the whole pool.
+    sequence's row); q_ref [block_h, head_dim] over the group's `group` <= block_h query
+    heads (the rows past them are outside the array: masked off in the load and the stores);
+    k_ref, v_ref: the whole pool.
     out_refs: (out [block_h, head_dim],) when unsplit, else (out f32, max [block_h], sum
-    [block_h]) partials of this split.
+    [block_h]) partials of this split, each over `group` real rows.
     """
+    from jax.experimental.pallas import triton as plgpu  # GPU-only module, CPU-importable
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     context_len = lens_ref[seq]
     step = plan.pages_per_compute_block
     block_k = step * block_size
     block_h, head_dim = q_ref.shape
+    live = lax.broadcasted_iota(jnp.int32, (block_h,), 0) < group  # the real query heads
+    live2d = jnp.broadcast_to(live[:, None], (block_h, head_dim))
 
     first_page = split * plan.pages_per_split
     last_page = jnp.minimum(pl.cdiv(context_len, block_size), first_page + plan.pages_per_split)
     num_steps = pl.cdiv(jnp.maximum(last_page - first_page, 0), step)
-    q = q_ref[...]  # [block_h, head_dim]
+    q = plgpu.load(q_ref, mask=live2d, other=0)  # [block_h, head_dim], 0 past the group
     token_in_step = jnp.arange(block_k, dtype=jnp.int32)  # [block_k]
 
     def body(i, carry):
@@ -149,12 +155,12 @@ def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_re
     if plan.num_splits == 1:
         (o_ref,) = out_refs
         safe_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # empty context: acc is 0 -> out 0
-        o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
+        plgpu.store(o_ref, (acc / safe_sum[:, None]).astype(o_ref.dtype), mask=live2d)
     else:
         o_ref, max_ref, sum_ref = out_refs
-        o_ref[...] = acc
-        max_ref[...] = row_max
-        sum_ref[...] = row_sum
+        plgpu.store(o_ref, acc, mask=live2d)
+        plgpu.store(max_ref, row_max, mask=live)
+        plgpu.store(sum_ref, row_sum, mask=live)
 
 
 def _combine(acc, row_max, row_sum):
@@ -244,14 +250,12 @@ def paged_decode_attention_pallas(
                                              "num_stages"))
 def _paged_decode(q, k_pool, v_pool, layer, block_tables, context_lens, *, scale: float,
                   plan: DecodePlan, interpret: bool, num_warps, num_stages):
-    """Pads the query group and the table, launches the kernel, combines the splits."""
+    """Pads the table, launches the kernel, combines the splits."""
     batch, num_heads, head_dim = q.shape
     kv_heads, block_size = k_pool.shape[3], k_pool.shape[2]
     group = num_heads // kv_heads
     splits, block_h = plan.num_splits, plan.block_h
-    qg = q.reshape(batch, kv_heads, group, head_dim)
-    if block_h > group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, block_h - group), (0, 0)))
+    qg = q.reshape(batch, kv_heads, group, head_dim)  # block_h rows per block: masked past group
     width = splits * plan.pages_per_split
     assert width >= block_tables.shape[1]  # the splits cover the whole table
     tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))  # pad: block 0
@@ -263,10 +267,10 @@ def _paged_decode(q, k_pool, v_pool, layer, block_tables, context_lens, *, scale
         whole(k_pool), whole(v_pool),
     ]
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, block_h, head_dim), q.dtype)]
+        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), q.dtype)]
         out_specs = [pl.BlockSpec((None, None, block_h, head_dim), lambda b, h, s: (b, h, 0, 0))]
     else:
-        part = (batch, kv_heads, splits, block_h)
+        part = (batch, kv_heads, splits, group)
         out_shape = [jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
                      jax.ShapeDtypeStruct(part, jnp.float32),
                      jax.ShapeDtypeStruct(part, jnp.float32)]
@@ -275,16 +279,16 @@ def _paged_decode(q, k_pool, v_pool, layer, block_tables, context_lens, *, scale
             pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0)),
             pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0))]
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # f32: no TF32
-    kernel = functools.partial(_decode_kernel, plan=plan, block_size=block_size, scale=scale,
-                               precision=precision)
+    kernel = functools.partial(_decode_kernel, plan=plan, block_size=block_size, group=group,
+                               scale=scale, precision=precision)
     outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=interpret, compiler_params=_triton_params(
             num_warps, num_stages, head_dim, block_size * plan.pages_per_compute_block),
         name=f"paged_decode_bh{block_h}_pp{plan.pages_per_compute_block}_s{splits}",
     )(layer, context_lens, tables, qg, k_pool, v_pool)
-    out = outs[0] if splits == 1 else _combine(*outs)  # [batch, kv_heads, block_h, head_dim]
-    return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)
+    out = outs[0] if splits == 1 else _combine(*outs)  # [batch, kv_heads, group, head_dim]
+    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
 def _triton_params(num_warps, num_stages, head_dim: int, block_k: int):
