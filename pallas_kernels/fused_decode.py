@@ -126,13 +126,15 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
     token_in_step = jnp.arange(block_k, dtype=jnp.int32)
     dims = (((1,), (1,)), ((), ()))
 
+    page_of_token, slot_of_token = token_in_step // block_size, token_in_step % block_size
+
     def body(i, carry):
         acc, row_max, row_sum = carry
         page0 = first_page + i * step
-        pages = tables_ref[pl.ds(page0, step)]
-        kp1 = k_ref[layer, pages, :, kv_head, lo].reshape(block_k, half)
-        kp2 = k_ref[layer, pages, :, kv_head, hi].reshape(block_k, half)
-        v = v_ref[layer, pages, :, kv_head, :].reshape(block_k, head_dim)
+        blocks = tables_ref[page0 + page_of_token]  # [block_k]: each token's block (2-D tiles)
+        kp1 = k_ref[layer, blocks, slot_of_token, kv_head, lo]  # [block_k, half]
+        kp2 = k_ref[layer, blocks, slot_of_token, kv_head, hi]
+        v = v_ref[layer, blocks, slot_of_token, kv_head, :]  # [block_k, head_dim]
         logits = (lax.dot_general(q1, kp1, dims, precision=precision,
                                   preferred_element_type=jnp.float32)
                   + lax.dot_general(q2, kp2, dims, precision=precision,
