@@ -5,10 +5,11 @@ K/V with the KV heads repeated), with the bf16 matmul rate measured in the same 
 Method (shared/benchmarking.md): each kernel runs `iters` times inside one jitted
 `lax.fori_loop`, cycling over `copies` different inputs (distinct queries, and distinct
 pages of one pool / distinct K/V) that total >= 256 MB; per-call device time = loop time /
-iters, median and min/max over --reps repetitions; compile is timed apart. FLOPs count the
-causal half only: 4 * sum over queries of (keys visible to it) * head_dim * num_heads. Every
-output (last iteration) is checked against dense float32 attention on a sample of query rows
-(max abs error).
+iters, median and min/max over --reps repetitions; compile is timed apart; one more loop under
+jax.profiler gives each kernel's own device time per call (bench_common.device_time). FLOPs
+count the causal half only: 4 * sum over queries of (keys visible to it) * head_dim *
+num_heads. Every output (last iteration) is checked against dense float32 attention on a
+sample of query rows (max abs error).
 
 A shape is SEQSxQ_LEN[+PREFIX]: SEQS sequences of Q_LEN new tokens each after PREFIX cached
 tokens, packed back to back (mha runs them as a batch; it has no query offset, so it is not
@@ -37,6 +38,8 @@ from jax import lax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.paged_prefill import ragged_paged_attention_pallas  # noqa: E402
 from bench_common import measure  # noqa: E402
+
+SCOPE = "kernel_under_test"   # named scope of the timed call inside the loop (device time)
 
 SHAPES = ("1x1024", "1x2048", "1x4096", "1x8192", "8x512", "8x512+1024")
 SWEEP_SHAPES = ("1x8192", "8x512+1024")
@@ -70,11 +73,14 @@ def causal_flops(seqs: int, q_len: int, prefix: int, heads: int, head_dim: int) 
 
 def timed_loop(fn, iters: int, copies: int):
     """jit(loop): runs fn(*(stack[i % copies] for stack in stacks), *rest) iters times;
-    returns (sum of outputs, last output) so no iteration can be dropped."""
+    returns (sum of outputs, last output) so no iteration can be dropped. The call sits in
+    the named scope SCOPE (its device time; the barrier keeps its epilogue its own)."""
     def run(stacks, *rest):
         def body(i, carry):
             acc, _ = carry
-            out = fn(*(s[i % copies] for s in stacks), *rest)
+            inputs = [s[i % copies] for s in stacks]
+            with jax.named_scope(SCOPE):
+                out = lax.optimization_barrier(fn(*inputs, *rest))
             return acc + out.astype(jnp.float32), out
         shape = jax.eval_shape(fn, *(s[0] for s in stacks), *rest)
         zero = jnp.zeros(shape.shape, shape.dtype)
@@ -176,7 +182,7 @@ def bench_shape(cfg, shape: str, matmul: dict, args) -> dict:
         configs += [(f"ours_{text}", parse_config(text)) for text in args.configs.split(",")]
     for name, kw in configs:
         res = measure(timed_loop(functools.partial(ours_fn, **kw), iters, copies),
-                      ((q, tables), k_pool, v_pool), iters, args.reps)
+                      ((q, tables), k_pool, v_pool), iters, args.reps, SCOPE)
         res["max_abs_err"] = error(res.pop("last"))
         row[name] = res
     del k_pool, v_pool
@@ -194,12 +200,16 @@ def bench_shape(cfg, shape: str, matmul: dict, args) -> dict:
         mha_fn = lambda q1, k1, v1: mha(q1, k1, v1, None, sm_scale=scale,  # noqa: E731
                                         causal=True, interpret=args.cpu_smoke)
         res = measure(timed_loop(mha_fn, iters, copies), ((q, k_rep, v_rep),), iters,
-                      args.reps)
+                      args.reps, SCOPE)
         res["max_abs_err"] = error(res.pop("last"))
         row["mha"] = res
     for name in [n for n in row if isinstance(row[n], dict) and "median_us" in row[n]]:
         row[name]["TFLOPs"] = flops / (row[name]["median_us"] * 1e-6) / 1e12
         row[name]["pct_matmul"] = 100 * row[name]["TFLOPs"] / matmul["TFLOPs"]
+        if row[name].get("device_us"):
+            row[name]["device_TFLOPs"] = flops / (row[name]["device_us"] * 1e-6) / 1e12
+            row[name]["device_pct_matmul"] = (100 * row[name]["device_TFLOPs"]
+                                              / matmul["TFLOPs"])
     return row
 
 
@@ -230,6 +240,19 @@ def markdown(rows, matmul: dict, device: str, cfg) -> str:
             f"| {r['shape']} | {r['tokens']} | {r['causal_tflop']:.3f} | {o['median_us']:.1f} "
             f"({o['min_us']:.1f}-{o['max_us']:.1f}) | {o['TFLOPs']:.0f} | "
             f"{o['pct_matmul']:.0f}% | {mha_cols}{flag} |")
+    timed = [r for r in rows if r["ours"].get("device_us")]
+    if timed:
+        lines += ["", "Device time per call (profiler: the kernels of the call alone, no loop "
+                  "bookkeeping or launch gaps):", "",
+                  "| shape | ours us | ours TFLOP/s | % matmul | mha us | mha TFLOP/s | "
+                  "mha / ours time |", "|---|---|---|---|---|---|---|"]
+        for r in timed:
+            o, m = r["ours"], r["mha"]
+            mha_cols = (f"{m['device_us']:.1f} | {m['device_TFLOPs']:.0f} | "
+                        f"{m['device_us'] / o['device_us']:.2f}x" if m.get("device_us")
+                        else "n/a | n/a | n/a")
+            lines.append(f"| {r['shape']} | {o['device_us']:.1f} | {o['device_TFLOPs']:.0f} | "
+                         f"{o['device_pct_matmul']:.0f}% | {mha_cols} |")
     skipped = sorted({r["mha"]["skipped"] for r in rows if "skipped" in r["mha"]})
     lines += [f"\nmha n/a: {why}" for why in skipped]
     extra = [(r["shape"], n, v) for r in rows for n, v in r.items() if n.startswith("ours_")]
