@@ -24,26 +24,19 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import device_events  # noqa: E402
+
 
 def trace_events(trace_dir: str, device_prefix: str):
     """(device events, host events): (name, start_ns, duration_ns) of every event on the device
     planes' stream lines, and of the host plane's driver-API and XLA runtime events (kernel
-    launches, graph launches, copies, synchronisation, thunk execution)."""
-    from jax._src.lib import _profile_data
-    (path,) = pathlib.Path(trace_dir).rglob("*.xplane.pb")
-    data = _profile_data.ProfileData.from_file(str(path))
-    device, host = [], []
-    for plane in data.planes:
-        for line in plane.lines:
-            if plane.name.startswith(device_prefix):
-                # GPU planes: one line per stream ("Stream #N(...)"), plus summary lines.
-                if device_prefix.startswith("/device:GPU") and not line.name.startswith("Stream"):
-                    continue
-                device += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-            elif plane.name.startswith("/host"):
-                host += [(e.name, e.start_ns, e.duration_ns) for e in line.events
-                         if e.name.startswith("cu") or "Thunk" in e.name
-                         or "CommandBuffer" in e.name]
+    launches, graph launches, copies, synchronisation, thunk execution); none with --cpu,
+    where the host's XLA plane is the device plane."""
+    device = [e[:3] for e in device_events(trace_dir, device_prefix)]
+    host = [e[:3] for e in device_events(trace_dir, "/host")
+            if not device_prefix.startswith("/host")
+            and (e[0].startswith("cu") or "Thunk" in e[0] or "CommandBuffer" in e[0])]
     return device, host
 
 
