@@ -5,7 +5,7 @@ Triton-language kernel is timed beside them too.
 
 Method (shared/benchmarking.md): each kernel runs `iters` times inside one jitted
 `lax.fori_loop`, cycling over `copies` different inputs (distinct pages of one pool, distinct
-queries) that total >= 256 MB so L2 cannot serve them; per-call device time = loop time /
+queries) that total >= 256 MB so L2 cannot serve them; per-call loop time = loop time /
 iters, median and min/max over --reps repetitions; compile is timed apart. One more loop runs
 under jax.profiler and gives each kernel's device time per call: the summed durations of the
 kernels its own code launched (e.g. a split kernel and its combine), without the loop's

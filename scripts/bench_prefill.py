@@ -4,7 +4,7 @@ K/V with the KV heads repeated), with the bf16 matmul rate measured in the same 
 
 Method (shared/benchmarking.md): each kernel runs `iters` times inside one jitted
 `lax.fori_loop`, cycling over `copies` different inputs (distinct queries, and distinct
-pages of one pool / distinct K/V) that total >= 256 MB; per-call device time = loop time /
+pages of one pool / distinct K/V) that total >= 256 MB; per-call loop time = loop time /
 iters, median and min/max over --reps repetitions; compile is timed apart; one more loop under
 jax.profiler gives each kernel's own device time per call (bench_common.device_time). FLOPs
 count the causal half only: 4 * sum over queries of (keys visible to it) * head_dim *
