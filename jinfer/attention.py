@@ -174,16 +174,6 @@ def _write_kv_xla(k_pool, v_pool, layer: int, slots, k, v):
             v_pool.at[layer, blocks, offsets].set(v.astype(v_pool.dtype)))
 
 
-def _write_kv_kernel(k_pool, v_pool, layer: int, slots, k, v):
-    """The Pallas KV-write kernel where a token's row is one power-of-two tile (kv_heads and
-    head_dim powers of two); the XLA scatter otherwise (SmolLM2's 3 KV heads: the kernel's
-    split-row path crashed the Triton compile on an H100, see tests/test_kv_write.py)."""
-    kv_heads, head_dim = k_pool.shape[3:]
-    if kv_heads & (kv_heads - 1) or head_dim & (head_dim - 1):
-        return _write_kv_xla(k_pool, v_pool, layer, slots, k, v)
-    return write_kv_pallas(k_pool, v_pool, layer, slots, k, v)
-
-
 def _prefill_reference(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float):
     """Unpacks to [rows, q_len], runs the plain reference, packs the result again."""
     heads, dim = q.shape[1:]
@@ -202,10 +192,10 @@ def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: floa
 _BACKENDS: dict[str, AttentionBackend] = {
     "reference": AttentionBackend(_decode_reference, _prefill_reference, _write_kv_xla),
     "oracle": AttentionBackend(_decode_oracle, _prefill_reference, _write_kv_xla),
-    "pallas": AttentionBackend(_decode_pallas, _prefill_pallas, _write_kv_kernel,
+    "pallas": AttentionBackend(_decode_pallas, _prefill_pallas, write_kv_pallas,
                                _fused_decode_pallas, _fused_decode_supported),
-    "pallas_unfused": AttentionBackend(_decode_pallas, _prefill_pallas, _write_kv_kernel),
-    "triton": AttentionBackend(_decode_triton, _prefill_pallas, _write_kv_kernel),
+    "pallas_unfused": AttentionBackend(_decode_pallas, _prefill_pallas, write_kv_pallas),
+    "triton": AttentionBackend(_decode_triton, _prefill_pallas, write_kv_pallas),
 }
 
 

@@ -169,6 +169,9 @@ def write_kv_pallas(
     _validate(k_pool, v_pool, slot_mapping, k_new, v_new)
     if tokens_per_program is not None and tokens_per_program < 1:
         raise ValueError(f"tokens_per_program must be >= 1 or None, got {tokens_per_program}")
+    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps must be a power of two (Triton's requirement) or None, got "
+                         f"{num_warps}")
     layer = _check_layer(layer, k_pool.shape[0]).reshape(1)
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
@@ -206,9 +209,12 @@ def _write_kv(k_pool, v_pool, layer, slots, k_new, v_new, *, tokens_per_program:
 
 def _triton_params(num_warps, row_bytes: int):
     """Triton compiler parameters (this also selects the Triton lowering over Mosaic GPU).
-    Default warps: enough for one 16-byte store per thread per row, 1 to MAX_WARPS."""
+    Default warps: about one 16-byte store per thread per row, rounded down to a power of two
+    (Triton needs one: 3 warps, e.g. for 5 float32 heads of dim 96, crashed its compile), 1 to
+    MAX_WARPS."""
     from jax.experimental.pallas import triton as plgpu  # GPU-only module, CPU-importable
     params_cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
     if num_warps is None:
-        num_warps = min(MAX_WARPS, max(1, row_bytes // (32 * VECTOR_BYTES)))
+        wanted = min(MAX_WARPS, max(1, row_bytes // (32 * VECTOR_BYTES)))
+        num_warps = 1 << (wanted.bit_length() - 1)
     return params_cls(num_warps=num_warps, num_stages=1)
