@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import paged_prefill_mgpu
 from pallas_kernels.fused_decode import fused_decode_attention_pallas, triton_supports
 from pallas_kernels.kv_write import write_kv_pallas
 from pallas_kernels.paged_decode import paged_decode_attention_pallas
@@ -184,9 +185,13 @@ def _prefill_reference(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: f
 
 
 def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float):
+    """The Mosaic GPU kernel (wgmma, TMA) on a Hopper GPU where it takes the shapes; the
+    Triton-lowered kernel elsewhere (other GPUs, interpret mode on the CPU)."""
     att = meta.attention
-    return ragged_paged_attention_pallas(q, k_pool, v_pool, layer, att.block_tables,
-                                         meta.query_start_loc, att.context_lens, scale=scale)
+    args = (q, k_pool, v_pool, layer, att.block_tables, meta.query_start_loc, att.context_lens)
+    if paged_prefill_mgpu.hopper_gpu() and paged_prefill_mgpu.supports(q, k_pool):
+        return paged_prefill_mgpu.ragged_paged_attention_mgpu(*args, scale=scale)
+    return ragged_paged_attention_pallas(*args, scale=scale)
 
 
 _BACKENDS: dict[str, AttentionBackend] = {
