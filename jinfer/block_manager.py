@@ -5,12 +5,14 @@ Plain Python/NumPy, never traced. Block 0 is the padding block and is never hand
 in check-then-commit pairs (`can_allocate` / `allocate`, `can_allocate_prompt` / `allocate_prompt`,
 `can_append_slots` / `append_slots`), so a failed check changes nothing.
 
-Prefix caching (vLLM's automatic prefix caching): once a FULL block's K/V are computed
-(`mark_computed`), the block is registered under a hash chain, hash(parent block's hash, the
-block's token ids), so its hash names every token up to and including the block. A later sequence
-whose leading blocks match shares them (refcount + 1) and skips prefilling them. When its last
-reference goes, a cached block is not freed but becomes *evictable*: still findable, reclaimed in
-LRU order only when the pool needs a fresh block and the plain free list is empty.
+Prefix caching (vLLM's automatic prefix caching): once a FULL block's tokens are known and its
+K/V computed, or being computed by a dispatched device call (the device runs calls in dispatch
+order, so any later sharer reads them after), the block is registered (`mark_computed`) under a
+hash chain, hash(parent block's hash, the block's token ids), so its hash names every token up
+to and including the block. A later sequence whose leading blocks match shares them (refcount +
+1) and skips prefilling them. When its last reference goes, a cached block is not freed but
+becomes *evictable*: still findable, reclaimed in LRU order only when the pool needs a fresh
+block and the plain free list is empty.
 
 Copy-on-write: `fork` shares a parent's whole block table with a child. Full blocks are never
 written again, so sharing them costs nothing; a shared block that a sequence is about to write
@@ -235,7 +237,9 @@ class BlockManager:
 
     def mark_computed(self, seq: Sequence, num_computed_tokens: Optional[int] = None) -> None:
         """Registers the full blocks among `seq`'s first `num_computed_tokens` tokens (default:
-        `seq.num_computed_tokens`) in the prefix index. Call after the device step wrote them."""
+        `seq.num_computed_tokens`) in the prefix index. Call once the device call that writes
+        them is dispatched, and only for tokens known on the host (never a sample still on the
+        device)."""
         if not self.enable_prefix_caching:
             return
         n = seq.num_computed_tokens if num_computed_tokens is None else num_computed_tokens

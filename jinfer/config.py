@@ -76,7 +76,9 @@ class EngineConfig:
         blocks) and skip their prefill.
       num_scheduler_steps: decode steps one device call may run back to back when only decodes
         run (vLLM's multi-step scheduling): the host syncs, schedules and detokenizes once per
-        call instead of once per token. 1 switches it off.
+        call instead of once per token. Above 1 the engine also looks ahead: every step
+        (mixed prefill + decode steps too) is dispatched before the one in flight is read back
+        (jinfer.engine). 1 switches both off: every step runs synchronously.
       mixed_batching: run a step's decode rows and prompt chunks in one device call (else
         two calls: the prompt chunks, then the decodes; fewer shapes to compile).
       preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a

@@ -13,23 +13,50 @@
 4. postprocess  append tokens, check eos / stop ids / stop strings / max_tokens, detokenize
                 incrementally, free finished sequences' blocks, report RequestOutputs.
 
-Decode-only stretches run several steps per device call (multi-step, `num_scheduler_steps`), and
-those calls overlap the host: a multi-step call is dispatched and left in flight; the next
-`step()` dispatches the call that continues the same rows (its input tokens are the in-flight
-call's last samples, still on the device) before it reads back and postprocesses the call in
-flight. The device always has the next call queued while the host detokenizes and checks stops.
-Tokens computed past a sequence's finish are discarded; the KV pool threads through every call,
-so the device runs them in dispatch order and a freed block is rewritten only after.
+Lookahead (on whenever num_scheduler_steps > 1; num_scheduler_steps=1 runs every step
+synchronously) keeps the device from waiting on the host between steps. A call is dispatched
+and left in flight, and each `step()` first plans and dispatches the NEXT call, then reads back
+and postprocesses the one in flight (step k+1 runs while the host detokenizes and checks the
+stops of step k); `stats()["num_calls_ahead"]` counts the calls dispatched that way:
+
+  step():  [schedule k+1 -> dispatch k+1]  ->  read back k -> postprocess k -> outputs of k
+
+- Planning past the call in flight: each sequence counts the positions that call computes
+  (`Sequence.num_in_flight`) and the tokens it samples (`num_samples_in_flight`); the scheduler
+  plans the next chunk or decode after them (`ScheduledSequence.start`). A decode row whose
+  input token is such a sample takes it from the call's device output (a gather on the device,
+  `_device_tokens`); every other token comes from the host.
+- Discarding: a sequence that finishes when step k is read back (eos, stop id or string,
+  max_tokens) has its row in step k+1 discarded. Its blocks are freed at once: the KV pool
+  threads through every call, so the device runs calls in dispatch order and a freed block is
+  rewritten by a later owner only after. Rows whose samples in flight reach max_tokens or
+  max_model_len are not planned at all.
+- What stays synchronous (step k+1 is planned only after step k is read back, `_can_look_ahead`):
+  a row of step k with penalties that samples (the sampler reads every output token, and step
+  k's are not on the host yet), and a request with n > 1 whose prompt's last chunk samples in
+  step k (its siblings fork from it after that token). A sequence with tokens in flight is
+  never preempted (see Scheduler).
+- Prefix caching: full blocks whose tokens are on the host are registered when their call is
+  dispatched (a later call that shares them runs after it); blocks holding samples, on
+  read-back.
+
+Decode-only stretches run several steps per device call (multi-step, `num_scheduler_steps`)
+when no waiting sequence could be admitted: the host syncs, schedules and detokenizes once per
+call instead of once per token, and those calls are planned past each other the same way.
+Tokens computed past a sequence's finish are discarded. Greedy and seeded sampling depend only
+on (seed, position), so lookahead gives exactly the tokens of synchronous steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 from typing import Optional, Sequence as Seq
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jinfer.block_manager import BlockManager
@@ -39,7 +66,7 @@ from jinfer.detokenizer import IncrementalDetokenizer
 from jinfer.model_runner import ModelRunner, decode_steps_bucket
 from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import ScheduledSequence, Scheduler
+from jinfer.scheduler import Schedule, ScheduledSequence, Scheduler
 from jinfer.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -73,13 +100,45 @@ class Request:
 
 
 @dataclasses.dataclass
-class InFlight:
-    """A multi-step decode call dispatched to the device and not yet read back."""
+class DeviceCall:
+    """One jitted call dispatched to the device and not yet read back."""
 
-    items: list[ScheduledSequence]  # its rows, in order
-    num_steps: int
-    results: object                 # SamplerOutput on the device, fields [num_steps, S]
-    last_tokens: object             # [rows] on the device: the continuing call's input
+    items: list[ScheduledSequence]  # its rows in order: decodes, then prompt chunks
+    num_decode: int                 # of those, decode rows
+    num_steps: int                  # decode steps run back to back (1: one, maybe mixed, step)
+    results: object                 # SamplerOutput on the device, fields [S] or [num_steps, S]
+    last_tokens: object             # [R >= rows] on the device: each row's last sample
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A step's device calls (a prompt call and a decode call without mixed batching, else one),
+    dispatched and not yet read back."""
+
+    calls: list[DeviceCall]
+    # seq_id -> where `tokens` holds the sequence's last sample, for each row that samples
+    sample_index: dict[int, int] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.sample_index, offset = {}, 0
+        for call in self.calls:
+            for row, item in enumerate(call.items):
+                if item.samples:
+                    self.sample_index[item.seq.seq_id] = offset + row
+            offset += call.last_tokens.shape[0]
+
+    @functools.cached_property
+    def tokens(self):
+        """[sum of R] on the device: every call's last samples, end to end."""
+        lasts = [call.last_tokens for call in self.calls]
+        return lasts[0] if len(lasts) == 1 else jnp.concatenate(lasts)
+
+
+@jax.jit
+def _take_tokens(host_tokens, tokens, sources):
+    """host_tokens [rows] with each row whose source is >= 0 replaced by tokens[source]: input
+    tokens gathered on the device from a call not yet read back. tokens [R], sources [rows]."""
+    return jnp.where(sources >= 0, tokens[jnp.maximum(sources, 0)], host_tokens)
 
 
 class LLMEngine:
@@ -100,7 +159,8 @@ class LLMEngine:
         self.vocab_size = runner.model_config.vocab_size
         self.num_computed_tokens = 0         # tokens whose K/V a device step computed
         self.num_computed_prompt_tokens = 0  # of those, prompt tokens (prefill work)
-        self._in_flight: Optional[InFlight] = None
+        self._in_flight: Optional[InFlight] = None  # the step dispatched and not read back
+        self.num_calls_ahead = 0  # device calls dispatched while another was still in flight
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
@@ -158,47 +218,142 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One schedule -> batch -> device -> postprocess round; outputs of touched requests.
+        """Reads back one step's device calls; returns the outputs of the requests it touched.
 
-        With a multi-step call in flight: dispatch its continuation (when nothing else needs
-        the device), then read the call back and postprocess it."""
-        if self._in_flight is not None:
-            return self._step_in_flight()
-        schedule = self.scheduler.schedule()
-        if schedule.block_copies:
-            self.runner.kv_cache = copy_blocks(self.runner.kv_cache, schedule.block_copies)
+        With nothing in flight, the step is planned and dispatched first. Then, where it is
+        safe (`_can_look_ahead`), the next step is planned past the one in flight and
+        dispatched before that one is read back and postprocessed."""
+        if self._in_flight is None:
+            self._in_flight = self._dispatch(self.scheduler.schedule())
+            if self._in_flight is None:  # nothing ran: everything gave way to preemption
+                self._check_progress()
+                return []
+        in_flight = self._in_flight
+        if self._can_look_ahead(in_flight):
+            self._in_flight = self._dispatch(self.scheduler.schedule(), in_flight)
+        else:
+            self._in_flight = None
         touched: dict[str, Request] = {}
-        decode, prefill = schedule.decode.scheduled, schedule.prefill.scheduled
-        num_steps = self._num_decode_steps(decode, prefill)
-        if num_steps > 1:
-            self._in_flight = self._launch_decode_steps(decode, num_steps)
-        elif decode and prefill and not self.config.mixed_batching:
-            # Two calls: fewer distinct shapes to compile, where compiling is slow (CPU).
-            self._run_step([], prefill, touched)
-            self._run_step(decode, [], touched)
-        elif decode or prefill:  # (neither: everything gave way to preemption this step)
-            self._run_step(decode, prefill, touched)
-        elif self.requests and not self.scheduler.has_unfinished():
-            raise RuntimeError(f"internal error: requests {sorted(self.requests)[:5]} are "
-                               "unfinished but no sequence is running or waiting")
+        self._read_back(in_flight, touched)
         return self._outputs(touched)
 
-    def _run_step(self, decode, prefill, touched: dict) -> None:
-        """One device call for the step's decode rows and prompt chunks together."""
-        items = decode + prefill  # the step's row order: decodes first, then prompt chunks
+    def _check_progress(self) -> None:
+        if self.requests and not self.scheduler.has_unfinished():
+            raise RuntimeError(f"internal error: requests {sorted(self.requests)[:5]} are "
+                               "unfinished but no sequence is running or waiting")
+
+    def _can_look_ahead(self, in_flight: InFlight) -> bool:
+        """Whether the next step may be planned before `in_flight` is read back: lookahead is
+        on (num_scheduler_steps > 1) and no live row of it that samples needs the host first.
+        Those that do: rows with penalties (the sampler reads every output token, and these are
+        not on the host yet) and the first token of a request with n > 1 (its siblings fork
+        from it on read-back)."""
+        if self.config.num_scheduler_steps == 1:
+            return False
+        for call in in_flight.calls:
+            for item in call.items:
+                seq, params = item.seq, item.seq.params
+                if not item.samples or seq.is_finished:
+                    continue
+                if params.has_penalties or (params.n > 1 and seq.index == 0
+                                            and not seq.num_output_tokens):
+                    return False
+        return True
+
+    def _dispatch(self, schedule: Schedule,
+                  prev: Optional[InFlight] = None) -> Optional[InFlight]:
+        """Dispatches a scheduled step without waiting for it (None when it is empty). `prev`:
+        the call still in flight, whose samples are the input tokens of some decode rows."""
+        if schedule.block_copies:  # runs after `prev`, as every call on the pool does
+            self.runner.kv_cache = copy_blocks(self.runner.kv_cache, schedule.block_copies)
+        decode, prefill = schedule.decode.scheduled, schedule.prefill.scheduled
+        if not decode and not prefill:
+            return None
+        num_steps = self._num_decode_steps(decode, prefill)
+        if num_steps > 1:
+            calls = [self._launch_decode_steps(decode, num_steps, prev)]
+        elif decode and prefill and not self.config.mixed_batching:
+            # Two calls: fewer distinct shapes to compile, where compiling is slow (CPU).
+            calls = [self._launch_step([], prefill, prev), self._launch_step(decode, [], prev)]
+        else:
+            calls = [self._launch_step(decode, prefill, prev)]
+        for call in calls:
+            self._mark_in_flight(call)
+        if prev is not None:
+            self.num_calls_ahead += len(calls)
+        return InFlight(calls)
+
+    def _launch_step(self, decode, prefill, prev: Optional[InFlight]) -> DeviceCall:
+        """One device call for decode rows and prompt chunks together, left in flight (waited
+        for when lookahead is off)."""
+        items = decode + prefill  # the call's row order: decodes first, then prompt chunks
         seqs = [item.seq for item in items]
         rows = [self._sampling_row(seq) for seq in seqs]
         step_input, flags = self.runner.prepare(decode, prefill, rows,
                                                 self._logprobs_bucket(seqs))
-        result = self.runner.execute(step_input, flags)
-        row_of = {id(item): i for i, item in enumerate(items)}
-        for item in prefill + decode:  # prompts first: forks join the running set in order
-            seq, samples = item.seq, item.samples
-            self._advance(seq, item.num_new_tokens)
-            if samples:
-                self._fork_siblings(seq)
-                self._append_token(seq, result, row_of[id(item)])
-            touched[seq.request_id] = self.requests[seq.request_id]
+        token_ids = self._device_tokens(decode, step_input, prev)
+        if self.config.num_scheduler_steps == 1:
+            assert token_ids is None, "nothing is in flight without lookahead"
+            results = self.runner.execute(step_input, flags)
+        else:
+            results = self.runner.launch_step(step_input, flags, token_ids)
+        return DeviceCall(items, len(decode), 1, results, results.tokens)
+
+    def _device_tokens(self, decode, step_input, prev: Optional[InFlight]):
+        """The decode rows' input tokens [rows] on the device when some of them are samples of
+        `prev`, not read back yet (gathered on the device); None when all are on the host."""
+        if not decode:
+            return None
+        host = step_input.token_ids[:step_input.attention.decode.block_tables.shape[0]]
+        sources = np.full(host.shape, -1, np.int32)  # [rows]: index into prev.tokens, or -1
+        for row, item in enumerate(decode):
+            if item.start >= item.seq.num_tokens:  # its input token is still on the device
+                assert prev is not None, f"sequence {item.seq.seq_id} has no call in flight"
+                sources[row] = prev.sample_index[item.seq.seq_id]
+        if (sources < 0).all():
+            return None
+        return _take_tokens(host, prev.tokens, sources)
+
+    def _mark_in_flight(self, call: DeviceCall) -> None:
+        """Counts the call's tokens as in flight, and registers the full blocks it computes
+        whose tokens are on the host in the prefix cache (calls that share them run after)."""
+        for item in call.items:
+            seq = item.seq
+            if call.num_steps == 1:
+                seq.num_in_flight += item.num_new_tokens
+                seq.num_samples_in_flight += int(item.samples)
+            else:
+                seq.num_in_flight += call.num_steps
+                seq.num_samples_in_flight += call.num_steps
+            known = min(seq.num_computed_tokens + seq.num_in_flight, seq.num_tokens)
+            self.block_manager.mark_computed(seq, known)
+
+    def _read_back(self, in_flight: InFlight, touched: dict) -> None:
+        """Waits for the calls of `in_flight` and postprocesses their rows, prompt chunks first
+        (n > 1 siblings fork from them and join the running set in order)."""
+        for call in in_flight.calls:
+            results = jax.device_get(call.results)  # waits for the call
+            rows = [*range(call.num_decode, len(call.items)), *range(call.num_decode)]
+            for step in range(call.num_steps):
+                result = results
+                if call.num_steps > 1:  # fields [num_steps, S]
+                    result = jax.tree.map(lambda a: a[step], results)  # noqa: B023
+                for row in rows:
+                    self._read_back_row(call, row, result, touched)
+
+    def _read_back_row(self, call: DeviceCall, row: int, result, touched: dict) -> None:
+        """One row of one step of `call`: its tokens are computed, its sample appended.
+        Discarded when the sequence finished (or was aborted) after the call was dispatched."""
+        item = call.items[row]
+        seq = item.seq
+        if seq.is_finished:
+            return
+        self._advance(seq, item.num_new_tokens if call.num_steps == 1 else 1)
+        if item.samples:
+            seq.num_samples_in_flight -= 1
+            self._fork_siblings(seq)
+            self._append_token(seq, result, row)
+        touched[seq.request_id] = self.requests[seq.request_id]
 
     def _num_decode_steps(self, decode, prefill) -> int:
         """How many decode steps the next device call may run back to back (multi-step
@@ -206,8 +361,8 @@ class LLMEngine:
         `_admission_possible`), every row has sampled before (a prompt's last token is not a
         decode: n > 1 siblings fork after it); penalties and min_tokens bans need no host
         between tokens (the call appends each step's samples to the rows' output tokens and
-        lifts the bans at min_tokens, on the device). Then
-        num_scheduler_steps, or a power of two below it that the longest row still wants
+        lifts the bans at min_tokens, on the device). Then num_scheduler_steps, or a power of
+        two below it that the longest row still wants past its samples in flight
         (`decode_steps_bucket`), halved until every row fits in max_model_len and the pool has
         the slots (with no shared block in the write range). Else 1."""
         limit = self.config.num_scheduler_steps
@@ -215,10 +370,11 @@ class LLMEngine:
             return 1
         wanted = 1
         for item in decode:
-            seq, params = item.seq, item.seq.params
-            if not seq.num_output_tokens:  # a prompt's last token: forks n > 1 siblings after it
+            seq = item.seq
+            generated = seq.num_output_tokens + seq.num_samples_in_flight
+            if not generated:  # a prompt's last token: forks n > 1 siblings after it
                 return 1
-            wanted = max(wanted, params.max_tokens - seq.num_output_tokens)
+            wanted = max(wanted, seq.params.max_tokens - generated)
         num_steps = decode_steps_bucket(wanted, limit)
         while num_steps > 1 and not self._decode_steps_fit(decode, num_steps):
             num_steps = decode_steps_bucket(num_steps - 1, limit)
@@ -231,10 +387,10 @@ class LLMEngine:
         return bool(self.scheduler.waiting) and (
             len(self.scheduler.running) < self.config.max_num_seqs)
 
-    def _decode_steps_fit(self, decode, num_steps: int, ahead: int = 0) -> bool:
-        """Every row can take num_steps more tokens (after `ahead` in flight): within
-        max_model_len, with free blocks for them and no shared block to copy on write."""
-        ends = [item.seq.num_computed_tokens + ahead + num_steps for item in decode]
+    def _decode_steps_fit(self, decode, num_steps: int) -> bool:
+        """Every row can take num_steps more tokens: within max_model_len, with free blocks for
+        them and no shared block to copy on write."""
+        ends = [item.start + num_steps for item in decode]
         if max(ends) > self.config.max_model_len:
             return False
         manager = self.block_manager
@@ -243,66 +399,21 @@ class LLMEngine:
         new_blocks = sum(manager.num_new_blocks(item.seq, end) for item, end in zip(decode, ends))
         return new_blocks <= manager.num_free_blocks
 
-    def _launch_decode_steps(self, decode, num_steps: int, ahead: int = 0,
-                             token_ids=None) -> InFlight:
-        """Reserves the slots of `num_steps` tokens per row (after `ahead` still in flight) and
-        dispatches the multi-step call without waiting for it."""
+    def _launch_decode_steps(self, decode, num_steps: int,
+                             prev: Optional[InFlight]) -> DeviceCall:
+        """Reserves the slots of `num_steps` tokens per row and dispatches the multi-step call
+        without waiting for it."""
         for item in decode:
-            seq = item.seq
-            copies = self.block_manager.append_slots(
-                seq, seq.num_computed_tokens + ahead + num_steps)
+            copies = self.block_manager.append_slots(item.seq, item.start + num_steps)
             assert not copies, "shared blocks in the write range are excluded beforehand"
         seqs = [item.seq for item in decode]
-        rows = [self._sampling_row(seq, ahead) for seq in seqs]
+        rows = [self._sampling_row(seq) for seq in seqs]
         step_input, flags = self.runner.prepare(decode, [], rows, self._logprobs_bucket(seqs),
-                                                ahead=ahead, num_steps=num_steps)
+                                                num_steps=num_steps)
+        token_ids = self._device_tokens(decode, step_input, prev)
         results, last_tokens = self.runner.launch_decode_steps(step_input, flags, num_steps,
                                                                token_ids)
-        return InFlight(decode, num_steps, results, last_tokens)
-
-    def _continuation(self, prev: InFlight) -> Optional[InFlight]:
-        """The call that continues `prev`'s unfinished rows, dispatched before `prev` is read
-        back: when no waiting sequence could be admitted, every running sequence is one of them,
-        no row has penalties (they read the output tokens, and `prev`'s are not on the host
-        yet), and some row wants at least two tokens past `prev`. Rows that finished before
-        `prev` was dispatched drop out (their input tokens are gathered on the device); rows
-        that finish on eos or a stop string inside `prev` waste their share of the call
-        (discarded)."""
-        live = [row for row, item in enumerate(prev.items) if not item.seq.is_finished]
-        seqs = [prev.items[row].seq for row in live]
-        if (not seqs or self._admission_possible() or len(self.scheduler.running) != len(seqs)
-                or any(seq.params.has_penalties for seq in seqs)):
-            return None
-        items = [prev.items[row] for row in live]
-        ahead = prev.num_steps
-        wanted = max(min(seq.params.max_tokens - seq.num_output_tokens,
-                         self.config.max_model_len - seq.num_tokens) - ahead for seq in seqs)
-        num_steps = decode_steps_bucket(wanted, self.config.num_scheduler_steps)
-        while num_steps > 1 and not self._decode_steps_fit(items, num_steps, ahead):
-            num_steps = decode_steps_bucket(num_steps - 1, self.config.num_scheduler_steps)
-        if num_steps < 2:
-            return None
-        tokens = prev.last_tokens
-        if len(items) < len(prev.items):  # a device-side gather: no wait for `prev`
-            rows = self.runner.decode_rows_bucket(len(items))
-            tokens = tokens[np.pad(np.array(live), (0, rows - len(live)))]
-        return self._launch_decode_steps(items, num_steps, ahead, tokens)
-
-    def _step_in_flight(self) -> list[RequestOutput]:
-        in_flight = self._in_flight
-        self._in_flight = self._continuation(in_flight)
-        touched: dict[str, Request] = {}
-        results = jax.device_get(in_flight.results)  # waits for the call
-        seqs = [item.seq for item in in_flight.items]
-        for step in range(in_flight.num_steps):
-            result = jax.tree.map(lambda a: a[step], results)  # noqa: B023
-            for row, seq in enumerate(seqs):
-                if seq.is_finished:  # finished earlier in the call (or aborted): discarded
-                    continue
-                self._advance(seq, 1)
-                self._append_token(seq, result, row)
-                touched[seq.request_id] = self.requests[seq.request_id]
-        return self._outputs(touched)
+        return DeviceCall(decode, len(decode), num_steps, results, last_tokens)
 
     def _outputs(self, touched: dict) -> list[RequestOutput]:
         """RequestOutputs of the touched requests; finished ones leave the engine."""
@@ -313,9 +424,11 @@ class LLMEngine:
         return outputs
 
     def _advance(self, seq: Sequence, num_new: int) -> None:
-        """Counts `num_new` freshly computed tokens of `seq` and registers its full blocks."""
+        """Counts `num_new` freshly computed tokens of `seq` (no longer in flight) and
+        registers its full blocks."""
         self._count_computed(seq, num_new)
         seq.num_computed_tokens += num_new
+        seq.num_in_flight -= num_new
         self.block_manager.mark_computed(seq)
 
     def _count_computed(self, seq: Sequence, num_new: int) -> None:
@@ -336,16 +449,16 @@ class LLMEngine:
             sibling.num_computed_tokens = sibling.num_prompt_tokens - 1
             self.scheduler.add_running(sibling)
 
-    def _sampling_row(self, seq: Sequence, ahead: int = 0):
-        """The sampler row of `seq`'s next token (`ahead` tokens past its last known one)."""
+    def _sampling_row(self, seq: Sequence):
+        """The sampler row of `seq`'s next token (past its samples still in flight)."""
         params = seq.params
         banned: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             banned = list(params.stop_token_ids or ())
             if not params.ignore_eos:
                 banned += sorted(self.eos_token_ids)
-        return (params, seq.seed, seq.num_output_tokens + ahead, seq.prompt_token_ids,
-                seq.output_token_ids, banned)
+        return (params, seq.seed, seq.num_output_tokens + seq.num_samples_in_flight,
+                seq.prompt_token_ids, seq.output_token_ids, banned)
 
     @staticmethod
     def _logprobs_bucket(seqs: list[Sequence]) -> int:
@@ -413,11 +526,13 @@ class LLMEngine:
 
     def stats(self) -> dict:
         """Pool and scheduler statistics: blocks total / free / used / cached, KV waste over the
-        running sequences, prefix-cache hit rate, preemptions, queue lengths."""
+        running sequences, prefix-cache hit rate, preemptions, device calls dispatched ahead
+        (lookahead), queue lengths."""
         return {**self.block_manager.stats(),
                 "kv_waste": self.block_manager.kv_waste(self.scheduler.running),
                 "num_preemptions": self.scheduler.num_preemptions,
                 "num_computed_tokens": self.num_computed_tokens,
                 "num_computed_prompt_tokens": self.num_computed_prompt_tokens,
+                "num_calls_ahead": self.num_calls_ahead,
                 "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting)}

@@ -135,6 +135,12 @@ def _packed_decode_steps(params, kv_cache, buffer, token_ids, *, layout, **kwarg
     return _decode_steps(params, kv_cache, step_input, **kwargs)
 
 
+@jax.jit
+def _replace_head(buffer, head):
+    """buffer [L] with its first n entries replaced by head [n] (on the device)."""
+    return jax.lax.dynamic_update_slice(buffer, head.astype(buffer.dtype), (0,))
+
+
 # XLA's rematerialization pass counts the donated KV pool as if the step held it twice and,
 # finding the step "over" device memory, recomputes activations to save space (on an H100 it
 # ran each layer's QKV projection twice). The pool is sized from the step's measured scratch
@@ -203,7 +209,8 @@ class ModelRunner:
         """One new token per sequence -> (token ids, positions, slots) [rows] and their
         AttentionMetadata [rows, 1]; padding rows have context 0 and write to the pad block.
         `ahead` > 0: the rows continue a call still running, which computes their next `ahead`
-        tokens; the input tokens are that call's last samples (0 here, given on the device)."""
+        tokens past `item.start`. A row whose input token is not on the host yet (a sample of a
+        call still running) gets 0 here; the caller gives it on the device."""
         rows = self.decode_rows_bucket(len(items))
         width = self.blocks_bucket(max(len(item.seq.block_table) for item in items))
         tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
@@ -211,11 +218,11 @@ class ModelRunner:
         context_lens = np.zeros((rows,), np.int32)            # [rows]
         token_ids = np.zeros((rows,), np.int32)               # [rows]
         for i, item in enumerate(items):
-            seq, start = item.seq, item.seq.num_computed_tokens + ahead
+            seq, start = item.seq, item.start + ahead
             assert item.num_new_tokens == 1, "decode rows carry exactly one new token"
             tables[i, :len(seq.block_table)] = seq.block_table
             positions[i], context_lens[i] = start, start + 1
-            if not ahead:
+            if start < seq.num_tokens:
                 token_ids[i] = seq.token_ids_slice(start, start + 1)[0]
         slots = self._slot(tables, positions[:, None])[:, 0]  # [rows]
         slots[len(items):] = PAD_BLOCK * self.block_size
@@ -228,7 +235,7 @@ class ModelRunner:
         bucket, so the matmuls do no per-sequence padding work) and the PrefillMetadata."""
         chunks, tables = [], []
         for item in items:
-            start = item.seq.num_computed_tokens
+            start = item.start
             chunks.append((start, item.seq.token_ids_slice(start, start + item.num_new_tokens)))
             tables.append(item.seq.block_table)
         rows = self.batch_bucket(len(items))
@@ -303,13 +310,23 @@ class ModelRunner:
     # -- device ------------------------------------------------------------------------------
     def execute(self, step_input: StepInput, flags) -> sampler_lib.SamplerOutput:
         """Runs one step; returns the sampler's output as NumPy (the only device->host copy)."""
+        return jax.device_get(self.launch_step(step_input, flags))
+
+    def launch_step(self, step_input: StepInput, flags,
+                    token_ids=None) -> sampler_lib.SamplerOutput:
+        """Dispatches one step and returns at once, before the device is done: the sampler's
+        output, still on the device. `token_ids` (device or host, [n]) replace the step input's
+        first n token ids (its decode rows) on the device: a call planned while another is in
+        flight passes that call's samples without reading them back."""
         buffer, layout = host_transfer.pack(step_input)
+        if token_ids is not None:
+            assert layout.leaves[0] == ("int32", 0, step_input.token_ids.shape), layout.leaves[0]
+            buffer = _replace_head(buffer, token_ids)
         key = (layout, flags)
         started = time.perf_counter()
         result, self.kv_cache = self._step_fn(self.params, self.kv_cache, buffer, layout=layout,
                                               flags=flags)
-        result = jax.device_get(result)
-        if key not in self._compiled_shapes:
+        if key not in self._compiled_shapes:  # dispatch returns once compiled
             self._compiled_shapes.add(key)
             logger.info("compiled a step for %s in %.2f s", _describe(step_input),
                         time.perf_counter() - started)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from typing import Optional
 
 from jinfer.block_manager import BlockManager
 from jinfer.config import EngineConfig
@@ -16,13 +17,26 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ScheduledSequence:
-    seq: Sequence
-    num_new_tokens: int  # tokens whose K/V this step computes, starting at num_computed_tokens
+    """One row of a step: the K/V of `num_new_tokens` tokens of `seq` from position `start`.
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    Attributes:
+      start: None (the default) means the first position that no call computes yet:
+        num_computed_tokens, plus the tokens a call in flight computes (`Sequence.num_in_flight`).
+      samples: the row reaches the end of the sequence (counting tokens still being sampled on
+        the device), so its last logits are sampled. Both are fixed when the row is made.
+    """
+
+    seq: Sequence
+    num_new_tokens: int
+    start: Optional[int] = None
+    samples: bool = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        seq = self.seq
+        if self.start is None:
+            self.start = seq.num_computed_tokens + seq.num_in_flight
+        self.samples = (self.start + self.num_new_tokens
+                        == seq.num_tokens + seq.num_samples_in_flight)
 
 
 @dataclasses.dataclass
@@ -58,6 +72,14 @@ class Scheduler:
     Fairness: a preempted sequence goes back to the front of the queue, so it resumes before
     newer requests; and a sequence that just resumed is not chosen as a victim again while a
     sequence that has not just resumed could give way instead.
+
+    Lookahead (the engine plans a step while the previous device call is in flight): each
+    sequence is planned past its tokens in flight (`Sequence.num_in_flight`, and the samples
+    `num_samples_in_flight` whose K/V the next step computes); a sequence whose samples in
+    flight reach max_tokens or max_model_len gets nothing (it finishes on read-back). A
+    sequence with tokens in flight is never preempted (its call still writes its blocks): when
+    the pool is dry and only such sequences could give way, the sequence that needs blocks sits
+    the step out, and nothing new is admitted that step.
     """
 
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
@@ -80,17 +102,22 @@ class Scheduler:
         prefill, decode = [], []
         self._block_copies: list[tuple[int, int]] = []
         self._scheduled: set[int] = set()  # seq ids in this step's batches: never victims
+        self._starved = False  # a sequence with tokens in flight found no blocks: admit nobody
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq not in self.running:  # preempted to make room for an older sequence
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self._reserve(seq, seq.num_computed_tokens + num_new):
+            if self._finishes_in_flight(seq):
+                continue
+            start = seq.num_computed_tokens + seq.num_in_flight
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if self._reserve(seq, start + num_new):
                 (decode if num_new == 1 else prefill).append(ScheduledSequence(seq, num_new))
                 self._scheduled.add(seq.seq_id)
                 budget -= num_new
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and not self._starved):
             item = self._admit(self.waiting[0], budget)
             if item is None:
                 break
@@ -99,6 +126,13 @@ class Scheduler:
             budget -= item.num_new_tokens
         return Schedule(SchedulerOutput(True, prefill), SchedulerOutput(False, decode),
                         self._block_copies)
+
+    def _finishes_in_flight(self, seq: Sequence) -> bool:
+        """Its samples in flight reach max_tokens or max_model_len: it finishes when they are
+        read back, and has nothing more to compute."""
+        ahead = seq.num_samples_in_flight
+        return ahead > 0 and (seq.num_output_tokens + ahead >= seq.params.max_tokens
+                              or seq.num_tokens + ahead >= self.config.max_model_len)
 
     def _admit(self, seq: Sequence, budget: int):
         """Moves the head of the queue to running with blocks for its first chunk, or None.
@@ -126,20 +160,28 @@ class Scheduler:
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Makes `seq`'s blocks cover `num_tokens` and gives it private copies of shared blocks
         it is about to write (copy-on-write), preempting other running sequences when the pool
-        is dry. False if `seq` itself had to give way."""
+        is dry. False if `seq` itself had to give way, or has tokens in flight and nobody could
+        give way (it sits this step out)."""
         while not self.block_manager.can_append_slots(seq, num_tokens):
             victim = self._pick_victim()
+            if victim is None:
+                self._starved = True
+                return False
             self._preempt(victim)
             if victim is seq:
                 return False
         self._block_copies += self.block_manager.append_slots(seq, num_tokens)
         return True
 
-    def _pick_victim(self) -> Sequence:
-        """The most recently admitted sequence not yet in this step's batches, passing over
-        ones that just resumed while another could give way."""
+    def _pick_victim(self) -> Optional[Sequence]:
+        """The most recently admitted sequence not yet in this step's batches and with no
+        tokens in flight, passing over ones that just resumed while another could give way;
+        None when there is none."""
         grace = self.config.preemption_grace_steps
-        candidates = [s for s in self.running if s.seq_id not in self._scheduled]
+        candidates = [s for s in self.running
+                      if s.seq_id not in self._scheduled and not s.num_in_flight]
+        if not candidates:
+            return None
         for seq in reversed(candidates):
             if self.num_steps - seq.resumed_at_step > grace:
                 return seq
@@ -148,6 +190,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the blocks, go back to the front of the waiting queue."""
         logger.debug("preempting sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
+        assert not seq.num_in_flight, "a call in flight still writes this sequence's blocks"
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
@@ -156,10 +199,14 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        """Removes a finished (or aborted) sequence and frees its blocks."""
+        """Removes a finished (or aborted) sequence and frees its blocks, also while a call in
+        flight still computes some of its tokens: the engine discards that call's rows of it,
+        and the device runs calls in dispatch order, so a later owner of a freed block
+        rewrites it only after."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.num_in_flight = seq.num_samples_in_flight = 0
         self.block_manager.free(seq)

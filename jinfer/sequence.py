@@ -19,6 +19,12 @@ class Sequence:
 
     `num_computed_tokens` counts tokens whose K/V are in the pool; the rest of `token_ids` still
     has to be prefilled (the prompt, a prompt chunk, or everything after a preemption).
+
+    With lookahead (see jinfer.engine) a device call may still be computing the next
+    `num_in_flight` positions after those, and sampling `num_samples_in_flight` tokens that
+    follow `token_ids` but are not on the host yet: the scheduler plans past both, and the
+    engine folds them into `num_computed_tokens` and `output_token_ids` when it reads the call
+    back.
     """
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
@@ -33,6 +39,8 @@ class Sequence:
         self.detokenizer = detokenizer
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
+        self.num_in_flight = 0          # positions past num_computed_tokens an unread call computes
+        self.num_samples_in_flight = 0  # tokens past token_ids it samples (still on the device)
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[object] = None
@@ -69,6 +77,13 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens (known or still being sampled) whose K/V no call has computed or is computing:
+        what the next step can compute."""
+        return (self.num_tokens + self.num_samples_in_flight
+                - self.num_computed_tokens - self.num_in_flight)
+
+    @property
     def in_prefill(self) -> bool:
         """True while more than one token lacks its K/V (decode computes exactly one)."""
-        return self.num_tokens - self.num_computed_tokens > 1
+        return self.num_uncomputed_tokens > 1
