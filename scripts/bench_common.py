@@ -40,8 +40,8 @@ def measure(fn, args, iters: int, reps: int, scope: str | None = None) -> dict:
 def scoped_kernels(hlo_text: str, scope: str) -> tuple[set[str], set[str]]:
     """(names under `scope`, names outside it) of the optimized HLO's instructions with op_name
     metadata: each instruction's own name, and the names its kernels run under on the GPU
-    (the fusion's name with '.' as '_', its deduplicated name, a Pallas/Triton custom call's
-    kernel name). A profiler event carries either the instruction (`hlo_op` stat) or, inside a
+    (the fusion's name with '.' as '_', its deduplicated name, a Pallas custom call's kernel
+    name, Triton or Mosaic GPU). A profiler event carries either the instruction (`hlo_op` stat) or, inside a
     command buffer, only the kernel name."""
     inside, outside = set(), set()
     for line in hlo_text.splitlines():
@@ -51,6 +51,9 @@ def scoped_kernels(hlo_text: str, scope: str) -> tuple[set[str], set[str]]:
         names = {m.group(1), m.group(1).replace(".", "_")}
         names |= {n.replace(".", "_") for n in re.findall(r'deduplicated_name="([^"]*)"', line)}
         names |= set(re.findall(r'\bname = "([^"]*)"', line))  # Triton custom-call kernels
+        # A Mosaic GPU custom call's kernel runs as "<pallas name>_mosaic_gpu_kernel"; the
+        # "<pallas name>_mosaic_gpu" symbol is in its serialized module.
+        names |= {n + "_kernel" for n in re.findall(r"([A-Za-z][\w]*_mosaic_gpu)(?!\w)", line)}
         (inside if scope in m.group(2) else outside).update(names)
     return inside, outside
 
