@@ -104,14 +104,15 @@ def mixed_seqs(block_size, long=33):
 
 
 def check(seed, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_tokens=3,
-          with_reference=True, **kwargs):
+          with_reference=True, kernel=ragged_paged_attention_pallas, **kwargs):
+    """Runs `kernel` (kwargs passed on) on a random ragged case; checks it against dense float64
+    attention, exact zeros past the sequences, and the jnp reference. Returns the output."""
     rng = np.random.default_rng(seed)
     q, k_pool, v_pool, tables, qsl, lens, contexts = make_case(
         rng, seqs=seqs, kv_heads=kv_heads, group=group, head_dim=head_dim,
         block_size=block_size, dtype=dtype, pad_tokens=pad_tokens)
     scale = head_dim ** -0.5
-    out = ragged_paged_attention_pallas(q, k_pool, v_pool, LAYER, tables, qsl, lens,
-                                        scale=scale, **kwargs)
+    out = kernel(q, k_pool, v_pool, LAYER, tables, qsl, lens, scale=scale, **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.isfinite(out).all()

@@ -34,8 +34,8 @@ pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 from pallas_kernels.paged_prefill_mgpu import (  # noqa: E402
     MgpuPlan, _tile_info, interpret_params, make_plan, ragged_paged_attention_mgpu)
 from pallas_kernels.reference import ragged_paged_attention_reference  # noqa: E402
-from test_paged_prefill import (LAYER, TOLERANCE, dense_prefill, make_case,  # noqa: E402
-                                mixed_seqs)
+from test_paged_prefill import check as paged_prefill_check  # noqa: E402
+from test_paged_prefill import LAYER, make_case, mixed_seqs  # noqa: E402
 
 reference = jax.jit(ragged_paged_attention_reference, static_argnames="scale")
 
@@ -83,33 +83,10 @@ def fresh_interpreter_state():
     interpret_pallas_call.reset_gpu_interpret_mode_state()
 
 
-def check(seed, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_tokens=3,
-          with_reference=True, **kwargs):
-    rng = np.random.default_rng(seed)
-    q, k_pool, v_pool, tables, qsl, lens, contexts = make_case(
-        rng, seqs=seqs, kv_heads=kv_heads, group=group, head_dim=head_dim,
-        block_size=block_size, dtype=dtype, pad_tokens=pad_tokens)
-    scale = head_dim ** -0.5
-    out = ragged_paged_attention_mgpu(q, k_pool, v_pool, LAYER, tables, qsl, lens,
-                                      scale=scale, **kwargs)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
-    assert np.isfinite(out).all()
-    q64 = np.asarray(q.astype(jnp.float32), np.float64)
-    bounds = np.asarray(qsl)
-    expected = np.zeros_like(out)  # padding tokens: exact zeros
-    for s, (k, v) in enumerate(contexts):
-        if bounds[s + 1] > bounds[s]:
-            rows = slice(bounds[s], bounds[s + 1])
-            expected[rows] = dense_prefill(q64[rows], k, v, scale)
-    tol = TOLERANCE[dtype]
-    np.testing.assert_allclose(out, expected, atol=tol, rtol=tol)
-    assert (out[bounds[-1]:] == 0).all()
-    if with_reference:
-        ref = reference(q, k_pool, v_pool, LAYER, tables, qsl, lens, scale=scale)
-        np.testing.assert_allclose(out, np.asarray(ref.astype(jnp.float32), np.float64),
-                                   atol=tol, rtol=tol)
-    return out
+def check(seed, **case):
+    """test_paged_prefill's check (dense float64 attention, zeros past the sequences, the jnp
+    reference) on this kernel."""
+    return paged_prefill_check(seed, kernel=ragged_paged_attention_mgpu, **case)
 
 
 # (seqs, kv_heads, group, head_dim, block_size, dtype, kwargs); each a few CTAs (interpreted
