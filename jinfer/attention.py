@@ -184,12 +184,22 @@ def _prefill_reference(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: f
     return out.reshape(-1, heads, dim)[meta.to_tokens]
 
 
+# Prefill steps of fewer tokens take the Triton-lowered kernel even on Hopper: Mosaic GPU
+# kernels are compiled (LLVM + ptxas) in every process that loads a program using them, ~1.7-2
+# s per step shape on an H100 (the persistent compilation cache keeps XLA's programs, not
+# them), which pushed a warm start past 10 s; the Mosaic kernel's gain per call is tens of us
+# below ~1k tokens (1 x 1024: 49 vs 76 us) and grows with the prompt (1 x 8192: 1.16 vs 1.67 ms).
+MOSAIC_PREFILL_MIN_TOKENS = 1024
+
+
 def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float):
-    """The Mosaic GPU kernel (wgmma, TMA) on a Hopper GPU where it takes the shapes; the
-    Triton-lowered kernel elsewhere (other GPUs, interpret mode on the CPU)."""
+    """The Mosaic GPU kernel (wgmma, TMA) on a Hopper GPU for steps of at least
+    MOSAIC_PREFILL_MIN_TOKENS prompt tokens where it takes the shapes; the Triton-lowered
+    kernel otherwise (shorter steps, other GPUs, interpret mode on the CPU)."""
     att = meta.attention
     args = (q, k_pool, v_pool, layer, att.block_tables, meta.query_start_loc, att.context_lens)
-    if paged_prefill_mgpu.hopper_gpu() and paged_prefill_mgpu.supports(q, k_pool):
+    if (q.shape[0] >= MOSAIC_PREFILL_MIN_TOKENS and paged_prefill_mgpu.hopper_gpu()
+            and paged_prefill_mgpu.supports(q, k_pool)):
         return paged_prefill_mgpu.ragged_paged_attention_mgpu(*args, scale=scale)
     return ragged_paged_attention_pallas(*args, scale=scale)
 

@@ -15,16 +15,20 @@ workers=()
 python -c "import xdist" 2>/dev/null && workers=(-n 6)
 
 if [[ $what == tests || $what == all ]]; then
-  # Tests that size the KV pool from free device memory run alone: beside other workers they
-  # would take the memory those need.
-  python -m pytest -q "${workers[@]}" -rs tests/test_pallas_decode.py tests/test_fused_decode.py \
-      tests/test_paged_prefill.py tests/test_paged_prefill_mgpu.py \
-      tests/test_kv_write.py tests/test_triton_decode.py tests/test_attention.py \
-      tests/test_engine.py tests/test_async_steps.py tests/test_batch_invariance.py \
-      tests/test_beam_search.py tests/test_host_transfer.py > "$out/pytest_gpu.log" 2>&1 || status=1
+  files=(tests/test_pallas_decode.py tests/test_fused_decode.py
+         tests/test_paged_prefill.py tests/test_paged_prefill_mgpu.py
+         tests/test_kv_write.py tests/test_triton_decode.py tests/test_attention.py
+         tests/test_engine.py tests/test_async_steps.py tests/test_batch_invariance.py
+         tests/test_beam_search.py tests/test_host_transfer.py)
+  python -m pytest -q "${workers[@]}" -rfEs -m "not big_memory" "${files[@]}" \
+      > "$out/pytest_gpu.log" 2>&1 || status=1
   tail -n 25 "$out/pytest_gpu.log"
-  python -m pytest -q -rs tests/test_memory.py > "$out/pytest_gpu_memory.log" 2>&1 || status=1
-  tail -n 5 "$out/pytest_gpu_memory.log"
+  # Tests that need several GiB (big_memory) or size the KV pool from free device memory
+  # (test_memory) run alone: beside other workers they would take the memory those need.
+  python -m pytest -q -rfEs -m big_memory "${files[@]}" \
+      > "$out/pytest_gpu_alone.log" 2>&1 || status=1
+  python -m pytest -q -rfEs tests/test_memory.py >> "$out/pytest_gpu_alone.log" 2>&1 || status=1
+  tail -n 10 "$out/pytest_gpu_alone.log"
 fi
 
 if [[ $what == bench || $what == all ]]; then

@@ -211,3 +211,26 @@ def test_mixed_step_matches_separate_steps(backend):
                         np.asarray(runner.kv_cache.v)[:, used]))
     for mixed, separate in zip(*results):
         np.testing.assert_allclose(mixed, separate, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens, kernel", [(16, "triton"), (1023, "triton"), (1024, "mosaic"),
+                                            (8192, "mosaic")])
+def test_hopper_prefill_kernel_by_step_tokens(monkeypatch, tokens, kernel):
+    """On a Hopper GPU the Mosaic GPU prefill kernel runs for steps of at least
+    MOSAIC_PREFILL_MIN_TOKENS prompt tokens, the Triton-lowered kernel for shorter ones (each
+    Mosaic kernel shape costs a compile at every process start)."""
+    import types
+
+    import jinfer.attention as attention
+    from pallas_kernels import paged_prefill_mgpu
+
+    assert attention.MOSAIC_PREFILL_MIN_TOKENS == 1024
+    monkeypatch.setattr(paged_prefill_mgpu, "hopper_gpu", lambda: True)
+    monkeypatch.setattr(paged_prefill_mgpu, "supports", lambda q, k_pool: True)
+    monkeypatch.setattr(paged_prefill_mgpu, "ragged_paged_attention_mgpu",
+                        lambda *args, scale: "mosaic")
+    monkeypatch.setattr(attention, "ragged_paged_attention_pallas", lambda *args, scale: "triton")
+    att = types.SimpleNamespace(block_tables=None, context_lens=None)
+    meta = types.SimpleNamespace(attention=att, query_start_loc=None)
+    q = jax.ShapeDtypeStruct((tokens, 32, 128), jnp.bfloat16)
+    assert attention._prefill_pallas(q, None, None, 0, meta, 1.0) == kernel

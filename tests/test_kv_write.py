@@ -280,6 +280,7 @@ def test_gpu_in_place_in_a_layer_loop():
     assert (out_k[:, written] == 2).all() and (out_k[:, ~written] == 0).all()
 
 
+@pytest.mark.big_memory
 @pytest.mark.gpu
 def test_gpu_pool_over_4_gib():
     """A 5 GiB pool (64-bit offsets in the Triton lowering), writing near its end."""

@@ -267,6 +267,7 @@ def test_gpu_tile_variants(kwargs):
           dtype=jnp.bfloat16, interpret=False, **kwargs)
 
 
+@pytest.mark.big_memory
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_gpu_large_shapes(dtype):

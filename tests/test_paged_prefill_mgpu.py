@@ -242,6 +242,7 @@ def test_gpu_pipeline_variants(kwargs):
           dtype=jnp.bfloat16, interpret=False, **kwargs)
 
 
+@pytest.mark.big_memory
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_gpu_large_shapes(dtype):
