@@ -41,8 +41,8 @@ def scoped_kernels(hlo_text: str, scope: str) -> tuple[set[str], set[str]]:
     """(names under `scope`, names outside it) of the optimized HLO's instructions with op_name
     metadata: each instruction's own name, and the names its kernels run under on the GPU
     (the fusion's name with '.' as '_', its deduplicated name, a Pallas custom call's kernel
-    name, Triton or Mosaic GPU). A profiler event carries either the instruction (`hlo_op` stat) or, inside a
-    command buffer, only the kernel name."""
+    name, Triton or Mosaic GPU). A profiler event carries either the instruction (`hlo_op`
+    stat) or, inside a command buffer, only the kernel name."""
     inside, outside = set(), set()
     for line in hlo_text.splitlines():
         m = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*op_name="([^"]*)"', line)

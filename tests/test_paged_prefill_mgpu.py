@@ -8,10 +8,10 @@ fills the output with NaN first, so a row no CTA wrote shows up as NaN (every te
 finite output); out-of-bounds reads raise (and then hang the test: the other simulated
 warpgroups wait on their barriers forever). A few cases together touch every code path: query
 groups of 1 / 2 / 3 (padded to 4) / 4 / 8 / 16 (one to eight slabs per warpgroup, the two
-warpgroups on different tokens for group 1), head dims 64 / 128, block sizes 8 / 16 / 32 / 128 (pages per
-step 8 / 4 / 2, and half a page per step), ring lengths 2 and 3, several KV heads, tiles shifted
-back at the end of the rows and fewer rows than a tile. The `gpu`-marked tests run the compiled
-kernel over the full grid and engine-sized shapes.
+warpgroups on different tokens for group 1), head dims 64 / 128, block sizes 8 / 16 / 32 / 128
+(pages per step 8 / 4 / 2, and half a page per step), ring lengths 2 and 3, several KV heads,
+tiles shifted back at the end of the rows and fewer rows than a tile. The `gpu`-marked tests run
+the compiled kernel over the full grid and engine-sized shapes.
 
 Tolerances as test_paged_prefill (bf16 2e-2, f16 1e-2): P is rounded to the input dtype before
 the P V product, and exp2 runs in approximate math on the GPU.
