@@ -28,9 +28,10 @@ chunk loaded while the current one is multiplied). The barrier is sense-reversin
 arrival count and a generation word that the last arrival bumps, which waiting programs poll
 with acquire read-modify-writes (`--poll atomic`) or with volatile loads followed by one acquire
 read-modify-write (`--poll volatile`). A volatile-polled barrier whose closing acquire was an
-atomic with an unused result measured 2.4 us, but the chain came out wrong at 264 programs
-(max error 1.1-1.2 against 0.0156): Triton may lower such an atomic to a `red`, which has no
-acquire semantics. Every acquire in this script is an atomic whose result is used.
+atomic with an unused result measured 2.4 us, but the chain came out wrong (max error up to
+1.18 against 0.0156); the likely cause, not checked in the PTX: Triton may lower such an
+atomic to a `red`, which has no acquire semantics. Every acquire in this script is an atomic
+whose result is used.
 
 The loop runs each variant `--iters` times in one jitted `lax.fori_loop` over the same weights:
 121.6 MB per call, beyond the 50 MB L2.
