@@ -7,6 +7,7 @@ launch, a ramp-up and a tail. The remedy published for Llama-3.2-1B on an H100 (
 of the layer separated by on-GPU synchronisation. This script measures the two quantities that
 decide whether the same design pays off in Pallas (Triton lowering): how fast a resident grid of
 Pallas programs streams the four projections' weights, and what a grid-wide barrier costs.
+bench_persistent_mgpu.py asks the same of a warp-specialised Mosaic GPU kernel.
 
 Variants, each one `pallas_call` with grid = programs-per-SM x SMs (all resident at once, which
 a grid barrier needs), timed by device time per call (bench_common.device_events):

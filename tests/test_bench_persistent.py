@@ -1,6 +1,7 @@
-"""scripts/bench_persistent.py's kernel in interpret mode: the persistent four-projection chain
+"""scripts/bench_persistent.py's kernels in interpret mode: the persistent four-projection chain
 (split-K partial sums handed from phase to phase through global memory, grid barriers between
-phases) computes what XLA's chain of dots computes, and leaves its barrier state reusable."""
+phases) computes what XLA's chain of dots computes, and leaves its barrier state reusable;
+scripts/bench_persistent_mgpu.py's warp-specialised streaming kernel sums what NumPy sums."""
 
 import importlib.util
 import pathlib
@@ -26,3 +27,21 @@ def test_chain_matches_xla_and_resets_the_barrier(splits, block_n, block_k):
     # another order, which can move a rounding by one bf16 step (2**-8 relative) per phase.
     assert err <= 4 * 2.0 ** -8 * scale, (err, scale)
     assert sync == [0, 3]  # no arrival left over, one generation per barrier
+
+
+_spec_mgpu = importlib.util.spec_from_file_location("bench_persistent_mgpu",
+                                                    _scripts / "bench_persistent_mgpu.py")
+bench_persistent_mgpu = importlib.util.module_from_spec(_spec_mgpu)
+sys.modules["bench_persistent_mgpu"] = bench_persistent_mgpu
+sys.path.insert(0, str(_scripts))  # it imports bench_persistent
+_spec_mgpu.loader.exec_module(bench_persistent_mgpu)
+
+
+def test_mosaic_gpu_stream_matches_numpy():
+    """The Mosaic GPU kernel's producer/consumer ring (TMA copies, slot barriers, wgmma with the
+    row padded to 64) in Mosaic GPU's interpreter: every CTA's sum of tile products."""
+    layer = bench_persistent.Layer(hidden=256, qkv=384, ffn=512)
+    tiling = bench_persistent_mgpu.MgpuTiling((2, 4, 1, 4), block_n=64, block_k=64, stages=2,
+                                              num_ctas=4)
+    err, scale = bench_persistent_mgpu.check_interpret(layer, tiling)
+    assert err <= 1e-5 * scale, (err, scale)  # float32 sums of bf16 products, other order
