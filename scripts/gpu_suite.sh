@@ -48,6 +48,8 @@ if [[ $what == bench || $what == all ]]; then
       > "$out/bench_persistent.md" 2>&1 || status=1
   python scripts/bench_persistent_mgpu.py --out "$out/bench_persistent_mgpu.json" \
       > "$out/bench_persistent_mgpu.md" 2>&1 || status=1
+  python scripts/bench_layer_mgpu.py --out "$out/bench_layer_mgpu.json" \
+      > "$out/bench_layer_mgpu.md" 2>&1 || status=1
   python scripts/profile_decode.py --model-shape llama3-1b --batch 1 \
       --out "$out/profile_b1.json" > "$out/profile_b1.md" 2>&1 || status=1
   for backend in pallas reference; do

@@ -1,0 +1,443 @@
+"""Batch-1 decode: a decoder layer's projections after attention in one persistent Mosaic GPU
+kernel (Hopper), from the attention output to the next layer's QKV projection.
+
+At batch 1 a decode step streams every weight once and does almost no arithmetic, so what decides
+its speed is how close the weight stream runs to HBM bandwidth and how much time is lost between
+kernels. XLA runs a layer as ~13 kernels (GEMMs with split-K reductions, norms, residual adds),
+each with its own launch, ramp and tail. This kernel runs, as one grid of `num_ctas` resident
+CTAs (one per SM), the four phases
+
+  P0  o   = attn @ wo                                    (split-K partials)
+  P1  h1  = h + sum(o);  x = rms_norm(h1) * mlp_norm;  act = silu(x @ w_gate) * (x @ w_up)
+  P2  d   = act @ w_down                                 (split-K partials)
+  P3  h2  = h1 + sum(d); x = rms_norm(h2) * next_norm; qkv = x @ next_wqkv   (split-K partials)
+
+with a grid-wide barrier between phases (each phase reads what the previous one wrote). P3 is
+the next layer's first projection, so per layer the step is: attention kernel, this kernel.
+Without a next layer (the last one) it stops after P2 and the caller adds the residual.
+
+Design (warp specialised; measured by scripts/bench_layer_mgpu.py):
+- Two warpgroups per CTA. The memory warpgroup TMA-copies every weight chunk ([block_k,
+  block_n] bf16) this CTA multiplies, phase after phase, into a ring of `stages` shared-memory
+  slots. Weights do not depend on the data, so it never waits for a grid barrier: while the
+  grid synchronises it keeps loading the next phase's weights (up to `stages` chunks ahead).
+- The compute warpgroup, per phase: waits at the grid barrier, builds the phase's input row
+  (sums the previous phase's partials, adds the residual, RMS-normalises: each CTA recomputes
+  the whole row, a few KB from L2) into a shared-memory vector, then per chunk broadcasts the
+  row's slice to wgmma's 64 rows in registers (every row is the same, the product's row 0 is
+  taken) and multiplies it with the weight slot.
+- Work split: a phase's [K, N] weight is cut into `splits` K-ranges x N / block_n column strips;
+  CTA c owns split c // group and a run of strips (`PhasePlan`). Splits are as few as the CTA
+  count allows, so each CTA's input is one K-range. Each tile's row goes to GMEM by TMA (a
+  partial [splits, N] float32 buffer the next phase sums). Gate/up (P1) are not split along K:
+  CTA c owns gate strip j and up strip j and writes silu(gate) * up directly.
+- Grid barrier (`_grid_barrier`): every CTA adds one to the barrier's arrival counter and polls
+  it until all have arrived (one round trip through L2). Counters are `pl.get_global`
+  semaphores, which persist across calls; each barrier of a call has its own and CTA 0 takes
+  the previous one back to zero once through the next. (bench_persistent_mgpu.py's barrier,
+  where CTA 0 collects the arrivals and then releases the others through a second semaphore,
+  is two round trips: ~1 us more per barrier here.)
+- Rounding follows the XLA model where it matters: h1, h2 and the normalised rows are rounded
+  to bf16 as `rms_norm` rounds them; products are accumulated in float32 over the full K (XLA
+  rounds each GEMM's output to bf16 first), so outputs differ from the model's by bf16 rounding.
+
+Measured (H100, jax 0.11.2, scripts/bench_layer_mgpu.py, Llama-3.2-1B's layer: 121.6 MB of
+weights per call): 48.4 us of kernel time; XLA's eleven kernels for the same math 54.3 us. In a
+jitted stack of 16 layers dispatched back to back: 50.2 us per layer against XLA's 57.5 (wall).
+Without barriers and input builds the kernel streams in 42.2 us: each costs ~3 us in all, latency
+that neither more ring slots (4 to 12) nor software-pipelined wgmma waits hid.
+
+Interpret mode (CPU, CI): Mosaic GPU's interpreter (jax 0.10.2) has no global semaphores and no
+register wgmma operands, so each phase runs as its own kernel launch (the launch boundary is the
+grid barrier) and the broadcast row goes through shared-memory scratch into wgmma. The rest is
+the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.paged_prefill_mgpu import interpret_params
+
+ROWS = 64  # wgmma's M: the one input row broadcast to 64
+_TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 64 bf16 = 128 B rows
+
+
+@dataclasses.dataclass(frozen=True)
+class TailShape:
+    """The layer's sizes: hidden, attention output width (num_heads * head_dim), MLP width and
+    the next layer's QKV width (0: no next layer)."""
+
+    hidden: int
+    q_size: int
+    intermediate: int
+    qkv_size: int
+    eps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TailTiling:
+    block_n: int = 64
+    block_k: int = 128
+    stages: int = 8
+    num_ctas: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+    """A [k, n] projection over num_ctas CTAs: CTA c takes K-range c // group (of `splits`) and
+    strips [(c % group) * strips_per_cta, ...) of block_n columns; `paired`: n columns of gate
+    then n of up, each CTA taking the same strips of both."""
+
+    k: int
+    n: int
+    splits: int
+    group: int
+    strips_per_cta: int
+    paired: bool
+    block_k: int
+    block_n: int
+
+    @property
+    def k_range(self) -> int:
+        return self.k // self.splits
+
+    @property
+    def chunks(self) -> int:  # weight chunks per tile
+        return self.k_range // self.block_k
+
+    @property
+    def tiles(self) -> int:   # tiles per CTA
+        return self.strips_per_cta * (2 if self.paired else 1)
+
+    @property
+    def steps(self) -> int:   # weight chunks per CTA
+        return self.tiles * self.chunks
+
+    def column(self, cta, tile):
+        """First weight column of a CTA's tile (tile may be traced)."""
+        member = lax.rem(cta, self.group)
+        if not self.paired:
+            return pl.multiple_of((member * self.strips_per_cta + tile) * self.block_n,
+                                  self.block_n)
+        strip = member * self.strips_per_cta + lax.div(tile, 2)
+        return pl.multiple_of(strip * self.block_n + lax.rem(tile, 2) * self.n, self.block_n)
+
+    def k_start(self, cta):
+        """First weight row of the CTA's K-range."""
+        return pl.multiple_of(lax.div(cta, self.group) * self.k_range, self.block_k)
+
+
+def plan_phase(k: int, n: int, tiling: TailTiling, *, paired: bool = False) -> PhasePlan:
+    """The fewest K-splits that give every CTA the same whole number of strips."""
+    bn, bk, ctas = tiling.block_n, tiling.block_k, tiling.num_ctas
+    if n % bn:
+        raise ValueError(f"{n} columns are not a multiple of block_n={bn}")
+    strips = n // bn
+    for splits in range(1, 2 if paired else ctas + 1):
+        group = ctas // splits
+        if (ctas % splits or strips % group or k % splits or (k // splits) % bk):
+            continue
+        return PhasePlan(k, n, splits, group, strips // group, paired, bk, bn)
+    raise ValueError(f"a [{k}, {n}] projection does not split evenly over {ctas} CTAs in "
+                     f"[{bk}, {bn}] chunks" + (" without splitting K" if paired else ""))
+
+
+def plan_tail(shape: TailShape, tiling: TailTiling) -> list[PhasePlan]:
+    """Phase plans P0..P3 (P3 only with a next layer); ValueError if the shape does not fit."""
+    plans = [plan_phase(shape.q_size, shape.hidden, tiling),
+             plan_phase(shape.hidden, shape.intermediate, tiling, paired=True),
+             plan_phase(shape.intermediate, shape.hidden, tiling)]
+    if shape.qkv_size:
+        plans.append(plan_phase(shape.hidden, shape.qkv_size, tiling))
+    if shape.hidden % 128 or shape.hidden > 16384:
+        raise ValueError(f"hidden={shape.hidden}: the row ops need a multiple of 128")
+    return plans
+
+
+# Buffers each phase writes (name, shape, dtype), in the kernel's output order.
+def _phase_outputs(shape: TailShape, plans: list[PhasePlan]) -> list[list[tuple]]:
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    outs = [[("part_o", (plans[0].splits, shape.hidden), f32)],
+            [("act", (1, shape.intermediate), f32), ("h1", (shape.hidden,), bf16)],
+            [("part_d", (plans[2].splits, shape.hidden), f32)]]
+    if len(plans) == 4:
+        outs.append([("part_qkv", (plans[3].splits, shape.qkv_size), f32),
+                     ("h2", (shape.hidden,), bf16)])
+    return outs
+
+
+_INPUTS = ("h", "attn", "wo", "mlp_norm", "w_gate_up", "w_down", "next_norm", "next_wqkv")
+
+
+def _load(ref, layout, interpret):
+    if interpret:
+        return ref[...]
+    try:
+        return plgpu.load(ref, layout=layout)
+    except TypeError:  # jax 0.10: the index is a positional argument
+        return plgpu.load(ref, (), layout=layout)
+
+
+def _grid_barrier(counters, index: int, cta, num_ctas):
+    """Grid barrier `index` of a call: every CTA adds one to counters[index] and polls it
+    until all have; counters rotate, and CTA 0, once through barrier `index`, takes the previous
+    counter back to zero (everyone is past that barrier: all have arrived at this one)."""
+    counter = counters[index % len(counters)]
+    plgpu.semaphore_signal(counter, 1, memory_scope="gpu")
+    plgpu.semaphore_wait(counter, num_ctas, decrement=False, memory_scope="gpu")
+
+    @pl.when(cta == 0)
+    def _reset_previous():
+        previous = counters[(index - 1) % len(counters)]
+        if index:
+            plgpu.semaphore_wait(previous, num_ctas, memory_scope="gpu")
+        else:  # the last counter of the previous call: still 0 on the first call
+            pl.when(pl.semaphore_read(previous) >= num_ctas)(
+                lambda: plgpu.semaphore_wait(previous, num_ctas, memory_scope="gpu"))
+
+
+def _rms_scaled(row_f32, weight_ref, hidden: int, eps: float):
+    """rms_norm as the model computes it, on a bf16-rounded row: bf16(row * rsqrt(mean(row^2)
+    + eps)) * weight (a bf16 product)."""
+    inv = lax.rsqrt(jnp.sum(row_f32 * row_f32) / hidden + eps)
+    normed = (row_f32 * inv).astype(jnp.bfloat16).astype(jnp.float32)
+    return (normed * weight_ref[...].astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], phases: tuple,
+               names: list[str], interpret: bool, diagnostic=frozenset()):
+    """The kernel body running `phases` (with grid barriers between them), refs by `names`."""
+    bn, bk, stages, num_ctas = tiling.block_n, tiling.block_k, tiling.stages, tiling.num_ctas
+    hidden = shape.hidden
+    steps = [plans[p].steps for p in phases]
+    total_steps = sum(steps)
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    weight_of = {0: "wo", 1: "w_gate_up", 2: "w_down", 3: "next_wqkv"}
+
+    def producer(r, cta):
+        first = 0
+        for p, count in zip(phases, steps):
+            plan, weight = plans[p], r[weight_of[p]]
+
+            def fill(i, carry, plan=plan, weight=weight, first=first):
+                step = first + i
+                slot = lax.rem(step, stages)
+                pl.when(step >= stages)(lambda: plgpu.barrier_wait(r["free"].at[slot]))
+                tile, chunk = lax.div(i, plan.chunks), lax.rem(i, plan.chunks)
+                row = pl.multiple_of(plan.k_start(cta) + chunk * bk, bk)
+                col = plan.column(cta, tile)
+                if "l2" in diagnostic:
+                    row, col = 0, 0
+                plgpu.copy_gmem_to_smem(
+                    weight.at[pl.ds(row, bk), pl.ds(col, bn)],
+                    r["w_smem"].at[slot], r["ready"].at[slot])
+                return carry
+            lax.fori_loop(0, count, fill, None)
+            first += count
+
+    def build_input(p, r, cta, plan):
+        """The phase's input row into x_vec; returns the offset of this CTA's K-range in it."""
+        x_vec = r["x_vec"]
+        k0 = plan.k_start(cta)
+        if p in (0, 2):  # a K-range of the attention output / the activation
+            src = r["attn"].at[0] if p == 0 else r["act"].at[0]
+            x = src[pl.ds(k0, plan.k_range)]
+            x_vec[pl.ds(0, plan.k_range)] = x.astype(jnp.bfloat16)
+            return 0
+        # P1 / P3: residual + sum of partials, whole row (the norm needs all of it)
+        base, parts, norm, out = (("h", "part_o", "mlp_norm", "h1") if p == 1 else
+                                  ("h1", "part_d", "next_norm", "h2"))
+        row = r[base][...].astype(jnp.float32)
+        for s in range(plans[p - 1].splits):
+            row = row + r[parts][s]
+        row_bf16 = row.astype(jnp.bfloat16)
+
+        @pl.when(cta == 0)
+        def _store():
+            r[out][...] = row_bf16
+        x_vec[pl.ds(0, hidden)] = _rms_scaled(row_bf16.astype(jnp.float32), r[norm], hidden,
+                                              shape.eps)
+        return k0
+
+    def matmul_tile(r, plan, x_off, first):
+        """One tile's [ROWS, bn] product from the ring's next plan.chunks slots."""
+        def accumulate(acc_ref):
+            def chunk(c, carry):
+                step = first + c
+                slot = lax.rem(step, stages)
+                xc = _load(r["x_vec"].at[pl.ds(pl.multiple_of(x_off + c * bk, bk), bk)],
+                           col_layout, interpret)
+                a = lax.broadcast_in_dim(xc, (ROWS, bk), [1])
+                if interpret:  # no register operands in the interpreter
+                    r["a_smem"][...] = a
+                    a = r["a_smem"]
+                plgpu.barrier_wait(r["ready"].at[slot])
+                plgpu.wgmma(acc_ref, a, r["w_smem"].at[slot])
+                plgpu.wgmma_wait(0)
+                # Free the slot only if the producer refills it (each barrier phase that
+                # completes must be waited for).
+                pl.when(step + stages < total_steps)(
+                    lambda: plgpu.barrier_arrive(r["free"].at[slot]))
+                return carry
+            lax.fori_loop(0, plan.chunks, chunk, None)
+            return acc_ref[...]
+        return pl.run_scoped(accumulate, plgpu.ACC((ROWS, bn), jnp.float32))
+
+    def store_row(r, value, dst):
+        """Row 0 of a [ROWS, bn] float32 tile value -> dst ([1, bn] GMEM view), by TMA."""
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store read o_smem
+        r["o_smem"][...] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(r["o_smem"].at[pl.ds(0, 1)], dst)
+
+    def consumer(r, cta):
+        if not interpret:  # one arrival counter per barrier of a call (at least two)
+            counters = [pl.get_global(plgpu.SemaphoreType.REGULAR)
+                        for _ in range(max(2, len(phases) - 1))]
+        first = 0
+        for i, p in enumerate(phases):
+            plan = plans[p]
+            if i and "barrier" not in diagnostic:
+                _grid_barrier(counters, i - 1, cta, num_ctas)
+            x_off = build_input(p, r, cta, plan) if "build" not in diagnostic else 0
+            plgpu.commit_smem()  # x_vec written by all threads, read by all below
+            split = lax.div(cta, plan.group)
+            for t in range(plan.strips_per_cta):
+                if plan.paired:
+                    col = plan.column(cta, 2 * t)  # the gate strip: act's columns
+                    gate = matmul_tile(r, plan, x_off, first + 2 * t * plan.chunks)
+                    up = matmul_tile(r, plan, x_off, first + (2 * t + 1) * plan.chunks)
+                    act = gate * jax.nn.sigmoid(gate) * up
+                    store_row(r, act, r["act"].at[pl.ds(0, 1), pl.ds(col, bn)])
+                else:
+                    col = plan.column(cta, t)
+                    out = matmul_tile(r, plan, x_off, first + t * plan.chunks)
+                    dst = r[{0: "part_o", 2: "part_d", 3: "part_qkv"}[p]]
+                    store_row(r, out, dst.at[pl.ds(split, 1), pl.ds(col, bn)])
+            first += steps[i]
+            plgpu.wait_smem_to_gmem(0)  # this phase's rows are in GMEM before the barrier
+
+    def body(*refs):
+        r = dict(zip(names, refs))
+        cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+        pl.when(wg == 1)(lambda: producer(r, cta))
+        pl.when(wg == 0)(lambda: consumer(r, cta))
+    return body
+
+
+def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool) -> dict:
+    x_len = max([shape.hidden] + [p.k_range for p in plans])
+    scratch = dict(
+        x_vec=plgpu.SMEM((x_len,), jnp.bfloat16),
+        w_smem=plgpu.SMEM((tiling.stages, tiling.block_k, tiling.block_n), jnp.bfloat16,
+                          transforms=_TILED),
+        o_smem=plgpu.SMEM((ROWS, tiling.block_n), jnp.float32),
+        ready=plgpu.Barrier(num_arrivals=1, num_barriers=tiling.stages),
+        free=plgpu.Barrier(num_arrivals=1, num_barriers=tiling.stages),
+    )
+    if interpret:
+        scratch["a_smem"] = plgpu.SMEM((ROWS, tiling.block_k), jnp.bfloat16,
+                                       transforms=_TILED)
+    return scratch
+
+
+def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None,
+                           next_wqkv=None, *, eps: float, tiling: TailTiling = TailTiling(),
+                           interpret: Any = None, diagnostic: frozenset = frozenset()) -> dict:
+    """One batch-1 decode row through wo, the MLP and (given) the next layer's QKV projection.
+
+    h [hidden] bf16 (the residual stream entering the layer), attn [q_size] bf16 (the attention
+    output); weights in the model's [in, out] layout (w_gate_up: gate then up columns).
+    Returns a dict of float32/bf16 buffers: "h1" [hidden] (after attention's residual add),
+    "part_d" [splits, hidden] (the MLP output's split-K partials: h2 = h1 + sum), and with a
+    next layer "h2" [hidden] and "part_qkv" [splits, qkv_size] (the next QKV row's partials).
+    ValueError for shapes the tiling does not divide (callers fall back to XLA).
+
+    `diagnostic` (timing experiments only; the results are then wrong): "barrier" skips the
+    grid barriers, "build" the input rows, "l2" streams one weight chunk over and over (from
+    L2), to see what each costs.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if interpret is True:
+        interpret = interpret_params()
+    hidden, q_size = h.shape[-1], attn.shape[-1]
+    has_next = next_wqkv is not None
+    shape = TailShape(hidden, q_size, w_down.shape[0],
+                      next_wqkv.shape[1] if has_next else 0, eps)
+    _check(shape, h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv)
+    plans = plan_tail(shape, tiling)
+    outs = _phase_outputs(shape, plans)
+    inputs = dict(h=h.reshape(hidden), attn=attn.reshape(1, q_size), wo=wo,
+                  mlp_norm=mlp_norm, w_gate_up=w_gate_up, w_down=w_down)
+    if has_next:
+        inputs.update(next_norm=next_norm, next_wqkv=next_wqkv)
+    scratch = _scratch(shape, tiling, plans, bool(interpret))
+    launches = ([tuple(range(len(plans)))] if not interpret else
+                [(p,) for p in range(len(plans))])
+    produced: dict = {}
+    for phases in launches:
+        in_names = [n for n in _INPUTS if n in inputs] + list(produced)
+        out_specs = [o for p in phases for o in outs[p]]
+        names = in_names + [o[0] for o in out_specs] + list(scratch)
+        body = _make_body(shape, tiling, plans, phases, names, bool(interpret), diagnostic)
+        results = plgpu.kernel(
+            body,
+            out_type=tuple(jax.ShapeDtypeStruct(s, d) for _, s, d in out_specs),
+            scratch_types=tuple(scratch.values()), grid=(tiling.num_ctas,),
+            grid_names=("cta",), num_threads=2, thread_name="wg",
+            **({"interpret": interpret} if interpret else {}),
+        )(*[inputs[n] if n in inputs else produced[n] for n in in_names])
+        produced.update({o[0]: v for o, v in zip(out_specs, results)})
+    return {k: v for k, v in produced.items() if k in ("h1", "part_d", "h2", "part_qkv")}
+
+
+def _check(shape: TailShape, h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv):
+    hid, q, inter = shape.hidden, shape.q_size, shape.intermediate
+    want = {"wo": (wo, (q, hid)), "mlp_norm": (mlp_norm, (hid,)),
+            "w_gate_up": (w_gate_up, (hid, 2 * inter)), "w_down": (w_down, (inter, hid))}
+    if shape.qkv_size:
+        want.update(next_norm=(next_norm, (hid,)), next_wqkv=(next_wqkv, (hid, shape.qkv_size)))
+    for name, (x, s) in want.items():
+        if x.shape != s or x.dtype != jnp.bfloat16:
+            raise ValueError(f"{name} must be bf16 of shape {s}, got {x.dtype}{list(x.shape)}")
+    if h.size != hid or attn.size != q or h.dtype != jnp.bfloat16 or attn.dtype != jnp.bfloat16:
+        raise ValueError(f"h and attn must be one bf16 row ({hid} and {q} values), got "
+                         f"{h.dtype}{list(h.shape)} and {attn.dtype}{list(attn.shape)}")
+
+
+def decode_layer_tail_reference(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None,
+                                next_wqkv=None, *, eps: float, splits=None) -> dict:
+    """The kernel's arithmetic in jnp (float32 accumulation, the same bf16 roundings); partials
+    are returned summed in slot 0 of a [1, n] array (their split is an implementation detail:
+    compare sums)."""
+    f32 = jnp.float32
+    hidden = h.shape[-1]
+
+    def norm(row_bf16, w):
+        x = row_bf16.astype(f32)
+        inv = lax.rsqrt(jnp.sum(x * x) / hidden + eps)
+        return ((x * inv).astype(jnp.bfloat16).astype(f32) * w.astype(f32)).astype(jnp.bfloat16)
+
+    def mm(x, w):
+        return jnp.dot(x.astype(f32), w.astype(f32), precision=lax.Precision.HIGHEST)
+
+    h = h.reshape(hidden)
+    h1 = (h.astype(f32) + mm(attn.reshape(-1), wo)).astype(jnp.bfloat16)
+    gu = mm(norm(h1, mlp_norm), w_gate_up)
+    gate, up = jnp.split(gu, 2)
+    act = (gate * jax.nn.sigmoid(gate) * up).astype(jnp.bfloat16)
+    d = mm(act, w_down)
+    out = {"h1": h1, "part_d": d[None]}
+    if next_wqkv is not None:
+        h2 = (h1.astype(f32) + d).astype(jnp.bfloat16)
+        out.update(h2=h2, part_qkv=mm(norm(h2, next_norm), next_wqkv)[None])
+    return out

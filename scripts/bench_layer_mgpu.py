@@ -1,0 +1,173 @@
+"""Times pallas_kernels/decode_layer_mgpu.py (a batch-1 decode layer's wo, MLP and next QKV
+projection in one persistent Mosaic GPU kernel) against XLA running the same math as the model
+does (the decode row padded to two, as the engine pads it on a GPU), on Llama-3.2-1B's layer
+shape with random weights, in the same process.
+
+Each timed call's output row feeds the next call's input (one jitted loop of `--iters` calls):
+"device us" is the kernels' summed device time per call from a profiler trace, "wall us" the
+loop's wall time per call (includes the gaps between kernels). The kernel's outputs are checked
+against its jnp reference (float32 accumulation) on every variant.
+
+  python scripts/bench_layer_mgpu.py --out layer_mgpu.json          # H100 (jax 0.11)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_persistent import device_us_per_call  # noqa: E402
+from jinfer.model import rms_norm  # noqa: E402
+from pallas_kernels.decode_layer_mgpu import (TailTiling, decode_layer_tail_mgpu,  # noqa: E402
+                                              decode_layer_tail_reference)
+
+EPS = 1e-5
+
+
+def make_layer(hidden=2048, q_size=2048, intermediate=8192, qkv_size=3072, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+    bf = jnp.bfloat16
+
+    def weight(k, shape):
+        return (jax.random.normal(k, shape, jnp.float32) / np.sqrt(shape[0])).astype(bf)
+
+    def norm(k):
+        return (1 + 0.1 * jax.random.normal(k, (hidden,), jnp.float32)).astype(bf)
+    return dict(h=jax.random.normal(keys[0], (hidden,), bf),
+                attn=jax.random.normal(keys[1], (q_size,), bf),
+                wo=weight(keys[2], (q_size, hidden)), mlp_norm=norm(keys[3]),
+                w_gate_up=weight(keys[4], (hidden, 2 * intermediate)),
+                w_down=weight(keys[5], (intermediate, hidden)), next_norm=norm(keys[6]),
+                next_wqkv=weight(keys[7], (hidden, qkv_size)))
+
+
+def xla_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv):
+    """The model's _attention_block residual + _mlp_block + next layer's norm and QKV GEMM."""
+    pad = lambda x: jnp.stack([x, jnp.zeros_like(x)])  # noqa: E731
+    h1 = pad(h) + pad(attn) @ wo
+    gate, up = jnp.split(rms_norm(h1, mlp_norm, EPS) @ w_gate_up, 2, axis=-1)
+    h2 = h1 + (jax.nn.silu(gate) * up) @ w_down
+    return h2[0], (rms_norm(h2, next_norm, EPS) @ next_wqkv)[0]
+
+
+def stack_wall_us(tail, layer: dict, num_layers: int, calls: int, reps: int) -> float:
+    """Best wall us per layer of a jitted stack of `num_layers` tails (the same weights each
+    layer), `calls` steps dispatched back to back as an engine's decode steps are: shows the
+    gaps between kernels that a per-kernel device time does not. Each layer's attention input
+    is the previous layer's QKV row cut to q_size (the attention kernel's stand-in)."""
+    weights = [layer[n] for n in list(layer)[2:]]
+    q_size = layer["attn"].shape[0]
+
+    @jax.jit
+    def step(h, attn):
+        for _ in range(num_layers):
+            h, qkv = tail(h, attn, *weights)
+            attn = qkv[:q_size].astype(attn.dtype)
+        return h, attn
+
+    h, attn = jax.block_until_ready(step(layer["h"], layer["attn"]))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            h, attn = step(h, attn)
+        jax.block_until_ready((h, attn))
+        best = min(best, (time.perf_counter() - t0) / calls / num_layers * 1e6)
+    return best
+
+
+def max_errors(out, ref) -> dict[str, float]:
+    errs = {}
+    for key, want in ref.items():
+        got = np.asarray(out[key], np.float32)
+        if key.startswith("part"):
+            got = got.sum(0)[None]
+        errs[key] = float(np.max(np.abs(got - np.asarray(want, np.float32))))
+    return errs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--stages", type=int, nargs="+", default=[4, 8, 12])
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--diagnostic", nargs="*", default=[""],
+                        help="variants to time besides the kernel as it is ('' ), each a "
+                        "comma-separated subset of barrier,build,l2 (see the kernel's "
+                        "`diagnostic` argument; their outputs are wrong)")
+    parser.add_argument("--stack", type=int, default=16,
+                        help="also time a jitted stack of this many layers (0: skip)")
+    parser.add_argument("--checks", type=int, default=10, help="calls compared to the reference")
+    args = parser.parse_args(argv)
+
+    layer = make_layer()
+    names = list(layer)
+    weight_bytes = sum(v.size * 2 for k, v in layer.items() if k.startswith("w") or
+                       k == "next_wqkv")
+    ref = jax.jit(lambda *a: decode_layer_tail_reference(*a, eps=EPS))(*layer.values())
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "weight_MB": weight_bytes / 1e6, "runs": []}
+    print("| variant | device us | wall us | GB/s (device) | max abs err (h2, qkv) |")
+    print("|---|---|---|---|---|")
+
+    def xla_step(h, qkv):
+        return xla_tail(h, *[layer[n] for n in names[1:]])
+    wall, kernels = device_us_per_call(xla_step, (layer["h"], jnp.zeros((3072,), jnp.bfloat16)),
+                                       args.iters, args.reps)
+    dev = sum(kernels.values())
+    h2, qkv = jax.jit(xla_tail)(*layer.values())
+    err = (float(np.max(np.abs(np.asarray(h2, np.float32) - np.asarray(ref["h2"], np.float32)))),
+           float(np.max(np.abs(np.asarray(qkv, np.float32) - np.asarray(ref["part_qkv"][0])))))
+    print(f"| XLA ({len(kernels)} kernels) | {dev:.1f} | {wall:.1f} | "
+          f"{weight_bytes / dev / 1e3:.0f} | {err[0]:.3g}, {err[1]:.3g} |", flush=True)
+    results["runs"].append({"variant": "xla", "device_us": dev, "wall_us": wall,
+                            "kernels": kernels, "max_abs_err_vs_reference": err})
+
+    for stages, skip in [(s, k) for s in args.stages for k in args.diagnostic]:
+        tiling = TailTiling(stages=stages)
+        skip = frozenset(skip.split(",")) - {""}
+        run = jax.jit(lambda *a, tiling=tiling, skip=skip: decode_layer_tail_mgpu(
+            *a, eps=EPS, tiling=tiling, interpret=False, diagnostic=skip))
+        errs = [max_errors(run(*layer.values()), ref) for _ in range(args.checks)]
+        worst = {k: max(e[k] for e in errs) for k in errs[0]}
+
+        def step(h, qkv, run=run):
+            out = run(h, *[layer[n] for n in names[1:]])
+            return out["h2"], out["part_qkv"]
+        wall, kernels = device_us_per_call(
+            step, (layer["h"], jnp.zeros_like(run(*layer.values())["part_qkv"])), args.iters,
+            args.reps)
+        dev = sum(kernels.values())
+        print(f"| Mosaic GPU, {stages} stages {sorted(skip)} | {dev:.1f} | {wall:.1f} | "
+              f"{weight_bytes / dev / 1e3:.0f} | {worst['h2']:.3g}, {worst['part_qkv']:.3g} |",
+              flush=True)
+        results["runs"].append({"variant": "mgpu", "tiling": dataclasses.asdict(tiling),
+                                "device_us": dev, "wall_us": wall, "kernels": kernels,
+                                "max_abs_err_vs_reference": worst})
+    if args.stack:
+        def mgpu_tail(h, attn, *weights):
+            out = decode_layer_tail_mgpu(h, attn, *weights, eps=EPS, interpret=False,
+                                         tiling=TailTiling(stages=args.stages[0]))
+            return out["h2"], out["part_qkv"].sum(0)
+        for name, tail in (("xla", xla_tail), ("mgpu", mgpu_tail)):
+            us = stack_wall_us(tail, layer, args.stack, args.iters, args.reps)
+            print(f"stack of {args.stack} layers, {name}: {us:.1f} us per layer (wall)")
+            results[f"stack_wall_us_per_layer_{name}"] = us
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

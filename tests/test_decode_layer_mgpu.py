@@ -1,0 +1,143 @@
+"""pallas_kernels/decode_layer_mgpu.py: the persistent batch-1 layer-tail kernel (wo, MLP, next
+layer's QKV projection, grid barriers between phases) against its jnp reference and against the
+model's own math, in Mosaic GPU's interpreter on the CPU (one launch per phase) and compiled on a
+Hopper GPU (one launch, grid barriers)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
+
+from jinfer.model import rms_norm  # noqa: E402
+from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling,  # noqa: E402
+                                              decode_layer_tail_mgpu,
+                                              decode_layer_tail_reference, plan_phase,
+                                              plan_tail)
+
+EPS = 1e-5
+SMALL = TailTiling(block_n=64, block_k=64, stages=3, num_ctas=4)
+
+
+def make_layer(seed, hidden, q_size, intermediate, qkv_size):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+    bf = jnp.bfloat16
+
+    def weight(k, shape):
+        return (jax.random.normal(k, shape, jnp.float32) / np.sqrt(shape[0])).astype(bf)
+
+    def norm(k):
+        return (1 + 0.1 * jax.random.normal(k, (hidden,), jnp.float32)).astype(bf)
+    return dict(h=jax.random.normal(keys[0], (hidden,), bf),
+                attn=jax.random.normal(keys[1], (q_size,), bf),
+                wo=weight(keys[2], (q_size, hidden)), mlp_norm=norm(keys[3]),
+                w_gate_up=weight(keys[4], (hidden, 2 * intermediate)),
+                w_down=weight(keys[5], (intermediate, hidden)), next_norm=norm(keys[6]),
+                next_wqkv=weight(keys[7], (hidden, qkv_size)))
+
+
+def model_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None, next_wqkv=None):
+    """jinfer.model's _attention_block residual, _mlp_block and the next layer's norm + QKV
+    dot, as the model computes them (bf16 GEMM outputs)."""
+    h1 = h + attn @ wo
+    gate, up = jnp.split(rms_norm(h1, mlp_norm, EPS) @ w_gate_up, 2, axis=-1)
+    h2 = h1 + (jax.nn.silu(gate) * up) @ w_down
+    out = {"h1": h1, "h2": h2}
+    if next_wqkv is not None:
+        out["qkv"] = rms_norm(h2, next_norm, EPS) @ next_wqkv
+    return out
+
+
+def check(out, ref, layer, has_next):
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    # The float32 partial sums may add in another order than the reference's single dot,
+    # which can move a bf16 rounding of h1 / h2 by one step (2**-8 relative).
+    np.testing.assert_allclose(f32(out["h1"]), f32(ref["h1"]), rtol=2 ** -7, atol=1e-6)
+    # Partials: float32 sums of products of bf16 rows, where a row element (the activation,
+    # the normalised h2) may round one bf16 step away from the reference's: 1e-3 of the scale.
+    def close_sums(part, want):
+        got, want = f32(part).sum(0), f32(want[0])
+        assert np.max(np.abs(got - want)) <= 1e-3 * np.max(np.abs(want))
+    close_sums(out["part_d"], ref["part_d"])
+    if has_next:
+        # h2 = h1 + the MLP's sum: the sum's error above, then one bf16 rounding.
+        np.testing.assert_allclose(f32(out["h2"]), f32(ref["h2"]), rtol=2 ** -7,
+                                   atol=1e-3 * np.max(np.abs(f32(ref["part_d"]))))
+        close_sums(out["part_qkv"], ref["part_qkv"])
+    # And the model's own math (each GEMM rounded to bf16): within bf16 rounding of the row.
+    model = model_tail(**layer)
+    h2 = f32(out["h1"]) + f32(out["part_d"]).sum(0)
+    for got, want in [(f32(out["h1"]), model["h1"]), (h2, model["h2"])] + (
+            [(f32(out["part_qkv"]).sum(0), model["qkv"])] if has_next else []):
+        want = f32(want)
+        assert np.max(np.abs(got - want)) <= 0.02 * np.max(np.abs(want))
+
+
+def test_plan_of_llama_1b():
+    plans = plan_tail(TailShape(2048, 2048, 8192, 3072, EPS), TailTiling())
+    got = [(p.splits, p.group, p.strips_per_cta, p.chunks, p.paired) for p in plans]
+    # wo and down: 4 K-ranges x 32 strips; gate/up: one strip pair per CTA over all of K;
+    # QKV: 8 K-ranges x 16 CTAs x 3 strips. 58 chunks of 16 KB per CTA in all.
+    assert got == [(4, 32, 1, 4, False), (1, 128, 1, 16, True), (4, 32, 1, 16, False),
+                   (8, 16, 3, 2, False)]
+    assert sum(p.steps for p in plans) == 58
+
+
+def test_plan_rejects_shapes_that_do_not_split():
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        plan_phase(256, 100, SMALL)
+    with pytest.raises(ValueError, match="without splitting K"):
+        plan_phase(256, 64 * 6, SMALL, paired=True)  # 6 strip pairs over 4 CTAs
+    with pytest.raises(ValueError, match="does not split evenly"):
+        plan_phase(96, 64 * 3, SMALL)  # 3 strips: 4 CTAs need K-ranges of 96 / 4 rows
+
+
+@pytest.mark.parametrize("has_next", [True, False])
+def test_interpret_matches_reference_and_model(has_next):
+    if jax.default_backend() != "cpu":
+        # Mosaic GPU's interpreter is the CPU path (CI, jax 0.10); under jax 0.11 on a GPU
+        # backend its results for this kernel differ by ~1% (not explained yet); the compiled
+        # kernel is what runs there and is checked by test_gpu_llama_1b_shape.
+        pytest.skip("interpret mode is tested on the CPU backend")
+    layer = make_layer(0, hidden=256, q_size=256, intermediate=512, qkv_size=384)
+    if not has_next:
+        layer.pop("next_norm"), layer.pop("next_wqkv")
+    out = decode_layer_tail_mgpu(**layer, eps=EPS, tiling=SMALL, interpret=True)
+    ref = decode_layer_tail_reference(**layer, eps=EPS)
+    assert set(out) == set(ref)
+    check(out, ref, layer, has_next)
+
+
+def test_bad_inputs_raise():
+    layer = make_layer(1, hidden=256, q_size=256, intermediate=512, qkv_size=384)
+    with pytest.raises(ValueError, match="w_down must be bf16"):
+        decode_layer_tail_mgpu(**{**layer, "w_down": layer["w_down"].astype(jnp.float32)},
+                               eps=EPS, tiling=SMALL, interpret=True)
+    with pytest.raises(ValueError, match="one bf16 row"):
+        decode_layer_tail_mgpu(**{**layer, "h": jnp.stack([layer["h"]] * 2)}, eps=EPS,
+                               tiling=SMALL, interpret=True)
+
+
+def _hopper():
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("has_next,stages", [(True, 4), (False, 4), (True, 8)])
+def test_gpu_llama_1b_shape(has_next, stages):
+    """Compiled (one launch, grid barriers) on Llama-3.2-1B's layer, called five times (the
+    barrier counters carry over between calls)."""
+    if not _hopper():
+        pytest.skip("the kernel needs a Hopper GPU (wgmma, TMA)")
+    layer = make_layer(2, hidden=2048, q_size=2048, intermediate=8192, qkv_size=3072)
+    if not has_next:
+        layer.pop("next_norm"), layer.pop("next_wqkv")
+    run = jax.jit(lambda **kw: decode_layer_tail_mgpu(**kw, eps=EPS, interpret=False,
+                                                      tiling=TailTiling(stages=stages)))
+    ref = decode_layer_tail_reference(**layer, eps=EPS)
+    for _ in range(5):
+        check(run(**layer), ref, layer, has_next)
