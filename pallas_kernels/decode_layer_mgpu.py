@@ -441,3 +441,26 @@ def decode_layer_tail_reference(h, attn, wo, mlp_norm, w_gate_up, w_down, next_n
         h2 = (h1.astype(f32) + d).astype(jnp.bfloat16)
         out.update(h2=h2, part_qkv=mm(norm(h2, next_norm), next_wqkv)[None])
     return out
+
+
+def random_tail_inputs(seed: int, hidden: int, q_size: int, intermediate: int,
+                       qkv_size: int = 0) -> dict:
+    """Keyword arguments of `decode_layer_tail_mgpu` with random bf16 values (weights scaled by
+    1 / sqrt(fan-in), norm weights near 1), for tests and benchmarks; qkv_size 0: no next
+    layer."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+    bf = jnp.bfloat16
+
+    def weight(k, shape):
+        return (jax.random.normal(k, shape, jnp.float32) / shape[0] ** 0.5).astype(bf)
+
+    def norm(k):
+        return (1 + 0.1 * jax.random.normal(k, (hidden,), jnp.float32)).astype(bf)
+    inputs = dict(h=jax.random.normal(keys[0], (hidden,), bf),
+                  attn=jax.random.normal(keys[1], (q_size,), bf),
+                  wo=weight(keys[2], (q_size, hidden)), mlp_norm=norm(keys[3]),
+                  w_gate_up=weight(keys[4], (hidden, 2 * intermediate)),
+                  w_down=weight(keys[5], (intermediate, hidden)))
+    if qkv_size:
+        inputs.update(next_norm=norm(keys[6]), next_wqkv=weight(keys[7], (hidden, qkv_size)))
+    return inputs

@@ -29,26 +29,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_persistent import device_us_per_call  # noqa: E402
 from jinfer.model import rms_norm  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (TailTiling, decode_layer_tail_mgpu,  # noqa: E402
-                                              decode_layer_tail_reference)
+                                              decode_layer_tail_reference,
+                                              random_tail_inputs)
 
 EPS = 1e-5
-
-
-def make_layer(hidden=2048, q_size=2048, intermediate=8192, qkv_size=3072, seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
-    bf = jnp.bfloat16
-
-    def weight(k, shape):
-        return (jax.random.normal(k, shape, jnp.float32) / np.sqrt(shape[0])).astype(bf)
-
-    def norm(k):
-        return (1 + 0.1 * jax.random.normal(k, (hidden,), jnp.float32)).astype(bf)
-    return dict(h=jax.random.normal(keys[0], (hidden,), bf),
-                attn=jax.random.normal(keys[1], (q_size,), bf),
-                wo=weight(keys[2], (q_size, hidden)), mlp_norm=norm(keys[3]),
-                w_gate_up=weight(keys[4], (hidden, 2 * intermediate)),
-                w_down=weight(keys[5], (intermediate, hidden)), next_norm=norm(keys[6]),
-                next_wqkv=weight(keys[7], (hidden, qkv_size)))
 
 
 def xla_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv):
@@ -111,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checks", type=int, default=10, help="calls compared to the reference")
     args = parser.parse_args(argv)
 
-    layer = make_layer()
+    layer = random_tail_inputs(0, 2048, 2048, 8192, 3072)  # Llama-3.2-1B
     names = list(layer)
     weight_bytes = sum(v.size * 2 for k, v in layer.items() if k.startswith("w") or
                        k == "next_wqkv")

@@ -16,27 +16,10 @@ from jinfer.model import rms_norm  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling,  # noqa: E402
                                               decode_layer_tail_mgpu,
                                               decode_layer_tail_reference, plan_phase,
-                                              plan_tail)
+                                              plan_tail, random_tail_inputs)
 
 EPS = 1e-5
 SMALL = TailTiling(block_n=64, block_k=64, stages=3, num_ctas=4)
-
-
-def make_layer(seed, hidden, q_size, intermediate, qkv_size):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
-    bf = jnp.bfloat16
-
-    def weight(k, shape):
-        return (jax.random.normal(k, shape, jnp.float32) / np.sqrt(shape[0])).astype(bf)
-
-    def norm(k):
-        return (1 + 0.1 * jax.random.normal(k, (hidden,), jnp.float32)).astype(bf)
-    return dict(h=jax.random.normal(keys[0], (hidden,), bf),
-                attn=jax.random.normal(keys[1], (q_size,), bf),
-                wo=weight(keys[2], (q_size, hidden)), mlp_norm=norm(keys[3]),
-                w_gate_up=weight(keys[4], (hidden, 2 * intermediate)),
-                w_down=weight(keys[5], (intermediate, hidden)), next_norm=norm(keys[6]),
-                next_wqkv=weight(keys[7], (hidden, qkv_size)))
 
 
 def model_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None, next_wqkv=None):
@@ -102,9 +85,8 @@ def test_interpret_matches_reference_and_model(has_next):
         # backend its results for this kernel differ by ~1% (not explained yet); the compiled
         # kernel is what runs there and is checked by test_gpu_llama_1b_shape.
         pytest.skip("interpret mode is tested on the CPU backend")
-    layer = make_layer(0, hidden=256, q_size=256, intermediate=512, qkv_size=384)
-    if not has_next:
-        layer.pop("next_norm"), layer.pop("next_wqkv")
+    layer = random_tail_inputs(0, hidden=256, q_size=256, intermediate=512,
+                               qkv_size=384 if has_next else 0)
     out = decode_layer_tail_mgpu(**layer, eps=EPS, tiling=SMALL, interpret=True)
     ref = decode_layer_tail_reference(**layer, eps=EPS)
     assert set(out) == set(ref)
@@ -112,7 +94,7 @@ def test_interpret_matches_reference_and_model(has_next):
 
 
 def test_bad_inputs_raise():
-    layer = make_layer(1, hidden=256, q_size=256, intermediate=512, qkv_size=384)
+    layer = random_tail_inputs(1, hidden=256, q_size=256, intermediate=512, qkv_size=384)
     with pytest.raises(ValueError, match="w_down must be bf16"):
         decode_layer_tail_mgpu(**{**layer, "w_down": layer["w_down"].astype(jnp.float32)},
                                eps=EPS, tiling=SMALL, interpret=True)
@@ -133,9 +115,8 @@ def test_gpu_llama_1b_shape(has_next, stages):
     barrier counters carry over between calls)."""
     if not _hopper():
         pytest.skip("the kernel needs a Hopper GPU (wgmma, TMA)")
-    layer = make_layer(2, hidden=2048, q_size=2048, intermediate=8192, qkv_size=3072)
-    if not has_next:
-        layer.pop("next_norm"), layer.pop("next_wqkv")
+    layer = random_tail_inputs(2, hidden=2048, q_size=2048, intermediate=8192,
+                               qkv_size=3072 if has_next else 0)
     run = jax.jit(lambda **kw: decode_layer_tail_mgpu(**kw, eps=EPS, interpret=False,
                                                       tiling=TailTiling(stages=stages)))
     ref = decode_layer_tail_reference(**layer, eps=EPS)
