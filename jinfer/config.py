@@ -83,6 +83,11 @@ class EngineConfig:
         two calls: the prompt chunks, then the decodes; fewer shapes to compile).
       preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a
         victim again for this many steps while another sequence could give way.
+      decode_layer_kernel: on a Hopper GPU with the "pallas" backend and bf16 weights, a
+        decode step of one sequence runs each layer's projections after attention (output
+        projection, MLP, next layer's QKV) in one persistent Mosaic GPU kernel
+        (pallas_kernels/decode_layer_mgpu.py) where the model's shapes fit it; False: XLA's
+        matmuls, as at every other batch size.
     """
 
     block_size: int = 16
@@ -98,6 +103,7 @@ class EngineConfig:
     num_scheduler_steps: int = 8
     mixed_batching: bool = True
     enable_prefix_caching: bool = True
+    decode_layer_kernel: bool = True
 
     def __post_init__(self):
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",

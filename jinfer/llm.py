@@ -54,7 +54,8 @@ class LLM:
         token ids only (the default with load_format="dummy" when the model has no tokenizer).
       block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_model_len,
       max_num_seqs, max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
-      num_scheduler_steps, mixed_batching (None: on GPU): engine knobs (see `EngineConfig`).
+      num_scheduler_steps, mixed_batching (None: on GPU), decode_layer_kernel: engine knobs
+        (see `EngineConfig`).
       enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
     """
 
@@ -67,7 +68,8 @@ class LLM:
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
                  num_scheduler_steps: int = 8,
-                 mixed_batching: Optional[bool] = None, enable_compilation_cache: bool = True,
+                 mixed_batching: Optional[bool] = None, decode_layer_kernel: bool = True,
+                 enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
         if dtype == "auto":
             dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
@@ -95,7 +97,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             num_scheduler_steps=num_scheduler_steps,
             mixed_batching=(jax.default_backend() == "gpu" if mixed_batching is None
-                            else mixed_batching))
+                            else mixed_batching),
+            decode_layer_kernel=decode_layer_kernel)
         runner = ModelRunner(model_config, self.config, device_params, 2, DTYPES[dtype])
         num_blocks = self._num_blocks(runner, DTYPES[dtype])
         runner.kv_cache = _allocate_pool(model_config, num_blocks, block_size, DTYPES[dtype])

@@ -11,7 +11,10 @@ the KV pool stays one stacked array, indexed by a static layer number, updated i
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +22,8 @@ import numpy as np
 from jinfer.attention import AttentionBackend, StepAttention, attend
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import KVCache
+from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling, decode_layer_tail_mgpu,
+                                              plan_tail)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -80,16 +85,82 @@ def forward_hidden(
     *,
     config: ModelConfig,
     backend: AttentionBackend,
+    layer_tiling: Optional[TailTiling] = None,
 ) -> tuple[jax.Array, KVCache]:
     """Runs the decoder stack over one packed row of tokens (decode rows, then prompt chunks);
-    returns the final-normed hidden states [T, hidden] and the updated pool."""
+    returns the final-normed hidden states [T, hidden] and the updated pool.
+
+    `layer_tiling` (see `layer_kernel_tiling`): a decode-only step of one row runs each layer's
+    projections after attention in the persistent layer kernel, with that tiling; other steps,
+    and None, run the layers as XLA matmuls.
+    """
     rope = rope_cos_sin(meta.positions, rope_inv_freq(config))
     h = params["embed"][token_ids]
-    for layer, lp in enumerate(params["layers"]):
-        with jax.named_scope(f"layer_{layer}"):
-            h, kv_cache = _attention_block(config, lp, h, layer, kv_cache, meta, backend, rope)
-            h = _mlp_block(config, lp, h)
+    if layer_tiling is not None and meta.prefill is None and token_ids.shape[0] == 1:
+        h, kv_cache = _one_row_decode(params, kv_cache, h, meta, config, backend, rope,
+                                      layer_tiling)
+    else:
+        for layer, lp in enumerate(params["layers"]):
+            with jax.named_scope(f"layer_{layer}"):
+                h, kv_cache = _attention_block(config, lp, h, layer, kv_cache, meta, backend,
+                                               rope)
+                h = _mlp_block(config, lp, h)
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
+
+
+def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
+    """The decoder stack over one decode row h [1, hidden] with, per layer, the attention
+    kernel and then pallas_kernels/decode_layer_mgpu.py's kernel: the output projection, the
+    MLP with both residual adds and norms, and the next layer's norm and QKV projection, in one
+    persistent kernel (at batch 1 a step streams the weights once, and XLA's ~11 kernels per
+    layer lose time at each boundary). Layer 0's norm and QKV projection run in XLA; the
+    kernel returns the QKV row as float32 split-K partials, summed and rounded to the weights'
+    dtype here (as the XLA path's bf16 GEMM output is)."""
+    layers, eps = params["layers"], config.rms_norm_eps
+    x = rms_norm(h, layers[0]["attn_norm"], eps)
+    # Two rows: XLA runs a one-row product with a small weight as a slow multiply + reduce.
+    qkv = (jnp.concatenate([x, x]) @ layers[0]["wqkv"])[:1]
+    for layer, lp in enumerate(layers):
+        following = layers[layer + 1] if layer + 1 < len(layers) else {}
+        with jax.named_scope(f"layer_{layer}"):
+            out, k_pool, v_pool = attend(backend, qkv, *rope, kv_cache.k, kv_cache.v, layer,
+                                         meta, num_heads=config.num_heads,
+                                         scale=1.0 / math.sqrt(config.head_dim))
+            kv_cache = KVCache(k=k_pool, v=v_pool)
+            tail = _layer_tail(
+                h[0], out[0], lp["wo"], lp["mlp_norm"], lp["w_gate_up"], lp["w_down"],
+                following.get("attn_norm"), following.get("wqkv"), eps=eps, tiling=tiling)
+            if following:
+                h = tail["h2"][None]
+                qkv = tail["part_qkv"].sum(0).astype(h.dtype)[None]
+            else:  # the last layer: its MLP's residual add
+                h = (tail["h1"].astype(jnp.float32) + tail["part_d"].sum(0)).astype(h.dtype)[None]
+    return h, kv_cache
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "tiling"))
+def _layer_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv, *, eps, tiling):
+    """decode_layer_tail_mgpu as one jitted function: every layer's call lowers to a call of
+    the same function, so the kernel is lowered and compiled once per step program (inlined at
+    each layer, its Mosaic GPU module would differ by the layer's source location and each
+    layer's copy would be compiled on its own: ~2 s each on an H100 host)."""
+    return decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm,
+                                  next_wqkv, eps=eps, tiling=tiling)
+
+
+def layer_kernel_tiling(config: ModelConfig, dtype, tiling: TailTiling) -> Optional[TailTiling]:
+    """`tiling` if the persistent layer kernel takes this model's layers in `dtype` (bf16, and
+    shapes the tiling splits evenly over its CTAs), else None (XLA runs the layers)."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return None
+    qkv_size = config.q_size + 2 * config.kv_size
+    try:
+        for next_qkv in (qkv_size, 0):  # every layer but the last; the last
+            plan_tail(TailShape(config.hidden_size, config.q_size, config.intermediate_size,
+                                next_qkv, config.rms_norm_eps), tiling)
+    except ValueError:
+        return None
+    return tiling
 
 
 def prepare_params(params: dict) -> dict:

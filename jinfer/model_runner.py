@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +22,11 @@ from jinfer.attention import (AttentionMetadata, PrefillMetadata, StepAttention,
                               get_attention_backend)
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.kv_cache import KVCache, PAD_BLOCK, init_kv_cache
-from jinfer.model import compute_logits, forward_hidden
+from jinfer.model import compute_logits, forward_hidden, layer_kernel_tiling
 from jinfer.scheduler import ScheduledSequence
 from jinfer.sequence import Sequence
+from pallas_kernels import paged_prefill_mgpu
+from pallas_kernels.decode_layer_mgpu import TailTiling
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,9 @@ MIN_PREFILL_BUCKET = 16
 # Tokens; smaller block tables are padded up to this. Decode attention costs in proportion to the
 # padded context, so this stays small; each extra bucket is one more compile per batch size.
 MIN_CONTEXT_BUCKET = 32
+# The layer kernel's tiling for one-row decode steps: 4 ring slots measured best on an H100
+# (scripts/bench_layer_mgpu.py: 48.4 us per Llama-3.2-1B layer; 49.2 with 8).
+LAYER_TILING = TailTiling(stages=4)
 
 
 def next_power_of_2(n: int) -> int:
@@ -78,17 +84,18 @@ class StepInput:
     sampling: sampler_lib.SamplingMetadata  # [S] rows: decodes, then prompt chunks, padding
 
 
-def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags):
+def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags,
+          layer_tiling=None):
     """The jitted device step: decoder stack, logits at each row's last token, sampling."""
     hidden, kv_cache = forward_hidden(
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
-        backend=get_attention_backend(attention_backend))
+        backend=get_attention_backend(attention_backend), layer_tiling=layer_tiling)
     logits = compute_logits(params, hidden[step_input.logits_indices], config)  # [S, vocab]
     return sampler_lib.sample(logits, step_input.sampling, flags), kv_cache
 
 
 def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags,
-                  num_steps: int):
+                  num_steps: int, layer_tiling=None):
     """`num_steps` decode steps in one jitted call (a scan): each step's sampled tokens are the
     next step's inputs, positions and context lengths advance on device, and the slots come
     from the block tables (the host reserved them beforehand), and each step's samples join
@@ -111,7 +118,7 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
         step = StepInput(token_ids=tokens, attention=attention,
                          logits_indices=step_input.logits_indices, sampling=sampling)
         out, kv = _step(params, kv, step, config=config, attention_backend=attention_backend,
-                        flags=flags)
+                        flags=flags, layer_tiling=layer_tiling)
         advance = live.astype(jnp.int32)
         sampling = sampler_lib.append_outputs(sampling, out.tokens, live[:out.tokens.shape[0]])
         return (kv, out.tokens[:tokens.shape[0]], positions + advance, context_lens + advance,
@@ -148,9 +155,11 @@ def _replace_head(buffer, head):
 STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
-def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend):
+def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend,
+                layer_tiling=None):
     hidden, kv_cache = forward_hidden(params, kv_cache, token_ids, attention, config=config,
-                                      backend=get_attention_backend(attention_backend))
+                                      backend=get_attention_backend(attention_backend),
+                                      layer_tiling=layer_tiling)
     return compute_logits(params, hidden, config), kv_cache
 
 
@@ -164,7 +173,9 @@ class ModelRunner:
         self.params = params
         self.block_size = engine_config.block_size
         self.kv_cache: KVCache = init_kv_cache(model_config, num_blocks, self.block_size, dtype)
-        static = dict(config=model_config, attention_backend=engine_config.attention_backend)
+        self.layer_tiling = self._layer_tiling(params)
+        static = dict(config=model_config, attention_backend=engine_config.attention_backend,
+                      layer_tiling=self.layer_tiling)
         self._step_fn = jax.jit(functools.partial(_packed_step, **static),
                                 static_argnames=("layout", "flags"), donate_argnums=(1,),
                                 compiler_options=STEP_COMPILER_OPTIONS)
@@ -175,10 +186,26 @@ class ModelRunner:
         self._logits_fn = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
         # XLA on GPU turns a one-row matmul of a small weight (under ~10M elements: Llama's QKV
         # and output projections) into a multiply + reduce that ran 2-3x slower than a GEMM on an
-        # H100; decode steps there carry at least two rows (a padding row is nearly free).
-        self.min_decode_rows = 2 if jax.default_backend() == "gpu" else 1
+        # H100; decode steps there carry at least two rows (a padding row is nearly free),
+        # unless one row goes through the layer kernel.
+        self.min_decode_rows = (2 if jax.default_backend() == "gpu" and self.layer_tiling is None
+                                else 1)
         self._compiled_shapes: set = set()
         self.max_blocks_per_seq = -(-engine_config.max_model_len // self.block_size)
+
+    def _layer_tiling(self, params: dict) -> Optional[TailTiling]:
+        """The layer kernel's tiling where decode steps of one row use it (see
+        EngineConfig.decode_layer_kernel), else None."""
+        config = self.config
+        if not (config.decode_layer_kernel and config.attention_backend == "pallas"
+                and paged_prefill_mgpu.hopper_gpu()):
+            return None
+        tiling = layer_kernel_tiling(self.model_config, params["layers"][0]["wo"].dtype,
+                                     LAYER_TILING)
+        if tiling is None:
+            logger.info("decode steps of one row run the layers in XLA: the layer kernel does "
+                        "not take this model's shapes or dtype")
+        return tiling
 
     # -- buckets -------------------------------------------------------------------------------
     def batch_bucket(self, n: int) -> int:

@@ -64,6 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mosaic_gpu_cache import stable_kernel_hashes
 from pallas_kernels.paged_prefill_mgpu import interpret_params
 
 ROWS = 64  # wgmma's M: the one input row broadcast to 64
@@ -381,6 +382,8 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     if has_next:
         inputs.update(next_norm=next_norm, next_wqkv=next_wqkv)
     scratch = _scratch(shape, tiling, plans, bool(interpret))
+    if not interpret:
+        stable_kernel_hashes()  # one compile of the kernel per process, not per step program
     launches = ([tuple(range(len(plans)))] if not interpret else
                 [(p,) for p in range(len(plans))])
     produced: dict = {}

@@ -73,6 +73,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mosaic_gpu_cache import stable_kernel_hashes
 from pallas_kernels.paged_decode import LOG2E, NEG_INF, _next_pow2
 from pallas_kernels.paged_prefill import _validate
 
@@ -561,6 +562,8 @@ def ragged_paged_attention_mgpu(
     plan = make_plan(num_tokens, block_tables.shape[0], num_heads // k_pool.shape[3],
                      k_pool.shape[2], block_k=block_k, stages=stages, interpret=interpret)
     _validate_mgpu(q, k_pool, plan)
+    if not interpret:
+        stable_kernel_hashes()  # one compile of the kernel per process, not per step program
     return _ragged_prefill_mgpu(q, k_pool, v_pool, jnp.asarray(layer, jnp.int32),
                                 block_tables.astype(jnp.int32),
                                 query_start_loc.astype(jnp.int32),

@@ -221,7 +221,9 @@ def jinfer_latency(spec: dict) -> dict:
     started = time.perf_counter()
     llm = LLM(spec["model"], load_format="dummy", dtype=spec["dtype"], seed=0,
               max_model_len=spec["prompt_len"] + spec["output_len"], max_num_seqs=1,
-              max_num_batched_tokens=max(512, spec["prompt_len"]), gpu_memory_utilization=0.9)
+              max_num_batched_tokens=max(512, spec["prompt_len"]), gpu_memory_utilization=0.9,
+              decode_layer_kernel=spec["decode_layer_kernel"],
+              num_scheduler_steps=spec["num_scheduler_steps"])
     load_s = time.perf_counter() - started
     prompts = iter(spec["prompts"])
 
@@ -247,6 +249,7 @@ def jinfer_latency(spec: dict) -> dict:
     return {**device_info(), "copy_Bps": bandwidth, "load_s": load_s, "warmup_s": warmup_s,
             "t_first_s": summary(first), "t_full_s": summary(full),
             "compiles_timed": after[0] - before[0],
+            "layer_kernel": llm.engine.runner.layer_tiling is not None,
             "compile_s_timed": after[1] - before[1]}
 
 
@@ -310,7 +313,9 @@ def print_latency_table(results: dict, spec: dict) -> None:
     d = {k: results[k]["derived"] for k in engines}
     copy = results["jinfer"]["copy_Bps"]
     print(f"\n{spec['label']}, {spec['dtype']}, batch 1, prompt {spec['prompt_len']}, "
-          f"{spec['output_len']} new tokens, greedy, ignore_eos; device "
+          f"{spec['output_len']} new tokens, greedy, ignore_eos, {spec['num_scheduler_steps']} "
+          f"steps per call; decode layers: "
+          f"{'persistent layer kernel' if results['jinfer']['layer_kernel'] else 'XLA'}; device "
           f"{results['jinfer']['device']}; copy bandwidth {copy['max'] / 1e9:,.0f} GB/s (best of "
           f"the run, the roofline's; median {copy['median'] / 1e9:,.0f}, min "
           f"{copy['min'] / 1e9:,.0f})\n")
@@ -353,7 +358,8 @@ def make_spec(args, model: str, config) -> dict:
             "hf_reps_first": 3, "hf_reps_full": 1 if args.quick else 2,
             "copy_bytes": (64 << 20) if args.cpu_smoke else 2 * GiB,
             "prompts": prompts, "hf_config": config_to_hf_dict(config),
-            "hf_compile": args.hf_compile}
+            "hf_compile": args.hf_compile, "decode_layer_kernel": not args.no_layer_kernel,
+            "num_scheduler_steps": args.num_scheduler_steps}
 
 
 def main() -> int:
@@ -364,6 +370,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-compile", action="store_true",
                    help="also time HF with a static cache and torch.compile (slower to start)")
+    p.add_argument("--num-scheduler-steps", type=int, default=8,
+                   help="decode steps per device call (LLM's num_scheduler_steps)")
+    p.add_argument("--no-layer-kernel", action="store_true",
+                   help="decode with XLA's matmuls (LLM(decode_layer_kernel=False)), not the "
+                        "persistent layer kernel (Hopper)")
     args = p.parse_args()
     if args.child:
         setup_child_logging()

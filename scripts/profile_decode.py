@@ -57,6 +57,20 @@ def idle_gaps(events) -> list[list[float]]:
     return bins
 
 
+def long_gaps(events, min_us: float = 100.0, limit: int = 20) -> list[dict]:
+    """The idle gaps of at least min_us: when (ms from the first event), how long, and the
+    kernels on either side (where the device waits on the host)."""
+    found, end, last, first = [], None, None, None
+    for name, start, duration in sorted(events, key=lambda e: e[1]):
+        first = start if first is None else first
+        if end is not None and (start - end) / 1e3 >= min_us:
+            found.append({"at_ms": (end - first) / 1e6, "us": (start - end) / 1e3,
+                          "after": last, "before": name})
+        if end is None or start + duration > end:
+            end, last = start + duration, name
+    return found[:limit]
+
+
 def per_name(events) -> list[list]:
     """[name, count, total us] per distinct event name, costliest first."""
     totals = collections.defaultdict(lambda: [0, 0.0])
@@ -86,6 +100,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--num-scheduler-steps", type=int, default=8)
     p.add_argument("--attention-backend", default=None)
+    p.add_argument("--no-layer-kernel", action="store_true",
+                   help="LLM(decode_layer_kernel=False): XLA's matmuls at batch 1 on Hopper")
     p.add_argument("--top", type=int, default=30, help="kernels listed")
     p.add_argument("--cpu", action="store_true", help="profile the CPU backend's ops instead")
     p.add_argument("--out", help="JSON file for the results")
@@ -101,7 +117,8 @@ def main() -> int:
     config = resolve_model_config(args.model_shape)
     kwargs = dict(load_format="dummy", dtype=args.dtype, seed=0, max_num_seqs=args.batch,
                   max_model_len=args.prompt_len + args.tokens,
-                  num_scheduler_steps=args.num_scheduler_steps)
+                  num_scheduler_steps=args.num_scheduler_steps,
+                  decode_layer_kernel=not args.no_layer_kernel)
     if args.attention_backend:
         kwargs["attention_backend"] = args.attention_backend
     if not args.cpu:
@@ -155,7 +172,8 @@ def main() -> int:
         "traced_wall_ms": wall_ns / 1e6, "device_span_ms": span / 1e6,
         "device_busy_ms": busy / 1e6, "kernel_ms": kernel_ns / 1e6,
         "kernels": len(events), "kernels_per_token": len(events) / tokens,
-        "top": kernels[:args.top], "idle_gaps": gaps, "host": per_name(host_events)[:args.top],
+        "top": kernels[:args.top], "idle_gaps": gaps, "long_gaps": long_gaps(events),
+        "host": per_name(host_events)[:args.top],
     }
     print(f"{result['device']}, {args.model_shape} {args.dtype}, batch {args.batch}, prompt "
           f"{args.prompt_len}, {args.tokens} tokens, {args.num_scheduler_steps} steps per call")
@@ -169,6 +187,9 @@ def main() -> int:
               f"{total_us / count:.1f} | {100 * total_us * 1e3 / kernel_ns:.1f}% |")
     print("\nidle gaps between device events: " + ", ".join(
         f"<{bound:g} us: {count} ({total:.1f} ms)" for bound, count, total in gaps))
+    for gap in result["long_gaps"]:
+        print(f"  idle {gap['us']:,.0f} us at {gap['at_ms']:.2f} ms: after {gap['after'][:50]}, "
+              f"before {gap['before'][:50]}")
     print("\n| host event | count | per token | total ms | mean us |\n|---|---|---|---|---|")
     for name, count, total_us in result["host"][:15]:
         print(f"| {name[:90]} | {count} | {count / tokens:.1f} | {total_us / 1e3:.2f} | "

@@ -1,0 +1,164 @@
+"""Decode steps of one row through the persistent layer kernel (jinfer.model._one_row_decode):
+the same hidden states, logits, KV pool and greedy tokens as the XLA layers, on the CPU with the
+kernel in Mosaic GPU's interpreter (a small tiling, so tiny shapes plan), and on a Hopper GPU
+compiled, on Llama-3.2-1B's shapes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
+
+from jinfer import model_runner  # noqa: E402
+from jinfer.attention import AttentionMetadata, StepAttention, get_attention_backend  # noqa: E402
+from jinfer.config import ModelConfig  # noqa: E402
+from jinfer.kv_cache import init_kv_cache  # noqa: E402
+from jinfer.model import (compute_logits, forward_hidden, layer_kernel_tiling,  # noqa: E402
+                          prepare_params)
+from jinfer.model_shapes import MODEL_SHAPES, random_params  # noqa: E402
+from jinfer.testing import write_tiny_llama  # noqa: E402
+from pallas_kernels import paged_prefill_mgpu  # noqa: E402
+from pallas_kernels.decode_layer_mgpu import TailTiling  # noqa: E402
+
+# hidden 128 (2 heads of 64, 1 KV head), MLP 256: with 4 CTAs and 64-wide chunks the output and
+# down projections split K in two, so the kernel's partial sums are exercised.
+TINY = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_layers=2,
+                   num_heads=2, num_kv_heads=1, head_dim=64, tie_word_embeddings=True)
+SMALL = TailTiling(block_n=64, block_k=64, stages=3, num_ctas=4)
+BLOCK = 16
+
+
+def _params(config, seed=0):
+    """Random bf16 weights scaled to unit-variance activations (1 / sqrt(fan-in)), so each
+    layer moves the residual stream as much as a trained one does."""
+    params = prepare_params(random_params(config, jnp.bfloat16, seed))
+
+    def rescale(name, w):
+        return w if name.endswith("norm") else (w.astype(jnp.float32) / 0.02
+                                                / w.shape[0] ** 0.5).astype(w.dtype)
+    params["layers"] = [{k: rescale(k, v) for k, v in lp.items()} for lp in params["layers"]]
+    return params
+
+
+def _prefill_meta(n: int, table: np.ndarray) -> StepAttention:
+    from jinfer.attention import PrefillMetadata
+    pos = np.arange(n, dtype=np.int32)
+    slots = table[pos // BLOCK] * BLOCK + pos % BLOCK
+    att = AttentionMetadata(positions=pos[None], block_tables=table[None],
+                            context_lens=np.array([n], np.int32))
+    return StepAttention(positions=pos, slot_mapping=slots.astype(np.int32),
+                         prefill=PrefillMetadata(attention=att,
+                                                 query_start_loc=np.array([0, n], np.int32),
+                                                 to_rows=pos[None], to_tokens=pos))
+
+
+def _decode_meta(position: int, table: np.ndarray) -> StepAttention:
+    pos = np.array([position], np.int32)
+    slots = (table[pos // BLOCK] * BLOCK + pos % BLOCK).astype(np.int32)
+    return StepAttention(positions=pos, slot_mapping=slots,
+                         decode=AttentionMetadata(positions=pos[:, None], block_tables=table[None],
+                                                  context_lens=pos + 1))
+
+
+def _decode_run(config, tiling, *, prompt_len=21, steps=3, backend="reference", seed=0):
+    """Prefills a random prompt (XLA layers), then decodes `steps` tokens twice from the same
+    pool, with and without the layer kernel, feeding both the XLA path's greedy tokens.
+    Returns per step (hidden, logits) of each path and the two final pools."""
+    params = _params(config, seed)
+    backend_fns = get_attention_backend(backend)
+    table = np.array([3, 1, 4, 2], np.int32)  # not contiguous, not in order
+    fwd = jax.jit(lambda p, kv, ids, meta, t: forward_hidden(
+        p, kv, ids, meta, config=config, backend=backend_fns, layer_tiling=t),
+        static_argnums=4)
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, config.vocab_size, prompt_len).astype(np.int32)
+    kv = init_kv_cache(config, 6, BLOCK, jnp.bfloat16)
+    hidden, kv = fwd(params, kv, prompt, _prefill_meta(prompt_len, table), None)
+    token = np.argmax(np.asarray(compute_logits(params, hidden[-1:], config)), -1)
+    pools = {None: kv, tiling: kv}
+    results = []
+    for step in range(steps):
+        meta = _decode_meta(prompt_len + step, table)
+        out = {}
+        for t in (None, tiling):
+            h, pools[t] = fwd(params, pools[t], token.astype(np.int32), meta, t)
+            out[t] = (np.asarray(h, np.float32),
+                      np.asarray(compute_logits(params, h, config), np.float32))
+        results.append(out)
+        token = np.argmax(out[None][1], -1)
+    return results, pools[None], pools[tiling]
+
+
+def _check_close(results, xla_pool, kernel_pool, tiling):
+    for out in results:
+        (h_xla, logits_xla), (h_kernel, logits_kernel) = out[None], out[tiling]
+        # Both paths round every GEMM output or partial sum to bf16 in different places:
+        # within a few bf16 steps (2**-8 relative) of the row's scale.
+        scale = np.max(np.abs(h_xla))
+        assert np.max(np.abs(h_kernel - h_xla)) <= 0.03 * scale
+        assert np.max(np.abs(logits_kernel - logits_xla)) <= 0.03 * np.max(np.abs(logits_xla))
+        assert np.argmax(logits_kernel) == np.argmax(logits_xla)
+    # The K/V written: layer 0's from XLA's QKV projection in both paths (one row, or two on
+    # the kernel path, which XLA on a GPU runs as different kernels), the next layers' from
+    # the kernel's partial sums: within bf16 rounding.
+    for a, b in [(xla_pool.k, kernel_pool.k), (xla_pool.v, kernel_pool.v)]:
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.max(np.abs(a - b)) <= 0.03 * np.max(np.abs(a))
+
+
+def test_tiling_accepts_only_shapes_that_plan():
+    assert layer_kernel_tiling(TINY, jnp.bfloat16, SMALL) == SMALL
+    assert layer_kernel_tiling(TINY, jnp.float32, SMALL) is None  # the kernel is bf16 only
+    assert layer_kernel_tiling(MODEL_SHAPES["llama3-1b"], jnp.bfloat16, TailTiling()) is not None
+    # SmolLM2-135M: hidden 576 is not a multiple of 128 (nor 9 strips of 64 of 128 CTAs)
+    assert layer_kernel_tiling(MODEL_SHAPES["smollm2-135m"], jnp.bfloat16, TailTiling()) is None
+
+
+def test_interpret_decode_matches_xla_layers():
+    if jax.default_backend() != "cpu":
+        pytest.skip("interpret mode is tested on the CPU backend (see test_decode_layer_mgpu)")
+    results, xla_pool, kernel_pool = _decode_run(TINY, SMALL)
+    _check_close(results, xla_pool, kernel_pool, SMALL)
+
+
+def test_engine_uses_one_row_and_matches_greedy_tokens(tmp_path, monkeypatch):
+    """LLM(...) with the kernel switched on (as on a Hopper GPU, the interpreter standing in):
+    one sequence decodes one row per step through the kernel, with the same greedy tokens as
+    with the kernel switched off, and the pool is whole afterwards."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("interpret mode is tested on the CPU backend")
+    from jinfer import LLM, SamplingParams
+    folder = write_tiny_llama(tmp_path / "m", hidden=128, layers=1, heads=2, kv_heads=1,
+                              intermediate=256)
+    monkeypatch.setattr(paged_prefill_mgpu, "hopper_gpu", lambda: True)
+    monkeypatch.setattr(model_runner, "LAYER_TILING", SMALL)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = "The quick brown fox"
+    tokens = {}
+    for enabled in (False, True):
+        llm = LLM(str(folder), dtype="bfloat16", attention_backend="pallas",
+                  num_kv_blocks=16, max_model_len=128, num_scheduler_steps=2,
+                  decode_layer_kernel=enabled)
+        runner = llm.engine.runner
+        assert (runner.layer_tiling == SMALL) is enabled
+        assert runner.decode_rows_bucket(1) == 1  # the CPU takes one row either way
+        tokens[enabled] = llm.generate([prompt], params)[0].outputs[0].token_ids
+        assert llm.engine.block_manager.is_whole()
+    assert tokens[True] == tokens[False]
+
+
+@pytest.mark.gpu
+def test_gpu_llama_1b_decode_matches_xla_layers():
+    """Compiled on Llama-3.2-1B's shapes (two layers, the real tiling) with the Pallas
+    attention kernels: the kernel path against the XLA layers over three decode steps."""
+    if not paged_prefill_mgpu.hopper_gpu():
+        pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
+    import dataclasses
+    config = dataclasses.replace(MODEL_SHAPES["llama3-1b"], num_layers=2, vocab_size=4096)
+    tiling = layer_kernel_tiling(config, jnp.bfloat16, model_runner.LAYER_TILING)
+    assert tiling is not None
+    results, xla_pool, kernel_pool = _decode_run(config, tiling, prompt_len=37, backend="pallas")
+    _check_close(results, xla_pool, kernel_pool, tiling)
