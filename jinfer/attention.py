@@ -14,7 +14,8 @@ not a slice of it, keeps the pool's update in place), and optionally a fourth:
   fused_decode(qkv [rows, ...], cos, sin, k_pool, v_pool, layer, slots, meta, num_heads,
                scale) -> (out [rows, heads * dim], k_pool, v_pool): RoPE, KV write and decode
                attention of the decode rows in one kernel (a batch-1 step is bound by kernel
-               count, not bytes)
+               count, not bytes); qkv may also be float32 partial sums [parts, rows, ...] of
+               the row, which the kernel adds up
 
 Backends: "reference" (jnp, with an XLA scatter for the KV write; the decode-specialised form
 for decodes, which is several times faster on XLA CPU), "oracle" (the plain reference

@@ -114,8 +114,8 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
     MLP with both residual adds and norms, and the next layer's norm and QKV projection, in one
     persistent kernel (at batch 1 a step streams the weights once, and XLA's ~11 kernels per
     layer lose time at each boundary). Layer 0's norm and QKV projection run in XLA; the
-    kernel returns the QKV row as float32 split-K partials, summed and rounded to the weights'
-    dtype here (as the XLA path's bf16 GEMM output is)."""
+    kernel returns the next QKV row as float32 split-K partial sums, which the fused attention
+    kernel adds up itself (`_decode_row_attention`)."""
     layers, eps = params["layers"], config.rms_norm_eps
     x = rms_norm(h, layers[0]["attn_norm"], eps)
     # Two rows: XLA runs a one-row product with a small weight as a slow multiply + reduce.
@@ -123,19 +123,35 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
     for layer, lp in enumerate(layers):
         following = layers[layer + 1] if layer + 1 < len(layers) else {}
         with jax.named_scope(f"layer_{layer}"):
-            out, k_pool, v_pool = attend(backend, qkv, *rope, kv_cache.k, kv_cache.v, layer,
-                                         meta, num_heads=config.num_heads,
-                                         scale=1.0 / math.sqrt(config.head_dim))
-            kv_cache = KVCache(k=k_pool, v=v_pool)
+            out, kv_cache = _decode_row_attention(config, qkv, layer, kv_cache, meta, backend,
+                                                  rope)
             tail = _layer_tail(
                 h[0], out[0], lp["wo"], lp["mlp_norm"], lp["w_gate_up"], lp["w_down"],
                 following.get("attn_norm"), following.get("wqkv"), eps=eps, tiling=tiling)
             if following:
-                h = tail["h2"][None]
-                qkv = tail["part_qkv"].sum(0).astype(h.dtype)[None]
+                h, qkv = tail["h2"][None], tail["part_qkv"][:, None]  # [splits, 1, width]
             else:  # the last layer: its MLP's residual add
                 h = (tail["h1"].astype(jnp.float32) + tail["part_d"].sum(0)).astype(h.dtype)[None]
     return h, kv_cache
+
+
+def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):
+    """`attend` for one decode row given as its QKV row [1, width] or as float32 partial sums
+    of it [splits, 1, width]: those go to the backend's fused decode kernel, which adds them
+    (one XLA reduction less per layer), else their total in the pool's dtype to `attend`."""
+    scale = 1.0 / math.sqrt(config.head_dim)
+    if qkv.ndim == 3:
+        if backend.fused_decode is not None and backend.fused_supports(kv_cache.block_size,
+                                                                       config.head_dim):
+            cos, sin = rope
+            out, k_pool, v_pool = backend.fused_decode(
+                qkv, cos[:1, 0], sin[:1, 0], kv_cache.k, kv_cache.v, layer,
+                meta.slot_mapping[:1], meta.decode, config.num_heads, scale)
+            return out, KVCache(k=k_pool, v=v_pool)
+        qkv = qkv.sum(0).astype(kv_cache.k.dtype)
+    out, k_pool, v_pool = attend(backend, qkv, *rope, kv_cache.k, kv_cache.v, layer, meta,
+                                 num_heads=config.num_heads, scale=scale)
+    return out, KVCache(k=k_pool, v=v_pool)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "tiling"))

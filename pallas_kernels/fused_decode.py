@@ -53,12 +53,14 @@ def _select_row(tile: jax.Array, row: int) -> jax.Array:
 
 def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, sin_ref,
                   k_ref, v_ref, *out_refs, plan: DecodePlan, block_size: int, num_heads: int,
-                  scale: float, precision):
+                  scale: float, precision, dtype):
     """One (sequence, KV head, split) program.
 
     layer_ref [1]; lens_ref, slots_ref [batch]; tables_ref [width] (this sequence's row);
-    qkv_ref [batch, num_heads + 2 * kv_heads, head_dim]; cos_ref, sin_ref [batch, head_dim / 2]
-    float32; k_ref, v_ref: the whole pools (inputs, never read at the written slot).
+    qkv_ref [batch, num_heads + 2 * kv_heads, head_dim], or [parts, batch, ...] float32 partial
+    sums of it (summed here, then rounded to `dtype`, the activations' dtype); cos_ref,
+    sin_ref [batch, head_dim / 2] float32; k_ref, v_ref: the whole pools (inputs, never read at
+    the written slot).
     out_refs: (k_out, v_out, out [batch, num_heads, head_dim]) with one split, else (k_out,
     v_out, acc [block_h, head_dim] f32, max [block_h], sum [block_h]) of this split (blocks over
     the group's `group` real rows: the rows past them are masked off).
@@ -73,11 +75,17 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
     context_len = lens_ref[seq]
     lo, hi = pl.ds(0, half), pl.ds(half, half)
     cos, sin = cos_ref[seq, :], sin_ref[seq, :]  # [half] float32
-    dtype = qkv_ref.dtype
+
+    def row(head, part):  # float32 values of one head of the QKV row, in `dtype`'s rounding
+        if len(qkv_ref.shape) == 3:
+            return qkv_ref[seq, head, part].astype(jnp.float32)
+        total = qkv_ref[0, seq, head, part]
+        for i in range(1, qkv_ref.shape[0]):
+            total = total + qkv_ref[i, seq, head, part]
+        return total.astype(dtype).astype(jnp.float32)
 
     def rotate(head):  # (rotated first half, second half) of one head of the QKV row
-        x1 = qkv_ref[seq, head, lo].astype(jnp.float32)
-        x2 = qkv_ref[seq, head, hi].astype(jnp.float32)
+        x1, x2 = row(head, lo), row(head, hi)
         return (x1 * cos - x2 * sin).astype(dtype), (x2 * cos + x1 * sin).astype(dtype)
 
     # The group's query heads as rows 0..group-1 of [block_h, half] tiles (other rows 0).
@@ -90,7 +98,7 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
         q2 = jnp.where(row_ids == g, h2[None, :], q2)
     k1, k2 = rotate(num_heads + kv_head)
     k1, k2 = k1.astype(k_ref.dtype), k2.astype(k_ref.dtype)
-    v_new = qkv_ref[seq, num_heads + kv_heads + kv_head, :].astype(v_ref.dtype)  # [head_dim]
+    v_new = row(num_heads + kv_heads + kv_head, pl.ds(0, head_dim)).astype(v_ref.dtype)
 
     slot = slots_ref[seq]
     writes = ((split == 0) & (slot >= 0) & (slot < num_blocks * block_size)
@@ -176,6 +184,10 @@ def triton_supports(block_size: int, head_dim: int) -> bool:
 
 def _validate(qkv, cos, sin, k_pool, v_pool, slots, block_tables, context_lens, num_heads,
               interpret: bool) -> None:
+    if qkv.ndim == 3 and qkv.dtype != jnp.float32:
+        raise ValueError(f"a 3-D qkv holds float32 partial sums [parts, batch, width], got "
+                         f"{qkv.dtype}")
+    qkv = qkv[0] if qkv.ndim == 3 else qkv
     if k_pool.ndim != 5 or k_pool.shape != v_pool.shape:
         raise ValueError(
             f"k_pool and v_pool must both be [layers, num_blocks, block_size, kv_heads, "
@@ -187,7 +199,8 @@ def _validate(qkv, cos, sin, k_pool, v_pool, slots, block_tables, context_lens, 
     width = (num_heads + 2 * kv_heads) * head_dim
     if qkv.ndim != 2 or qkv.shape[1] != width:
         raise ValueError(f"qkv must be [batch, (num_heads + 2 * kv_heads) * head_dim = {width}] "
-                         f"(the fused QKV projection's output), got shape {qkv.shape}")
+                         f"(the fused QKV projection's output) or [parts, batch, {width}] "
+                         f"(its partial sums), got shape {qkv.shape}")
     batch = qkv.shape[0]
     for name, arr in (("cos", cos), ("sin", sin)):
         if arr.shape != (batch, head_dim // 2):
@@ -206,7 +219,8 @@ def _validate(qkv, cos, sin, k_pool, v_pool, slots, block_tables, context_lens, 
 
 
 def fused_decode_attention_pallas(
-    qkv: jax.Array,           # [batch, (num_heads + 2 * kv_heads) * head_dim]: q | k | v
+    qkv: jax.Array,           # [batch, (num_heads + 2 * kv_heads) * head_dim]: q | k | v, or
+                              # [parts, batch, ...] float32 partial sums of it
     cos: jax.Array,           # [batch, head_dim // 2] float32, RoPE at each token's position
     sin: jax.Array,           # [batch, head_dim // 2] float32
     k_pool: jax.Array,        # [layers, num_blocks, block_size, kv_heads, head_dim]
@@ -228,6 +242,10 @@ def fused_decode_attention_pallas(
     docstring). The pools come back updated through `input_output_aliases`: call it inside a
     jit that donates them (or carries them through a loop) and they are updated in place.
 
+    With qkv as split-K partial sums of the projection (a persistent kernel's output), the
+    kernel adds them up and rounds the row to the pool's dtype, as the projection's own output
+    would be: one XLA reduction less per layer.
+
     num_splits / pages_per_compute_block override the automatic launch plan of
     `paged_decode.make_plan`; interpret defaults to True on a CPU backend; num_warps /
     num_stages tune the Triton compile.
@@ -240,7 +258,7 @@ def fused_decode_attention_pallas(
         raise ValueError(f"num_splits must be >= 1 or None (automatic), got {num_splits}")
     if isinstance(layer, int) and not 0 <= layer < k_pool.shape[0]:
         raise ValueError(f"layer={layer} is out of range for a pool of {k_pool.shape[0]} layers")
-    batch = qkv.shape[0]
+    batch = qkv.shape[-2]
     _, _, block_size, kv_heads, head_dim = k_pool.shape
     plan = make_plan(batch, kv_heads, num_heads // kv_heads, block_size, block_tables.shape[1],
                      num_splits, pages_per_compute_block, head_dim=head_dim,
@@ -259,10 +277,12 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
                   num_heads: int, scale: float, plan: DecodePlan, interpret: bool, num_warps,
                   num_stages):
     """Pads the table to the splits, launches the kernel, combines the splits."""
-    batch = qkv.shape[0]
+    batch = qkv.shape[-2]
     _, _, block_size, kv_heads, head_dim = k_pool.shape
     group, splits, block_h = num_heads // kv_heads, plan.num_splits, plan.block_h
-    qkv = qkv.reshape(batch, num_heads + 2 * kv_heads, head_dim)  # free: a view of the row
+    # The activations' dtype: the row's, or the pool's for float32 partial sums.
+    dtype = qkv.dtype if qkv.ndim == 2 else k_pool.dtype
+    qkv = qkv.reshape(*qkv.shape[:-1], num_heads + 2 * kv_heads, head_dim)  # free: a view
     width = splits * plan.pages_per_split
     tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))  # pad: block 0
     whole = lambda arr: pl.BlockSpec(arr.shape, lambda b, h, s: (0,) * arr.ndim)  # noqa: E731
@@ -273,7 +293,7 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
                  jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype)]
     out_specs = [whole(k_pool), whole(v_pool)]
     if splits == 1:
-        out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, head_dim), qkv.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype))
         out_specs.append(whole(out_shape[-1]))
     else:
         part = (batch, kv_heads, splits, group)  # blocks of block_h rows, masked past group
@@ -284,9 +304,10 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
             pl.BlockSpec((None, None, None, block_h, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0)),
             pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0))]
-    precision = lax.Precision.HIGHEST if qkv.dtype == jnp.float32 else None  # f32: no TF32
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None  # f32: no TF32
     kernel = functools.partial(_fused_kernel, plan=plan, block_size=block_size,
-                               num_heads=num_heads, scale=scale, precision=precision)
+                               num_heads=num_heads, scale=scale, precision=precision,
+                               dtype=dtype)
     k_pool, v_pool, *outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases={7: 0, 8: 1}, interpret=interpret,
@@ -297,7 +318,7 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
     if splits == 1:
         out = outs[0]
     else:
-        out = _combine(*outs).astype(qkv.dtype)  # [batch, kv_heads, group, head_dim]
+        out = _combine(*outs).astype(dtype)  # [batch, kv_heads, group, head_dim]
     return out.reshape(batch, num_heads * head_dim), k_pool, v_pool
 
 
@@ -306,6 +327,8 @@ def fused_decode_reference(qkv, cos, sin, k_pool, v_pool, layer, slots, block_ta
     """The unfused composition, in plain jnp: split the QKV row, RoPE q and k, write K/V
     (`write_kv_reference`), attend (`paged_attention_reference`). Same signature and results
     as `fused_decode_attention_pallas` up to float32 rounding order."""
+    if qkv.ndim == 3:  # float32 partial sums: their total in the pool's dtype
+        qkv = qkv.sum(0).astype(k_pool.dtype)
     batch = qkv.shape[0]
     kv_heads, head_dim = k_pool.shape[3:]
     q, k, v = jnp.split(qkv.reshape(batch, num_heads + 2 * kv_heads, head_dim),

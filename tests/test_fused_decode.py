@@ -34,9 +34,11 @@ ROPE_TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 
 def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_blocks, dtype,
-              skip_slot=False):
+              skip_slot=False, parts=0):
     """QKV rows, RoPE tables, a shuffled poisoned pool holding each sequence's cached tokens,
-    block tables and the new tokens' slots (row 0's slot is -1 when skip_slot)."""
+    block tables and the new tokens' slots (row 0's slot is -1 when skip_slot). parts > 0: the
+    QKV rows as that many float32 partial sums [parts, batch, width] (multiples of 1/256, so
+    their total is exact in any order of addition)."""
     batch, heads = len(context_lens), kv_heads * group
     num_blocks = 1 + batch * max_blocks + 3
     shape = (LAYERS, num_blocks, block_size, kv_heads, head_dim)
@@ -59,10 +61,12 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
     if skip_slot:
         slots[0] = -1
     qkv = rng.standard_normal((batch, (heads + 2 * kv_heads) * head_dim))
+    if parts:
+        qkv = (rng.integers(-256, 256, (parts, *qkv.shape)) / 256).astype(np.float32)
     positions = np.maximum(np.asarray(context_lens) - 1, 0)
     inv_freq = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
     angles = positions[:, None] * inv_freq
-    return dict(qkv=jnp.asarray(qkv, dtype), cos=jnp.asarray(np.cos(angles), jnp.float32),
+    return dict(qkv=jnp.asarray(qkv, jnp.float32 if parts else dtype), cos=jnp.asarray(np.cos(angles), jnp.float32),
                 sin=jnp.asarray(np.sin(angles), jnp.float32),
                 k_pool=jnp.asarray(k_pool, dtype), v_pool=jnp.asarray(v_pool, dtype),
                 slots=jnp.asarray(slots), true_slots=jnp.asarray(true_slots),
@@ -71,10 +75,10 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
 
 
 def check(seed, *, context_lens, kv_heads, group, head_dim, block_size, num_splits, dtype,
-          max_blocks=5, skip_slot=False, **kwargs):
+          max_blocks=5, skip_slot=False, parts=0, **kwargs):
     case = make_case(np.random.default_rng(seed), context_lens=context_lens, kv_heads=kv_heads,
                      group=group, head_dim=head_dim, block_size=block_size,
-                     max_blocks=max_blocks, dtype=dtype, skip_slot=skip_slot)
+                     max_blocks=max_blocks, dtype=dtype, skip_slot=skip_slot, parts=parts)
     heads, scale = kv_heads * group, head_dim ** -0.5
     args = [case[name] for name in ("qkv", "cos", "sin", "k_pool", "v_pool")] + [LAYER] + [
         case[name] for name in ("slots", "block_tables", "context_lens")]
@@ -130,6 +134,14 @@ def test_matches_reference(context_lens, kv_heads, group, head_dim, block_size, 
           block_size=block_size, num_splits=num_splits, dtype=dtype)
 
 
+@pytest.mark.parametrize("num_splits,dtype", [(1, jnp.bfloat16), (2, jnp.float32)])
+def test_partial_sums_in(num_splits, dtype):
+    """QKV given as float32 partial sums (the persistent layer kernel's output): the kernel
+    adds them and works in the pool's dtype, as on their total rounded to it."""
+    check(3, context_lens=[12, 0, 30], kv_heads=2, group=4, head_dim=64, block_size=16,
+          num_splits=num_splits, dtype=dtype, parts=3)
+
+
 def test_skipped_slot_writes_nothing():
     """A slot of -1 leaves the pool untouched; the token still attends (from registers)."""
     check(1, context_lens=[9, 14], kv_heads=2, group=2, head_dim=32, block_size=8,
@@ -172,6 +184,9 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="cos must be"):
         fused_decode_attention_pallas(qkv, rope[:, :8], rope, pool, pool, 0, rows, tables,
                                       rows, num_heads=4, scale=1.0)
+    with pytest.raises(ValueError, match="float32 partial sums"):
+        fused_decode_attention_pallas(jnp.stack([qkv, qkv]).astype(jnp.bfloat16), rope, rope,
+                                      pool, pool, 0, rows, tables, rows, num_heads=4, scale=1.0)
     with pytest.raises(ValueError, match="out of range"):
         fused_decode_attention_pallas(qkv, rope, rope, pool, pool, 1, rows, tables, rows,
                                       num_heads=4, scale=1.0)
@@ -202,6 +217,14 @@ def test_gpu_engine_shapes(kv_heads, group, head_dim, num_splits, dtype):
     check(5, context_lens=[1, 17, 2559, 1000, 0, 2560], kv_heads=kv_heads, group=group,
           head_dim=head_dim, block_size=16, num_splits=num_splits, dtype=dtype, max_blocks=160,
           interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context_lens", [[1], [383], [2560]])
+def test_gpu_partial_sums_llama_1b(context_lens):
+    """The layer kernel's QKV partials (8 of them) at batch 1 on Llama-3.2-1B's heads."""
+    check(6, context_lens=context_lens, kv_heads=8, group=4, head_dim=64, block_size=16,
+          num_splits=None, dtype=jnp.bfloat16, max_blocks=160, parts=8, interpret=False)
 
 
 def test_triton_supports_the_engine_shapes_only():
