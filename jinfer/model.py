@@ -117,9 +117,10 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
     kernel returns the next QKV row as float32 split-K partial sums, which the fused attention
     kernel adds up itself (`_decode_row_attention`)."""
     layers, eps = params["layers"], config.rms_norm_eps
-    x = rms_norm(h, layers[0]["attn_norm"], eps)
-    # Two rows: XLA runs a one-row product with a small weight as a slow multiply + reduce.
-    qkv = (jnp.concatenate([x, x]) @ layers[0]["wqkv"])[:1]
+    # Two rows: XLA runs a one-row product with a small weight as a slow multiply + reduce (a
+    # broadcast, which XLA fuses into the norm: no copy).
+    x = rms_norm(jnp.broadcast_to(h, (2, h.shape[1])), layers[0]["attn_norm"], eps)
+    qkv = (x @ layers[0]["wqkv"])[:1]
     for layer, lp in enumerate(layers):
         following = layers[layer + 1] if layer + 1 < len(layers) else {}
         with jax.named_scope(f"layer_{layer}"):

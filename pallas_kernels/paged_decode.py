@@ -42,6 +42,10 @@ TOKENS_PER_STEP = 64           # default tokens gathered per inner iteration: 64
                                # 128 on the H100 sweep (BENCHMARKS.md), 2-byte inputs
 STEP_TILE_BYTES = 128 * 128 * 2  # K (or V) tile bytes per step: 2 of them x 2 pipeline stages
                                  # must fit in shared memory (227 KB on H100)
+LATENCY_TOKENS_PER_STEP = 128  # ... when the launch is one under-filled wave (batch 1 and 2):
+                               # each program's loop is latency-bound, fewer longer steps win
+                               # (fused decode, Llama-3.2-1B heads, 257-2048 tokens: 0.6-1.5 us
+                               # less per call than 64; BENCHMARKS.md, session 10)
 MIN_TOKENS_PER_SPLIT = 128     # below this a split is all overhead
 NEG_INF = -1e30                # finite "minus infinity": keeps empty splits NaN-free
 LOG2E = math.log2(math.e)
@@ -84,13 +88,17 @@ def make_plan(batch: int, kv_heads: int, group: int, block_size: int, max_blocks
               num_splits: int | None, pages_per_compute_block: int | None,
               head_dim: int = 128, itemsize: int = 2) -> DecodePlan:
     """Fixes the split and step sizes. An explicit num_splits is honoured as given (splits past
-    the table are empty); the automatic one is trimmed so that no split is empty."""
+    the table are empty); the automatic one is trimmed so that no split is empty. Steps of
+    TOKENS_PER_STEP tokens, or LATENCY_TOKENS_PER_STEP where all programs fit in one wave."""
     auto = num_splits is None
+    num_sms = _num_sms()
     if auto:
-        num_splits = choose_num_splits(batch, kv_heads, max_blocks * block_size, _num_sms())
+        num_splits = choose_num_splits(batch, kv_heads, max_blocks * block_size, num_sms)
     min_pages = pl.cdiv(MIN_DOT_ROWS, block_size)
     if pages_per_compute_block is None:
-        tokens = min(TOKENS_PER_STEP, STEP_TILE_BYTES // (head_dim * itemsize))
+        one_wave = batch * kv_heads * num_splits <= num_sms
+        tokens = min(LATENCY_TOKENS_PER_STEP if one_wave else TOKENS_PER_STEP,
+                     STEP_TILE_BYTES // (head_dim * itemsize))
         step = max(1, tokens // block_size)
         step = min(step, _next_pow2(pl.cdiv(max_blocks, num_splits)))
         pages_per_compute_block = max(step, _next_pow2(min_pages))

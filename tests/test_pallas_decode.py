@@ -178,6 +178,9 @@ def test_plan_fills_the_gpu_and_covers_the_table():
     assert choose_num_splits(128, 8, 16384) == 4       # long contexts: a split per 4,096 tokens
     assert choose_num_splits(1, 8, 16384) * 8 >= 132  # a lone long sequence still fills SMs
     assert choose_num_splits(1, 8, 64) == 1            # short contexts: no split overhead
+    # Steps: 128 tokens where the programs fit in one wave (latency-bound), else 64.
+    assert make_plan(1, 8, 4, 16, 32, None, None).pages_per_compute_block == 8
+    assert make_plan(128, 8, 4, 16, 32, None, None).pages_per_compute_block == 4
     for batch, bs, max_blocks, splits in itertools.product(
             (1, 32), (8, 16, 32), (1, 5, 1024), (None, 1, 3)):
         plan = make_plan(batch, 8, 4, bs, max_blocks, splits, None)
