@@ -15,7 +15,8 @@ not a slice of it, keeps the pool's update in place), and optionally a fourth:
                scale) -> (out [rows, heads * dim], k_pool, v_pool): RoPE, KV write and decode
                attention of the decode rows in one kernel (a batch-1 step is bound by kernel
                count, not bytes); qkv may also be float32 partial sums [parts, rows, ...] of
-               the row, which the kernel adds up
+               the row, which the kernel adds up, and partials=True returns the output as
+               its context splits' softmax states (see fused_decode_attention_pallas)
 
 Backends: "reference" (jnp, with an XLA scatter for the KV write; the decode-specialised form
 for decodes, which is several times faster on XLA CPU), "oracle" (the plain reference
@@ -155,10 +156,11 @@ def _decode_triton(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: flo
 
 
 def _fused_decode_pallas(qkv, cos, sin, k_pool, v_pool, layer, slots,
-                         meta: AttentionMetadata, num_heads: int, scale: float):
+                         meta: AttentionMetadata, num_heads: int, scale: float,
+                         partials: bool = False):
     return fused_decode_attention_pallas(qkv, cos, sin, k_pool, v_pool, layer, slots,
                                          meta.block_tables, meta.context_lens,
-                                         num_heads=num_heads, scale=scale)
+                                         num_heads=num_heads, scale=scale, partials=partials)
 
 
 def _fused_decode_supported(block_size: int, head_dim: int) -> bool:

@@ -175,7 +175,8 @@ def _phase_outputs(shape: TailShape, plans: list[PhasePlan]) -> list[list[tuple]
     return outs
 
 
-_INPUTS = ("h", "attn", "wo", "mlp_norm", "w_gate_up", "w_down", "next_norm", "next_wqkv")
+_INPUTS = ("h", "attn", "attn_acc", "attn_max", "attn_sum", "wo", "mlp_norm", "w_gate_up",
+           "w_down", "next_norm", "next_wqkv")
 
 
 def _load(ref, layout, interpret):
@@ -203,6 +204,23 @@ def _grid_barrier(counters, index: int, cta, num_ctas):
         else:  # the last counter of the previous call: still 0 on the first call
             pl.when(pl.semaphore_read(previous) >= num_ctas)(
                 lambda: plgpu.semaphore_wait(previous, num_ctas, memory_scope="gpu"))
+
+
+def _merge_splits(r, cols):
+    """Columns `cols` of the attention output from its context splits' softmax states
+    (fused_decode's partials=True: acc, base-2 max and sum per split, max and sum repeated
+    along each head's values), as fused_decode's combine computes them, rounded to bf16."""
+    splits = r["attn_acc"].shape[0]
+    maxima = [r["attn_max"].at[s][cols] for s in range(splits)]
+    top = maxima[0]
+    for m in maxima[1:]:
+        top = jnp.maximum(top, m)
+    num = den = None
+    for s, m in enumerate(maxima):
+        weight = jnp.exp2(m - top)
+        a, l = weight * r["attn_acc"].at[s][cols], weight * r["attn_sum"].at[s][cols]
+        num, den = (a, l) if num is None else (num + a, den + l)
+    return (num / jnp.where(den > 0, den, 1.0)).astype(jnp.bfloat16)
 
 
 def _rms_scaled(row_f32, weight_ref, hidden: int, eps: float):
@@ -248,6 +266,9 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], pha
         """The phase's input row into x_vec; returns the offset of this CTA's K-range in it."""
         x_vec = r["x_vec"]
         k0 = plan.k_start(cta)
+        if p == 0 and "attn_acc" in r:  # the attention's context splits, merged here
+            x_vec[pl.ds(0, plan.k_range)] = _merge_splits(r, pl.ds(k0, plan.k_range))
+            return 0
         if p in (0, 2):  # a K-range of the attention output / the activation
             src = r["attn"].at[0] if p == 0 else r["act"].at[0]
             x = src[pl.ds(k0, plan.k_range)]
@@ -356,7 +377,9 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     """One batch-1 decode row through wo, the MLP and (given) the next layer's QKV projection.
 
     h [hidden] bf16 (the residual stream entering the layer), attn [q_size] bf16 (the attention
-    output); weights in the model's [in, out] layout (w_gate_up: gate then up columns).
+    output) or its context splits before the merge, (acc, max, sum) each float32 [splits,
+    q_size] (fused_decode's partials=True: the kernel merges them as it reads them, one XLA
+    kernel less); weights in the model's [in, out] layout (w_gate_up: gate then up columns).
     Returns a dict of float32/bf16 buffers: "h1" [hidden] (after attention's residual add),
     "part_d" [splits, hidden] (the MLP output's split-K partials: h2 = h1 + sum), and with a
     next layer "h2" [hidden] and "part_qkv" [splits, qkv_size] (the next QKV row's partials).
@@ -370,15 +393,27 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
         interpret = jax.default_backend() == "cpu"
     if interpret is True:
         interpret = interpret_params()
-    hidden, q_size = h.shape[-1], attn.shape[-1]
+    split = isinstance(attn, (tuple, list))
+    if split:
+        attn = tuple(attn)
+        if len(attn) != 3 or any(a.ndim != 2 or a.shape != attn[0].shape
+                                 or a.dtype != jnp.float32 for a in attn):
+            raise ValueError("attn as context splits is (acc, max, sum), each float32 "
+                             f"[splits, q_size]; got {[(a.dtype, a.shape) for a in attn]}")
+    hidden, q_size = h.shape[-1], (attn[0] if split else attn).shape[-1]
     has_next = next_wqkv is not None
     shape = TailShape(hidden, q_size, w_down.shape[0],
                       next_wqkv.shape[1] if has_next else 0, eps)
-    _check(shape, h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv)
+    _check(shape, h, None if split else attn, wo, mlp_norm, w_gate_up, w_down, next_norm,
+           next_wqkv)
     plans = plan_tail(shape, tiling)
     outs = _phase_outputs(shape, plans)
-    inputs = dict(h=h.reshape(hidden), attn=attn.reshape(1, q_size), wo=wo,
-                  mlp_norm=mlp_norm, w_gate_up=w_gate_up, w_down=w_down)
+    inputs = dict(h=h.reshape(hidden), wo=wo, mlp_norm=mlp_norm, w_gate_up=w_gate_up,
+                  w_down=w_down)
+    if split:
+        inputs.update(attn_acc=attn[0], attn_max=attn[1], attn_sum=attn[2])
+    else:
+        inputs.update(attn=attn.reshape(1, q_size))
     if has_next:
         inputs.update(next_norm=next_norm, next_wqkv=next_wqkv)
     scratch = _scratch(shape, tiling, plans, bool(interpret))
@@ -412,9 +447,11 @@ def _check(shape: TailShape, h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm
     for name, (x, s) in want.items():
         if x.shape != s or x.dtype != jnp.bfloat16:
             raise ValueError(f"{name} must be bf16 of shape {s}, got {x.dtype}{list(x.shape)}")
-    if h.size != hid or attn.size != q or h.dtype != jnp.bfloat16 or attn.dtype != jnp.bfloat16:
-        raise ValueError(f"h and attn must be one bf16 row ({hid} and {q} values), got "
-                         f"{h.dtype}{list(h.shape)} and {attn.dtype}{list(attn.shape)}")
+    if h.size != hid or h.dtype != jnp.bfloat16:
+        raise ValueError(f"h must be one bf16 row of {hid} values, got {h.dtype}{list(h.shape)}")
+    if attn is not None and (attn.size != q or attn.dtype != jnp.bfloat16):  # None: splits
+        raise ValueError(f"attn must be one bf16 row of {q} values (or its context splits), "
+                         f"got {attn.dtype}{list(attn.shape)}")
 
 
 def decode_layer_tail_reference(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None,

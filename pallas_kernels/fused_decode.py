@@ -53,7 +53,7 @@ def _select_row(tile: jax.Array, row: int) -> jax.Array:
 
 def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, sin_ref,
                   k_ref, v_ref, *out_refs, plan: DecodePlan, block_size: int, num_heads: int,
-                  scale: float, precision, dtype):
+                  scale: float, precision, dtype, partials: bool):
     """One (sequence, KV head, split) program.
 
     layer_ref [1]; lens_ref, slots_ref [batch]; tables_ref [width] (this sequence's row);
@@ -63,7 +63,8 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
     the written slot).
     out_refs: (k_out, v_out, out [batch, num_heads, head_dim]) with one split, else (k_out,
     v_out, acc [block_h, head_dim] f32, max [block_h], sum [block_h]) of this split (blocks over
-    the group's `group` real rows: the rows past them are masked off).
+    the group's `group` real rows: the rows past them are masked off); with `partials` (any
+    split count) max and sum come as [block_h, head_dim] too, each row its head's value.
     """
     k_out_ref, v_out_ref, *outs = out_refs
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -160,7 +161,7 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
 
     acc, row_max, row_sum = lax.fori_loop(0, num_steps, body, (acc, row_max, row_sum))
 
-    if plan.num_splits == 1:
+    if plan.num_splits == 1 and not partials:
         (o_ref,) = outs
         safe_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # empty context: acc is 0 -> out 0
         out = (acc / safe_sum[:, None]).astype(o_ref.dtype)
@@ -170,9 +171,16 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
         from jax.experimental.pallas import triton as plgpu  # GPU-only module, CPU-importable
         o_ref, max_ref, sum_ref = outs
         live = lax.broadcasted_iota(jnp.int32, (block_h,), 0) < group
-        plgpu.store(o_ref, acc, mask=jnp.broadcast_to(live[:, None], (block_h, head_dim)))
-        plgpu.store(max_ref, row_max, mask=live)
-        plgpu.store(sum_ref, row_sum, mask=live)
+        live2d = jnp.broadcast_to(live[:, None], (block_h, head_dim))
+        plgpu.store(o_ref, acc, mask=live2d)
+        if partials:  # each head's max and sum along its head_dim values
+            plgpu.store(max_ref, jnp.broadcast_to(row_max[:, None], (block_h, head_dim)),
+                        mask=live2d)
+            plgpu.store(sum_ref, jnp.broadcast_to(row_sum[:, None], (block_h, head_dim)),
+                        mask=live2d)
+        else:
+            plgpu.store(max_ref, row_max, mask=live)
+            plgpu.store(sum_ref, row_sum, mask=live)
 
 
 def triton_supports(block_size: int, head_dim: int) -> bool:
@@ -237,6 +245,7 @@ def fused_decode_attention_pallas(
     interpret: bool | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    partials: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # (out [batch, num_heads * head_dim], k, v pools)
     """RoPE, KV write and paged decode attention of one new token per sequence (module
     docstring). The pools come back updated through `input_output_aliases`: call it inside a
@@ -245,6 +254,11 @@ def fused_decode_attention_pallas(
     With qkv as split-K partial sums of the projection (a persistent kernel's output), the
     kernel adds them up and rounds the row to the pool's dtype, as the projection's own output
     would be: one XLA reduction less per layer.
+
+    partials=True returns the attention output uncombined, as `out` = (acc, max, sum), each
+    [splits, batch, num_heads * head_dim] float32 (max and sum repeated along each head's
+    values; `combine_partials` merges them): for a consumer that merges the context splits
+    itself (the persistent layer kernel), one XLA kernel less.
 
     num_splits / pages_per_compute_block override the automatic launch plan of
     `paged_decode.make_plan`; interpret defaults to True on a CPU backend; num_warps /
@@ -268,14 +282,14 @@ def fused_decode_attention_pallas(
                          layer, slots.astype(jnp.int32), block_tables.astype(jnp.int32),
                          context_lens.astype(jnp.int32), num_heads=num_heads,
                          scale=float(scale), plan=plan, interpret=bool(interpret),
-                         num_warps=num_warps, num_stages=num_stages)
+                         num_warps=num_warps, num_stages=num_stages, partials=partials)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "scale", "plan", "interpret",
-                                             "num_warps", "num_stages"))
+                                             "num_warps", "num_stages", "partials"))
 def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, context_lens, *,
                   num_heads: int, scale: float, plan: DecodePlan, interpret: bool, num_warps,
-                  num_stages):
+                  num_stages, partials: bool):
     """Pads the table to the splits, launches the kernel, combines the splits."""
     batch = qkv.shape[-2]
     _, _, block_size, kv_heads, head_dim = k_pool.shape
@@ -292,7 +306,12 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
     out_shape = [jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),
                  jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype)]
     out_specs = [whole(k_pool), whole(v_pool)]
-    if splits == 1:
+    if partials:  # [splits, batch, kv_heads, group, head_dim]: [splits, batch, q_size] views
+        part = (splits, batch, kv_heads, group, head_dim)
+        out_shape += [jax.ShapeDtypeStruct(part, jnp.float32)] * 3
+        out_specs += [pl.BlockSpec((None, None, None, block_h, head_dim),
+                                   lambda b, h, s: (s, b, h, 0, 0))] * 3
+    elif splits == 1:
         out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype))
         out_specs.append(whole(out_shape[-1]))
     else:
@@ -307,7 +326,7 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
     precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None  # f32: no TF32
     kernel = functools.partial(_fused_kernel, plan=plan, block_size=block_size,
                                num_heads=num_heads, scale=scale, precision=precision,
-                               dtype=dtype)
+                               dtype=dtype, partials=partials)
     k_pool, v_pool, *outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases={7: 0, 8: 1}, interpret=interpret,
@@ -315,11 +334,22 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
                                        block_size * plan.pages_per_compute_block),
         name=f"fused_decode_bh{block_h}_pp{plan.pages_per_compute_block}_s{splits}",
     )(layer, context_lens, slots, tables, qkv, cos, sin, k_pool, v_pool)
+    if partials:
+        return tuple(x.reshape(splits, batch, num_heads * head_dim) for x in outs), k_pool, v_pool
     if splits == 1:
         out = outs[0]
     else:
         out = _combine(*outs).astype(dtype)  # [batch, kv_heads, group, head_dim]
     return out.reshape(batch, num_heads * head_dim), k_pool, v_pool
+
+
+def combine_partials(acc, row_max, row_sum, dtype) -> jax.Array:
+    """`partials=True` output (acc, max, sum) [splits, ..., n] -> the attention output [..., n]
+    in `dtype`: the splits' softmax states merged (base-2 maxima; rows with no context: 0)."""
+    global_max = row_max.max(axis=0)
+    weight = jnp.exp2(row_max - global_max)
+    total = (row_sum * weight).sum(axis=0)
+    return ((acc * weight).sum(axis=0) / jnp.where(total > 0, total, 1.0)).astype(dtype)
 
 
 def fused_decode_reference(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables,

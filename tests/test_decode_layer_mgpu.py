@@ -93,6 +93,34 @@ def test_interpret_matches_reference_and_model(has_next):
     check(out, ref, layer, has_next)
 
 
+def attention_splits(seed: int, attn_size: int, splits: int = 3, head_dim: int = 64):
+    """Random context-split softmax states (acc, max, sum) [splits, attn_size] as fused_decode
+    (partials=True) gives them, the last split empty; and their merge, the bf16 row."""
+    from pallas_kernels.fused_decode import combine_partials
+    rng = np.random.default_rng(seed)
+    heads = attn_size // head_dim
+    row_max = np.repeat(rng.normal(0, 2, (splits, heads)), head_dim, axis=1)
+    row_sum = np.repeat(rng.uniform(0.5, 8, (splits, heads)), head_dim, axis=1)
+    acc = rng.normal(0, 1, (splits, attn_size)) * row_sum
+    row_max[-1], row_sum[-1], acc[-1] = -1e30, 0, 0  # a split past the context
+    parts = tuple(jnp.asarray(x, jnp.float32) for x in (acc, row_max, row_sum))
+    return parts, combine_partials(*parts, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("has_next", [True, False])
+def test_interpret_merges_attention_splits(has_next):
+    """attn given as the attention's context splits: merged in the kernel as the combine
+    would, then the same layer."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("interpret mode is tested on the CPU backend")
+    layer = random_tail_inputs(3, hidden=256, q_size=256, intermediate=512,
+                               qkv_size=384 if has_next else 0)
+    parts, layer["attn"] = attention_splits(3, 256)
+    out = decode_layer_tail_mgpu(**{**layer, "attn": parts}, eps=EPS, tiling=SMALL,
+                                 interpret=True)
+    check(out, decode_layer_tail_reference(**layer, eps=EPS), layer, has_next)
+
+
 def test_bad_inputs_raise():
     layer = random_tail_inputs(1, hidden=256, q_size=256, intermediate=512, qkv_size=384)
     with pytest.raises(ValueError, match="w_down must be bf16"):
@@ -100,6 +128,9 @@ def test_bad_inputs_raise():
                                eps=EPS, tiling=SMALL, interpret=True)
     with pytest.raises(ValueError, match="one bf16 row"):
         decode_layer_tail_mgpu(**{**layer, "h": jnp.stack([layer["h"]] * 2)}, eps=EPS,
+                               tiling=SMALL, interpret=True)
+    with pytest.raises(ValueError, match="acc, max, sum"):
+        decode_layer_tail_mgpu(**{**layer, "attn": (layer["attn"],) * 3}, eps=EPS,
                                tiling=SMALL, interpret=True)
 
 
@@ -109,16 +140,20 @@ def _hopper():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("has_next,stages", [(True, 4), (False, 4), (True, 8)])
-def test_gpu_llama_1b_shape(has_next, stages):
+@pytest.mark.parametrize("has_next,stages,splits", [(True, 4, 0), (False, 4, 0), (True, 8, 0),
+                                                    (True, 4, 3), (False, 4, 4)])
+def test_gpu_llama_1b_shape(has_next, stages, splits):
     """Compiled (one launch, grid barriers) on Llama-3.2-1B's layer, called five times (the
-    barrier counters carry over between calls)."""
+    barrier counters carry over between calls); splits > 0: attn as context splits."""
     if not _hopper():
         pytest.skip("the kernel needs a Hopper GPU (wgmma, TMA)")
     layer = random_tail_inputs(2, hidden=2048, q_size=2048, intermediate=8192,
                                qkv_size=3072 if has_next else 0)
+    given = dict(layer)
+    if splits:
+        given["attn"], layer["attn"] = attention_splits(2, 2048, splits)
     run = jax.jit(lambda **kw: decode_layer_tail_mgpu(**kw, eps=EPS, interpret=False,
                                                       tiling=TailTiling(stages=stages)))
     ref = decode_layer_tail_reference(**layer, eps=EPS)
     for _ in range(5):
-        check(run(**layer), ref, layer, has_next)
+        check(run(**given), ref, layer, has_next)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fused_decode import fused_decode_attention_pallas, fused_decode_reference
+from pallas_kernels.fused_decode import (combine_partials, fused_decode_attention_pallas,
+                                         fused_decode_reference)
 
 POISON = 1e4
 LAYERS, LAYER = 2, 1
@@ -142,6 +143,28 @@ def test_partial_sums_in(num_splits, dtype):
           num_splits=num_splits, dtype=dtype, parts=3)
 
 
+@pytest.mark.parametrize("num_splits,parts", [(1, 0), (3, 0), (None, 4)])
+def test_uncombined_partials_out(num_splits, parts, interpret=None):
+    """partials=True: the splits' (acc, max, sum), merged by `combine_partials`, give the
+    combined call's output; the pools are written the same."""
+    case = make_case(np.random.default_rng(4), context_lens=[1, 40, 0, 23], kv_heads=2,
+                     group=4, head_dim=64, block_size=16, max_blocks=4, dtype=jnp.bfloat16,
+                     parts=parts)
+    args = [case[n] for n in ("qkv", "cos", "sin", "k_pool", "v_pool")] + [LAYER] + [
+        case[n] for n in ("slots", "block_tables", "context_lens")]
+    kw = dict(num_heads=8, scale=0.125, num_splits=num_splits, interpret=interpret)
+    want, want_k, want_v = fused_decode_attention_pallas(*args, **kw)
+    (acc, row_max, row_sum), k_pool, v_pool = fused_decode_attention_pallas(*args, **kw,
+                                                                           partials=True)
+    assert acc.shape[1:] == want.shape and acc.dtype == jnp.float32
+    got = combine_partials(acc, row_max, row_sum, want.dtype)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    # The same float32 states, merged in another order: at most one bf16 rounding apart.
+    np.testing.assert_allclose(f32(got), f32(want), rtol=2 ** -7, atol=1e-6)
+    np.testing.assert_array_equal(f32(k_pool), f32(want_k))
+    np.testing.assert_array_equal(f32(v_pool), f32(want_v))
+
+
 def test_skipped_slot_writes_nothing():
     """A slot of -1 leaves the pool untouched; the token still attends (from registers)."""
     check(1, context_lens=[9, 14], kv_heads=2, group=2, head_dim=32, block_size=8,
@@ -217,6 +240,12 @@ def test_gpu_engine_shapes(kv_heads, group, head_dim, num_splits, dtype):
     check(5, context_lens=[1, 17, 2559, 1000, 0, 2560], kv_heads=kv_heads, group=group,
           head_dim=head_dim, block_size=16, num_splits=num_splits, dtype=dtype, max_blocks=160,
           interpret=False)
+
+
+@pytest.mark.gpu
+def test_gpu_uncombined_partials():
+    for num_splits, parts in [(1, 0), (3, 0), (None, 4)]:
+        test_uncombined_partials_out(num_splits, parts, interpret=False)
 
 
 @pytest.mark.gpu
