@@ -14,7 +14,10 @@ CTAs (one per SM), the four phases
 
 with a grid-wide barrier between phases (each phase reads what the previous one wrote). P3 is
 the next layer's first projection, so per layer the step is: attention kernel, this kernel.
-Without a next layer (the last one) it stops after P2 and the caller adds the residual.
+Without a next layer (the last one) it stops after P2 and the caller adds the residual. The
+attention output may come as its context splits' softmax states (fused_decode's
+partials=True), which P0 merges as it reads its K-range (the engine's path:
+jinfer.model._one_row_decode), and P3's QKV partials go to the attention kernel as they are.
 
 Design (warp specialised; measured by scripts/bench_layer_mgpu.py):
 - Two warpgroups per CTA. The memory warpgroup TMA-copies every weight chunk ([block_k,

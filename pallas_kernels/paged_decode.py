@@ -44,8 +44,8 @@ STEP_TILE_BYTES = 128 * 128 * 2  # K (or V) tile bytes per step: 2 of them x 2 p
                                  # must fit in shared memory (227 KB on H100)
 LATENCY_TOKENS_PER_STEP = 128  # ... when the launch is one under-filled wave (batch 1 and 2):
                                # each program's loop is latency-bound, fewer longer steps win
-                               # (fused decode, Llama-3.2-1B heads, 257-2048 tokens: 0.6-1.5 us
-                               # less per call than 64; BENCHMARKS.md, session 10)
+                               # (fused decode, Llama-3.2-1B heads, 257-2048 tokens: 0.6-1.2 us
+                               # less per call than 64; scripts/bench_decode_steps.py)
 MIN_TOKENS_PER_SPLIT = 128     # below this a split is all overhead
 NEG_INF = -1e30                # finite "minus infinity": keeps empty splits NaN-free
 LOG2E = math.log2(math.e)

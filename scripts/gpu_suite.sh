@@ -19,7 +19,8 @@ if [[ $what == tests || $what == all ]]; then
          tests/test_paged_prefill.py tests/test_paged_prefill_mgpu.py
          tests/test_kv_write.py tests/test_triton_decode.py tests/test_attention.py
          tests/test_engine.py tests/test_async_steps.py tests/test_batch_invariance.py
-         tests/test_beam_search.py tests/test_host_transfer.py)
+         tests/test_beam_search.py tests/test_host_transfer.py tests/test_decode_layer_mgpu.py
+         tests/test_layer_kernel_decode.py)
   python -m pytest -q "${workers[@]}" -rfEs -m "not big_memory" "${files[@]}" \
       > "$out/pytest_gpu.log" 2>&1 || status=1
   tail -n 25 "$out/pytest_gpu.log"
@@ -40,6 +41,11 @@ if [[ $what == bench || $what == all ]]; then
       > "$out/bench_kv_write.md" 2>&1 || status=1
   python scripts/bench_latency.py --out "$out/bench_latency.json" \
       > "$out/bench_latency.md" 2>&1 || status=1
+  python scripts/bench_latency.py --skip-hf --no-layer-kernel \
+      --out "$out/bench_latency_xla_layers.json" > "$out/bench_latency_xla_layers.md" 2>&1 \
+      || status=1
+  python scripts/bench_decode_steps.py --out "$out/bench_decode_steps.json" \
+      > "$out/bench_decode_steps.md" 2>&1 || status=1
   python scripts/bench_throughput.py --quick --out "$out/bench_throughput.json" \
       > "$out/bench_throughput.md" 2>&1 || status=1
   python scripts/bench_startup.py --model-shape smollm2-135m --out "$out/bench_startup.json" \
