@@ -155,11 +155,9 @@ def _replace_head(buffer, head):
 STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
-def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend,
-                layer_tiling=None):
+def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend):
     hidden, kv_cache = forward_hidden(params, kv_cache, token_ids, attention, config=config,
-                                      backend=get_attention_backend(attention_backend),
-                                      layer_tiling=layer_tiling)
+                                      backend=get_attention_backend(attention_backend))
     return compute_logits(params, hidden, config), kv_cache
 
 
@@ -174,8 +172,9 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.kv_cache: KVCache = init_kv_cache(model_config, num_blocks, self.block_size, dtype)
         self.layer_tiling = self._layer_tiling(params)
-        static = dict(config=model_config, attention_backend=engine_config.attention_backend,
-                      layer_tiling=self.layer_tiling)
+        static = dict(config=model_config, attention_backend=engine_config.attention_backend)
+        self._logits_fn = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
+        static = dict(static, layer_tiling=self.layer_tiling)  # used by one-row decode steps
         self._step_fn = jax.jit(functools.partial(_packed_step, **static),
                                 static_argnames=("layout", "flags"), donate_argnums=(1,),
                                 compiler_options=STEP_COMPILER_OPTIONS)
@@ -183,7 +182,6 @@ class ModelRunner:
                                         static_argnames=("layout", "flags", "num_steps"),
                                         donate_argnums=(1,),
                                         compiler_options=STEP_COMPILER_OPTIONS)
-        self._logits_fn = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
         # XLA on GPU turns a one-row matmul of a small weight (under ~10M elements: Llama's QKV
         # and output projections) into a multiply + reduce that ran 2-3x slower than a GEMM on an
         # H100; decode steps there carry at least two rows (a padding row is nearly free),

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.paged_decode import (LOG2E, MIN_DOT_ROWS, NEG_INF, DecodePlan, _combine,
-                                         _triton_params, make_plan)
+                                         _triton_params, make_plan, merge_splits)
 from pallas_kernels.kv_write import write_kv_reference
 from pallas_kernels.reference import apply_rope, paged_attention_reference
 
@@ -346,10 +346,7 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
 def combine_partials(acc, row_max, row_sum, dtype) -> jax.Array:
     """`partials=True` output (acc, max, sum) [splits, ..., n] -> the attention output [..., n]
     in `dtype`: the splits' softmax states merged (base-2 maxima; rows with no context: 0)."""
-    global_max = row_max.max(axis=0)
-    weight = jnp.exp2(row_max - global_max)
-    total = (row_sum * weight).sum(axis=0)
-    return ((acc * weight).sum(axis=0) / jnp.where(total > 0, total, 1.0)).astype(dtype)
+    return merge_splits(acc, row_max, row_sum, axis=0).astype(dtype)
 
 
 def fused_decode_reference(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables,

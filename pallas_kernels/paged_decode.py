@@ -178,14 +178,19 @@ def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_re
         plgpu.store(sum_ref, row_sum, mask=live)
 
 
+def merge_splits(acc, row_max, row_sum, axis: int):
+    """Merges the context splits' softmax states along `axis`: acc, and row_max (base-2
+    maxima) / row_sum broadcastable to it -> float32 output (rows with no context: 0)."""
+    global_max = row_max.max(axis=axis, keepdims=True)
+    weight = jnp.exp2(row_max - global_max)  # empty splits: 0 (or 1 with sum 0, acc 0)
+    total = (row_sum * weight).sum(axis=axis)
+    return (acc * weight).sum(axis=axis) / jnp.where(total > 0, total, 1.0)
+
+
 def _combine(acc, row_max, row_sum):
     """Merges split partials: acc [b, kvh, splits, block_h, d], row_max/row_sum [b, kvh,
     splits, block_h] (base-2 maxima) -> [b, kvh, block_h, d] float32."""
-    global_max = row_max.max(axis=2, keepdims=True)
-    weight = jnp.exp2(row_max - global_max)  # empty splits: 0 (or 1 with sum 0, acc 0)
-    total = (row_sum * weight).sum(axis=2)
-    out = (acc * weight[..., None]).sum(axis=2)
-    return out / jnp.where(total > 0, total, 1.0)[..., None]
+    return merge_splits(acc, row_max[..., None], row_sum[..., None], axis=2)
 
 
 def _validate(q, k_pool, v_pool, block_tables, context_lens, interpret: bool) -> None:

@@ -18,6 +18,7 @@ its repetitions).
 
   python scripts/bench_latency.py --out latency.json                  # Llama-3.2-1B shape, bf16
   python scripts/bench_latency.py --model-shape llama3-8b --out latency_8b.json
+  python scripts/bench_latency.py --skip-hf --no-layer-kernel --out xla.json  # XLA layers
   python scripts/bench_latency.py --cpu-smoke --out /tmp/latency_smoke.json  # tiny, CPU, no HF
 
 The helpers here (subprocess children, copy bandwidth, the HF peer) are shared with

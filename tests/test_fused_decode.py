@@ -67,7 +67,8 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
     positions = np.maximum(np.asarray(context_lens) - 1, 0)
     inv_freq = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
     angles = positions[:, None] * inv_freq
-    return dict(qkv=jnp.asarray(qkv, jnp.float32 if parts else dtype), cos=jnp.asarray(np.cos(angles), jnp.float32),
+    return dict(qkv=jnp.asarray(qkv, jnp.float32 if parts else dtype),
+                cos=jnp.asarray(np.cos(angles), jnp.float32),
                 sin=jnp.asarray(np.sin(angles), jnp.float32),
                 k_pool=jnp.asarray(k_pool, dtype), v_pool=jnp.asarray(v_pool, dtype),
                 slots=jnp.asarray(slots), true_slots=jnp.asarray(true_slots),

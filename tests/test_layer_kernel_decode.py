@@ -5,6 +5,8 @@ compiled, on Llama-3.2-1B's shapes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,8 @@ import pytest
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 
 from jinfer import model_runner  # noqa: E402
-from jinfer.attention import AttentionMetadata, StepAttention, get_attention_backend  # noqa: E402
+from jinfer.attention import (AttentionMetadata, PrefillMetadata, StepAttention,  # noqa: E402
+                              get_attention_backend)
 from jinfer.config import ModelConfig  # noqa: E402
 from jinfer.kv_cache import init_kv_cache  # noqa: E402
 from jinfer.model import (compute_logits, forward_hidden, layer_kernel_tiling,  # noqa: E402
@@ -44,7 +47,6 @@ def _params(config, seed=0):
 
 
 def _prefill_meta(n: int, table: np.ndarray) -> StepAttention:
-    from jinfer.attention import PrefillMetadata
     pos = np.arange(n, dtype=np.int32)
     slots = table[pos // BLOCK] * BLOCK + pos % BLOCK
     att = AttentionMetadata(positions=pos[None], block_tables=table[None],
@@ -156,7 +158,6 @@ def test_gpu_llama_1b_decode_matches_xla_layers():
     attention kernels: the kernel path against the XLA layers over three decode steps."""
     if not paged_prefill_mgpu.hopper_gpu():
         pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
-    import dataclasses
     config = dataclasses.replace(MODEL_SHAPES["llama3-1b"], num_layers=2, vocab_size=4096)
     tiling = layer_kernel_tiling(config, jnp.bfloat16, model_runner.LAYER_TILING)
     assert tiling is not None
