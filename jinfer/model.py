@@ -23,7 +23,7 @@ from jinfer.attention import AttentionBackend, StepAttention, attend
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import KVCache
 from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling, decode_layer_tail_mgpu,
-                                              plan_tail)
+                                              new_barrier_counter, plan_tail)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -115,12 +115,14 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
     persistent kernel (at batch 1 a step streams the weights once, and XLA's ~11 kernels per
     layer lose time at each boundary). Layer 0's norm and QKV projection run in XLA; the
     kernel returns the next QKV row as float32 split-K partial sums, which the fused attention
-    kernel adds up itself (`_decode_row_attention`)."""
+    kernel adds up itself (`_decode_row_attention`). One grid-barrier counter goes through all
+    the layers' kernels (zeroed once per step, not by a memset before each kernel)."""
     layers, eps = params["layers"], config.rms_norm_eps
     # Two rows: XLA runs a one-row product with a small weight as a slow multiply + reduce (a
     # broadcast, which XLA fuses into the norm: no copy).
     x = rms_norm(jnp.broadcast_to(h, (2, h.shape[1])), layers[0]["attn_norm"], eps)
     qkv = (x @ layers[0]["wqkv"])[:1]
+    barrier = new_barrier_counter()
     for layer, lp in enumerate(layers):
         following = layers[layer + 1] if layer + 1 < len(layers) else {}
         with jax.named_scope(f"layer_{layer}"):
@@ -128,7 +130,9 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
                                                    backend, rope)
             tail = _layer_tail(
                 h[0], attn, lp["wo"], lp["mlp_norm"], lp["w_gate_up"], lp["w_down"],
-                following.get("attn_norm"), following.get("wqkv"), eps=eps, tiling=tiling)
+                following.get("attn_norm"), following.get("wqkv"), barrier, eps=eps,
+                tiling=tiling)
+            barrier = tail["barrier"]
             if following:
                 h, qkv = tail["h2"][None], tail["part_qkv"][:, None]  # [splits, 1, width]
             else:  # the last layer: its MLP's residual add
@@ -158,12 +162,13 @@ def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "tiling"))
-def _layer_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv, *, eps, tiling):
+def _layer_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv, barrier, *, eps,
+                tiling):
     """decode_layer_tail_mgpu as one jitted function: every layer's call lowers to a call of
     the same function, so a step program lowers the kernel once, not once per layer (~0.5 s of
     Python each)."""
     return decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm,
-                                  next_wqkv, eps=eps, tiling=tiling)
+                                  next_wqkv, eps=eps, tiling=tiling, barrier=barrier)
 
 
 def layer_kernel_tiling(config: ModelConfig, dtype, tiling: TailTiling) -> Optional[TailTiling]:

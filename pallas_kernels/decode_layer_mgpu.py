@@ -34,12 +34,14 @@ Design (warp specialised; measured by scripts/bench_layer_mgpu.py):
   count allows, so each CTA's input is one K-range. Each tile's row goes to GMEM by TMA (a
   partial [splits, N] float32 buffer the next phase sums). Gate/up (P1) are not split along K:
   CTA c owns gate strip j and up strip j and writes silu(gate) * up directly.
-- Grid barrier (`_grid_barrier`): every CTA adds one to the barrier's arrival counter and polls
-  it until all have arrived (one round trip through L2). Counters are `pl.get_global`
-  semaphores, which persist across calls; each barrier of a call has its own and CTA 0 takes
-  the previous one back to zero once through the next. (bench_persistent_mgpu.py's barrier,
-  where CTA 0 collects the arrivals and then releases the others through a second semaphore,
-  is two round trips: ~1 us more per barrier here.)
+- Grid barrier (`_grid_barrier`): every CTA adds one to an arrival counter and polls it
+  until all have arrived (one round trip through L2). The counter only grows: a CTA reads it
+  before its first arrival (every earlier call's arrivals are in, this call's first barrier is
+  not complete without this CTA) and rounds down to a multiple of the grid to get its call's
+  base, so no barrier ever resets it. The counter is the caller's `barrier` buffer
+  (`new_barrier_counter()`, threaded through a step's layers: one zero-fill per step) or, without
+  one, a `pl.get_global` semaphore, which Pallas zero-fills before every call — a memset kernel
+  per layer, ~2 us of a ~60 us layer with the launch gap it adds.
 - Rounding follows the XLA model where it matters: h1, h2 and the normalised rows are rounded
   to bf16 as `rms_norm` rounds them; products are accumulated in float32 over the full K (XLA
   rounds each GEMM's output to bf16 first), so outputs differ from the model's by bf16 rounding.
@@ -59,7 +61,7 @@ the same code.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +140,12 @@ class PhasePlan:
         """First weight row of the CTA's K-range."""
         return pl.multiple_of(lax.div(cta, self.group) * self.k_range, self.block_k)
 
+    def chunk(self, cta, i):
+        """(first row, first column) of the CTA's i-th weight chunk (i may be traced)."""
+        tile, chunk = lax.div(i, self.chunks), lax.rem(i, self.chunks)
+        return (pl.multiple_of(self.k_start(cta) + chunk * self.block_k, self.block_k),
+                self.column(cta, tile))
+
 
 def plan_phase(k: int, n: int, tiling: TailTiling, *, paired: bool = False) -> PhasePlan:
     """The fewest K-splits that give every CTA the same whole number of strips."""
@@ -179,7 +187,19 @@ def _phase_outputs(shape: TailShape, plans: list[PhasePlan]) -> list[list[tuple]
 
 
 _INPUTS = ("h", "attn", "attn_acc", "attn_max", "attn_sum", "wo", "mlp_norm", "w_gate_up",
-           "w_down", "next_norm", "next_wqkv")
+           "w_down", "next_norm", "next_wqkv", "barrier")
+
+# The caller-held barrier counter: int16 words (Pallas accepts 16-bit refs as semaphores; the
+# counter is the 32-bit word at word 0) and, 16 bytes in, an 8-word slot that only declares the
+# buffer written (see `_declare_written`). Refs as kernel operands need jax >= 0.11.
+BARRIER_WORDS = 16
+BARRIER_OPERAND = jax.__version_info__ >= (0, 11, 0)
+
+
+def new_barrier_counter() -> jax.Array:
+    """A zeroed grid-barrier counter for `decode_layer_tail_mgpu(..., barrier=)`: pass each
+    call's returned "barrier" to the next call (any number of calls, any phase counts)."""
+    return jnp.zeros((BARRIER_WORDS,), jnp.int16)
 
 
 def _load(ref, layout, interpret):
@@ -191,22 +211,22 @@ def _load(ref, layout, interpret):
         return plgpu.load(ref, (), layout=layout)
 
 
-def _grid_barrier(counters, index: int, cta, num_ctas):
-    """Grid barrier `index` of a call: every CTA adds one to counters[index] and polls it
-    until all have; counters rotate, and CTA 0, once through barrier `index`, takes the previous
-    counter back to zero (everyone is past that barrier: all have arrived at this one)."""
-    counter = counters[index % len(counters)]
+def _grid_barrier(counter, index: int, base, num_ctas):
+    """Grid barrier `index` of a call whose counter stood at `base` (a multiple of num_ctas)
+    when it began: arrive, then wait until every CTA has arrived at this barrier."""
     plgpu.semaphore_signal(counter, 1, memory_scope="gpu")
-    plgpu.semaphore_wait(counter, num_ctas, decrement=False, memory_scope="gpu")
+    plgpu.semaphore_wait(counter, base + (index + 1) * num_ctas, decrement=False,
+                         memory_scope="gpu")
 
-    @pl.when(cta == 0)
-    def _reset_previous():
-        previous = counters[(index - 1) % len(counters)]
-        if index:
-            plgpu.semaphore_wait(previous, num_ctas, memory_scope="gpu")
-        else:  # the last counter of the previous call: still 0 on the first call
-            pl.when(pl.semaphore_read(previous) >= num_ctas)(
-                lambda: plgpu.semaphore_wait(previous, num_ctas, memory_scope="gpu"))
+
+def _declare_written(r, cta, num_ctas):
+    """A TMA store into the barrier buffer's spare slot that never runs: Pallas aliases a Ref
+    operand to the kernel's output only if the kernel writes it, and semaphore updates do not
+    count as writes. Without the alias XLA would take the counter for a read-only input."""
+    @pl.when(cta == num_ctas)
+    def _never():
+        plgpu.copy_smem_to_gmem(r["barrier_slot"], r["barrier"].at[pl.ds(8, 8)])
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _merge_splits(r, cols):
@@ -253,9 +273,7 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], pha
                 step = first + i
                 slot = lax.rem(step, stages)
                 pl.when(step >= stages)(lambda: plgpu.barrier_wait(r["free"].at[slot]))
-                tile, chunk = lax.div(i, plan.chunks), lax.rem(i, plan.chunks)
-                row = pl.multiple_of(plan.k_start(cta) + chunk * bk, bk)
-                col = plan.column(cta, tile)
+                row, col = plan.chunk(cta, i)
                 if "l2" in diagnostic:
                     row, col = 0, 0
                 plgpu.copy_gmem_to_smem(
@@ -324,14 +342,19 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], pha
         plgpu.copy_smem_to_gmem(r["o_smem"].at[pl.ds(0, 1)], dst)
 
     def consumer(r, cta):
-        if not interpret:  # one arrival counter per barrier of a call (at least two)
-            counters = [pl.get_global(plgpu.SemaphoreType.REGULAR)
-                        for _ in range(max(2, len(phases) - 1))]
+        if not interpret:
+            if "barrier" in r:
+                counter = r["barrier"].at[0]
+                _declare_written(r, cta, num_ctas)
+            else:
+                counter = pl.get_global(plgpu.SemaphoreType.REGULAR)
+            base = pl.semaphore_read(counter)  # before this CTA's first arrival
+            base = base - lax.rem(base, num_ctas)
         first = 0
         for i, p in enumerate(phases):
             plan = plans[p]
             if i and "barrier" not in diagnostic:
-                _grid_barrier(counters, i - 1, cta, num_ctas)
+                _grid_barrier(counter, i - 1, base, num_ctas)
             x_off = build_input(p, r, cta, plan) if "build" not in diagnostic else 0
             plgpu.commit_smem()  # x_vec written by all threads, read by all below
             split = lax.div(cta, plan.group)
@@ -358,7 +381,7 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], pha
     return body
 
 
-def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool) -> dict:
+def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool, barrier: bool) -> dict:
     x_len = max([shape.hidden] + [p.k_range for p in plans])
     scratch = dict(
         x_vec=plgpu.SMEM((x_len,), jnp.bfloat16),
@@ -371,12 +394,15 @@ def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool) -> di
     if interpret:
         scratch["a_smem"] = plgpu.SMEM((ROWS, tiling.block_k), jnp.bfloat16,
                                        transforms=_TILED)
+    if barrier:
+        scratch["barrier_slot"] = plgpu.SMEM((8,), jnp.int16)
     return scratch
 
 
 def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None,
                            next_wqkv=None, *, eps: float, tiling: TailTiling = TailTiling(),
-                           interpret: Any = None, diagnostic: frozenset = frozenset()) -> dict:
+                           barrier: Optional[jax.Array] = None, interpret: Any = None,
+                           diagnostic: frozenset = frozenset()) -> dict:
     """One batch-1 decode row through wo, the MLP and (given) the next layer's QKV projection.
 
     h [hidden] bf16 (the residual stream entering the layer), attn [q_size] bf16 (the attention
@@ -387,6 +413,11 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     "part_d" [splits, hidden] (the MLP output's split-K partials: h2 = h1 + sum), and with a
     next layer "h2" [hidden] and "part_qkv" [splits, qkv_size] (the next QKV row's partials).
     ValueError for shapes the tiling does not divide (callers fall back to XLA).
+
+    `barrier` (`new_barrier_counter()`, or the previous call's returned "barrier"): the grid
+    barrier's counter, returned updated as "barrier"; without it the kernel allocates one that
+    Pallas zero-fills before every call (one small memset kernel more per call). Interpret mode
+    and jax < 0.11 (no Ref operands) return it unchanged.
 
     `diagnostic` (timing experiments only; the results are then wrong): "barrier" skips the
     grid barriers, "build" the input rows, "l2" streams one weight chunk over and over (from
@@ -419,7 +450,13 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
         inputs.update(attn=attn.reshape(1, q_size))
     if has_next:
         inputs.update(next_norm=next_norm, next_wqkv=next_wqkv)
-    scratch = _scratch(shape, tiling, plans, bool(interpret))
+    if barrier is not None and (barrier.shape != (BARRIER_WORDS,) or barrier.dtype != jnp.int16):
+        raise ValueError(f"barrier must come from new_barrier_counter(), got "
+                         f"{barrier.dtype}{list(barrier.shape)}")
+    use_barrier = barrier is not None and not interpret and BARRIER_OPERAND
+    if use_barrier:
+        inputs["barrier"] = jax.new_ref(barrier)  # updated in place, aliased in and out
+    scratch = _scratch(shape, tiling, plans, bool(interpret), use_barrier)
     if not interpret:
         stable_kernel_hashes()  # one compile of the kernel per process, not per step program
     launches = ([tuple(range(len(plans)))] if not interpret else
@@ -438,7 +475,10 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
             **({"interpret": interpret} if interpret else {}),
         )(*[inputs[n] if n in inputs else produced[n] for n in in_names])
         produced.update({o[0]: v for o, v in zip(out_specs, results)})
-    return {k: v for k, v in produced.items() if k in ("h1", "part_d", "h2", "part_qkv")}
+    out = {k: v for k, v in produced.items() if k in ("h1", "part_d", "h2", "part_qkv")}
+    if barrier is not None:
+        out["barrier"] = jax.ref.freeze(inputs["barrier"]) if use_barrier else barrier
+    return out
 
 
 def _check(shape: TailShape, h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv):

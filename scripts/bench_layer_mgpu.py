@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -30,7 +31,7 @@ from bench_persistent import device_us_per_call  # noqa: E402
 from jinfer.model import rms_norm  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (TailTiling, decode_layer_tail_mgpu,  # noqa: E402
                                               decode_layer_tail_reference,
-                                              random_tail_inputs)
+                                              new_barrier_counter, random_tail_inputs)
 
 EPS = 1e-5
 
@@ -44,22 +45,25 @@ def xla_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv):
     return h2[0], (rms_norm(h2, next_norm, EPS) @ next_wqkv)[0]
 
 
-def stack_wall_us(tail, layer: dict, num_layers: int, calls: int, reps: int) -> float:
-    """Best wall us per layer of a jitted stack of `num_layers` tails (the same weights each
-    layer), `calls` steps dispatched back to back as an engine's decode steps are: shows the
-    gaps between kernels that a per-kernel device time does not. Each layer's attention input
-    is the previous layer's QKV row cut to q_size (the attention kernel's stand-in)."""
-    weights = [layer[n] for n in list(layer)[2:]]
-    q_size = layer["attn"].shape[0]
+def stack_wall_us(tail, layers: list[dict], num_layers: int, calls: int, reps: int) -> float:
+    """Best wall us per layer of a jitted stack of `num_layers` tails (cycling through the
+    weight sets `layers`), `calls` steps dispatched back to back as an engine's decode steps
+    are: shows the gaps between kernels that a per-kernel device time does not. Each layer's
+    attention input is the previous layer's QKV row cut to q_size (the attention kernel's
+    stand-in). `tail(h, attn, *weights, barrier)` returns (h, qkv, barrier): one barrier
+    counter per step goes through the layers (kernels that take it)."""
+    weights = [[layer[n] for n in list(layer)[2:]] for layer in layers]
+    q_size = layers[0]["attn"].shape[0]
 
     @jax.jit
     def step(h, attn):
-        for _ in range(num_layers):
-            h, qkv = tail(h, attn, *weights)
+        barrier = new_barrier_counter()
+        for i in range(num_layers):
+            h, qkv, barrier = tail(h, attn, *weights[i % len(weights)], barrier)
             attn = qkv[:q_size].astype(attn.dtype)
         return h, attn
 
-    h, attn = jax.block_until_ready(step(layer["h"], layer["attn"]))
+    h, attn = jax.block_until_ready(step(layers[0]["h"], layers[0]["attn"]))
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -140,13 +144,21 @@ def main(argv=None) -> int:
                                 "device_us": dev, "wall_us": wall, "kernels": kernels,
                                 "max_abs_err_vs_reference": worst})
     if args.stack:
-        def mgpu_tail(h, attn, *weights):
+        def mgpu_tail(h, attn, *weights, own_counter=False):
+            *weights, barrier = weights
             out = decode_layer_tail_mgpu(h, attn, *weights, eps=EPS, interpret=False,
-                                         tiling=TailTiling(stages=args.stages[0]))
-            return out["h2"], out["part_qkv"].sum(0)
-        for name, tail in (("xla", xla_tail), ("mgpu", mgpu_tail)):
-            us = stack_wall_us(tail, layer, args.stack, args.iters, args.reps)
-            print(f"stack of {args.stack} layers, {name}: {us:.1f} us per layer (wall)")
+                                         tiling=TailTiling(stages=args.stages[0]),
+                                         barrier=None if own_counter else barrier)
+            return out["h2"], out["part_qkv"].sum(0), out.get("barrier", barrier)
+        # Two weight sets, alternating; mgpu_memset: the kernel's own barrier counter, which
+        # Pallas zero-fills before every call.
+        layers = [layer, random_tail_inputs(1, 2048, 2048, 8192, 3072)]
+        for name, tail in (("xla", lambda h, a, *w: (*xla_tail(h, a, *w[:-1]), w[-1])),
+                           ("mgpu", mgpu_tail),
+                           ("mgpu_memset", functools.partial(mgpu_tail, own_counter=True))):
+            us = stack_wall_us(tail, layers, args.stack, args.iters, args.reps)
+            print(f"stack of {args.stack} layers, {name}: {us:.1f} us per layer (wall)",
+                  flush=True)
             results[f"stack_wall_us_per_layer_{name}"] = us
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1))

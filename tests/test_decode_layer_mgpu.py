@@ -15,7 +15,8 @@ pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 from jinfer.model import rms_norm  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling,  # noqa: E402
                                               decode_layer_tail_mgpu,
-                                              decode_layer_tail_reference, plan_phase,
+                                              decode_layer_tail_reference, new_barrier_counter,
+                                              plan_phase,
                                               plan_tail, random_tail_inputs)
 
 EPS = 1e-5
@@ -134,6 +135,19 @@ def test_bad_inputs_raise():
                                tiling=SMALL, interpret=True)
 
 
+def test_interpret_passes_the_barrier_counter_through():
+    """Interpret mode has no grid barriers: the caller's counter comes back as it went in."""
+    layer = random_tail_inputs(4, hidden=256, q_size=256, intermediate=512, qkv_size=384)
+    counter = new_barrier_counter()
+    out = decode_layer_tail_mgpu(**layer, eps=EPS, tiling=SMALL, barrier=counter,
+                                 interpret=True)
+    assert out["barrier"] is counter
+    check(out, decode_layer_tail_reference(**layer, eps=EPS), layer, True)
+    with pytest.raises(ValueError, match="new_barrier_counter"):
+        decode_layer_tail_mgpu(**layer, eps=EPS, tiling=SMALL, interpret=False,
+                               barrier=jnp.zeros((4,), jnp.int32))
+
+
 def _hopper():
     dev = jax.devices()[0]
     return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
@@ -157,3 +171,41 @@ def test_gpu_llama_1b_shape(has_next, stages, splits):
     ref = decode_layer_tail_reference(**layer, eps=EPS)
     for _ in range(5):
         check(run(**given), ref, layer, has_next)
+
+
+@pytest.mark.gpu
+def test_gpu_barrier_counter_threads_through_calls():
+    """One caller-held counter through kernels of 4 and 3 phases in one program and across two
+    programs: bit for bit the results
+    of the kernel with its own counter, and the counter holds every arrival (one per CTA per
+    barrier: it was updated in place, not taken for a read-only input)."""
+    if not _hopper():
+        pytest.skip("the kernel needs a Hopper GPU (wgmma, TMA)")
+    tiling = TailTiling(stages=4)
+    with_next = random_tail_inputs(2, hidden=2048, q_size=2048, intermediate=8192, qkv_size=3072)
+    last = random_tail_inputs(6, hidden=2048, q_size=2048, intermediate=8192)
+    layers = (with_next, last, with_next)
+
+    @jax.jit
+    def three_layers(counter):
+        outs = []
+        for layer in layers:
+            out = decode_layer_tail_mgpu(**layer, eps=EPS, interpret=False, tiling=tiling,
+                                         barrier=counter)
+            counter = out.pop("barrier")
+            outs.append(out)
+        return outs, counter
+
+    alone = jax.jit(lambda **kw: decode_layer_tail_mgpu(**kw, eps=EPS, interpret=False,
+                                                        tiling=tiling))
+    want = [alone(**layer) for layer in layers]
+    counter = new_barrier_counter()
+    for _ in range(2):
+        outs, counter = three_layers(counter)
+        for out, expected in zip(outs, want):
+            for key in expected:
+                np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(expected[key]))
+    check(want[0], decode_layer_tail_reference(**with_next, eps=EPS), with_next, True)
+    check(want[1], decode_layer_tail_reference(**last, eps=EPS), last, False)
+    arrivals = int(jax.lax.bitcast_convert_type(counter[:2], jnp.int32))
+    assert arrivals == 2 * (3 + 2 + 3) * tiling.num_ctas

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.sampler import (SamplerFlags, append_outputs, apply_penalties,
+from jinfer.sampler import (SamplerFlags, append_outputs, apply_penalties, argmax_and_logsumexp,
                             make_sampling_metadata, sample, sampler_flags)
 from jinfer.sampling_params import SamplingParams
 
@@ -95,6 +95,49 @@ def test_greedy_is_argmax(logits):
             enumerate([0.0, 1e-6, 0.0, 0.0, 0.0, 0.0])]
     out = run(logits, rows, pad_to=8)
     np.testing.assert_array_equal(out.tokens[:6], logits.argmax(-1))
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_argmax_and_logsumexp(one_pass):
+    """Both implementations (one variadic reduction: the GPU's; plain reductions: the CPU's)
+    against NumPy: the first index of the processed row's maximum, the raw row's logsumexp and
+    max. Rows: a tie for the first place, half the entries -inf, the top token banned (only
+    in processed), everything banned (index 0, as jnp.argmax gives); a 128k vocabulary too."""
+    rng = np.random.default_rng(1)
+    for vocab in (37, 128256):
+        raw = rng.normal(0, 3, (5, vocab)).astype(np.float32)
+        raw[0, [3, 9]] = raw[0].max() + 1  # index 3 wins the tie
+        raw[1, ::2] = -np.inf
+        processed = raw.copy()
+        processed[2, raw[2].argmax()] = -np.inf
+        processed[3] = -np.inf
+        fn = jax.jit(lambda r, p: argmax_and_logsumexp(r, p, one_pass=one_pass))
+        tokens, lse, top = map(np.asarray, fn(raw, processed))
+        np.testing.assert_array_equal(tokens, processed.argmax(-1))
+        assert tokens[0] == 3 and tokens[3] == 0
+        x = raw.astype(np.float64)
+        want = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
+        # XLA's CPU backend adds a variadic reduction's row up in order, so its float32 error
+        # grows with the row (1.5e-5 at 128k); on a GPU, and in the plain reductions, it adds
+        # up as a tree (test_gpu_one_pass_logsumexp_is_accurate).
+        sequential = one_pass and vocab > 1000 and jax.default_backend() == "cpu"
+        np.testing.assert_allclose(lse, want, rtol=1e-4 if sequential else 1e-6)
+        np.testing.assert_array_equal(top, raw.max(-1))
+    all_inf = np.full((1, 5), -np.inf, np.float32)
+    tokens, lse, _ = argmax_and_logsumexp(all_inf, all_inf, one_pass=one_pass)
+    assert int(tokens[0]) == 0 and float(lse[0]) == -np.inf
+
+
+@pytest.mark.gpu
+def test_gpu_one_pass_logsumexp_is_accurate():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    raw = np.random.default_rng(2).normal(0, 3, (3, 128256)).astype(np.float32)
+    tokens, lse, _ = jax.jit(lambda r: argmax_and_logsumexp(r, r, one_pass=True))(raw)
+    x = raw.astype(np.float64)
+    want = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
+    np.testing.assert_allclose(np.asarray(lse), want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(tokens), raw.argmax(-1))
 
 
 def test_penalties_match_reference(logits):
