@@ -23,7 +23,8 @@ from jinfer.attention import AttentionBackend, StepAttention, attend
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import KVCache
 from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling, decode_layer_tail_mgpu,
-                                              new_barrier_counter, plan_tail)
+                                              decode_row_qkv_mgpu, new_barrier_counter,
+                                              plan_tail)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -97,32 +98,29 @@ def forward_hidden(
     rope = rope_cos_sin(meta.positions, rope_inv_freq(config))
     h = params["embed"][token_ids]
     if layer_tiling is not None and meta.prefill is None and token_ids.shape[0] == 1:
-        h, kv_cache = _one_row_decode(params, kv_cache, h, meta, config, backend, rope,
-                                      layer_tiling)
-    else:
-        for layer, lp in enumerate(params["layers"]):
-            with jax.named_scope(f"layer_{layer}"):
-                h, kv_cache = _attention_block(config, lp, h, layer, kv_cache, meta, backend,
-                                               rope)
-                h = _mlp_block(config, lp, h)
+        return _one_row_decode(params, kv_cache, h, meta, config, backend, rope, layer_tiling)
+    for layer, lp in enumerate(params["layers"]):
+        with jax.named_scope(f"layer_{layer}"):
+            h, kv_cache = _attention_block(config, lp, h, layer, kv_cache, meta, backend, rope)
+            h = _mlp_block(config, lp, h)
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
 
 
 def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
-    """The decoder stack over one decode row h [1, hidden] with, per layer, the attention
-    kernel and then pallas_kernels/decode_layer_mgpu.py's kernel: the output projection, the
-    MLP with both residual adds and norms, and the next layer's norm and QKV projection, in one
-    persistent kernel (at batch 1 a step streams the weights once, and XLA's ~11 kernels per
-    layer lose time at each boundary). Layer 0's norm and QKV projection run in XLA; the
-    kernel returns the next QKV row as float32 split-K partial sums, which the fused attention
-    kernel adds up itself (`_decode_row_attention`). One grid-barrier counter goes through all
-    the layers' kernels (zeroed once per step, not by a memset before each kernel)."""
+    """The decoder stack over one decode row h [1, hidden], final-normed, in
+    pallas_kernels/decode_layer_mgpu.py's persistent kernels (at batch 1 a step streams the
+    weights once, and XLA's ~11 kernels per layer lose time at each boundary): the first
+    layer's norm and QKV projection, then per layer the attention kernel and one kernel for
+    the output projection, the MLP with both residual adds and norms, and the next layer's
+    norm and QKV projection (the last layer's: the final norm). QKV rows go to the fused
+    attention kernel as the float32 split-K partial sums the kernels write, which it adds up
+    itself (`_decode_row_attention`). One grid-barrier counter goes through all the kernels
+    (zeroed once per step, not by a memset before each kernel)."""
     layers, eps = params["layers"], config.rms_norm_eps
-    # Two rows: XLA runs a one-row product with a small weight as a slow multiply + reduce (a
-    # broadcast, which XLA fuses into the norm: no copy).
-    x = rms_norm(jnp.broadcast_to(h, (2, h.shape[1])), layers[0]["attn_norm"], eps)
-    qkv = (x @ layers[0]["wqkv"])[:1]
     barrier = new_barrier_counter()
+    first = _row_qkv(h[0], layers[0]["attn_norm"], layers[0]["wqkv"], barrier, eps=eps,
+                     tiling=tiling)
+    qkv, barrier = first["part_qkv"][:, None], first["barrier"]  # [splits, 1, width]
     for layer, lp in enumerate(layers):
         following = layers[layer + 1] if layer + 1 < len(layers) else {}
         with jax.named_scope(f"layer_{layer}"):
@@ -130,14 +128,12 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
                                                    backend, rope)
             tail = _layer_tail(
                 h[0], attn, lp["wo"], lp["mlp_norm"], lp["w_gate_up"], lp["w_down"],
-                following.get("attn_norm"), following.get("wqkv"), barrier, eps=eps,
-                tiling=tiling)
+                following.get("attn_norm"), following.get("wqkv"),
+                None if following else params["final_norm"], barrier, eps=eps, tiling=tiling)
             barrier = tail["barrier"]
             if following:
-                h, qkv = tail["h2"][None], tail["part_qkv"][:, None]  # [splits, 1, width]
-            else:  # the last layer: its MLP's residual add
-                h = (tail["h1"].astype(jnp.float32) + tail["part_d"].sum(0)).astype(h.dtype)[None]
-    return h, kv_cache
+                h, qkv = tail["h2"][None], tail["part_qkv"][:, None]
+    return tail["x"][None], kv_cache
 
 
 def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):
@@ -162,13 +158,19 @@ def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "tiling"))
-def _layer_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv, barrier, *, eps,
-                tiling):
+def _layer_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv, final_norm,
+                barrier, *, eps, tiling):
     """decode_layer_tail_mgpu as one jitted function: every layer's call lowers to a call of
     the same function, so a step program lowers the kernel once, not once per layer (~0.5 s of
     Python each)."""
     return decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm,
-                                  next_wqkv, eps=eps, tiling=tiling, barrier=barrier)
+                                  next_wqkv, final_norm=final_norm, eps=eps, tiling=tiling,
+                                  barrier=barrier)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "tiling"))
+def _row_qkv(h, norm, wqkv, barrier, *, eps, tiling):
+    return decode_row_qkv_mgpu(h, norm, wqkv, eps=eps, tiling=tiling, barrier=barrier)
 
 
 def layer_kernel_tiling(config: ModelConfig, dtype, tiling: TailTiling) -> Optional[TailTiling]:

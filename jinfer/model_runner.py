@@ -121,12 +121,16 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
                         flags=flags, layer_tiling=layer_tiling)
         advance = live.astype(jnp.int32)
         sampling = sampler_lib.append_outputs(sampling, out.tokens, live[:out.tokens.shape[0]])
+        if not flags.num_logprobs:  # ranks are zeros: stacked outside the loop, not per step
+            out = dataclasses.replace(out, ranks=None)
         return (kv, out.tokens[:tokens.shape[0]], positions + advance, context_lens + advance,
                 sampling), out
 
     init = (kv_cache, step_input.token_ids, step_input.attention.positions, meta.context_lens,
             step_input.sampling)
     (kv_cache, last_tokens, *_), outs = jax.lax.scan(one_step, init, None, length=num_steps)
+    if outs.ranks is None:
+        outs = dataclasses.replace(outs, ranks=jnp.zeros_like(outs.tokens))
     return outs, kv_cache, last_tokens
 
 

@@ -14,9 +14,11 @@ CTAs (one per SM), the four phases
 
 with a grid-wide barrier between phases (each phase reads what the previous one wrote). P3 is
 the next layer's first projection, so per layer the step is: attention kernel, this kernel.
-Without a next layer (the last one) it stops after P2 and the caller adds the residual. The
-attention output may come as its context splits' softmax states (fused_decode's
-partials=True), which P0 merges as it reads its K-range (the engine's path:
+Without a next layer (the last one) it stops after P2, or, given the model's final norm, ends
+with the phase FINAL_NORM (CTA 0 writes rms_norm(h1 + sum(d)) * final_norm, the LM head's
+input). The first layer's QKV row is P3 alone on the token's embedding
+(`decode_row_qkv_mgpu`). The attention output may come as its context splits' softmax states
+(fused_decode's partials=True), which P0 merges as it reads its K-range (the engine's path:
 jinfer.model._one_row_decode), and P3's QKV partials go to the attention kernel as they are.
 
 Design (warp specialised; measured by scripts/bench_layer_mgpu.py):
@@ -61,6 +63,7 @@ the same code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -162,32 +165,39 @@ def plan_phase(k: int, n: int, tiling: TailTiling, *, paired: bool = False) -> P
                      f"[{bk}, {bn}] chunks" + (" without splitting K" if paired else ""))
 
 
-def plan_tail(shape: TailShape, tiling: TailTiling) -> list[PhasePlan]:
-    """Phase plans P0..P3 (P3 only with a next layer); ValueError if the shape does not fit."""
-    plans = [plan_phase(shape.q_size, shape.hidden, tiling),
-             plan_phase(shape.hidden, shape.intermediate, tiling, paired=True),
-             plan_phase(shape.intermediate, shape.hidden, tiling)]
+def plan_tail(shape: TailShape, tiling: TailTiling) -> dict[int, PhasePlan]:
+    """Plans of the phases with weights, by phase: P0..P2 (with q_size), P3 (with qkv_size);
+    ValueError if the shape does not fit."""
+    plans = {}
+    if shape.q_size:
+        plans[0] = plan_phase(shape.q_size, shape.hidden, tiling)
+        plans[1] = plan_phase(shape.hidden, shape.intermediate, tiling, paired=True)
+        plans[2] = plan_phase(shape.intermediate, shape.hidden, tiling)
     if shape.qkv_size:
-        plans.append(plan_phase(shape.hidden, shape.qkv_size, tiling))
+        plans[3] = plan_phase(shape.hidden, shape.qkv_size, tiling)
     if shape.hidden % 128 or shape.hidden > 16384:
         raise ValueError(f"hidden={shape.hidden}: the row ops need a multiple of 128")
     return plans
 
 
-# Buffers each phase writes (name, shape, dtype), in the kernel's output order.
-def _phase_outputs(shape: TailShape, plans: list[PhasePlan]) -> list[list[tuple]]:
+FINAL_NORM = 4  # the phase without weights: the last layer's output row, final-normed
+
+
+def _phase_outputs(shape: TailShape, plans: dict, phases: tuple) -> dict[int, list[tuple]]:
+    """Buffers each phase writes (name, shape, dtype), in the kernel's output order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
-    outs = [[("part_o", (plans[0].splits, shape.hidden), f32)],
-            [("act", (1, shape.intermediate), f32), ("h1", (shape.hidden,), bf16)],
-            [("part_d", (plans[2].splits, shape.hidden), f32)]]
-    if len(plans) == 4:
-        outs.append([("part_qkv", (plans[3].splits, shape.qkv_size), f32),
-                     ("h2", (shape.hidden,), bf16)])
-    return outs
+    outs = {0: [("part_o", (plans[0].splits, shape.hidden), f32)],
+            1: [("act", (1, shape.intermediate), f32), ("h1", (shape.hidden,), bf16)],
+            2: [("part_d", (plans[2].splits, shape.hidden), f32)],
+            FINAL_NORM: [("x", (shape.hidden,), bf16)]} if 0 in plans else {}
+    if 3 in plans:  # h2 only after a layer (alone, P3 takes its row as it is)
+        outs[3] = [("part_qkv", (plans[3].splits, shape.qkv_size), f32)] + (
+            [("h2", (shape.hidden,), bf16)] if 0 in plans else [])
+    return {p: outs[p] for p in phases}
 
 
-_INPUTS = ("h", "attn", "attn_acc", "attn_max", "attn_sum", "wo", "mlp_norm", "w_gate_up",
-           "w_down", "next_norm", "next_wqkv", "barrier")
+_INPUTS = ("h", "h1", "attn", "attn_acc", "attn_max", "attn_sum", "wo", "mlp_norm", "w_gate_up",
+           "w_down", "next_norm", "next_wqkv", "final_norm", "barrier")
 
 # The caller-held barrier counter: int16 words (Pallas accepts 16-bit refs as semaphores; the
 # counter is the 32-bit word at word 0) and, 16 bytes in, an 8-word slot that only declares the
@@ -246,6 +256,21 @@ def _merge_splits(r, cols):
     return (num / jnp.where(den > 0, den, 1.0)).astype(jnp.bfloat16)
 
 
+def _residual_norm(r, cta, base: str, parts: str, norm: str, out, shape: TailShape):
+    """rms_norm(bf16(r[base] + the sum of r[parts]' rows)) * r[norm] (the rows without
+    r[parts]), storing the bf16 sum to r[out] from CTA 0 (out given)."""
+    row = r[base][...].astype(jnp.float32)
+    if parts in r:
+        for s in range(r[parts].shape[0]):
+            row = row + r[parts][s]
+    row_bf16 = row.astype(jnp.bfloat16)
+    if out is not None:
+        @pl.when(cta == 0)
+        def _store():
+            r[out][...] = row_bf16
+    return _rms_scaled(row_bf16.astype(jnp.float32), r[norm], shape.hidden, shape.eps)
+
+
 def _rms_scaled(row_f32, weight_ref, hidden: int, eps: float):
     """rms_norm as the model computes it, on a bf16-rounded row: bf16(row * rsqrt(mean(row^2)
     + eps)) * weight (a bf16 product)."""
@@ -254,12 +279,12 @@ def _rms_scaled(row_f32, weight_ref, hidden: int, eps: float):
     return (normed * weight_ref[...].astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], phases: tuple,
+def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
                names: list[str], interpret: bool, diagnostic=frozenset()):
     """The kernel body running `phases` (with grid barriers between them), refs by `names`."""
     bn, bk, stages, num_ctas = tiling.block_n, tiling.block_k, tiling.stages, tiling.num_ctas
     hidden = shape.hidden
-    steps = [plans[p].steps for p in phases]
+    steps = [plans[p].steps if p in plans else 0 for p in phases]
     total_steps = sum(steps)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     weight_of = {0: "wo", 1: "w_gate_up", 2: "w_down", 3: "next_wqkv"}
@@ -267,6 +292,8 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], pha
     def producer(r, cta):
         first = 0
         for p, count in zip(phases, steps):
+            if p not in plans:  # no weights
+                continue
             plan, weight = plans[p], r[weight_of[p]]
 
             def fill(i, carry, plan=plan, weight=weight, first=first):
@@ -295,20 +322,19 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], pha
             x = src[pl.ds(k0, plan.k_range)]
             x_vec[pl.ds(0, plan.k_range)] = x.astype(jnp.bfloat16)
             return 0
-        # P1 / P3: residual + sum of partials, whole row (the norm needs all of it)
+        # P1 / P3: residual + sum of partials (none: P3 alone), whole row (the norm needs all
+        # of it)
         base, parts, norm, out = (("h", "part_o", "mlp_norm", "h1") if p == 1 else
                                   ("h1", "part_d", "next_norm", "h2"))
-        row = r[base][...].astype(jnp.float32)
-        for s in range(plans[p - 1].splits):
-            row = row + r[parts][s]
-        row_bf16 = row.astype(jnp.bfloat16)
-
-        @pl.when(cta == 0)
-        def _store():
-            r[out][...] = row_bf16
-        x_vec[pl.ds(0, hidden)] = _rms_scaled(row_bf16.astype(jnp.float32), r[norm], hidden,
-                                              shape.eps)
+        x_vec[pl.ds(0, hidden)] = _residual_norm(r, cta, base, parts, norm,
+                                                 out if out in r else None, shape)
         return k0
+
+    def final_norm(r, cta):
+        """FINAL_NORM: CTA 0 writes the layer's output row, final-normed, to x."""
+        @pl.when(cta == 0)
+        def _final():
+            r["x"][...] = _residual_norm(r, cta, "h1", "part_d", "final_norm", None, shape)
 
     def matmul_tile(r, plan, x_off, first):
         """One tile's [ROWS, bn] product from the ring's next plan.chunks slots."""
@@ -352,9 +378,12 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], pha
             base = base - lax.rem(base, num_ctas)
         first = 0
         for i, p in enumerate(phases):
-            plan = plans[p]
             if i and "barrier" not in diagnostic:
                 _grid_barrier(counter, i - 1, base, num_ctas)
+            if p == FINAL_NORM:
+                final_norm(r, cta)
+                continue
+            plan = plans[p]
             x_off = build_input(p, r, cta, plan) if "build" not in diagnostic else 0
             plgpu.commit_smem()  # x_vec written by all threads, read by all below
             split = lax.div(cta, plan.group)
@@ -382,7 +411,7 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: list[PhasePlan], pha
 
 
 def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool, barrier: bool) -> dict:
-    x_len = max([shape.hidden] + [p.k_range for p in plans])
+    x_len = max([shape.hidden] + [p.k_range for p in plans.values()])
     scratch = dict(
         x_vec=plgpu.SMEM((x_len,), jnp.bfloat16),
         w_smem=plgpu.SMEM((tiling.stages, tiling.block_k, tiling.block_n), jnp.bfloat16,
@@ -400,9 +429,9 @@ def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool, barri
 
 
 def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None,
-                           next_wqkv=None, *, eps: float, tiling: TailTiling = TailTiling(),
-                           barrier: Optional[jax.Array] = None, interpret: Any = None,
-                           diagnostic: frozenset = frozenset()) -> dict:
+                           next_wqkv=None, *, final_norm=None, eps: float,
+                           tiling: TailTiling = TailTiling(), barrier: Optional[jax.Array] = None,
+                           interpret: Any = None, diagnostic: frozenset = frozenset()) -> dict:
     """One batch-1 decode row through wo, the MLP and (given) the next layer's QKV projection.
 
     h [hidden] bf16 (the residual stream entering the layer), attn [q_size] bf16 (the attention
@@ -412,6 +441,8 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     Returns a dict of float32/bf16 buffers: "h1" [hidden] (after attention's residual add),
     "part_d" [splits, hidden] (the MLP output's split-K partials: h2 = h1 + sum), and with a
     next layer "h2" [hidden] and "part_qkv" [splits, qkv_size] (the next QKV row's partials).
+    The last layer may take the model's `final_norm` instead: "x" [hidden] is then its output
+    row final-normed (rms_norm(bf16(h1 + sum)) * final_norm, the LM head's input).
     ValueError for shapes the tiling does not divide (callers fall back to XLA).
 
     `barrier` (`new_barrier_counter()`, or the previous call's returned "barrier"): the grid
@@ -423,10 +454,6 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     grid barriers, "build" the input rows, "l2" streams one weight chunk over and over (from
     L2), to see what each costs.
     """
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if interpret is True:
-        interpret = interpret_params()
     split = isinstance(attn, (tuple, list))
     if split:
         attn = tuple(attn)
@@ -436,12 +463,12 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
                              f"[splits, q_size]; got {[(a.dtype, a.shape) for a in attn]}")
     hidden, q_size = h.shape[-1], (attn[0] if split else attn).shape[-1]
     has_next = next_wqkv is not None
+    if has_next and final_norm is not None:
+        raise ValueError("final_norm is the last layer's: pass it without next_wqkv")
     shape = TailShape(hidden, q_size, w_down.shape[0],
                       next_wqkv.shape[1] if has_next else 0, eps)
-    _check(shape, h, None if split else attn, wo, mlp_norm, w_gate_up, w_down, next_norm,
-           next_wqkv)
-    plans = plan_tail(shape, tiling)
-    outs = _phase_outputs(shape, plans)
+    _check(shape, h, None if split else attn, wo=wo, mlp_norm=mlp_norm, w_gate_up=w_gate_up,
+           w_down=w_down, next_norm=next_norm, next_wqkv=next_wqkv, final_norm=final_norm)
     inputs = dict(h=h.reshape(hidden), wo=wo, mlp_norm=mlp_norm, w_gate_up=w_gate_up,
                   w_down=w_down)
     if split:
@@ -450,23 +477,56 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
         inputs.update(attn=attn.reshape(1, q_size))
     if has_next:
         inputs.update(next_norm=next_norm, next_wqkv=next_wqkv)
+    if final_norm is not None:
+        inputs.update(final_norm=final_norm)
+    phases = (0, 1, 2) + ((3,) if has_next else ()) + (
+        (FINAL_NORM,) if final_norm is not None else ())
+    out = _run(shape, phases, inputs, tiling, barrier, interpret, diagnostic)
+    return {k: v for k, v in out.items() if k in ("h1", "part_d", "h2", "part_qkv", "x",
+                                                  "barrier")}
+
+
+def decode_row_qkv_mgpu(h, norm, wqkv, *, eps: float, tiling: TailTiling = TailTiling(),
+                        barrier: Optional[jax.Array] = None, interpret: Any = None) -> dict:
+    """The first layer's QKV row of a batch-1 decode step: rms_norm(h) * norm @ wqkv as the
+    kernel's P3 alone (one launch, no grid barrier), h [hidden] bf16 (the token's embedding).
+    Returns {"part_qkv": float32 [splits, qkv_size]} (split-K partial sums, as the fused
+    attention kernel takes them) and, given `barrier` (see decode_layer_tail_mgpu), "barrier"."""
+    hidden = h.shape[-1]
+    shape = TailShape(hidden, 0, 0, wqkv.shape[1], eps)
+    _check(shape, h, None, next_norm=norm, next_wqkv=wqkv)
+    inputs = dict(h1=h.reshape(hidden), next_norm=norm, next_wqkv=wqkv)
+    out = _run(shape, (3,), inputs, tiling, barrier, interpret, frozenset())
+    return {k: v for k, v in out.items() if k in ("part_qkv", "barrier")}
+
+
+def _run(shape: TailShape, phases: tuple, inputs: dict, tiling: TailTiling, barrier,
+         interpret, diagnostic) -> dict:
+    """Launches `phases` over `inputs` (one kernel; in interpret mode one per phase, the launch
+    boundary the grid barrier); returns every buffer the phases wrote, and "barrier"."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if interpret is True:
+        interpret = interpret_params()
+    plans = plan_tail(shape, tiling)
+    outs = _phase_outputs(shape, plans, phases)
     if barrier is not None and (barrier.shape != (BARRIER_WORDS,) or barrier.dtype != jnp.int16):
         raise ValueError(f"barrier must come from new_barrier_counter(), got "
                          f"{barrier.dtype}{list(barrier.shape)}")
     use_barrier = barrier is not None and not interpret and BARRIER_OPERAND
+    inputs = dict(inputs)
     if use_barrier:
         inputs["barrier"] = jax.new_ref(barrier)  # updated in place, aliased in and out
     scratch = _scratch(shape, tiling, plans, bool(interpret), use_barrier)
     if not interpret:
         stable_kernel_hashes()  # one compile of the kernel per process, not per step program
-    launches = ([tuple(range(len(plans)))] if not interpret else
-                [(p,) for p in range(len(plans))])
+    launches = [phases] if not interpret else [(p,) for p in phases]
     produced: dict = {}
-    for phases in launches:
+    for launch in launches:
         in_names = [n for n in _INPUTS if n in inputs] + list(produced)
-        out_specs = [o for p in phases for o in outs[p]]
+        out_specs = [o for p in launch for o in outs[p]]
         names = in_names + [o[0] for o in out_specs] + list(scratch)
-        body = _make_body(shape, tiling, plans, phases, names, bool(interpret), diagnostic)
+        body = _make_body(shape, tiling, plans, launch, names, bool(interpret), diagnostic)
         results = plgpu.kernel(
             body,
             out_type=tuple(jax.ShapeDtypeStruct(s, d) for _, s, d in out_specs),
@@ -475,21 +535,20 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
             **({"interpret": interpret} if interpret else {}),
         )(*[inputs[n] if n in inputs else produced[n] for n in in_names])
         produced.update({o[0]: v for o, v in zip(out_specs, results)})
-    out = {k: v for k, v in produced.items() if k in ("h1", "part_d", "h2", "part_qkv")}
     if barrier is not None:
-        out["barrier"] = jax.ref.freeze(inputs["barrier"]) if use_barrier else barrier
-    return out
+        produced["barrier"] = jax.ref.freeze(inputs["barrier"]) if use_barrier else barrier
+    return produced
 
 
-def _check(shape: TailShape, h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv):
+def _check(shape: TailShape, h, attn, **weights):
     hid, q, inter = shape.hidden, shape.q_size, shape.intermediate
-    want = {"wo": (wo, (q, hid)), "mlp_norm": (mlp_norm, (hid,)),
-            "w_gate_up": (w_gate_up, (hid, 2 * inter)), "w_down": (w_down, (inter, hid))}
-    if shape.qkv_size:
-        want.update(next_norm=(next_norm, (hid,)), next_wqkv=(next_wqkv, (hid, shape.qkv_size)))
-    for name, (x, s) in want.items():
-        if x.shape != s or x.dtype != jnp.bfloat16:
-            raise ValueError(f"{name} must be bf16 of shape {s}, got {x.dtype}{list(x.shape)}")
+    want = {"wo": (q, hid), "mlp_norm": (hid,), "w_gate_up": (hid, 2 * inter),
+            "w_down": (inter, hid), "next_norm": (hid,), "next_wqkv": (hid, shape.qkv_size),
+            "final_norm": (hid,)}
+    for name, x in weights.items():
+        if x is not None and (x.shape != want[name] or x.dtype != jnp.bfloat16):
+            raise ValueError(f"{name} must be bf16 of shape {want[name]}, got "
+                             f"{x.dtype}{list(x.shape)}")
     if h.size != hid or h.dtype != jnp.bfloat16:
         raise ValueError(f"h must be one bf16 row of {hid} values, got {h.dtype}{list(h.shape)}")
     if attn is not None and (attn.size != q or attn.dtype != jnp.bfloat16):  # None: splits
@@ -498,21 +557,14 @@ def _check(shape: TailShape, h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm
 
 
 def decode_layer_tail_reference(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None,
-                                next_wqkv=None, *, eps: float, splits=None) -> dict:
+                                next_wqkv=None, *, final_norm=None, eps: float) -> dict:
     """The kernel's arithmetic in jnp (float32 accumulation, the same bf16 roundings); partials
     are returned summed in slot 0 of a [1, n] array (their split is an implementation detail:
     compare sums)."""
     f32 = jnp.float32
     hidden = h.shape[-1]
-
-    def norm(row_bf16, w):
-        x = row_bf16.astype(f32)
-        inv = lax.rsqrt(jnp.sum(x * x) / hidden + eps)
-        return ((x * inv).astype(jnp.bfloat16).astype(f32) * w.astype(f32)).astype(jnp.bfloat16)
-
-    def mm(x, w):
-        return jnp.dot(x.astype(f32), w.astype(f32), precision=lax.Precision.HIGHEST)
-
+    norm = functools.partial(_reference_norm, eps=eps)
+    mm = _reference_matmul
     h = h.reshape(hidden)
     h1 = (h.astype(f32) + mm(attn.reshape(-1), wo)).astype(jnp.bfloat16)
     gu = mm(norm(h1, mlp_norm), w_gate_up)
@@ -520,10 +572,30 @@ def decode_layer_tail_reference(h, attn, wo, mlp_norm, w_gate_up, w_down, next_n
     act = (gate * jax.nn.sigmoid(gate) * up).astype(jnp.bfloat16)
     d = mm(act, w_down)
     out = {"h1": h1, "part_d": d[None]}
+    h2 = (h1.astype(f32) + d).astype(jnp.bfloat16)
     if next_wqkv is not None:
-        h2 = (h1.astype(f32) + d).astype(jnp.bfloat16)
         out.update(h2=h2, part_qkv=mm(norm(h2, next_norm), next_wqkv)[None])
+    if final_norm is not None:
+        out.update(x=norm(h2, final_norm))
     return out
+
+
+def decode_row_qkv_reference(h, norm, wqkv, *, eps: float) -> dict:
+    """decode_row_qkv_mgpu's arithmetic in jnp; the partials summed in slot 0 of [1, n]."""
+    return {"part_qkv": _reference_matmul(_reference_norm(h.reshape(-1), norm, eps), wqkv)[None]}
+
+
+def _reference_norm(row_bf16, weight, eps: float):
+    """_rms_scaled in jnp."""
+    x = row_bf16.astype(jnp.float32)
+    inv = lax.rsqrt(jnp.sum(x * x) / x.shape[0] + eps)
+    normed = (x * inv).astype(jnp.bfloat16).astype(jnp.float32)
+    return (normed * weight.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _reference_matmul(x, w):
+    return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
 
 
 def random_tail_inputs(seed: int, hidden: int, q_size: int, intermediate: int,

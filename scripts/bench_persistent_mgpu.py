@@ -60,6 +60,17 @@ class MgpuTiling:
     num_ctas: int = 128   # every projection's tile count must be a multiple of it
 
 
+def fewest_splits(layer: Layer, block_k: int, block_n: int, num_ctas: int = 128) -> tuple:
+    """Per projection, the smallest split-K factor that deals its tiles evenly to the CTAs."""
+    splits = []
+    for k_total, n_total in layer.shapes:
+        strips = n_total // block_n
+        splits.append(next(s for s in range(1, k_total // block_k + 1)
+                           if (s * strips) % num_ctas == 0 and (k_total // s) % block_k == 0
+                           and k_total % s == 0))
+    return tuple(splits)
+
+
 def phase_plan(layer: Layer, tiling: MgpuTiling) -> list[tuple[int, int, int, int]]:
     """Per projection: (tiles per CTA, chunks per tile, rows per tile, column strips)."""
     plan = []
@@ -216,6 +227,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--chunks", nargs="+", default=["128x64"],
+                        help="weight chunk shapes BLOCK_KxBLOCK_N (rows x columns; a chunk's "
+                        "row is BLOCK_N x 2 contiguous bytes of the weight)")
+    parser.add_argument("--variants", nargs="+", default=["stream", "barriers"],
+                        choices=["stream", "barriers"])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--check-interpret", action="store_true",
@@ -234,23 +250,29 @@ def main(argv=None) -> int:
     weight_bytes = sum(w.size * w.dtype.itemsize for w in weights)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "layer": vars(layer), "weight_MB": weight_bytes / 1e6, "runs": []}
-    print("| variant | stages | device us | GB/s | max abs err |\n|---|---|---|---|---|")
-    for barriers in (False, True):
-        for stages in args.stages:
-            tiling = MgpuTiling(stages=stages)
-            run = persistent_stream(layer, tiling, barriers=barriers)
+    print("| variant | chunk | stages | device us | GB/s | max abs err |\n"
+          "|---|---|---|---|---|---|")
+    for variant, chunk, stages in [(v, c, s) for v in args.variants for c in args.chunks
+                                   for s in args.stages]:
+        barriers = variant == "barriers"
+        bk, bn = map(int, chunk.split("x"))
+        tiling = MgpuTiling(fewest_splits(layer, bk, bn), bn, bk, stages)
+        run = persistent_stream(layer, tiling, barriers=barriers)
+        try:
             out = np.asarray(jax.jit(run)(x_pad, weights))
-            err = float(np.max(np.abs(out - reference(x, weights, layer, tiling))))
+        except Exception as e:  # e.g. a ring that does not fit in shared memory
+            print(f"| {variant} | {chunk} | {stages} | failed: {str(e).splitlines()[0][:80]} |")
+            continue
+        err = float(np.max(np.abs(out - reference(x, weights, layer, tiling))))
 
-            def step(xp, run=run):  # the kernel's output feeds the next call's input
-                return (xp + (run(xp, weights).sum() * 0).astype(xp.dtype),)
-            _, kernels = device_us_per_call(step, (x_pad,), args.iters, args.reps)
-            us = kernels.get(KERNEL_NAME + "_mosaic_gpu_kernel", float("nan"))
-            variant = "barriers" if barriers else "stream"
-            print(f"| {variant} | {stages} | {us:.1f} | {weight_bytes / us / 1e3:.0f} | "
-                  f"{err:.3g} |", flush=True)
-            results["runs"].append({"variant": variant, "stages": stages, "device_us": us,
-                                    "max_abs_err": err, "tiling": dataclasses.asdict(tiling)})
+        def step(xp, run=run):  # the kernel's output feeds the next call's input
+            return (xp + (run(xp, weights).sum() * 0).astype(xp.dtype),)
+        _, kernels = device_us_per_call(step, (x_pad,), args.iters, args.reps)
+        us = kernels.get(KERNEL_NAME + "_mosaic_gpu_kernel", float("nan"))
+        print(f"| {variant} | {chunk} | {stages} | {us:.1f} | "
+              f"{weight_bytes / us / 1e3:.0f} | {err:.3g} |", flush=True)
+        results["runs"].append({"variant": variant, "stages": stages, "device_us": us,
+                                "max_abs_err": err, "tiling": dataclasses.asdict(tiling)})
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

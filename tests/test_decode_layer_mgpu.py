@@ -15,9 +15,9 @@ pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 from jinfer.model import rms_norm  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling,  # noqa: E402
                                               decode_layer_tail_mgpu,
-                                              decode_layer_tail_reference, new_barrier_counter,
-                                              plan_phase,
-                                              plan_tail, random_tail_inputs)
+                                              decode_layer_tail_reference, decode_row_qkv_mgpu,
+                                              decode_row_qkv_reference, new_barrier_counter,
+                                              plan_phase, plan_tail, random_tail_inputs)
 
 EPS = 1e-5
 SMALL = TailTiling(block_n=64, block_k=64, stages=3, num_ctas=4)
@@ -62,12 +62,12 @@ def check(out, ref, layer, has_next):
 
 def test_plan_of_llama_1b():
     plans = plan_tail(TailShape(2048, 2048, 8192, 3072, EPS), TailTiling())
-    got = [(p.splits, p.group, p.strips_per_cta, p.chunks, p.paired) for p in plans]
+    got = [(p.splits, p.group, p.strips_per_cta, p.chunks, p.paired) for p in plans.values()]
     # wo and down: 4 K-ranges x 32 strips; gate/up: one strip pair per CTA over all of K;
     # QKV: 8 K-ranges x 16 CTAs x 3 strips. 58 chunks of 16 KB per CTA in all.
     assert got == [(4, 32, 1, 4, False), (1, 128, 1, 16, True), (4, 32, 1, 16, False),
                    (8, 16, 3, 2, False)]
-    assert sum(p.steps for p in plans) == 58
+    assert sum(p.steps for p in plans.values()) == 58
 
 
 def test_plan_rejects_shapes_that_do_not_split():
@@ -92,6 +92,45 @@ def test_interpret_matches_reference_and_model(has_next):
     ref = decode_layer_tail_reference(**layer, eps=EPS)
     assert set(out) == set(ref)
     check(out, ref, layer, has_next)
+
+
+def check_final_and_first(last_layer, final_norm, first, run_tail, run_qkv):
+    """The last layer with the final norm (its "x" against the reference's and the model's
+    rms_norm of its output row) and the first layer's QKV row alone (against the reference and
+    the model's norm + dot)."""
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    out = run_tail(**last_layer, final_norm=final_norm)
+    ref = decode_layer_tail_reference(**last_layer, final_norm=final_norm, eps=EPS)
+    check(out, ref, last_layer, False)
+    # x: the norm of a row that may differ from the reference's by a bf16 step per element
+    np.testing.assert_allclose(f32(out["x"]), f32(ref["x"]), rtol=2 ** -6, atol=1e-2)
+    h2 = (f32(out["h1"]) + f32(out["part_d"]).sum(0)).astype(jnp.bfloat16)
+    model_x = rms_norm(jnp.asarray(h2), final_norm, EPS)
+    np.testing.assert_allclose(f32(out["x"]), f32(model_x), rtol=2 ** -7, atol=1e-6)
+
+    h, norm, wqkv = first["h"], first["next_norm"], first["next_wqkv"]
+    got = f32(run_qkv(h, norm, wqkv)["part_qkv"]).sum(0)
+    want = f32(decode_row_qkv_reference(h, norm, wqkv, eps=EPS)["part_qkv"][0])
+    assert np.max(np.abs(got - want)) <= 1e-3 * np.max(np.abs(want))
+    model = f32(rms_norm(h, norm, EPS) @ wqkv)
+    assert np.max(np.abs(got - model)) <= 0.02 * np.max(np.abs(model))
+
+
+def test_interpret_final_norm_and_first_qkv():
+    """The last layer ending with the model's final norm, and the first layer's QKV row
+    (P3 alone), in interpret mode."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("interpret mode is tested on the CPU backend")
+    last = random_tail_inputs(7, hidden=256, q_size=256, intermediate=512)
+    first = random_tail_inputs(8, hidden=256, q_size=256, intermediate=512, qkv_size=384)
+    final_norm = first["mlp_norm"]
+    check_final_and_first(
+        last, final_norm, first,
+        lambda **kw: decode_layer_tail_mgpu(**kw, eps=EPS, tiling=SMALL, interpret=True),
+        lambda *a: decode_row_qkv_mgpu(*a, eps=EPS, tiling=SMALL, interpret=True))
+    with pytest.raises(ValueError, match="final_norm is the last layer's"):
+        decode_layer_tail_mgpu(**first, final_norm=final_norm, eps=EPS, tiling=SMALL,
+                               interpret=True)
 
 
 def attention_splits(seed: int, attn_size: int, splits: int = 3, head_dim: int = 64):
@@ -171,6 +210,20 @@ def test_gpu_llama_1b_shape(has_next, stages, splits):
     ref = decode_layer_tail_reference(**layer, eps=EPS)
     for _ in range(5):
         check(run(**given), ref, layer, has_next)
+
+
+@pytest.mark.gpu
+def test_gpu_final_norm_and_first_qkv():
+    if not _hopper():
+        pytest.skip("the kernel needs a Hopper GPU (wgmma, TMA)")
+    last = random_tail_inputs(9, hidden=2048, q_size=2048, intermediate=8192)
+    first = random_tail_inputs(10, hidden=2048, q_size=2048, intermediate=8192, qkv_size=3072)
+    tiling = TailTiling(stages=4)
+    check_final_and_first(
+        last, first["mlp_norm"], first,
+        jax.jit(lambda **kw: decode_layer_tail_mgpu(**kw, eps=EPS, tiling=tiling,
+                                                    interpret=False)),
+        jax.jit(lambda *a: decode_row_qkv_mgpu(*a, eps=EPS, tiling=tiling, interpret=False)))
 
 
 @pytest.mark.gpu
