@@ -180,6 +180,7 @@ def plan_tail(shape: TailShape, tiling: TailTiling) -> dict[int, PhasePlan]:
     return plans
 
 
+PROFILE_EVENTS = 64  # profiler entries per warpgroup (2 per region, 3 for a header)
 FINAL_NORM = 4  # the phase without weights: the last layer's output row, final-normed
 
 
@@ -307,7 +308,8 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
                     weight.at[pl.ds(row, bk), pl.ds(col, bn)],
                     r["w_smem"].at[slot], r["ready"].at[slot])
                 return carry
-            lax.fori_loop(0, count, fill, None)
+            with jax.named_scope(f"load_p{p}"):  # (regions: see `profile_dir`)
+                lax.fori_loop(0, count, fill, None)
             first += count
 
     def build_input(p, r, cta, plan):
@@ -379,28 +381,36 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
         first = 0
         for i, p in enumerate(phases):
             if i and "barrier" not in diagnostic:
-                _grid_barrier(counter, i - 1, base, num_ctas)
+                with jax.named_scope(f"barrier{i - 1}"):
+                    _grid_barrier(counter, i - 1, base, num_ctas)
             if p == FINAL_NORM:
-                final_norm(r, cta)
+                with jax.named_scope("final_norm"):
+                    final_norm(r, cta)
                 continue
             plan = plans[p]
-            x_off = build_input(p, r, cta, plan) if "build" not in diagnostic else 0
-            plgpu.commit_smem()  # x_vec written by all threads, read by all below
-            split = lax.div(cta, plan.group)
-            for t in range(plan.strips_per_cta):
-                if plan.paired:
-                    col = plan.column(cta, 2 * t)  # the gate strip: act's columns
-                    gate = matmul_tile(r, plan, x_off, first + 2 * t * plan.chunks)
-                    up = matmul_tile(r, plan, x_off, first + (2 * t + 1) * plan.chunks)
-                    act = gate * jax.nn.sigmoid(gate) * up
-                    store_row(r, act, r["act"].at[pl.ds(0, 1), pl.ds(col, bn)])
-                else:
-                    col = plan.column(cta, t)
-                    out = matmul_tile(r, plan, x_off, first + t * plan.chunks)
-                    dst = r[{0: "part_o", 2: "part_d", 3: "part_qkv"}[p]]
-                    store_row(r, out, dst.at[pl.ds(split, 1), pl.ds(col, bn)])
+            with jax.named_scope(f"build_p{p}"):
+                x_off = build_input(p, r, cta, plan) if "build" not in diagnostic else 0
+                plgpu.commit_smem()  # x_vec written by all threads, read by all below
+            with jax.named_scope(f"matmul_p{p}"):
+                matmul_phase(r, cta, p, plan, x_off, first)
             first += steps[i]
-            plgpu.wait_smem_to_gmem(0)  # this phase's rows are in GMEM before the barrier
+
+    def matmul_phase(r, cta, p, plan, x_off, first):
+        """The CTA's tiles of phase p, their rows stored to GMEM (complete on return)."""
+        split = lax.div(cta, plan.group)
+        for t in range(plan.strips_per_cta):
+            if plan.paired:
+                col = plan.column(cta, 2 * t)  # the gate strip: act's columns
+                gate = matmul_tile(r, plan, x_off, first + 2 * t * plan.chunks)
+                up = matmul_tile(r, plan, x_off, first + (2 * t + 1) * plan.chunks)
+                act = gate * jax.nn.sigmoid(gate) * up
+                store_row(r, act, r["act"].at[pl.ds(0, 1), pl.ds(col, bn)])
+            else:
+                col = plan.column(cta, t)
+                out = matmul_tile(r, plan, x_off, first + t * plan.chunks)
+                dst = r[{0: "part_o", 2: "part_d", 3: "part_qkv"}[p]]
+                store_row(r, out, dst.at[pl.ds(split, 1), pl.ds(col, bn)])
+        plgpu.wait_smem_to_gmem(0)  # this phase's rows are in GMEM before the barrier
 
     def body(*refs):
         r = dict(zip(names, refs))
@@ -431,7 +441,8 @@ def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool, barri
 def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None,
                            next_wqkv=None, *, final_norm=None, eps: float,
                            tiling: TailTiling = TailTiling(), barrier: Optional[jax.Array] = None,
-                           interpret: Any = None, diagnostic: frozenset = frozenset()) -> dict:
+                           interpret: Any = None, diagnostic: frozenset = frozenset(),
+                           profile_dir: Optional[str] = None) -> dict:
     """One batch-1 decode row through wo, the MLP and (given) the next layer's QKV projection.
 
     h [hidden] bf16 (the residual stream entering the layer), attn [q_size] bf16 (the attention
@@ -452,7 +463,9 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
 
     `diagnostic` (timing experiments only; the results are then wrong): "barrier" skips the
     grid barriers, "build" the input rows, "l2" streams one weight chunk over and over (from
-    L2), to see what each costs.
+    L2), to see what each costs. `profile_dir`: Mosaic GPU's in-kernel profiler writes a
+    Chrome trace of every call there, per CTA and warpgroup: the regions load_pN (the memory
+    warpgroup's loads of phase N), barrierN, build_pN and matmul_pN (the compute warpgroup's).
     """
     split = isinstance(attn, (tuple, list))
     if split:
@@ -481,7 +494,7 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
         inputs.update(final_norm=final_norm)
     phases = (0, 1, 2) + ((3,) if has_next else ()) + (
         (FINAL_NORM,) if final_norm is not None else ())
-    out = _run(shape, phases, inputs, tiling, barrier, interpret, diagnostic)
+    out = _run(shape, phases, inputs, tiling, barrier, interpret, diagnostic, profile_dir)
     return {k: v for k, v in out.items() if k in ("h1", "part_d", "h2", "part_qkv", "x",
                                                   "barrier")}
 
@@ -501,7 +514,7 @@ def decode_row_qkv_mgpu(h, norm, wqkv, *, eps: float, tiling: TailTiling = TailT
 
 
 def _run(shape: TailShape, phases: tuple, inputs: dict, tiling: TailTiling, barrier,
-         interpret, diagnostic) -> dict:
+         interpret, diagnostic, profile_dir=None) -> dict:
     """Launches `phases` over `inputs` (one kernel; in interpret mode one per phase, the launch
     boundary the grid barrier); returns every buffer the phases wrote, and "barrier"."""
     if interpret is None:
@@ -533,6 +546,9 @@ def _run(shape: TailShape, phases: tuple, inputs: dict, tiling: TailTiling, barr
             scratch_types=tuple(scratch.values()), grid=(tiling.num_ctas,),
             grid_names=("cta",), num_threads=2, thread_name="wg",
             **({"interpret": interpret} if interpret else {}),
+            **({"compiler_params": plgpu.CompilerParams(profile_space=PROFILE_EVENTS,
+                                                        profile_dir=profile_dir)}
+               if profile_dir else {}),
         )(*[inputs[n] if n in inputs else produced[n] for n in in_names])
         produced.update({o[0]: v for o, v in zip(out_specs, results)})
     if barrier is not None:

@@ -74,6 +74,41 @@ def stack_wall_us(tail, layers: list[dict], num_layers: int, calls: int, reps: i
     return best
 
 
+def profile_regions(trace_file: pathlib.Path, clock_ghz: float) -> dict:
+    """The in-kernel profiler's trace of one call (decode_layer_tail_mgpu's `profile_dir`) ->
+    per region: CTAs that ran it, mean and max duration (us), and its span over the grid (us
+    from the first CTA's start to the last CTA's end); "kernel": the span of all regions.
+    A trace's timestamps are (its warpgroup's start on the global timer, ns, + SM clock cycles
+    since its first event) / 1e3: cycles are converted at `clock_ghz`, so spans across CTAs
+    are as good as the clock estimate and the global timer's alignment."""
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    first_ts: dict = {}
+    for e in events:
+        first_ts.setdefault(e["tid"], e["ts"])  # each trace's first event: cycle offset 0
+
+    def to_us(e):  # the event's time on the global timer, us
+        base = first_ts[e["tid"]]
+        return base + (e["ts"] - base) / clock_ghz
+    spans: dict = {}
+    open_regions: dict = {}
+    for e in sorted(events, key=lambda e: (e["tid"], e["ts"])):
+        key = (e["tid"], e["name"])
+        if e["ph"] == "B":
+            open_regions[key] = to_us(e)
+        else:
+            spans.setdefault(e["name"], []).append((open_regions.pop(key), to_us(e)))
+    regions = {}
+    for name, pairs in sorted(spans.items()):
+        durations = [end - begin for begin, end in pairs]
+        regions[name] = {"ctas": len(pairs), "mean_us": float(np.mean(durations)),
+                         "max_us": float(np.max(durations)),
+                         "span_us": max(e for _, e in pairs) - min(b for b, _ in pairs)}
+    first = min(b for pairs in spans.values() for b, _ in pairs)
+    last = max(e for pairs in spans.values() for _, e in pairs)
+    regions["kernel"] = {"span_us": last - first}
+    return regions
+
+
 def max_errors(out, ref) -> dict[str, float]:
     errs = {}
     for key, want in ref.items():
@@ -97,6 +132,10 @@ def main(argv=None) -> int:
     parser.add_argument("--stack", type=int, default=16,
                         help="also time a jitted stack of this many layers (0: skip)")
     parser.add_argument("--checks", type=int, default=10, help="calls compared to the reference")
+    parser.add_argument("--profile-dir", help="also profile one call in the kernel (regions per "
+                        "CTA: loads, barriers, input builds, products) with traces written here")
+    parser.add_argument("--sm-clock-ghz", type=float, default=1.98,
+                        help="SM clock for the profile's cycle counts (H100 SXM: 1.98)")
     args = parser.parse_args(argv)
 
     layer = random_tail_inputs(0, 2048, 2048, 8192, 3072)  # Llama-3.2-1B
@@ -160,6 +199,25 @@ def main(argv=None) -> int:
             print(f"stack of {args.stack} layers, {name}: {us:.1f} us per layer (wall)",
                   flush=True)
             results[f"stack_wall_us_per_layer_{name}"] = us
+    if args.profile_dir:
+        results["profile"] = {}
+        for stages in args.stages:
+            trace_dir = pathlib.Path(args.profile_dir) / f"stages{stages}"
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            run = jax.jit(lambda *a, stages=stages, trace_dir=trace_dir: decode_layer_tail_mgpu(
+                *a, eps=EPS, tiling=TailTiling(stages=stages), interpret=False,
+                barrier=new_barrier_counter(), profile_dir=str(trace_dir)))
+            for _ in range(3):  # the last call's trace, after the compile and warm caches
+                jax.block_until_ready(run(*layer.values()))
+            trace = max(trace_dir.glob("*trace.json"), key=lambda f: f.stat().st_mtime)
+            regions = profile_regions(trace, args.sm_clock_ghz)
+            print(f"\nin-kernel profile, {stages} stages ({trace.name}; us at "
+                  f"{args.sm_clock_ghz} GHz):\n"
+                  "| region | CTAs | mean us | max us | span us |\n|---|---|---|---|---|")
+            for name, r in regions.items():
+                print(f"| {name} | {r.get('ctas', '')} | {r.get('mean_us', float('nan')):.2f} |"
+                      f" {r.get('max_us', float('nan')):.2f} | {r['span_us']:.2f} |")
+            results["profile"][stages] = regions
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
