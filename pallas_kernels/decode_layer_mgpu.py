@@ -42,8 +42,8 @@ Design (warp specialised; measured by scripts/bench_layer_mgpu.py):
   not complete without this CTA) and rounds down to a multiple of the grid to get its call's
   base, so no barrier ever resets it. The counter is the caller's `barrier` buffer
   (`new_barrier_counter()`, threaded through a step's layers: one zero-fill per step) or, without
-  one, a `pl.get_global` semaphore, which Pallas zero-fills before every call — a memset kernel
-  per layer, ~2 us of a ~60 us layer with the launch gap it adds.
+  one, a `pl.get_global` semaphore, which Pallas zero-fills before every call: a memset kernel
+  per call, 1.1 us per layer more in a 16-layer stack (51.0 vs 49.9 us, H100).
 - Rounding follows the XLA model where it matters: h1, h2 and the normalised rows are rounded
   to bf16 as `rms_norm` rounds them; products are accumulated in float32 over the full K (XLA
   rounds each GEMM's output to bf16 first), so outputs differ from the model's by bf16 rounding.
