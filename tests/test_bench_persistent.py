@@ -45,3 +45,15 @@ def test_mosaic_gpu_stream_matches_numpy():
                                               num_ctas=4)
     err, scale = bench_persistent_mgpu.check_interpret(layer, tiling)
     assert err <= 1e-5 * scale, (err, scale)  # float32 sums of bf16 products, other order
+
+
+def test_fewest_splits_deal_tiles_evenly():
+    """--chunks: per projection the smallest split-K factor whose tiles the CTAs share evenly,
+    in whole chunks."""
+    layer = bench_persistent.Layer()
+    for block_k, block_n in [(128, 64), (64, 128), (64, 256)]:
+        splits = bench_persistent_mgpu.fewest_splits(layer, block_k, block_n)
+        for (k, n), s in zip(layer.shapes, splits):
+            assert (s * (n // block_n)) % 128 == 0 and (k // s) % block_k == 0
+            assert all((t * (n // block_n)) % 128 or (k // t) % block_k for t in range(1, s))
+    assert bench_persistent_mgpu.fewest_splits(layer, 128, 64) == (8, 4, 1, 4)
