@@ -208,11 +208,8 @@ def argmax_and_logsumexp(raw: jax.Array, processed: jax.Array,
     run as plain reductions."""
     if one_pass is None:
         one_pass = jax.default_backend() == "gpu"
-    if not one_pass:
-        top = jnp.max(raw, axis=-1)
-        safe = jnp.where(jnp.isfinite(top), top, 0.0)[:, None]  # as jax.nn.logsumexp does
-        total = jnp.sum(jnp.exp(raw - safe), axis=-1)
-        return argmax(processed), safe[:, 0] + jnp.log(total), top
+    if not one_pass:  # (XLA computes the row maximum once for all three)
+        return argmax(processed), jax.nn.logsumexp(raw, axis=-1), jnp.max(raw, axis=-1)
 
     def rescale(m, top):  # exp(m - top), and 1 where both are -inf
         return jnp.where(m == top, 1.0, jnp.exp(m - top))

@@ -257,15 +257,16 @@ def _merge_splits(r, cols):
     return (num / jnp.where(den > 0, den, 1.0)).astype(jnp.bfloat16)
 
 
-def _residual_norm(r, cta, base: str, parts: str, norm: str, out, shape: TailShape):
-    """rms_norm(bf16(r[base] + the sum of r[parts]' rows)) * r[norm] (the rows without
-    r[parts]), storing the bf16 sum to r[out] from CTA 0 (out given)."""
+def _residual_norm(r, cta, base: str, parts: str, norm: str, out: Optional[str],
+                   shape: TailShape):
+    """rms_norm(bf16(r[base] + the sum of r[parts]' rows)) * r[norm] (the row alone without
+    r[parts]), storing the bf16 sum to r[out] from CTA 0 (where out is one of the refs)."""
     row = r[base][...].astype(jnp.float32)
     if parts in r:
         for s in range(r[parts].shape[0]):
             row = row + r[parts][s]
     row_bf16 = row.astype(jnp.bfloat16)
-    if out is not None:
+    if out in r:
         @pl.when(cta == 0)
         def _store():
             r[out][...] = row_bf16
@@ -328,8 +329,7 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
         # of it)
         base, parts, norm, out = (("h", "part_o", "mlp_norm", "h1") if p == 1 else
                                   ("h1", "part_d", "next_norm", "h2"))
-        x_vec[pl.ds(0, hidden)] = _residual_norm(r, cta, base, parts, norm,
-                                                 out if out in r else None, shape)
+        x_vec[pl.ds(0, hidden)] = _residual_norm(r, cta, base, parts, norm, out, shape)
         return k0
 
     def final_norm(r, cta):
