@@ -22,9 +22,10 @@ import numpy as np
 from jinfer.attention import AttentionBackend, StepAttention, attend
 from jinfer.config import ModelConfig
 from jinfer.kv_cache import KVCache
-from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling, decode_layer_tail_mgpu,
-                                              decode_row_qkv_mgpu, new_barrier_counter,
-                                              plan_tail)
+from pallas_kernels.decode_layer_mgpu import (KEYS, AttentionShape, RowAttention, TailShape,
+                                              TailTiling, attention_splits,
+                                              decode_layer_tail_mgpu, decode_row_qkv_mgpu,
+                                              new_barrier_counter, plan_tail)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -120,6 +121,8 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
     barrier = new_barrier_counter()
     first = _row_qkv(h[0], layers[0]["attn_norm"], layers[0]["wqkv"], barrier, eps=eps,
                      tiling=tiling)
+    if _kernel_attention(config, kv_cache, tiling):
+        return _one_row_decode_own_attention(params, kv_cache, h, meta, config, first, tiling)
     qkv, barrier = first["part_qkv"][:, None], first["barrier"]  # [splits, 1, width]
     for layer, lp in enumerate(layers):
         following = layers[layer + 1] if layer + 1 < len(layers) else {}
@@ -134,6 +137,57 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
             if following:
                 h, qkv = tail["h2"][None], tail["part_qkv"][:, None]
     return tail["x"][None], kv_cache
+
+
+def _kernel_attention(config, kv_cache, tiling) -> bool:
+    """Whether the layer kernel computes the layers' attention itself (its first phase): on a
+    GPU, where the shapes fit. Not in Mosaic GPU's interpreter (CPU): inside a jitted step
+    (jax 0.10.2) its threads deadlocked intermittently on the phase's barriers (the kernel-level
+    interpret tests call the kernel outside jit)."""
+    if (not tiling.attention or jax.default_backend() == "cpu"
+            or kv_cache.k.dtype != jnp.bfloat16 or tiling.block_n != config.head_dim):
+        return False
+    try:
+        attention_splits(AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim,
+                                        kv_cache.block_size, kv_cache.num_blocks, 1.0), tiling)
+    except ValueError:
+        return False
+    return True
+
+
+def _one_row_decode_own_attention(params, kv_cache, h, meta, config, first, tiling):
+    """_one_row_decode with each layer's attention in its layer kernel (RoPE, the K/V write,
+    paged attention over context splits: pallas_kernels/decode_layer_mgpu.py's phase
+    ATTENTION): per layer one kernel, from the QKV partials to the next layer's. The step's
+    inputs to it: RoPE's rows at the position, the block table padded to whole key steps, and
+    (context before the new token, its slot)."""
+    layers, eps = params["layers"], config.rms_norm_eps
+    inv_freq = np.tile(rope_inv_freq(config), 2)  # [head_dim]: both halves
+    angles = meta.positions[0].astype(jnp.float32) * inv_freq
+    half = config.head_dim // 2
+    sign = np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
+    rope = jnp.stack([jnp.cos(angles), jnp.sin(angles) * sign])  # (cos|cos), (-sin|sin)
+    table = meta.decode.block_tables[0]
+    per_step = max(KEYS // kv_cache.block_size, 1)
+    pages = jnp.pad(table, (0, -table.shape[0] % per_step))  # past the table: block 0
+    context = jnp.stack([meta.decode.context_lens[0] - 1, meta.slot_mapping[0]])
+    qkv, barrier = first["part_qkv"], first["barrier"]
+    scale = 1.0 / math.sqrt(config.head_dim)
+    for layer, lp in enumerate(layers):
+        following = layers[layer + 1] if layer + 1 < len(layers) else {}
+        with jax.named_scope(f"layer_{layer}"):
+            attn = RowAttention(qkv, rope, kv_cache.k, kv_cache.v, pages,
+                                context.astype(jnp.int32), jnp.full((1,), layer, jnp.int32))
+            out = _layer_tail(
+                h[0], attn, lp["wo"], lp["mlp_norm"], lp["w_gate_up"], lp["w_down"],
+                following.get("attn_norm"), following.get("wqkv"),
+                None if following else params["final_norm"], barrier, eps=eps, tiling=tiling,
+                attn_scale=scale)
+            barrier = out["barrier"]
+            kv_cache = KVCache(k=out["k_pool"], v=out["v_pool"])
+            if following:
+                h, qkv = out["h2"][None], out["part_qkv"]
+    return out["x"][None], kv_cache
 
 
 def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):
@@ -157,15 +211,15 @@ def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):
     return out[0], KVCache(k=k_pool, v=v_pool)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "tiling"))
+@functools.partial(jax.jit, static_argnames=("eps", "tiling", "attn_scale"))
 def _layer_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv, final_norm,
-                barrier, *, eps, tiling):
+                barrier, *, eps, tiling, attn_scale=None):
     """decode_layer_tail_mgpu as one jitted function: every layer's call lowers to a call of
     the same function, so a step program lowers the kernel once, not once per layer (~0.5 s of
     Python each)."""
     return decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm,
                                   next_wqkv, final_norm=final_norm, eps=eps, tiling=tiling,
-                                  barrier=barrier)
+                                  barrier=barrier, attn_scale=attn_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "tiling"))

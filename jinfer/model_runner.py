@@ -35,8 +35,10 @@ MIN_PREFILL_BUCKET = 16
 # padded context, so this stays small; each extra bucket is one more compile per batch size.
 MIN_CONTEXT_BUCKET = 32
 # The layer kernel's tiling for one-row decode steps: 4 ring slots measured best on an H100
-# (scripts/bench_layer_mgpu.py: 48.4 us per Llama-3.2-1B layer; 49.2 with 8).
-LAYER_TILING = TailTiling(stages=4)
+# (scripts/bench_layer_mgpu.py: 48.4 us per Llama-3.2-1B layer; 49.2 with 8). Attention stays in
+# the fused attention kernel between layer kernels: as the layer kernel's first phase it measured
+# 919.9 against 941.5 tok/s (H100, scripts/bench_latency.py --layer-attention on / off).
+LAYER_TILING = TailTiling(stages=4, attention=False)
 
 
 def next_power_of_2(n: int) -> int:

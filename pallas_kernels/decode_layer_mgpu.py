@@ -21,6 +21,22 @@ input). The first layer's QKV row is P3 alone on the token's embedding
 (fused_decode's partials=True), which P0 merges as it reads its K-range (the engine's path:
 jinfer.model._one_row_decode), and P3's QKV partials go to the attention kernel as they are.
 
+Optionally (`attn` as a `RowAttention`: the QKV partials, RoPE's rows, the paged pools, the
+block table) the kernel also computes the layer's attention, as a phase ATTENTION before P0, so
+that per layer the step is one kernel from the QKV partials to the next layer's: CTA c takes KV
+head c // splits and context split c % splits (splits = num_ctas / kv_heads); it sums its
+heads' QKV partials, applies RoPE (x * cos + swap_halves(x) * sin, the swap a wgmma with a
+permutation matrix, exact in bf16), writes the new token's K/V row into the pools (Ref operands,
+updated in place; split 0), attends its split's keys (64-key steps of TMA page copies through
+the block table, double-buffered; S = Q K^T and P V on wgmma with the query group as rows of a
+64-row tile) and the new token (from registers, split 0), and stores its softmax state; P0
+merges the splits after a grid barrier. The memory warpgroup starts the weight stream once the
+phase's loads are issued (they would queue behind the weights in the SM's TMA unit otherwise).
+Measured end to end it is slower than the fused attention kernel between layer kernels (H100,
+Llama-3.2-1B, 256-token context: 919.9 vs 941.5 tok/s, scripts/bench_latency.py --layer-attention
+on / off): the phase's dependent loads, the extra grid barrier and its stores cost more than the
+kernel boundary they remove. The engine keeps it off (jinfer.model_runner.LAYER_TILING).
+
 Design (warp specialised; measured by scripts/bench_layer_mgpu.py):
 - Two warpgroups per CTA. The memory warpgroup TMA-copies every weight chunk ([block_k,
   block_n] bf16) this CTA multiplies, phase after phase, into a ring of `stages` shared-memory
@@ -64,7 +80,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -73,22 +91,74 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu_cache import stable_kernel_hashes
-from pallas_kernels.paged_prefill_mgpu import interpret_params
+from pallas_kernels.paged_decode import LOG2E, NEG_INF
+from pallas_kernels.paged_prefill_mgpu import _accumulate_pv, _k_operand, interpret_params
 
 ROWS = 64  # wgmma's M: the one input row broadcast to 64
 _TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 64 bf16 = 128 B rows
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """The layer's attention, when the kernel computes it (phase ATTENTION): heads, the paged
+    pool's geometry and the softmax scale."""
+
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    num_blocks: int   # pool blocks per layer
+    scale: float
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.kv_heads
+
+    @property
+    def chunk(self) -> int:  # keys per TMA copy: a page, or the part of one in a key step
+        return min(self.block_size, KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
 class TailShape:
     """The layer's sizes: hidden, attention output width (num_heads * head_dim), MLP width and
-    the next layer's QKV width (0: no next layer)."""
+    the next layer's QKV width (0: no next layer); `attention`: the kernel's own attention
+    phase (None: the attention output comes in)."""
 
     hidden: int
     q_size: int
     intermediate: int
     qkv_size: int
     eps: float
+    attention: Optional[AttentionShape] = None
+
+
+class RowAttention(NamedTuple):
+    """The layer's attention inputs, for the kernel to compute it itself (phase ATTENTION)
+    instead of taking its output (see `decode_layer_tail_mgpu`)."""
+
+    qkv_parts: jax.Array  # [splits, (num_heads + 2 kv_heads) * head_dim] float32: QKV partials
+    rope: jax.Array       # [2, head_dim] float32: `rope_rows` at the token's position
+    k_pool: jax.Array     # [layers, num_blocks, block_size, kv_heads, head_dim]
+    v_pool: jax.Array
+    pages: jax.Array      # [width] int32: the sequence's block table (entries past it: 0)
+    meta: jax.Array       # [2] int32: (context tokens before the new one, its slot (< 0: none))
+    layer: jax.Array      # [1] int32: the layer of the pools
+
+
+def rope_rows(cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE's cos / sin [head_dim / 2] at one position -> [2, head_dim] float32 rows
+    (cos | cos) and (-sin | sin): rotate-half is x * row0 + swap_halves(x) * row1."""
+    cos, sin = cos.astype(jnp.float32).reshape(-1), sin.astype(jnp.float32).reshape(-1)
+    return jnp.stack([jnp.concatenate([cos, cos]), jnp.concatenate([-sin, sin])])
+
+
+def _swap_halves_matrix(head_dim: int) -> np.ndarray:
+    """[head_dim, head_dim] bf16 permutation P: x @ P swaps x's halves (exact in bf16)."""
+    half = head_dim // 2
+    perm = np.zeros((head_dim, head_dim), np.float32)
+    perm[np.arange(head_dim), (np.arange(head_dim) + half) % head_dim] = 1
+    return perm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +167,7 @@ class TailTiling:
     block_k: int = 128
     stages: int = 8
     num_ctas: int = 128
+    attention: bool = True  # for callers: each layer's attention as the kernel's first phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +236,29 @@ def plan_phase(k: int, n: int, tiling: TailTiling, *, paired: bool = False) -> P
                      f"[{bk}, {bn}] chunks" + (" without splitting K" if paired else ""))
 
 
+KEYS = 64  # keys per attention step: S = Q K^T's N, P V's K
+
+
+def attention_splits(a: AttentionShape, tiling: TailTiling) -> int:
+    """Context splits of the attention phase (one CTA per KV head and split); ValueError if
+    the kernel does not take this attention."""
+    if tiling.num_ctas % a.kv_heads or a.num_heads % a.kv_heads:
+        raise ValueError(f"{a.kv_heads} KV heads do not divide {tiling.num_ctas} CTAs "
+                         f"(or {a.num_heads} query heads)")
+    if a.head_dim != 64 or a.group > ROWS - 1:
+        raise ValueError(f"the attention phase takes head_dim 64 and up to {ROWS - 1} query "
+                         f"heads per KV head, got head_dim={a.head_dim}, group={a.group}")
+    if a.block_size < 8 or a.block_size & (a.block_size - 1):
+        raise ValueError(f"the attention phase needs a power-of-two block_size >= 8, got "
+                         f"{a.block_size}")
+    return tiling.num_ctas // a.kv_heads
+
+
 def plan_tail(shape: TailShape, tiling: TailTiling) -> dict[int, PhasePlan]:
     """Plans of the phases with weights, by phase: P0..P2 (with q_size), P3 (with qkv_size);
     ValueError if the shape does not fit."""
+    if shape.attention is not None:
+        attention_splits(shape.attention, tiling)
     plans = {}
     if shape.q_size:
         plans[0] = plan_phase(shape.q_size, shape.hidden, tiling)
@@ -182,9 +273,11 @@ def plan_tail(shape: TailShape, tiling: TailTiling) -> dict[int, PhasePlan]:
 
 PROFILE_EVENTS = 64  # profiler entries per warpgroup (2 per region, 3 for a header)
 FINAL_NORM = 4  # the phase without weights: the last layer's output row, final-normed
+ATTENTION = 5   # the phase before P0, without weights: the layer's attention (RowAttention)
 
 
-def _phase_outputs(shape: TailShape, plans: dict, phases: tuple) -> dict[int, list[tuple]]:
+def _phase_outputs(shape: TailShape, plans: dict, phases: tuple, tiling: TailTiling,
+                   interpret: bool) -> dict[int, list[tuple]]:
     """Buffers each phase writes (name, shape, dtype), in the kernel's output order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     outs = {0: [("part_o", (plans[0].splits, shape.hidden), f32)],
@@ -194,11 +287,20 @@ def _phase_outputs(shape: TailShape, plans: dict, phases: tuple) -> dict[int, li
     if 3 in plans:  # h2 only after a layer (alone, P3 takes its row as it is)
         outs[3] = [("part_qkv", (plans[3].splits, shape.qkv_size), f32)] + (
             [("h2", (shape.hidden,), bf16)] if 0 in plans else [])
+    if shape.attention is not None:  # the context splits' softmax states, as P0 merges them
+        a = shape.attention
+        state = (attention_splits(a, tiling), shape.q_size)
+        outs[ATTENTION] = [("attn_acc", state, f32), ("attn_max", state, f32),
+                           ("attn_sum", state, f32)] + (
+            # without Ref operands: the new token's rotated K and V row, for the caller to
+            # write into the pools
+            [("kv_new", (2, a.kv_heads, a.head_dim), bf16)] if interpret else [])
     return {p: outs[p] for p in phases}
 
 
-_INPUTS = ("h", "h1", "attn", "attn_acc", "attn_max", "attn_sum", "wo", "mlp_norm", "w_gate_up",
-           "w_down", "next_norm", "next_wqkv", "final_norm", "barrier")
+_INPUTS = ("h", "h1", "attn", "attn_acc", "attn_max", "attn_sum", "qkv_parts", "rope",
+           "rope_perm", "pages", "meta", "layer", "k_pool", "v_pool", "wo", "mlp_norm",
+           "w_gate_up", "w_down", "next_norm", "next_wqkv", "final_norm", "barrier")
 
 # The caller-held barrier counter: int16 words (Pallas accepts 16-bit refs as semaphores; the
 # counter is the 32-bit word at word 0) and, 16 bytes in, an 8-word slot that only declares the
@@ -220,6 +322,28 @@ def _load(ref, layout, interpret):
         return plgpu.load(ref, layout=layout)
     except TypeError:  # jax 0.10: the index is a positional argument
         return plgpu.load(ref, (), layout=layout)
+
+
+def _wg_layout(x, layout, interpret):
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _wg_iota(shape, dimension: int, interpret):
+    return _wg_layout(lax.broadcasted_iota(jnp.int32, shape, dimension), plgpu.Layout.WGMMA,
+                      interpret)
+
+
+def _wgmma_rows(r, a, b_ref, n: int, scratch: str, interpret):
+    """a [64, k] bf16 (registers) @ b_ref [k, n] (shared memory) -> float32 [64, n]; in
+    interpret mode `a` goes through shared-memory scratch (no register operands there)."""
+    if interpret:
+        r[scratch][...] = a
+        a = r[scratch]
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+        return acc_ref[...]
+    return pl.run_scoped(product, plgpu.ACC((ROWS, n), jnp.float32))
 
 
 def _grid_barrier(counter, index: int, base, num_ctas):
@@ -292,6 +416,10 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
     weight_of = {0: "wo", 1: "w_gate_up", 2: "w_down", 3: "next_wqkv"}
 
     def producer(r, cta):
+        if ATTENTION in phases and not interpret:
+            # The attention phase's loads go first: they are on the critical path, and this
+            # SM's TMA unit would otherwise queue them behind `stages` weight chunks.
+            plgpu.barrier_wait(r["pa_issued"])
         first = 0
         for p, count in zip(phases, steps):
             if p not in plans:  # no weights
@@ -331,6 +459,141 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
                                   ("h1", "part_d", "next_norm", "h2"))
         x_vec[pl.ds(0, hidden)] = _residual_norm(r, cta, base, parts, norm, out, shape)
         return k0
+
+    def attention(r, cta):
+        """ATTENTION: CTA c takes KV head c // splits and context split c % splits. It sums its
+        heads' QKV partials, rotates q and k (RoPE: x * cos + (x @ swap) * sin, the halves'
+        swap a wgmma with a permutation), writes the new K/V row (split 0), attends its
+        split's pool keys (TMA pages through the block table, double-buffered; S and P V on
+        wgmma, the group's query heads as rows of a 64-row tile) and the new token (split 0:
+        a key block of 64 copies of it, one visible), and stores its softmax state (acc, base-2
+        max, sum; max and sum repeated along each head's values) for P0 to merge."""
+        a = shape.attention
+        dim, group, bs, chunk = a.head_dim, a.group, a.block_size, a.chunk
+        splits = attention_splits(a, tiling)
+        head, split = lax.div(cta, splits), lax.rem(cta, splits)
+        f32, bf16 = jnp.float32, jnp.bfloat16
+        layer = r["layer"][0]
+        n = r["meta"][0]            # context tokens in the pool (before the new one)
+        slot = r["meta"][1]         # the new token's slot in this layer's pool (< 0: none)
+        total = (n + KEYS - 1) // KEYS
+        per = (total + splits - 1) // splits
+        lo = split * per
+        hi = jnp.minimum(lo + per, total)
+        pool_row0 = layer * (a.num_blocks * bs)
+
+        def issue(step, buf):  # this step's pages of K and V into buffer `buf`
+            for c in range(KEYS // chunk):
+                key = step * KEYS + c * chunk
+                page = r["pages"][lax.div(key, bs)]
+                row = pl.multiple_of(pool_row0 + page * bs + lax.rem(key, bs), chunk)
+                for pool, dst in (("k_pool", "k_buf"), ("v_pool", "v_buf")):
+                    plgpu.copy_gmem_to_smem(r[pool].at[pl.ds(row, chunk), head],
+                                            r[dst].at[buf, pl.ds(c * chunk, chunk)],
+                                            r["kv_ready"].at[buf])
+        # This CTA's columns of the QKV partials (its query heads, its K and V head) and the
+        # RoPE rows into shared memory (register layouts load from there), the swap matrix.
+        columns = [(head * group + g) * dim for g in range(group)] + [
+            (a.num_heads + head) * dim, (a.num_heads + a.kv_heads + head) * dim]
+        for j, col in enumerate(columns):
+            plgpu.copy_gmem_to_smem(r["qkv_parts"].at[:, pl.ds(pl.multiple_of(col, dim), dim)],
+                                    r["qkv_stage"].at[j], r["stage_ready"])
+        plgpu.copy_gmem_to_smem(r["rope"], r["rope_smem"], r["stage_ready"])
+        plgpu.copy_gmem_to_smem(r["rope_perm"], r["perm_smem"], r["perm_ready"])
+        pl.when(lo < hi)(lambda: issue(lo, 0))
+        if not interpret:
+            plgpu.barrier_arrive(r["pa_issued"])  # the weight stream may start
+        plgpu.barrier_wait(r["stage_ready"])
+
+        def head_row(j):  # row j of the CTA's QKV heads: the partials' sum, rounded to bf16
+            total_ = None
+            for i in range(r["qkv_parts"].shape[0]):
+                x = _load(r["qkv_stage"].at[j, i], col_layout, interpret)
+                total_ = x if total_ is None else total_ + x
+            return total_.astype(bf16)
+        rows_iota = _wg_iota((ROWS, dim), 0, interpret)
+        q_rows = jnp.zeros((ROWS, dim), bf16)
+        for g in range(group):
+            row = lax.broadcast_in_dim(head_row(g), (ROWS, dim), [1])
+            q_rows = jnp.where(rows_iota == g, row, q_rows)
+        k_rows = lax.broadcast_in_dim(head_row(group), (ROWS, dim), [1])
+        v_rows = lax.broadcast_in_dim(head_row(group + 1), (ROWS, dim), [1])
+        cos = lax.broadcast_in_dim(_load(r["rope_smem"].at[0], col_layout, interpret),
+                                   (ROWS, dim), [1])
+        sin = lax.broadcast_in_dim(_load(r["rope_smem"].at[1], col_layout, interpret),
+                                   (ROWS, dim), [1])
+        plgpu.barrier_wait(r["perm_ready"])
+
+        def rotate(x):  # RoPE of bf16 rows, in float32, rounded to bf16 as the model does
+            swapped = _wgmma_rows(r, x, r["perm_smem"], dim, "a_pa", interpret)
+            return (x.astype(f32) * cos + swapped * sin).astype(bf16)
+        q = rotate(q_rows)
+        k_new = rotate(k_rows)
+        if interpret:
+            r["a_pa"][...] = q
+            q = r["a_pa"]
+        # The new token as a key block: 64 copies of its K and V (only the first is visible).
+        r["kn_smem"][...] = k_new
+        r["vn_smem"][...] = v_rows
+        r["kv_row"].at[0][...] = k_new
+        r["kv_row"].at[1][...] = v_rows
+        plgpu.commit_smem()
+
+        @pl.when((split == 0) & (slot >= 0))
+        def _write_new_token():
+            for i, pool in enumerate(("k_pool", "v_pool")):
+                if "kv_new" in r:  # interpret: the caller writes it
+                    dst = r["kv_new"].at[pl.ds(i, 1), head]
+                else:
+                    dst = r[pool].at[pl.ds(pool_row0 + slot, 1), head]
+                plgpu.copy_smem_to_gmem(r["kv_row"].at[i, pl.ds(0, 1)], dst)
+
+        log2_scale = a.scale * LOG2E
+        keys_iota = _wg_iota((ROWS, KEYS), 1, interpret)
+
+        def attend(carry, k_ref, v_ref, visible):
+            o, row_max, row_sum = carry
+
+            def logits(acc_ref):
+                plgpu.wgmma(acc_ref, q, _k_operand(k_ref, r.get("kt_pa")))
+                return acc_ref[...]
+            s = pl.run_scoped(logits, plgpu.ACC((ROWS, KEYS), f32))
+            s = jnp.where(keys_iota < visible, s, -jnp.inf)
+            new_max = jnp.maximum(row_max, s.max(axis=1) * log2_scale)
+            alpha = jnp.exp2(row_max - new_max)
+            p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
+            row_sum = row_sum * alpha + p.sum(axis=1)
+            o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+            o = _accumulate_pv(o, p.astype(bf16), v_ref, r.get("p_pa"), lambda: None)
+            return o, new_max, row_sum
+
+        reduced = plgpu.Layout.WGMMA.reduce(1)
+        carry = (_wg_layout(jnp.zeros((ROWS, dim), f32), plgpu.Layout.WGMMA, interpret),
+                 _wg_layout(jnp.full((ROWS,), NEG_INF, f32), reduced, interpret),
+                 _wg_layout(jnp.zeros((ROWS,), f32), reduced, interpret))
+        # Every split runs the new token's block; only split 0 sees it.
+        carry = attend(carry, r["kn_smem"], r["vn_smem"], jnp.where(split == 0, 1, 0))
+
+        def step(i, carry):
+            buf = lax.rem(i - lo, 2)
+            pl.when(i + 1 < hi)(lambda: issue(i + 1, 1 - buf))
+            plgpu.barrier_wait(r["kv_ready"].at[buf])
+            return attend(carry, r["k_buf"].at[buf], r["v_buf"].at[buf], n - i * KEYS)
+        o, row_max, row_sum = lax.fori_loop(lo, hi, step, carry)
+
+        # The group's rows of each state to GMEM, a TMA row copy per query head.
+        stage = r["o_smem"]
+        for value, name in ((o, "attn_acc"), (lax.broadcast_in_dim(row_max, o.shape, [0]),
+                                              "attn_max"),
+                            (lax.broadcast_in_dim(row_sum, o.shape, [0]), "attn_sum")):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            stage[...] = value
+            plgpu.commit_smem()
+            for g in range(group):
+                col = pl.multiple_of((head * group + g) * dim, dim)
+                plgpu.copy_smem_to_gmem(stage.at[pl.ds(g, 1)],
+                                        r[name].at[pl.ds(split, 1), pl.ds(col, dim)])
+        plgpu.wait_smem_to_gmem(0)
 
     def final_norm(r, cta):
         """FINAL_NORM: CTA 0 writes the layer's output row, final-normed, to x."""
@@ -387,6 +650,10 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
                 with jax.named_scope("final_norm"):
                     final_norm(r, cta)
                 continue
+            if p == ATTENTION:
+                with jax.named_scope("attention"):
+                    attention(r, cta)
+                continue
             plan = plans[p]
             with jax.named_scope(f"build_p{p}"):
                 x_off = build_input(p, r, cta, plan) if "build" not in diagnostic else 0
@@ -420,7 +687,8 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
     return body
 
 
-def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool, barrier: bool) -> dict:
+def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool, barrier: bool,
+             qkv_parts: int = 0) -> dict:
     x_len = max([shape.hidden] + [p.k_range for p in plans.values()])
     scratch = dict(
         x_vec=plgpu.SMEM((x_len,), jnp.bfloat16),
@@ -435,12 +703,30 @@ def _scratch(shape: TailShape, tiling: TailTiling, plans, interpret: bool, barri
                                        transforms=_TILED)
     if barrier:
         scratch["barrier_slot"] = plgpu.SMEM((8,), jnp.int16)
+    if shape.attention is not None:
+        dim, bf16 = shape.attention.head_dim, jnp.bfloat16
+        copies = KEYS // shape.attention.chunk
+        tiled = lambda *s: plgpu.SMEM(s, bf16, transforms=_TILED)  # noqa: E731
+        scratch.update(
+            perm_smem=tiled(dim, dim), k_buf=tiled(2, KEYS, dim), v_buf=tiled(2, KEYS, dim),
+            kn_smem=tiled(KEYS, dim), vn_smem=tiled(KEYS, dim),
+            kv_row=plgpu.SMEM((2, ROWS, dim), bf16),
+            qkv_stage=plgpu.SMEM((shape.attention.group + 2, qkv_parts, dim), jnp.float32),
+            rope_smem=plgpu.SMEM((2, dim), jnp.float32),
+            stage_ready=plgpu.Barrier(num_arrivals=shape.attention.group + 3),
+            perm_ready=plgpu.Barrier(num_arrivals=1),
+            pa_issued=plgpu.Barrier(num_arrivals=1),
+            kv_ready=plgpu.Barrier(num_arrivals=2 * copies, num_barriers=2))
+        if interpret:
+            scratch.update(a_pa=tiled(ROWS, dim), kt_pa=plgpu.SMEM((dim, KEYS), bf16),
+                           p_pa=plgpu.SMEM((ROWS, KEYS), bf16))
     return scratch
 
 
 def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None,
                            next_wqkv=None, *, final_norm=None, eps: float,
                            tiling: TailTiling = TailTiling(), barrier: Optional[jax.Array] = None,
+                           attn_scale: Optional[float] = None,
                            interpret: Any = None, diagnostic: frozenset = frozenset(),
                            profile_dir: Optional[str] = None) -> dict:
     """One batch-1 decode row through wo, the MLP and (given) the next layer's QKV projection.
@@ -467,24 +753,41 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     Chrome trace of every call there, per CTA and warpgroup: the regions load_pN (the memory
     warpgroup's loads of phase N), barrierN, build_pN and matmul_pN (the compute warpgroup's).
     """
-    split = isinstance(attn, (tuple, list))
+    row_attention = isinstance(attn, RowAttention)
+    split = isinstance(attn, (tuple, list)) and not row_attention
     if split:
         attn = tuple(attn)
         if len(attn) != 3 or any(a.ndim != 2 or a.shape != attn[0].shape
                                  or a.dtype != jnp.float32 for a in attn):
             raise ValueError("attn as context splits is (acc, max, sum), each float32 "
                              f"[splits, q_size]; got {[(a.dtype, a.shape) for a in attn]}")
-    hidden, q_size = h.shape[-1], (attn[0] if split else attn).shape[-1]
+    attention = _attention_shape(attn, attn_scale) if row_attention else None
+    hidden = h.shape[-1]
+    q_size = (attention.num_heads * attention.head_dim if row_attention else
+              (attn[0] if split else attn).shape[-1])
     has_next = next_wqkv is not None
     if has_next and final_norm is not None:
         raise ValueError("final_norm is the last layer's: pass it without next_wqkv")
     shape = TailShape(hidden, q_size, w_down.shape[0],
-                      next_wqkv.shape[1] if has_next else 0, eps)
-    _check(shape, h, None if split else attn, wo=wo, mlp_norm=mlp_norm, w_gate_up=w_gate_up,
-           w_down=w_down, next_norm=next_norm, next_wqkv=next_wqkv, final_norm=final_norm)
+                      next_wqkv.shape[1] if has_next else 0, eps, attention)
+    _check(shape, h, None if split or row_attention else attn, wo=wo, mlp_norm=mlp_norm,
+           w_gate_up=w_gate_up, w_down=w_down, next_norm=next_norm, next_wqkv=next_wqkv,
+           final_norm=final_norm)
     inputs = dict(h=h.reshape(hidden), wo=wo, mlp_norm=mlp_norm, w_gate_up=w_gate_up,
                   w_down=w_down)
-    if split:
+    if row_attention:
+        attention_splits(attention, tiling)  # ValueError before any tracing
+        if tiling.block_n != attention.head_dim:
+            raise ValueError(f"the attention phase needs block_n == head_dim, got block_n="
+                             f"{tiling.block_n}, head_dim={attention.head_dim}")
+        rows = lambda pool: pool.reshape(-1, *pool.shape[3:])  # noqa: E731 (free)
+        inputs.update(qkv_parts=attn.qkv_parts, rope=attn.rope.astype(jnp.float32),
+                      rope_perm=jnp.asarray(_swap_halves_matrix(attention.head_dim),
+                                            jnp.bfloat16),
+                      pages=attn.pages.astype(jnp.int32), meta=attn.meta.astype(jnp.int32),
+                      layer=attn.layer.astype(jnp.int32).reshape(1),
+                      k_pool=rows(attn.k_pool), v_pool=rows(attn.v_pool))
+    elif split:
         inputs.update(attn_acc=attn[0], attn_max=attn[1], attn_sum=attn[2])
     else:
         inputs.update(attn=attn.reshape(1, q_size))
@@ -492,11 +795,50 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
         inputs.update(next_norm=next_norm, next_wqkv=next_wqkv)
     if final_norm is not None:
         inputs.update(final_norm=final_norm)
-    phases = (0, 1, 2) + ((3,) if has_next else ()) + (
-        (FINAL_NORM,) if final_norm is not None else ())
+    phases = ((ATTENTION,) if row_attention else ()) + (0, 1, 2) + (
+        (3,) if has_next else ()) + ((FINAL_NORM,) if final_norm is not None else ())
     out = _run(shape, phases, inputs, tiling, barrier, interpret, diagnostic, profile_dir)
+    if row_attention:
+        out.update(_new_pools(out, attn, attention))
     return {k: v for k, v in out.items() if k in ("h1", "part_d", "h2", "part_qkv", "x",
-                                                  "barrier")}
+                                                  "barrier", "k_pool", "v_pool")}
+
+
+def _attention_shape(attn: RowAttention, scale: Optional[float]) -> AttentionShape:
+    if attn.k_pool.ndim != 5 or attn.v_pool.shape != attn.k_pool.shape:
+        raise ValueError("k_pool and v_pool must be [layers, num_blocks, block_size, kv_heads, "
+                         f"head_dim], got {attn.k_pool.shape} and {attn.v_pool.shape}")
+    _, num_blocks, block_size, kv_heads, head_dim = attn.k_pool.shape
+    width = attn.qkv_parts.shape[-1]
+    if (attn.qkv_parts.ndim != 2 or attn.qkv_parts.dtype != jnp.float32
+            or width % head_dim or width // head_dim <= 2 * kv_heads):
+        raise ValueError(f"qkv_parts must be float32 [splits, (num_heads + 2 * {kv_heads}) * "
+                         f"{head_dim}], got {attn.qkv_parts.dtype}{list(attn.qkv_parts.shape)}")
+    if attn.k_pool.dtype != jnp.bfloat16:
+        raise ValueError(f"the attention phase takes bf16 pools, got {attn.k_pool.dtype}")
+    if attn.rope.shape != (2, head_dim) or attn.meta.shape != (2,) or attn.pages.ndim != 1:
+        raise ValueError(f"rope must be [2, {head_dim}] (rope_rows), meta [2] and pages 1-D, "
+                         f"got {attn.rope.shape}, {attn.meta.shape}, {attn.pages.shape}")
+    num_heads = width // head_dim - 2 * kv_heads
+    return AttentionShape(num_heads, kv_heads, head_dim, block_size, num_blocks,
+                          float(head_dim ** -0.5 if scale is None else scale))
+
+
+def _new_pools(out: dict, attn: RowAttention, a: AttentionShape) -> dict:
+    """The pools after the call: the kernel's own (Ref operands, written in place), or (where it
+    cannot write them: interpret mode, jax < 0.11) with its new K/V row written here."""
+    if "k_pool" in out:
+        return {name: out[name].reshape(attn.k_pool.shape) for name in ("k_pool", "v_pool")}
+    slot = attn.meta[1]
+    rows = attn.layer.reshape(()) * a.num_blocks * a.block_size + slot
+    rows = jnp.where(slot >= 0, rows, attn.k_pool.size)  # out of range: dropped
+    pools = {}
+    for i, name in enumerate(("k_pool", "v_pool")):
+        pool = getattr(attn, name)
+        flat = pool.reshape(-1, a.kv_heads, a.head_dim).at[rows].set(out["kv_new"][i],
+                                                                     mode="drop")
+        pools[name] = flat.reshape(pool.shape)
+    return pools
 
 
 def decode_row_qkv_mgpu(h, norm, wqkv, *, eps: float, tiling: TailTiling = TailTiling(),
@@ -522,15 +864,20 @@ def _run(shape: TailShape, phases: tuple, inputs: dict, tiling: TailTiling, barr
     if interpret is True:
         interpret = interpret_params()
     plans = plan_tail(shape, tiling)
-    outs = _phase_outputs(shape, plans, phases)
+    ref_operands = not interpret and BARRIER_OPERAND
+    outs = _phase_outputs(shape, plans, phases, tiling, not ref_operands)
     if barrier is not None and (barrier.shape != (BARRIER_WORDS,) or barrier.dtype != jnp.int16):
         raise ValueError(f"barrier must come from new_barrier_counter(), got "
                          f"{barrier.dtype}{list(barrier.shape)}")
-    use_barrier = barrier is not None and not interpret and BARRIER_OPERAND
+    use_barrier = barrier is not None and ref_operands
     inputs = dict(inputs)
     if use_barrier:
         inputs["barrier"] = jax.new_ref(barrier)  # updated in place, aliased in and out
-    scratch = _scratch(shape, tiling, plans, bool(interpret), use_barrier)
+    pool_refs = ref_operands and "k_pool" in inputs
+    if pool_refs:  # the attention phase writes the new token's K/V row in place
+        inputs.update(k_pool=jax.new_ref(inputs["k_pool"]), v_pool=jax.new_ref(inputs["v_pool"]))
+    scratch = _scratch(shape, tiling, plans, bool(interpret), use_barrier,
+                       inputs["qkv_parts"].shape[0] if "qkv_parts" in inputs else 0)
     if not interpret:
         stable_kernel_hashes()  # one compile of the kernel per process, not per step program
     launches = [phases] if not interpret else [(p,) for p in phases]
@@ -553,6 +900,9 @@ def _run(shape: TailShape, phases: tuple, inputs: dict, tiling: TailTiling, barr
         produced.update({o[0]: v for o, v in zip(out_specs, results)})
     if barrier is not None:
         produced["barrier"] = jax.ref.freeze(inputs["barrier"]) if use_barrier else barrier
+    if pool_refs:
+        produced.update(k_pool=jax.ref.freeze(inputs["k_pool"]),
+                        v_pool=jax.ref.freeze(inputs["v_pool"]))
     return produced
 
 

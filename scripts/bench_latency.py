@@ -217,6 +217,12 @@ def hf_generate(model, torch, device: str, prompts: list[list[int]], new_tokens:
 def jinfer_latency(spec: dict) -> dict:
     """Load, warm up, then time max_tokens=1 and max_tokens=N generates at batch 1."""
     from jinfer import LLM, SamplingParams
+    overrides = {k: v for k, v in (("attention", spec.get("layer_attention")),
+                                   ("stages", spec.get("layer_stages"))) if v is not None}
+    if overrides:  # A/B of the layer kernel's tiling (a module constant of the runner)
+        import dataclasses
+        from jinfer import model_runner
+        model_runner.LAYER_TILING = dataclasses.replace(model_runner.LAYER_TILING, **overrides)
     watch = CompileWatch()
     bandwidth = copy_bandwidth(spec["copy_bytes"])
     started = time.perf_counter()
@@ -361,6 +367,9 @@ def make_spec(args, model: str, config) -> dict:
             "copy_bytes": (64 << 20) if args.cpu_smoke else 2 * GiB,
             "prompts": prompts, "hf_config": config_to_hf_dict(config),
             "hf_compile": args.hf_compile, "decode_layer_kernel": not args.no_layer_kernel,
+            "layer_attention": (None if args.layer_attention is None
+                                else args.layer_attention == "on"),
+            "layer_stages": args.layer_stages,
             "num_scheduler_steps": args.num_scheduler_steps}
 
 
@@ -377,6 +386,12 @@ def main() -> int:
     p.add_argument("--no-layer-kernel", action="store_true",
                    help="decode with XLA's matmuls (LLM(decode_layer_kernel=False)), not the "
                         "persistent layer kernel (Hopper)")
+    p.add_argument("--layer-attention", choices=["on", "off"], default=None,
+                   help="with the layer kernel: each layer's attention as the kernel's first "
+                        "phase (on) or in the fused attention kernel between layer kernels "
+                        "(off); default: the runner's LAYER_TILING")
+    p.add_argument("--layer-stages", type=int, default=None,
+                   help="the layer kernel's weight ring slots (default: LAYER_TILING's)")
     args = p.parse_args()
     if args.child:
         setup_child_logging()

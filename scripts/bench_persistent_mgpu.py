@@ -85,10 +85,25 @@ def phase_plan(layer: Layer, tiling: MgpuTiling) -> list[tuple[int, int, int, in
     return plan
 
 
+def chunk_major(weights, layer: Layer, tiling: MgpuTiling) -> list[jax.Array]:
+    """The weights re-laid out so that each CTA's chunks lie in its step order, each chunk
+    contiguous: per projection [num_ctas, steps, block_k, block_n] (layout "chunks")."""
+    out = []
+    bk, bn, ctas = tiling.block_k, tiling.block_n, tiling.num_ctas
+    for w, (per, chunks, _, strips) in zip(weights, phase_plan(layer, tiling)):
+        k_total, n_total = w.shape
+        splits = k_total // (chunks * bk)
+        t = w.reshape(splits, chunks, bk, strips, bn).transpose(0, 3, 1, 2, 4)
+        t = t.reshape(per, ctas, chunks, bk, bn).transpose(1, 0, 2, 3, 4)  # tile = cta + j*ctas
+        out.append(t.reshape(ctas, per * chunks, bk, bn))
+    return out
+
+
 def persistent_stream(layer: Layer, tiling: MgpuTiling, *, barriers: bool,
-                      interpret: bool = False):
+                      interpret: bool = False, layout: str = "rows"):
     """A function (x_pad [64, hidden] bf16 (row 0 the input, the rest zeros), weights [(K, N)]
-    bf16) -> [num_ctas, 64, block_n] float32: per CTA, the sum of its tiles' products."""
+    bf16, or with layout "chunks" as `chunk_major` lays them out) -> [num_ctas, 64, block_n]
+    float32: per CTA, the sum of its tiles' products."""
     plan = phase_plan(layer, tiling)
     bn, bk, stages, num_ctas = tiling.block_n, tiling.block_k, tiling.stages, tiling.num_ctas
     steps = [per * chunks for per, chunks, _, _ in plan]
@@ -113,8 +128,9 @@ def persistent_stream(layer: Layer, tiling: MgpuTiling, *, barriers: bool,
                 x_row = pl.multiple_of(lax.rem(row, layer.hidden), bk)
                 plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(x_row, bk)], x_smem.at[slot],
                                         ready.at[slot])
-                plgpu.copy_gmem_to_smem(weights[phase].at[pl.ds(row, bk), pl.ds(col, bn)],
-                                        w_smem.at[slot], ready.at[slot])
+                src = (weights[phase].at[cta, i] if layout == "chunks" else
+                       weights[phase].at[pl.ds(row, bk), pl.ds(col, bn)])
+                plgpu.copy_gmem_to_smem(src, w_smem.at[slot], ready.at[slot])
                 return carry
             lax.fori_loop(0, steps[phase], fill, None)
             first += steps[phase]
@@ -209,16 +225,38 @@ def reference(x, weights, layer: Layer, tiling: MgpuTiling) -> np.ndarray:
     return out
 
 
+def read_bandwidth(nbytes: int, iters: int, reps: int) -> dict:
+    """GB/s of XLA reading an nbytes bf16 array once (a max reduction: reads only) and of
+    jnp.copy (read + write), best wall time per call over reps of `iters` calls."""
+    import time
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    out = {}
+    for name, fn, moved in (("read", jnp.max, nbytes), ("copy", jnp.copy, 2 * nbytes)):
+        f = jax.jit(fn)
+        jax.block_until_ready(f(x))
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(iters // 10 or 1):
+                y = f(x)
+            jax.block_until_ready(y)
+            best = min(best, (time.perf_counter() - t0) / (iters // 10 or 1))
+        out[name + "_GBps"] = round(moved / best / 1e9)
+    return out
+
+
 def pad_input(x):
     return jnp.zeros((ROWS, x.shape[0]), x.dtype).at[0].set(x)
 
 
-def check_interpret(layer: Layer, tiling: MgpuTiling) -> tuple[float, float]:
+def check_interpret(layer: Layer, tiling: MgpuTiling, layout: str = "rows"
+                    ) -> tuple[float, float]:
     """The stream variant in Mosaic GPU's interpreter: (max abs error, max abs of the
     reference)."""
     x, weights = make_inputs(layer)
-    run = persistent_stream(layer, tiling, barriers=False, interpret=True)
-    out = np.asarray(jax.jit(run)(pad_input(x), weights))
+    run = persistent_stream(layer, tiling, barriers=False, interpret=True, layout=layout)
+    laid = chunk_major(weights, layer, tiling) if layout == "chunks" else weights
+    out = np.asarray(jax.jit(run)(pad_input(x), laid))
     ref = reference(x, weights, layer, tiling)
     return float(np.max(np.abs(out - ref))), float(np.max(np.abs(ref)))
 
@@ -232,16 +270,23 @@ def main(argv=None) -> int:
                         "row is BLOCK_N x 2 contiguous bytes of the weight)")
     parser.add_argument("--variants", nargs="+", default=["stream", "barriers"],
                         choices=["stream", "barriers"])
+    parser.add_argument("--layouts", nargs="+", default=["rows"], choices=["rows", "chunks"],
+                        help="weights as [K, N] (rows) or each CTA's chunks contiguous in its "
+                        "step order (chunks)")
+    parser.add_argument("--read-bandwidth", action="store_true",
+                        help="also time XLA reading 1 GiB (a reduction) and copying it")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--check-interpret", action="store_true",
                         help="CPU: the stream variant in the interpreter on small shapes")
     args = parser.parse_args(argv)
     if args.check_interpret:
-        err, scale = check_interpret(Layer(256, 384, 512),
-                                     MgpuTiling((2, 4, 1, 4), 64, 64, 2, num_ctas=4))
-        print(f"stream vs NumPy, interpret mode: max abs error {err:.3g} (outputs up to "
-              f"{scale:.3g})")
+        for layout in args.layouts:
+            err, scale = check_interpret(Layer(256, 384, 512),
+                                         MgpuTiling((2, 4, 1, 4), 64, 64, 2, num_ctas=4),
+                                         layout)
+            print(f"stream ({layout}) vs NumPy, interpret mode: max abs error {err:.3g} "
+                  f"(outputs up to {scale:.3g})")
         return 0
 
     layer = Layer()
@@ -250,28 +295,35 @@ def main(argv=None) -> int:
     weight_bytes = sum(w.size * w.dtype.itemsize for w in weights)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "layer": vars(layer), "weight_MB": weight_bytes / 1e6, "runs": []}
-    print("| variant | chunk | stages | device us | GB/s | max abs err |\n"
-          "|---|---|---|---|---|---|")
-    for variant, chunk, stages in [(v, c, s) for v in args.variants for c in args.chunks
-                                   for s in args.stages]:
+    if args.read_bandwidth:
+        results["read_bandwidth"] = read_bandwidth(1 << 30, args.iters, args.reps)
+        print(f"XLA, 1 GiB: {results['read_bandwidth']}")
+    print("| variant | layout | chunk | stages | device us | GB/s | max abs err |\n"
+          "|---|---|---|---|---|---|---|")
+    for variant, layout, chunk, stages in [(v, lo, c, s) for v in args.variants
+                                           for lo in args.layouts for c in args.chunks
+                                           for s in args.stages]:
         barriers = variant == "barriers"
         bk, bn = map(int, chunk.split("x"))
         tiling = MgpuTiling(fewest_splits(layer, bk, bn), bn, bk, stages)
-        run = persistent_stream(layer, tiling, barriers=barriers)
+        run = persistent_stream(layer, tiling, barriers=barriers, layout=layout)
+        laid = chunk_major(weights, layer, tiling) if layout == "chunks" else weights
         try:
-            out = np.asarray(jax.jit(run)(x_pad, weights))
+            out = np.asarray(jax.jit(run)(x_pad, laid))
         except Exception as e:  # e.g. a ring that does not fit in shared memory
-            print(f"| {variant} | {chunk} | {stages} | failed: {str(e).splitlines()[0][:80]} |")
+            reason = str(e).splitlines()[0][:80]
+            print(f"| {variant} | {layout} | {chunk} | {stages} | failed: {reason} |")
             continue
         err = float(np.max(np.abs(out - reference(x, weights, layer, tiling))))
 
-        def step(xp, run=run):  # the kernel's output feeds the next call's input
-            return (xp + (run(xp, weights).sum() * 0).astype(xp.dtype),)
+        def step(xp, run=run, laid=laid):  # the kernel's output feeds the next call's input
+            return (xp + (run(xp, laid).sum() * 0).astype(xp.dtype),)
         _, kernels = device_us_per_call(step, (x_pad,), args.iters, args.reps)
         us = kernels.get(KERNEL_NAME + "_mosaic_gpu_kernel", float("nan"))
-        print(f"| {variant} | {chunk} | {stages} | {us:.1f} | "
+        print(f"| {variant} | {layout} | {chunk} | {stages} | {us:.1f} | "
               f"{weight_bytes / us / 1e3:.0f} | {err:.3g} |", flush=True)
-        results["runs"].append({"variant": variant, "stages": stages, "device_us": us,
+        results["runs"].append({"variant": variant, "layout": layout, "stages": stages,
+                                "device_us": us,
                                 "max_abs_err": err, "tiling": dataclasses.asdict(tiling)})
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1))

@@ -37,13 +37,15 @@ sys.path.insert(0, str(_scripts))  # it imports bench_persistent
 _spec_mgpu.loader.exec_module(bench_persistent_mgpu)
 
 
-def test_mosaic_gpu_stream_matches_numpy():
+@pytest.mark.parametrize("layout", ["rows", "chunks"])
+def test_mosaic_gpu_stream_matches_numpy(layout):
     """The Mosaic GPU kernel's producer/consumer ring (TMA copies, slot barriers, wgmma with the
-    row padded to 64) in Mosaic GPU's interpreter: every CTA's sum of tile products."""
+    row padded to 64) in Mosaic GPU's interpreter: every CTA's sum of tile products; with the
+    weights as [K, N] rows or re-laid out chunk by chunk in each CTA's step order."""
     layer = bench_persistent.Layer(hidden=256, qkv=384, ffn=512)
     tiling = bench_persistent_mgpu.MgpuTiling((2, 4, 1, 4), block_n=64, block_k=64, stages=2,
                                               num_ctas=4)
-    err, scale = bench_persistent_mgpu.check_interpret(layer, tiling)
+    err, scale = bench_persistent_mgpu.check_interpret(layer, tiling, layout)
     assert err <= 1e-5 * scale, (err, scale)  # float32 sums of bf16 products, other order
 
 

@@ -264,3 +264,112 @@ def test_gpu_barrier_counter_threads_through_calls():
     check(want[1], decode_layer_tail_reference(**last, eps=EPS), last, False)
     arrivals = int(jax.lax.bitcast_convert_type(counter[:2], jnp.int32))
     assert arrivals == 2 * (3 + 2 + 3) * tiling.num_ctas
+
+
+def row_attention_case(seed: int, *, num_heads: int, kv_heads: int, context: int,
+                       block_size: int = 16, num_blocks: int = 24, layers: int = 2,
+                       layer: int = 1, parts: int = 3, slot_valid: bool = True):
+    """A random decode row's attention inputs (RowAttention) and the same as
+    fused_decode_reference's arguments: `context` tokens in the pool before the new one, the
+    sequence's blocks a random permutation of the pool's."""
+    from pallas_kernels.decode_layer_mgpu import RowAttention, rope_rows
+    rng = np.random.default_rng(seed)
+    head_dim = 64
+    width = (num_heads + 2 * kv_heads) * head_dim
+    qkv_parts = jnp.asarray(rng.normal(0, 1, (parts, width)), jnp.float32)
+    pool_shape = (layers, num_blocks, block_size, kv_heads, head_dim)
+    k_pool = jnp.asarray(rng.normal(0, 1, pool_shape), jnp.bfloat16)
+    v_pool = jnp.asarray(rng.normal(0, 1, pool_shape), jnp.bfloat16)
+    needed = context // block_size + 1
+    table = rng.permutation(num_blocks)[:needed].astype(np.int32)
+    width_blocks = -(-num_blocks // 4) * 4
+    pages = np.zeros((width_blocks,), np.int32)
+    pages[:needed] = table
+    position = context
+    slot = int(table[position // block_size]) * block_size + position % block_size
+    slot = slot if slot_valid else -1
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, head_dim, 2) / head_dim))
+    angles = np.float32(position) * inv_freq.astype(np.float32)
+    cos, sin = jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+    attn = RowAttention(qkv_parts, rope_rows(cos, sin), k_pool, v_pool, jnp.asarray(pages),
+                        jnp.asarray([context, slot], jnp.int32), jnp.asarray([layer], jnp.int32))
+    ref_args = dict(qkv=qkv_parts[:, None], cos=cos[None], sin=sin[None], k_pool=k_pool,
+                    v_pool=v_pool, layer=layer, slots=jnp.asarray([slot], jnp.int32),
+                    block_tables=jnp.asarray(pages)[None],
+                    context_lens=jnp.asarray([context + 1], jnp.int32), num_heads=num_heads,
+                    scale=head_dim ** -0.5)
+    return attn, ref_args
+
+
+def check_row_attention(out, layer, ref_args, has_next):
+    """The kernel with its own attention against fused_decode_reference's attention (and pool
+    write) followed by the layer reference."""
+    from pallas_kernels.fused_decode import fused_decode_reference
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    attn, k_pool, v_pool = fused_decode_reference(**ref_args)
+    # The written K/V row: the same bf16 values (RoPE in float32, one rounding), or one bf16
+    # step apart where the rotation's two products round differently.
+    np.testing.assert_allclose(f32(out["k_pool"]), f32(k_pool), rtol=2 ** -7, atol=0)
+    np.testing.assert_array_equal(f32(out["v_pool"]), f32(v_pool))
+    tail = {**layer, "attn": attn[0].astype(jnp.bfloat16)}
+    ref = decode_layer_tail_reference(**tail, eps=EPS)
+    # The attention row is merged and rounded to bf16 in another order than the reference's:
+    # an element may round one bf16 step (2**-8 relative) apart, which moves h1 by up to
+    # 2**-8 |attn| @ |wo|, then h1's own rounding.
+    bound = (2 ** -8 * (np.abs(f32(tail["attn"])) @ np.abs(f32(layer["wo"])))
+             + 2 ** -7 * np.abs(f32(ref["h1"])) + 1e-6)
+    assert np.all(np.abs(f32(out["h1"]) - f32(ref["h1"])) <= bound)
+    # The rest against the model's math (bf16 GEMM outputs) on the same attention row.
+    model = model_tail(**tail)
+    h2 = f32(out["h1"]) + f32(out["part_d"]).sum(0)
+    pairs = [(f32(out["h1"]), model["h1"]), (h2, model["h2"])]
+    if has_next:
+        pairs.append((f32(out["part_qkv"]).sum(0), model["qkv"]))
+    for got, want in pairs:
+        want = f32(want)
+        assert np.max(np.abs(got - want)) <= 0.02 * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("context,slot_valid", [(100, True), (5, True), (130, True),
+                                                (37, False)])
+def test_interpret_attention_phase(context, slot_valid):
+    """The layer's attention as the kernel's first phase (RoPE, the K/V write, paged attention
+    over context splits, merged in P0), in interpret mode: 4 CTAs = 2 KV heads x 2 splits."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("interpret mode is tested on the CPU backend")
+    layer = random_tail_inputs(11, hidden=256, q_size=256, intermediate=512, qkv_size=512)
+    attn, ref_args = row_attention_case(12, num_heads=4, kv_heads=2, context=context,
+                                        slot_valid=slot_valid)
+    out = decode_layer_tail_mgpu(**{**layer, "attn": attn}, eps=EPS, tiling=SMALL,
+                                 interpret=True)
+    if not slot_valid:  # no slot: nothing written (the reference would attend the pool's
+        # stale row at the new position, where the kernel takes the new token's K/V)
+        for name in ("k_pool", "v_pool"):
+            np.testing.assert_array_equal(np.asarray(out[name], np.float32),
+                                          np.asarray(getattr(attn, name), np.float32))
+        return
+    check_row_attention(out, layer, ref_args, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context,layer_index,has_next", [(255, 3, True), (1000, 0, True),
+                                                          (3000, 15, False), (17, 5, True)])
+def test_gpu_attention_phase_llama_1b(context, layer_index, has_next):
+    """Compiled, Llama-3.2-1B's shapes (32 query heads, 8 KV heads: 16 context splits over
+    128 CTAs): the kernel's own attention (RoPE, K/V write in place, paged attention) and the
+    layer after it, against fused_decode_reference and the layer reference; called twice in
+    a row with the barrier counter carried over."""
+    if not _hopper():
+        pytest.skip("the kernel needs a Hopper GPU (wgmma, TMA)")
+    layer = random_tail_inputs(13, hidden=2048, q_size=2048, intermediate=8192,
+                               qkv_size=3072 if has_next else 0)
+    attn, ref_args = row_attention_case(14, num_heads=32, kv_heads=8, context=context,
+                                        num_blocks=260, layers=16, layer=layer_index, parts=8)
+    run = jax.jit(lambda attn, counter: decode_layer_tail_mgpu(
+        **{**layer, "attn": attn}, eps=EPS, interpret=False, tiling=TailTiling(stages=4),
+        barrier=counter))
+    counter = new_barrier_counter()
+    for _ in range(2):
+        out = run(attn, counter)
+        counter = out["barrier"]
+        check_row_attention(out, layer, ref_args, has_next)

@@ -153,13 +153,18 @@ def test_engine_uses_one_row_and_matches_greedy_tokens(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_llama_1b_decode_matches_xla_layers():
+@pytest.mark.parametrize("attention", [False, True])
+def test_gpu_llama_1b_decode_matches_xla_layers(attention):
     """Compiled on Llama-3.2-1B's shapes (two layers, the real tiling) with the Pallas
-    attention kernels: the kernel path against the XLA layers over three decode steps."""
+    attention kernels: the kernel path against the XLA layers over three decode steps; with
+    `attention` each layer's attention is the layer kernel's first phase (TailTiling.attention)
+    instead of the fused attention kernel's."""
     if not paged_prefill_mgpu.hopper_gpu():
         pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
     config = dataclasses.replace(MODEL_SHAPES["llama3-1b"], num_layers=2, vocab_size=4096)
-    tiling = layer_kernel_tiling(config, jnp.bfloat16, model_runner.LAYER_TILING)
+    tiling = layer_kernel_tiling(config, jnp.bfloat16,
+                                 dataclasses.replace(model_runner.LAYER_TILING,
+                                                     attention=attention))
     assert tiling is not None
     results, xla_pool, kernel_pool = _decode_run(config, tiling, prompt_len=37, backend="pallas")
     _check_close(results, xla_pool, kernel_pool, tiling)
