@@ -364,10 +364,35 @@ def _declare_written(r, cta, num_ctas):
         plgpu.wait_smem_to_gmem(0)
 
 
-def _merge_splits(r, cols):
+MIN_STEPS_PER_SPLIT = 2  # key steps (of KEYS) per attention split before more splits are used
+
+
+def _attention_steps(n, splits: int):
+    """The attention phase's work for n context keys: (key steps, steps per split, splits
+    holding keys); short contexts use fewer splits (fewer states for P0 to merge)."""
+    total = (n + KEYS - 1) // KEYS
+    per = jnp.maximum((total + splits - 1) // splits, MIN_STEPS_PER_SPLIT)
+    return total, per, jnp.maximum((total + per - 1) // per, 1)
+
+
+def _merge_splits(r, cols, active=None):
     """Columns `cols` of the attention output from its context splits' softmax states
     (fused_decode's partials=True: acc, base-2 max and sum per split, max and sum repeated
-    along each head's values), as fused_decode's combine computes them, rounded to bf16."""
+    along each head's values), as fused_decode's combine computes them, rounded to bf16.
+    `active` (traced): only the first `active` splits hold keys (the attention phase's), merged
+    one by one with a running maximum; split 0 always holds the new token."""
+    if active is not None:
+        top, num, den = (r[name].at[0][cols] for name in ("attn_max", "attn_acc", "attn_sum"))
+
+        def merge(s, carry):
+            top, num, den = carry
+            m = r["attn_max"].at[s][cols]
+            new_top = jnp.maximum(top, m)
+            old, weight = jnp.exp2(top - new_top), jnp.exp2(m - new_top)
+            return (new_top, num * old + weight * r["attn_acc"].at[s][cols],
+                    den * old + weight * r["attn_sum"].at[s][cols])
+        _, num, den = lax.fori_loop(1, active, merge, (top, num, den))
+        return (num / jnp.where(den > 0, den, 1.0)).astype(jnp.bfloat16)
     splits = r["attn_acc"].shape[0]
     maxima = [r["attn_max"].at[s][cols] for s in range(splits)]
     top = maxima[0]
@@ -446,7 +471,11 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
         x_vec = r["x_vec"]
         k0 = plan.k_start(cta)
         if p == 0 and "attn_acc" in r:  # the attention's context splits, merged here
-            x_vec[pl.ds(0, plan.k_range)] = _merge_splits(r, pl.ds(k0, plan.k_range))
+            active = None
+            if ATTENTION in phases or "meta" in r:  # the phase's splits: only the active ones
+                active = _attention_steps(r["meta"][0], attention_splits(shape.attention,
+                                                                         tiling))[2]
+            x_vec[pl.ds(0, plan.k_range)] = _merge_splits(r, pl.ds(k0, plan.k_range), active)
             return 0
         if p in (0, 2):  # a K-range of the attention output / the activation
             src = r["attn"].at[0] if p == 0 else r["act"].at[0]
@@ -476,8 +505,7 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
         layer = r["layer"][0]
         n = r["meta"][0]            # context tokens in the pool (before the new one)
         slot = r["meta"][1]         # the new token's slot in this layer's pool (< 0: none)
-        total = (n + KEYS - 1) // KEYS
-        per = (total + splits - 1) // splits
+        total, per, active = _attention_steps(n, splits)
         lo = split * per
         hi = jnp.minimum(lo + per, total)
         pool_row0 = layer * (a.num_blocks * bs)
@@ -581,7 +609,8 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
             return attend(carry, r["k_buf"].at[buf], r["v_buf"].at[buf], n - i * KEYS)
         o, row_max, row_sum = lax.fori_loop(lo, hi, step, carry)
 
-        # The group's rows of each state to GMEM, a TMA row copy per query head.
+        # The group's rows of each state to GMEM, a TMA row copy per query head (splits past
+        # the active ones hold no keys: P0 does not read them).
         stage = r["o_smem"]
         for value, name in ((o, "attn_acc"), (lax.broadcast_in_dim(row_max, o.shape, [0]),
                                               "attn_max"),
@@ -589,10 +618,13 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             stage[...] = value
             plgpu.commit_smem()
-            for g in range(group):
-                col = pl.multiple_of((head * group + g) * dim, dim)
-                plgpu.copy_smem_to_gmem(stage.at[pl.ds(g, 1)],
-                                        r[name].at[pl.ds(split, 1), pl.ds(col, dim)])
+
+            @pl.when(split < active)
+            def _store(name=name):
+                for g in range(group):
+                    col = pl.multiple_of((head * group + g) * dim, dim)
+                    plgpu.copy_smem_to_gmem(stage.at[pl.ds(g, 1)],
+                                            r[name].at[pl.ds(split, 1), pl.ds(col, dim)])
         plgpu.wait_smem_to_gmem(0)
 
     def final_norm(r, cta):
