@@ -330,8 +330,9 @@ def check_row_attention(out, layer, ref_args, has_next):
         assert np.max(np.abs(got - want)) <= 0.02 * np.max(np.abs(want))
 
 
-@pytest.mark.parametrize("context,slot_valid", [(100, True), (5, True), (130, True),
-                                                (37, False)])
+# 130 keys: three key steps over two splits (the double-buffered loop, P0's running merge);
+# 37 without a slot (nothing written). The GPU test below covers longer contexts.
+@pytest.mark.parametrize("context,slot_valid", [(130, True), (37, False)])
 def test_interpret_attention_phase(context, slot_valid):
     """The layer's attention as the kernel's first phase (RoPE, the K/V write, paged attention
     over context splits, merged in P0), in interpret mode: 4 CTAs = 2 KV heads x 2 splits."""
