@@ -25,7 +25,7 @@ from jinfer.kv_cache import KVCache
 from pallas_kernels.decode_layer_mgpu import (KEYS, AttentionShape, RowAttention, TailShape,
                                               TailTiling, attention_splits,
                                               decode_layer_tail_mgpu, decode_row_qkv_mgpu,
-                                              new_barrier_counter, plan_tail)
+                                              new_barrier_counter, plan_tail, rope_rows)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -116,26 +116,44 @@ def _one_row_decode(params, kv_cache, h, meta, config, backend, rope, tiling):
     norm and QKV projection (the last layer's: the final norm). QKV rows go to the fused
     attention kernel as the float32 split-K partial sums the kernels write, which it adds up
     itself (`_decode_row_attention`). One grid-barrier counter goes through all the kernels
-    (zeroed once per step, not by a memset before each kernel)."""
+    (zeroed once per step, not by a memset before each kernel).
+
+    With `tiling.attention` (where `_kernel_attention` allows it) each layer's attention is the
+    layer kernel's first phase instead (RoPE, the K/V write, paged attention over context
+    splits): one kernel per layer. Its step inputs: RoPE's rows at the position, the block
+    table padded to whole key steps, (context before the new token, its slot)."""
     layers, eps = params["layers"], config.rms_norm_eps
     barrier = new_barrier_counter()
     first = _row_qkv(h[0], layers[0]["attn_norm"], layers[0]["wqkv"], barrier, eps=eps,
                      tiling=tiling)
-    if _kernel_attention(config, kv_cache, tiling):
-        return _one_row_decode_own_attention(params, kv_cache, h, meta, config, first, tiling)
-    qkv, barrier = first["part_qkv"][:, None], first["barrier"]  # [splits, 1, width]
+    qkv, barrier = first["part_qkv"], first["barrier"]  # [splits, width]
+    own_attention = _kernel_attention(config, kv_cache, tiling)
+    if own_attention:
+        cos, sin = rope
+        rope_row = rope_rows(cos[0, 0], sin[0, 0])
+        table = meta.decode.block_tables[0]
+        pages = jnp.pad(table, (0, -table.shape[0] % max(KEYS // kv_cache.block_size, 1)))
+        context = jnp.stack([meta.decode.context_lens[0] - 1,
+                             meta.slot_mapping[0]]).astype(jnp.int32)
     for layer, lp in enumerate(layers):
         following = layers[layer + 1] if layer + 1 < len(layers) else {}
         with jax.named_scope(f"layer_{layer}"):
-            attn, kv_cache = _decode_row_attention(config, qkv, layer, kv_cache, meta,
-                                                   backend, rope)
+            if own_attention:
+                attn = RowAttention(qkv, rope_row, kv_cache.k, kv_cache.v, pages, context,
+                                    jnp.full((1,), layer, jnp.int32))
+            else:
+                attn, kv_cache = _decode_row_attention(config, qkv[:, None], layer, kv_cache,
+                                                       meta, backend, rope)
             tail = _layer_tail(
                 h[0], attn, lp["wo"], lp["mlp_norm"], lp["w_gate_up"], lp["w_down"],
                 following.get("attn_norm"), following.get("wqkv"),
-                None if following else params["final_norm"], barrier, eps=eps, tiling=tiling)
+                None if following else params["final_norm"], barrier, eps=eps, tiling=tiling,
+                attn_scale=1.0 / math.sqrt(config.head_dim) if own_attention else None)
             barrier = tail["barrier"]
+            if own_attention:
+                kv_cache = KVCache(k=tail["k_pool"], v=tail["v_pool"])
             if following:
-                h, qkv = tail["h2"][None], tail["part_qkv"][:, None]
+                h, qkv = tail["h2"][None], tail["part_qkv"]
     return tail["x"][None], kv_cache
 
 
@@ -153,41 +171,6 @@ def _kernel_attention(config, kv_cache, tiling) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _one_row_decode_own_attention(params, kv_cache, h, meta, config, first, tiling):
-    """_one_row_decode with each layer's attention in its layer kernel (RoPE, the K/V write,
-    paged attention over context splits: pallas_kernels/decode_layer_mgpu.py's phase
-    ATTENTION): per layer one kernel, from the QKV partials to the next layer's. The step's
-    inputs to it: RoPE's rows at the position, the block table padded to whole key steps, and
-    (context before the new token, its slot)."""
-    layers, eps = params["layers"], config.rms_norm_eps
-    inv_freq = np.tile(rope_inv_freq(config), 2)  # [head_dim]: both halves
-    angles = meta.positions[0].astype(jnp.float32) * inv_freq
-    half = config.head_dim // 2
-    sign = np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
-    rope = jnp.stack([jnp.cos(angles), jnp.sin(angles) * sign])  # (cos|cos), (-sin|sin)
-    table = meta.decode.block_tables[0]
-    per_step = max(KEYS // kv_cache.block_size, 1)
-    pages = jnp.pad(table, (0, -table.shape[0] % per_step))  # past the table: block 0
-    context = jnp.stack([meta.decode.context_lens[0] - 1, meta.slot_mapping[0]])
-    qkv, barrier = first["part_qkv"], first["barrier"]
-    scale = 1.0 / math.sqrt(config.head_dim)
-    for layer, lp in enumerate(layers):
-        following = layers[layer + 1] if layer + 1 < len(layers) else {}
-        with jax.named_scope(f"layer_{layer}"):
-            attn = RowAttention(qkv, rope, kv_cache.k, kv_cache.v, pages,
-                                context.astype(jnp.int32), jnp.full((1,), layer, jnp.int32))
-            out = _layer_tail(
-                h[0], attn, lp["wo"], lp["mlp_norm"], lp["w_gate_up"], lp["w_down"],
-                following.get("attn_norm"), following.get("wqkv"),
-                None if following else params["final_norm"], barrier, eps=eps, tiling=tiling,
-                attn_scale=scale)
-            barrier = out["barrier"]
-            kv_cache = KVCache(k=out["k_pool"], v=out["v_pool"])
-            if following:
-                h, qkv = out["h2"][None], out["part_qkv"]
-    return out["x"][None], kv_cache
 
 
 def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):

@@ -92,7 +92,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu_cache import stable_kernel_hashes
 from pallas_kernels.paged_decode import LOG2E, NEG_INF
-from pallas_kernels.paged_prefill_mgpu import _accumulate_pv, _k_operand, interpret_params
+from pallas_kernels.kv_write import write_kv_reference
+from pallas_kernels.paged_prefill_mgpu import (_accumulate_pv, _iota, _k_operand, _layout,
+                                               interpret_params)
 
 ROWS = 64  # wgmma's M: the one input row broadcast to 64
 _TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 64 bf16 = 128 B rows
@@ -154,7 +156,7 @@ def rope_rows(cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _swap_halves_matrix(head_dim: int) -> np.ndarray:
-    """[head_dim, head_dim] bf16 permutation P: x @ P swaps x's halves (exact in bf16)."""
+    """[head_dim, head_dim] permutation P (0 / 1, exact in bf16): x @ P swaps x's halves."""
     half = head_dim // 2
     perm = np.zeros((head_dim, head_dim), np.float32)
     perm[np.arange(head_dim), (np.arange(head_dim) + half) % head_dim] = 1
@@ -324,15 +326,6 @@ def _load(ref, layout, interpret):
         return plgpu.load(ref, (), layout=layout)
 
 
-def _wg_layout(x, layout, interpret):
-    return x if interpret else plgpu.layout_cast(x, layout)
-
-
-def _wg_iota(shape, dimension: int, interpret):
-    return _wg_layout(lax.broadcasted_iota(jnp.int32, shape, dimension), plgpu.Layout.WGMMA,
-                      interpret)
-
-
 def _wgmma_rows(r, a, b_ref, n: int, scratch: str, interpret):
     """a [64, k] bf16 (registers) @ b_ref [k, n] (shared memory) -> float32 [64, n]; in
     interpret mode `a` goes through shared-memory scratch (no register operands there)."""
@@ -472,7 +465,7 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
         k0 = plan.k_start(cta)
         if p == 0 and "attn_acc" in r:  # the attention's context splits, merged here
             active = None
-            if ATTENTION in phases or "meta" in r:  # the phase's splits: only the active ones
+            if "meta" in r:  # the attention phase's splits: only those holding keys
                 active = _attention_steps(r["meta"][0], attention_splits(shape.attention,
                                                                          tiling))[2]
             x_vec[pl.ds(0, plan.k_range)] = _merge_splits(r, pl.ds(k0, plan.k_range), active)
@@ -539,7 +532,7 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
                 x = _load(r["qkv_stage"].at[j, i], col_layout, interpret)
                 total_ = x if total_ is None else total_ + x
             return total_.astype(bf16)
-        rows_iota = _wg_iota((ROWS, dim), 0, interpret)
+        rows_iota = _iota((ROWS, dim), 0, interpret)
         q_rows = jnp.zeros((ROWS, dim), bf16)
         for g in range(group):
             row = lax.broadcast_in_dim(head_row(g), (ROWS, dim), [1])
@@ -577,7 +570,7 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
                 plgpu.copy_smem_to_gmem(r["kv_row"].at[i, pl.ds(0, 1)], dst)
 
         log2_scale = a.scale * LOG2E
-        keys_iota = _wg_iota((ROWS, KEYS), 1, interpret)
+        keys_iota = _iota((ROWS, KEYS), 1, interpret)
 
         def attend(carry, k_ref, v_ref, visible):
             o, row_max, row_sum = carry
@@ -596,9 +589,9 @@ def _make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
             return o, new_max, row_sum
 
         reduced = plgpu.Layout.WGMMA.reduce(1)
-        carry = (_wg_layout(jnp.zeros((ROWS, dim), f32), plgpu.Layout.WGMMA, interpret),
-                 _wg_layout(jnp.full((ROWS,), NEG_INF, f32), reduced, interpret),
-                 _wg_layout(jnp.zeros((ROWS,), f32), reduced, interpret))
+        carry = (_layout(jnp.zeros((ROWS, dim), f32), plgpu.Layout.WGMMA, interpret),
+                 _layout(jnp.full((ROWS,), NEG_INF, f32), reduced, interpret),
+                 _layout(jnp.zeros((ROWS,), f32), reduced, interpret))
         # Every split runs the new token's block; only split 0 sees it.
         carry = attend(carry, r["kn_smem"], r["vn_smem"], jnp.where(split == 0, 1, 0))
 
@@ -831,7 +824,7 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
         (3,) if has_next else ()) + ((FINAL_NORM,) if final_norm is not None else ())
     out = _run(shape, phases, inputs, tiling, barrier, interpret, diagnostic, profile_dir)
     if row_attention:
-        out.update(_new_pools(out, attn, attention))
+        out.update(_new_pools(out, attn))
     return {k: v for k, v in out.items() if k in ("h1", "part_d", "h2", "part_qkv", "x",
                                                   "barrier", "k_pool", "v_pool")}
 
@@ -856,21 +849,14 @@ def _attention_shape(attn: RowAttention, scale: Optional[float]) -> AttentionSha
                           float(head_dim ** -0.5 if scale is None else scale))
 
 
-def _new_pools(out: dict, attn: RowAttention, a: AttentionShape) -> dict:
+def _new_pools(out: dict, attn: RowAttention) -> dict:
     """The pools after the call: the kernel's own (Ref operands, written in place), or (where it
     cannot write them: interpret mode, jax < 0.11) with its new K/V row written here."""
     if "k_pool" in out:
         return {name: out[name].reshape(attn.k_pool.shape) for name in ("k_pool", "v_pool")}
-    slot = attn.meta[1]
-    rows = attn.layer.reshape(()) * a.num_blocks * a.block_size + slot
-    rows = jnp.where(slot >= 0, rows, attn.k_pool.size)  # out of range: dropped
-    pools = {}
-    for i, name in enumerate(("k_pool", "v_pool")):
-        pool = getattr(attn, name)
-        flat = pool.reshape(-1, a.kv_heads, a.head_dim).at[rows].set(out["kv_new"][i],
-                                                                     mode="drop")
-        pools[name] = flat.reshape(pool.shape)
-    return pools
+    k_pool, v_pool = write_kv_reference(attn.k_pool, attn.v_pool, attn.layer.reshape(()),
+                                        attn.meta[1:], out["kv_new"][:1], out["kv_new"][1:])
+    return {"k_pool": k_pool, "v_pool": v_pool}
 
 
 def decode_row_qkv_mgpu(h, norm, wqkv, *, eps: float, tiling: TailTiling = TailTiling(),

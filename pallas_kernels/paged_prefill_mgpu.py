@@ -146,12 +146,14 @@ def make_plan(num_tokens: int, num_seqs: int, group: int, block_size: int, *,
 
 # --- Interpret-mode stand-ins (see the module docstring) -------------------------------------
 
-def _layout(x, layout, plan: MgpuPlan):
-    return x if plan.interpret else plgpu.layout_cast(x, layout)
+def _layout(x, layout, interpret):
+    """x cast to a register layout (compiled); the interpreter has no layouts."""
+    return x if interpret else plgpu.layout_cast(x, layout)
 
 
-def _iota(shape, dimension: int, plan: MgpuPlan):
-    return _layout(lax.broadcasted_iota(jnp.int32, shape, dimension), plgpu.Layout.WGMMA, plan)
+def _iota(shape, dimension: int, interpret):
+    return _layout(lax.broadcasted_iota(jnp.int32, shape, dimension), plgpu.Layout.WGMMA,
+                   interpret)
 
 
 def _k_operand(k_slot, kt_scratch):
@@ -254,12 +256,12 @@ def _producer(tables_ref, k_ref, v_ref, smem, tile: _Tile, kv_head, plan: MgpuPl
 def _visible(step, tile: _Tile, wg, plan: MgpuPlan):
     """[64, block_k] bool: key position <= query position, for a warpgroup's rows."""
     shape = (WG_ROWS, plan.block_k)
-    token = _iota(shape, 0, plan)  # row in the warpgroup -> token in the tile
+    token = _iota(shape, 0, plan.interpret)  # row in the warpgroup -> token in the tile
     if plan.block_q < WG_ROWS:
         token = token % plan.block_q
     # token + first_token + pos0 >= step * block_k + key, rearranged to one compare per logit
     first_token = lax.rem(wg * WG_ROWS, plan.block_q)
-    return token - _iota(shape, 1, plan) >= step * plan.block_k - tile.pos0 - first_token
+    return token - _iota(shape, 1, plan.interpret) >= step * plan.block_k - tile.pos0 - first_token
 
 
 def _step(step, carry, *, masked: bool, refs, tile: _Tile, wg, plan: MgpuPlan,
@@ -344,9 +346,11 @@ def _consumer(q_ref, out_ref, smem, tile: _Tile, kv_head, wg, plan: MgpuPlan, sc
     _load_q(q_ref, q_tile, smem["q_ready"].at[wg], tile, kv_head, wg, plan)
     scratch = [smem[name].at[wg] if plan.interpret else None for name in ("kt_smem", "p_smem")]
     rows = plgpu.Layout.WGMMA.reduce(1)
-    carry = (_layout(jnp.zeros((WG_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA, plan),
-             _layout(jnp.full((WG_ROWS,), NEG_INF, jnp.float32), rows, plan),
-             _layout(jnp.zeros((WG_ROWS,), jnp.float32), rows, plan))
+    interpret = plan.interpret
+    carry = (_layout(jnp.zeros((WG_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA,
+                     interpret),
+             _layout(jnp.full((WG_ROWS,), NEG_INF, jnp.float32), rows, interpret),
+             _layout(jnp.zeros((WG_ROWS,), jnp.float32), rows, interpret))
     body = functools.partial(_step, refs=(q_tile, smem, *scratch), tile=tile, wg=wg, plan=plan,
                              log2_scale=scale * LOG2E)
     pl.when(tile.num_steps > 0)(lambda: plgpu.barrier_wait(smem["k_ready"].at[0]))

@@ -34,7 +34,9 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_common import copy_bandwidth  # noqa: E402
 from bench_persistent import Layer, device_us_per_call, make_inputs  # noqa: E402
 
 KERNEL_NAME = "persistent_stream_mgpu"
@@ -225,24 +228,20 @@ def reference(x, weights, layer: Layer, tiling: MgpuTiling) -> np.ndarray:
     return out
 
 
-def read_bandwidth(nbytes: int, iters: int, reps: int) -> dict:
-    """GB/s of XLA reading an nbytes bf16 array once (a max reduction: reads only) and of
-    jnp.copy (read + write), best wall time per call over reps of `iters` calls."""
-    import time
+def read_bandwidth(nbytes: int, reps: int) -> dict:
+    """GB/s of XLA reading an nbytes bf16 array once (a max reduction: reads only, median over
+    reps), beside bench_common.copy_bandwidth's read + write rate of the same size."""
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    out = {}
-    for name, fn, moved in (("read", jnp.max, nbytes), ("copy", jnp.copy, 2 * nbytes)):
-        f = jax.jit(fn)
-        jax.block_until_ready(f(x))
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(iters // 10 or 1):
-                y = f(x)
-            jax.block_until_ready(y)
-            best = min(best, (time.perf_counter() - t0) / (iters // 10 or 1))
-        out[name + "_GBps"] = round(moved / best / 1e9)
-    return out
+    read = jax.jit(jnp.max)
+    jax.block_until_ready(read(x))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(read(x))
+        times.append(time.perf_counter() - t0)
+    del x
+    return {"read_GBps": round(nbytes / statistics.median(times) / 1e9),
+            "copy_GBps": round(copy_bandwidth(nbytes, reps)["GBps"])}
 
 
 def pad_input(x):
@@ -296,7 +295,7 @@ def main(argv=None) -> int:
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "layer": vars(layer), "weight_MB": weight_bytes / 1e6, "runs": []}
     if args.read_bandwidth:
-        results["read_bandwidth"] = read_bandwidth(1 << 30, args.iters, args.reps)
+        results["read_bandwidth"] = read_bandwidth(1 << 30, 10)
         print(f"XLA, 1 GiB: {results['read_bandwidth']}")
     print("| variant | layout | chunk | stages | device us | GB/s | max abs err |\n"
           "|---|---|---|---|---|---|---|")
