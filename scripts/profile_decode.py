@@ -71,6 +71,17 @@ def long_gaps(events, min_us: float = 100.0, limit: int = 20) -> list[dict]:
     return found[:limit]
 
 
+def event_sequence(events, count: int) -> list[list]:
+    """`count` consecutive device events from the middle of the trace: [name, duration us,
+    idle gap before it us] (negative: it started before the previous one ended)."""
+    ordered = sorted(events, key=lambda e: e[1])
+    start = max(1, len(ordered) // 2 - count // 2)
+    rows = []
+    for prev, (name, begin, duration) in zip(ordered[start - 1:], ordered[start:start + count]):
+        rows.append([name, duration / 1e3, (begin - prev[1] - prev[2]) / 1e3])
+    return rows
+
+
 def per_name(events) -> list[list]:
     """[name, count, total us] per distinct event name, costliest first."""
     totals = collections.defaultdict(lambda: [0, 0.0])
@@ -104,6 +115,10 @@ def main() -> int:
                    help="LLM(decode_layer_kernel=False): XLA's matmuls at batch 1 on Hopper")
     p.add_argument("--top", type=int, default=30, help="kernels listed")
     p.add_argument("--cpu", action="store_true", help="profile the CPU backend's ops instead")
+    p.add_argument("--sequence", type=int, default=0,
+                   help="also list this many consecutive device events from the middle of the "
+                        "traced generate (name, duration, idle gap before): one step's kernels "
+                        "in order")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -174,6 +189,7 @@ def main() -> int:
         "kernels": len(events), "kernels_per_token": len(events) / tokens,
         "top": kernels[:args.top], "idle_gaps": gaps, "long_gaps": long_gaps(events),
         "host": per_name(host_events)[:args.top],
+        "sequence": event_sequence(events, args.sequence),
     }
     print(f"{result['device']}, {args.model_shape} {args.dtype}, batch {args.batch}, prompt "
           f"{args.prompt_len}, {args.tokens} tokens, {args.num_scheduler_steps} steps per call")
@@ -194,6 +210,10 @@ def main() -> int:
     for name, count, total_us in result["host"][:15]:
         print(f"| {name[:90]} | {count} | {count / tokens:.1f} | {total_us / 1e3:.2f} | "
               f"{total_us / count:.1f} |")
+    if result["sequence"]:
+        print("\n| # | kernel | us | gap before us |\n|---|---|---|---|")
+        for i, (name, us, gap) in enumerate(result["sequence"]):
+            print(f"| {i} | {name[:70]} | {us:.1f} | {gap:.1f} |")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

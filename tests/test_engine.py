@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from jinfer import LLM, SamplingParams
+from jinfer import LLM, SamplingParams, model_runner
 
 PROMPTS = ["The quick brown fox", "Why is the sky blue?", "日本語 🙂 café", "numbers 12345 and"]
 
@@ -295,11 +295,13 @@ def test_decodes_and_prompt_chunks_share_one_device_call(tiny_model_dir, llm):
     assert_pool_whole(llm)
 
 
-@pytest.mark.parametrize("num_steps", [4, 8])
-def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, single_step_llm, num_steps):
-    """Several decode steps per device call: the same tokens and logprobs as one step per call
-    for greedy, seeded sampling and stop conditions (stop ids, stop strings, max_tokens cut
-    inside a call), with the pool whole afterwards."""
+@pytest.mark.parametrize("num_steps,unroll", [(4, False), (8, False), (4, True)])
+def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, single_step_llm, num_steps,
+                                                 unroll, monkeypatch):
+    """Several decode steps per device call, as a loop or unrolled (as on GPU): the same tokens
+    and logprobs as one step per call for greedy, seeded sampling and stop conditions (stop
+    ids, stop strings, max_tokens cut inside a call), with the pool whole afterwards."""
+    monkeypatch.setattr(model_runner, "UNROLL_DECODE_BACKENDS", ("cpu",) if unroll else ())
     params = [SamplingParams(temperature=0, max_tokens=11, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=13, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=7, stop=[" the"]),
