@@ -39,12 +39,13 @@ MIN_CONTEXT_BUCKET = 32
 # the fused attention kernel between layer kernels: as the layer kernel's first phase it measured
 # 919.9 against 941.5 tok/s (H100, scripts/bench_latency.py --layer-attention on / off).
 LAYER_TILING = TailTiling(stages=4, attention=False)
-# Multi-step decode calls on GPU run their steps unrolled. As a loop, XLA launches the body's
-# CUDA graph once per step from the host, after a kernel that evaluates the loop condition, and
-# increments the counter in another: at batch 1 on an H100 that cost ~2% of the decode rate
-# (scripts/bench_latency.py: 956.5 unrolled vs 937.8 / 940.7 tok/s as a loop, same call). On
-# CPU the loop stays (smaller programs compile faster; there is no launch to save).
-UNROLL_DECODE_BACKENDS = ("gpu",)
+# Multi-step decode calls of at most this many rows run their steps unrolled, per backend. As a
+# loop, XLA launches the body's CUDA graph from the host once per step, after a kernel that
+# evaluates the loop condition and another that counts: at batch 1 on an H100 that cost ~2% of
+# the decode rate (scripts/bench_latency.py: 956.5 tok/s unrolled vs 937.8 / 940.7 as a loop,
+# same call). Larger batches keep the loop (their steps are longer, and an unrolled program per
+# batch bucket would multiply warm-up compile time); so does the CPU (no launches to save).
+UNROLL_MAX_ROWS = {"gpu": 2}
 
 
 def next_power_of_2(n: int) -> int:
@@ -103,15 +104,15 @@ def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend,
 
 
 def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags,
-                  num_steps: int, layer_tiling=None, unroll: bool = False):
+                  num_steps: int, layer_tiling=None, unroll_rows: int = 0):
     """`num_steps` decode steps in one jitted call (a scan): each step's sampled tokens are the
     next step's inputs, positions and context lengths advance on device, and the slots come
     from the block tables (the host reserved them beforehand), and each step's samples join
     the rows' output tokens (penalties read them; min_tokens bans lapse by step count): the
     sampler sees exactly what single steps would show it. Returns (SamplerOutput fields
     stacked [num_steps, S], the pool, the last step's sampled tokens [rows]: the input of a
-    call that continues these rows). `unroll`: the steps as straight-line code instead of a
-    loop (see `UNROLL_DECODE_BACKENDS`)."""
+    call that continues these rows). Calls of at most `unroll_rows` rows run the steps as
+    straight-line code instead of a loop (see `UNROLL_MAX_ROWS`)."""
     meta = step_input.attention.decode
     tables, block_size = meta.block_tables, kv_cache.block_size  # [rows, width]
     live = meta.context_lens > 0  # [rows]; padding rows stay empty and write to the pad block
@@ -138,7 +139,7 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
     init = (kv_cache, step_input.token_ids, step_input.attention.positions, meta.context_lens,
             step_input.sampling)
     (kv_cache, last_tokens, *_), outs = jax.lax.scan(one_step, init, None, length=num_steps,
-                                                     unroll=unroll)
+                                                     unroll=tables.shape[0] <= unroll_rows)
     if outs.ranks is None:
         outs = dataclasses.replace(outs, ranks=jnp.zeros_like(outs.tokens))
     return outs, kv_cache, last_tokens
@@ -192,9 +193,9 @@ class ModelRunner:
         self._step_fn = jax.jit(functools.partial(_packed_step, **static),
                                 static_argnames=("layout", "flags"), donate_argnums=(1,),
                                 compiler_options=STEP_COMPILER_OPTIONS)
-        unroll = jax.default_backend() in UNROLL_DECODE_BACKENDS
+        unroll_rows = UNROLL_MAX_ROWS.get(jax.default_backend(), 0)
         self._decode_steps_fn = jax.jit(functools.partial(_packed_decode_steps, **static,
-                                                          unroll=unroll),
+                                                          unroll_rows=unroll_rows),
                                         static_argnames=("layout", "flags", "num_steps"),
                                         donate_argnums=(1,),
                                         compiler_options=STEP_COMPILER_OPTIONS)

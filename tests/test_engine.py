@@ -301,7 +301,7 @@ def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, single_step_llm
     """Several decode steps per device call, as a loop or unrolled (as on GPU): the same tokens
     and logprobs as one step per call for greedy, seeded sampling and stop conditions (stop
     ids, stop strings, max_tokens cut inside a call), with the pool whole afterwards."""
-    monkeypatch.setattr(model_runner, "UNROLL_DECODE_BACKENDS", ("cpu",) if unroll else ())
+    monkeypatch.setattr(model_runner, "UNROLL_MAX_ROWS", {"cpu": 4, "gpu": 4} if unroll else {})
     params = [SamplingParams(temperature=0, max_tokens=11, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=13, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=7, stop=[" the"]),
