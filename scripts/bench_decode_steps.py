@@ -30,7 +30,8 @@ LAYERS, BLOCKS, BLOCK, KV_HEADS, GROUP, HEAD_DIM = 16, 512, 16, 8, 4, 64
 CONTEXTS = {257: 24, 384: 24, 512: 32, 1024: 96, 2048: 192}  # tokens: table width (blocks)
 
 
-def time_config(k, v, parts, context: int, width: int, splits, pages, iters: int = 50):
+def time_config(k, v, parts, context: int, width: int, splits, pages, iters: int = 50,
+                partials: bool = False):
     heads = KV_HEADS * GROUP
     tables = (jnp.arange(1, width + 1, dtype=jnp.int32)[None]) % BLOCKS
     lens = jnp.array([context], jnp.int32)
@@ -43,8 +44,11 @@ def time_config(k, v, parts, context: int, width: int, splits, pages, iters: int
         for layer in range(LAYERS):
             out, k, v = fused_decode_attention_pallas(
                 parts + feed, cos, sin, k, v, layer, slots, tables, lens, num_heads=heads,
-                scale=HEAD_DIM ** -0.5, num_splits=splits, pages_per_compute_block=pages)
-            feed = out[:, :1].astype(jnp.float32)[None] * 0  # a data dependence, no change
+                scale=HEAD_DIM ** -0.5, num_splits=splits, pages_per_compute_block=pages,
+                partials=partials)
+            first = out[0] if partials else out  # (acc, max, sum) splits, or the output
+            # a data dependence, no change
+            feed = first.reshape(-1)[:1].astype(jnp.float32).reshape(1, 1, 1) * 0
         return k, v, feed
 
     run = jax.jit(lambda k, v, n: lax.fori_loop(0, n, body, (k, v, jnp.zeros((1, 1, 1)))),
@@ -63,7 +67,15 @@ def time_config(k, v, parts, context: int, width: int, splits, pages, iters: int
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS),
+                   choices=list(CONTEXTS))
+    p.add_argument("--splits", nargs="+", default=["auto", "1", "2"],
+                   help="split counts ('auto': the engine's plan)")
+    p.add_argument("--pages", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--partials", action="store_true",
+                   help="the output as the splits' softmax states (as the layer kernel takes it)")
     args = p.parse_args()
+
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     shape = (LAYERS, BLOCKS, BLOCK, KV_HEADS, HEAD_DIM)
     k = jax.random.normal(keys[0], shape, jnp.bfloat16)
@@ -73,12 +85,14 @@ def main() -> int:
     results = []
     print(f"{jax.devices()[0].device_kind}: fused decode at batch 1, us per call")
     print("| context | splits | pages per step | us |\n|---|---|---|---|")
-    for context, table_width in CONTEXTS.items():
-        for splits in (None, 1, 2):
-            for pages in (4, 8):
-                k, v, us = time_config(k, v, parts, context, table_width, splits, pages)
+    for context in args.contexts:
+        for splits in (None if s == "auto" else int(s) for s in args.splits):
+            for pages in args.pages:
+                k, v, us = time_config(k, v, parts, context, CONTEXTS[context], splits, pages,
+                                       partials=args.partials)
                 results.append({"context": context, "splits": splits or "auto",
-                                "pages_per_step": pages, "us_per_call": us})
+                                "pages_per_step": pages, "partials": args.partials,
+                                "us_per_call": us})
                 print(f"| {context} | {splits or 'auto'} | {pages} | {us:.2f} |", flush=True)
     pathlib.Path(args.out).write_text(json.dumps({"device": jax.devices()[0].device_kind,
                                                   "results": results}, indent=2))
