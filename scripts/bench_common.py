@@ -112,17 +112,22 @@ def device_time(compiled, args, calls: int, scope: str) -> dict:
             "device_other_kernels": sorted({e[0] for e in events} - {e[0] for e in mine})[:8]}
 
 
-def copy_bandwidth(nbytes: int, reps: int) -> dict:
-    """jnp.copy of an nbytes array: (read + written bytes) / time, median (and best) over reps."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(jnp.copy)
-    jax.block_until_ready(copy(x))
+def call_seconds(fn, x, reps: int) -> list[float]:
+    """Wall seconds of each of `reps` calls of jit(fn)(x), each waited for (after one untimed
+    call that compiles)."""
+    run = jax.jit(fn)
+    jax.block_until_ready(run(x))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(copy(x))
+        jax.block_until_ready(run(x))
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(nbytes: int, reps: int) -> dict:
+    """jnp.copy of an nbytes array: (read + written bytes) / time, median (and best) over reps."""
+    times = call_seconds(jnp.copy, jnp.ones((nbytes // 4,), jnp.float32), reps)
     med = statistics.median(times)
-    del x
     return {"bytes": nbytes, "median_us": med * 1e6, "GBps": 2 * nbytes / med / 1e9,
             "GBps_best": 2 * nbytes / min(times) / 1e9}

@@ -36,7 +36,6 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import copy_bandwidth  # noqa: E402
+from bench_common import call_seconds, copy_bandwidth  # noqa: E402
 from bench_persistent import Layer, device_us_per_call, make_inputs  # noqa: E402
 
 KERNEL_NAME = "persistent_stream_mgpu"
@@ -231,15 +230,7 @@ def reference(x, weights, layer: Layer, tiling: MgpuTiling) -> np.ndarray:
 def read_bandwidth(nbytes: int, reps: int) -> dict:
     """GB/s of XLA reading an nbytes bf16 array once (a max reduction: reads only, median over
     reps), beside bench_common.copy_bandwidth's read + write rate of the same size."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    read = jax.jit(jnp.max)
-    jax.block_until_ready(read(x))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(read(x))
-        times.append(time.perf_counter() - t0)
-    del x
+    times = call_seconds(jnp.max, jnp.ones((nbytes // 2,), jnp.bfloat16), reps)
     return {"read_GBps": round(nbytes / statistics.median(times) / 1e9),
             "copy_GBps": round(copy_bandwidth(nbytes, reps)["GBps"])}
 
