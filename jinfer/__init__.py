@@ -5,10 +5,10 @@
     print(llm.generate("Why is the sky blue?", SamplingParams(max_tokens=64))[0].outputs[0].text)
 """
 
-from jinfer.beam_search import BeamSearchOutput, BeamSearchParams
-from jinfer.llm import LLM
-from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
-from jinfer.sampling_params import SamplingParams
+from jinfer.api.beam_search import BeamSearchOutput, BeamSearchParams
+from jinfer.api.llm import LLM
+from jinfer.api.outputs import CompletionOutput, Logprob, RequestOutput
+from jinfer.api.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
            "BeamSearchParams", "BeamSearchOutput"]

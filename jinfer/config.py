@@ -1,55 +1,41 @@
-"""Static, hashable configuration objects.
-
-`ModelConfig` describes a model's shapes; jit treats it as a compile-time constant. `EngineConfig`
-holds the engine's knobs (block size, pool size, limits), the `LLM(...)` keywords.
-"""
+"""The engine's configuration, static and hashable: `EngineConfig` (block size, pool size,
+limits: the `LLM(...)` keywords) and `KernelConfig` (which kernel runs where)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
+
+from pallas_kernels.decode_layer_mgpu import TailTiling
 
 
 @dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3 style RoPE frequency scaling (`rope_type: "llama3"` in config.json)."""
+class KernelConfig:
+    """Which kernel runs where: choices measured on an H100 (BENCHMARKS.md), passed down to the
+    runner, the model and the attention backends. Tests and benchmarks set them here.
 
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    Attributes:
+      decode_layer_kernel: on a Hopper GPU with the "pallas" backend and bf16 weights, a decode
+        step of one sequence runs each layer's projections after attention (output projection,
+        MLP, next layer's QKV) in one persistent Mosaic GPU kernel
+        (pallas_kernels/decode_layer_mgpu.py) where the model's shapes fit it; False: XLA's
+        matmuls, as at every other batch size; "always": also off Hopper (in Mosaic GPU's
+        interpreter on the CPU: for tests).
+      layer_tiling: that kernel's tiling. 4 ring slots measured best (48.4 us per Llama-3.2-1B
+        layer on an H100; 49.2 with 8).
+      mosaic_prefill_min_tokens: prefill steps of at least this many prompt tokens use the
+        Mosaic GPU prefill kernel on Hopper, shorter ones the Triton-lowered kernel. Mosaic GPU
+        kernels compile in every process (~2 s per step shape), and below ~1k tokens the gain
+        per call is tens of us (1 x 1024: 49 vs 76 us; 1 x 8192: 1.16 vs 1.67 ms).
+      unroll_max_rows: multi-step decode calls of at most this many rows run their steps as
+        straight-line code instead of a loop (on an H100 at batch 1: 956.5 vs 937.8 tok/s, no
+        per-step graph launch); None: 2 on GPU, 0 elsewhere (the CPU has no launches to save).
+    """
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Shapes and constants of a Llama-family decoder (Llama 2, Llama 3.x, SmolLM/SmolLM2)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScaling] = None
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-
-    def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_kv_heads})")
-
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
+    decode_layer_kernel: Union[bool, str] = True
+    layer_tiling: TailTiling = TailTiling(stages=4, attention=False)
+    mosaic_prefill_min_tokens: int = 1024
+    unroll_max_rows: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +55,8 @@ class EngineConfig:
       max_num_batched_tokens: most prompt tokens prefilled in one step (longer prompts are
         prefilled in chunks).
       seed: seeds requests that carry no seed of their own.
-      attention_backend: "pallas" (the kernels; the default on GPU), "pallas_unfused",
-        "triton", "reference" (jnp; the default on CPU) or "oracle" (the plain reference
-        everywhere, for checking); see jinfer.attention.
+      attention_backend: "pallas" (the kernels; the default on GPU), "triton" or "reference"
+        (jnp; the default on CPU); see jinfer.model.attention.
       enable_prefix_caching: share the blocks of equal prompt prefixes (hash chain over full
         blocks) and skip their prefill.
       num_scheduler_steps: decode steps one device call may run back to back when only decodes
@@ -83,11 +68,7 @@ class EngineConfig:
         two calls: the prompt chunks, then the decodes; fewer shapes to compile).
       preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a
         victim again for this many steps while another sequence could give way.
-      decode_layer_kernel: on a Hopper GPU with the "pallas" backend and bf16 weights, a
-        decode step of one sequence runs each layer's projections after attention (output
-        projection, MLP, next layer's QKV) in one persistent Mosaic GPU kernel
-        (pallas_kernels/decode_layer_mgpu.py) where the model's shapes fit it; False: XLA's
-        matmuls, as at every other batch size.
+      kernels: which kernel runs where (`KernelConfig`).
     """
 
     block_size: int = 16
@@ -103,7 +84,7 @@ class EngineConfig:
     num_scheduler_steps: int = 8
     mixed_batching: bool = True
     enable_prefix_caching: bool = True
-    decode_layer_kernel: bool = True
+    kernels: KernelConfig = KernelConfig()
 
     def __post_init__(self):
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",

@@ -1,7 +1,7 @@
 """Paged-attention kernels for jinfer, each with a plain-jnp reference beside it.
 
 `reference.paged_attention_reference` is the oracle (and the CPU path). The Pallas kernels (Triton
-lowering on GPU, `interpret=True` on CPU) plug in behind `jinfer.attention`.
+lowering on GPU, `interpret=True` on CPU) plug in behind `jinfer.model.attention`.
 """
 
 from pallas_kernels.paged_prefill import ragged_paged_attention_pallas

@@ -19,7 +19,7 @@ with the phase FINAL_NORM (CTA 0 writes rms_norm(h1 + sum(d)) * final_norm, the 
 input). The first layer's QKV row is P3 alone on the token's embedding
 (`decode_row_qkv_mgpu`). The attention output may come as its context splits' softmax states
 (fused_decode's partials=True), which P0 merges as it reads its K-range (the engine's path:
-jinfer.model._one_row_decode), and P3's QKV partials go to the attention kernel as they are.
+jinfer.model.llama._one_row_decode), and P3's QKV partials go to the attention kernel as they are.
 
 Optionally (`attn` as a `RowAttention`: the QKV partials, RoPE's rows, the paged pools, the
 block table) the kernel also computes the layer's attention, as a phase ATTENTION before P0, so
@@ -35,7 +35,7 @@ phase's loads are issued (they would queue behind the weights in the SM's TMA un
 Measured end to end it is slower than the fused attention kernel between layer kernels (H100,
 Llama-3.2-1B, 256-token context: 919.9 vs 941.5 tok/s, scripts/bench_latency.py --layer-attention
 on / off): the phase's dependent loads, the extra grid barrier and its stores cost more than the
-kernel boundary they remove. The engine keeps it off (jinfer.model_runner.LAYER_TILING).
+kernel boundary they remove. The engine keeps it off (jinfer.runner.model_runner.LAYER_TILING).
 
 Design (warp specialised; measured by scripts/bench_layer_mgpu.py):
 - Two warpgroups per CTA. The memory warpgroup TMA-copies every weight chunk ([block_k,

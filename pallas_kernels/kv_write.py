@@ -1,7 +1,7 @@
 """Writes new tokens' K/V rows into the paged pool in place, as a Pallas kernel.
 
 Triton lowering on NVIDIA GPUs; `interpret=True` runs the same kernel code on the CPU (CI).
-`write_kv_reference` is the plain-jnp oracle (an XLA scatter, as `jinfer.model` does today) with
+`write_kv_reference` is the plain-jnp oracle (an XLA scatter, as `jinfer.model.llama` does today) with
 the same semantics.
 
 Design:

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from jinfer.model_shapes import (MODEL_SHAPES, config_to_hf_dict, kv_bytes_per_token,
+from jinfer.model.shapes import (MODEL_SHAPES, config_to_hf_dict, kv_bytes_per_token,
                                  num_params, resolve_model_config)
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -52,7 +52,7 @@ GiB = 2**30
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-shape", default="llama3-1b", choices=sorted(MODEL_SHAPES),
-                   help="random weights of this shape (jinfer.model_shapes)")
+                   help="random weights of this shape (jinfer.model.shapes)")
     p.add_argument("--model", default=None,
                    help="a local model folder with config.json instead (random weights of its "
                         "shape; no weights or tokenizer are read)")
@@ -217,19 +217,20 @@ def hf_generate(model, torch, device: str, prompts: list[list[int]], new_tokens:
 def jinfer_latency(spec: dict) -> dict:
     """Load, warm up, then time max_tokens=1 and max_tokens=N generates at batch 1."""
     from jinfer import LLM, SamplingParams
+    import dataclasses
+    from jinfer.config import KernelConfig
+    tiling = KernelConfig().layer_tiling
     overrides = {k: v for k, v in (("attention", spec.get("layer_attention")),
                                    ("stages", spec.get("layer_stages"))) if v is not None}
-    if overrides:  # A/B of the layer kernel's tiling (a module constant of the runner)
-        import dataclasses
-        from jinfer import model_runner
-        model_runner.LAYER_TILING = dataclasses.replace(model_runner.LAYER_TILING, **overrides)
+    kernels = KernelConfig(decode_layer_kernel=spec["decode_layer_kernel"],
+                           layer_tiling=dataclasses.replace(tiling, **overrides))
     watch = CompileWatch()
     bandwidth = copy_bandwidth(spec["copy_bytes"])
     started = time.perf_counter()
     llm = LLM(spec["model"], load_format="dummy", dtype=spec["dtype"], seed=0,
               max_model_len=spec["prompt_len"] + spec["output_len"], max_num_seqs=1,
               max_num_batched_tokens=max(512, spec["prompt_len"]), gpu_memory_utilization=0.9,
-              decode_layer_kernel=spec["decode_layer_kernel"],
+              kernel_config=kernels,
               num_scheduler_steps=spec["num_scheduler_steps"])
     load_s = time.perf_counter() - started
     prompts = iter(spec["prompts"])
@@ -384,7 +385,7 @@ def main() -> int:
     p.add_argument("--num-scheduler-steps", type=int, default=8,
                    help="decode steps per device call (LLM's num_scheduler_steps)")
     p.add_argument("--no-layer-kernel", action="store_true",
-                   help="decode with XLA's matmuls (LLM(decode_layer_kernel=False)), not the "
+                   help="decode with XLA's matmuls (KernelConfig(decode_layer_kernel=False)), not the "
                         "persistent layer kernel (Hopper)")
     p.add_argument("--layer-attention", choices=["on", "off"], default=None,
                    help="with the layer kernel: each layer's attention as the kernel's first "

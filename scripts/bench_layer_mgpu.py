@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_persistent import device_us_per_call  # noqa: E402
-from jinfer.model import rms_norm  # noqa: E402
+from jinfer.model.llama import rms_norm  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (TailTiling, decode_layer_tail_mgpu,  # noqa: E402
                                               decode_layer_tail_reference,
                                               new_barrier_counter, random_tail_inputs)

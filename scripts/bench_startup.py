@@ -67,7 +67,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M)")
     p.add_argument("--model-shape", default=None,
-                   help="random weights of this shape instead (jinfer.model_shapes)")
+                   help="random weights of this shape instead (jinfer.model.shapes)")
     p.add_argument("--dtype", default="auto", help="as generate.py's default")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--warm-runs", type=int, default=2)

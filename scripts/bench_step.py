@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.attention import default_attention_backend
+from jinfer.model.attention import default_attention_backend
 from jinfer.config import EngineConfig
-from jinfer.model import prepare_params
-from jinfer.model_shapes import MODEL_SHAPES, random_params
-from jinfer.model_runner import ModelRunner
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import ScheduledSequence
-from jinfer.sequence import Sequence
+from jinfer.model.llama import prepare_params
+from jinfer.model.shapes import MODEL_SHAPES, random_params
+from jinfer.runner.model_runner import ModelRunner
+from jinfer.api.sampling_params import SamplingParams
+from jinfer.engine.scheduler import ScheduledSequence
+from jinfer.engine.sequence import Sequence
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -38,7 +38,7 @@ import time
 from bench_latency import (GiB, CompileWatch, add_common_args, build_hf_model,
                            child_env, copy_bandwidth, device_info, fmt, hf_generate,
                            model_source, roofline, run_child, setup_child_logging)
-from jinfer.model_shapes import config_to_hf_dict, num_params
+from jinfer.model.shapes import config_to_hf_dict, num_params
 
 logger = logging.getLogger("bench_throughput")
 

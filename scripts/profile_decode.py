@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a decode step's time goes: a jax.profiler trace of generate, summed per GPU kernel.
 
-Random weights of a real model's shape (jinfer.model_shapes), greedy, ignore_eos. After a warm-up
+Random weights of a real model's shape (jinfer.model.shapes), greedy, ignore_eos. After a warm-up
 generate of the same shape, one generate runs under the profiler; the trace's device events are
 grouped by kernel name and reported per decoded token: how many kernels a token launches, how long
 they run, how much of the wall time the GPU sits idle, and the kernels that cost the most.
@@ -112,7 +112,7 @@ def main() -> int:
     p.add_argument("--num-scheduler-steps", type=int, default=8)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--no-layer-kernel", action="store_true",
-                   help="LLM(decode_layer_kernel=False): XLA's matmuls at batch 1 on Hopper")
+                   help="KernelConfig(decode_layer_kernel=False): XLA's matmuls at batch 1 on Hopper")
     p.add_argument("--top", type=int, default=30, help="kernels listed")
     p.add_argument("--cpu", action="store_true", help="profile the CPU backend's ops instead")
     p.add_argument("--sequence", type=int, default=0,
@@ -127,13 +127,14 @@ def main() -> int:
     if args.cpu:
         jax.config.update("jax_platforms", "cpu")
     from jinfer import LLM, SamplingParams
-    from jinfer.model_shapes import resolve_model_config
+    from jinfer.config import KernelConfig
+    from jinfer.model.shapes import resolve_model_config
 
     config = resolve_model_config(args.model_shape)
     kwargs = dict(load_format="dummy", dtype=args.dtype, seed=0, max_num_seqs=args.batch,
                   max_model_len=args.prompt_len + args.tokens,
                   num_scheduler_steps=args.num_scheduler_steps,
-                  decode_layer_kernel=not args.no_layer_kernel)
+                  kernel_config=KernelConfig(decode_layer_kernel=not args.no_layer_kernel))
     if args.attention_backend:
         kwargs["attention_backend"] = args.attention_backend
     if not args.cpu:

@@ -1,4 +1,4 @@
-"""Lookahead (jinfer.engine): every step, mixed prefill + decode steps included, is planned and
+"""Lookahead (jinfer.engine.llm_engine): every step, mixed prefill + decode steps included, is planned and
 dispatched while the previous device call is still in flight, and gives exactly the tokens and
 logprobs of synchronous steps (num_scheduler_steps=1), with the pool whole afterwards.
 
@@ -17,12 +17,12 @@ import dataclasses
 import pytest
 
 from jinfer import LLM, SamplingParams
-from jinfer import engine as engine_lib
-from jinfer.block_manager import BlockManager
+from jinfer.engine import llm_engine as engine_lib
+from jinfer.engine.block_manager import BlockManager
 from jinfer.config import EngineConfig
-from jinfer.engine import LLMEngine
-from jinfer.scheduler import Scheduler
-from jinfer.sequence import Sequence
+from jinfer.engine.llm_engine import LLMEngine
+from jinfer.engine.scheduler import Scheduler
+from jinfer.engine.sequence import Sequence
 
 PROMPTS = ["The quick brown fox", "Why is the sky blue? Because of Rayleigh scattering.",
            "日本語 🙂 café", "numbers 12345 and 3.14159", "Tabs\tand\nnewlines, über naïve"]

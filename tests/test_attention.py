@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.attention import AttentionMetadata, PrefillMetadata, get_attention_backend
-from jinfer.config import EngineConfig, ModelConfig
-from jinfer.model import forward_hidden, prepare_params
-from jinfer.model_runner import ModelRunner
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import ScheduledSequence
-from jinfer.sequence import Sequence
+from jinfer.model.attention import AttentionMetadata, PrefillMetadata, get_attention_backend
+from jinfer.config import EngineConfig
+from jinfer.model.config import ModelConfig
+from jinfer.model.llama import forward_hidden, prepare_params
+from jinfer.runner.model_runner import ModelRunner
+from jinfer.api.sampling_params import SamplingParams
+from jinfer.engine.scheduler import ScheduledSequence
+from jinfer.engine.sequence import Sequence
 from pallas_kernels.fused_decode import fused_decode_attention_pallas
 from pallas_kernels.reference import paged_attention_reference, paged_decode_attention
 
@@ -221,10 +222,11 @@ def test_hopper_prefill_kernel_by_step_tokens(monkeypatch, tokens, kernel):
     Mosaic kernel shape costs a compile at every process start)."""
     import types
 
-    import jinfer.attention as attention
+    import jinfer.model.attention as attention
     from pallas_kernels import paged_prefill_mgpu
 
-    assert attention.MOSAIC_PREFILL_MIN_TOKENS == 1024
+    from jinfer.config import KernelConfig
+    assert KernelConfig().mosaic_prefill_min_tokens == 1024
     monkeypatch.setattr(paged_prefill_mgpu, "hopper_gpu", lambda: True)
     monkeypatch.setattr(paged_prefill_mgpu, "supports", lambda q, k_pool: True)
     monkeypatch.setattr(paged_prefill_mgpu, "ragged_paged_attention_mgpu",
@@ -233,4 +235,5 @@ def test_hopper_prefill_kernel_by_step_tokens(monkeypatch, tokens, kernel):
     att = types.SimpleNamespace(block_tables=None, context_lens=None)
     meta = types.SimpleNamespace(attention=att, query_start_loc=None)
     q = jax.ShapeDtypeStruct((tokens, 32, 128), jnp.bfloat16)
-    assert attention._prefill_pallas(q, None, None, 0, meta, 1.0) == kernel
+    backend = attention.get_attention_backend("pallas", KernelConfig())
+    assert backend.prefill(q, None, None, 0, meta, 1.0) == kernel

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import jinfer.block_manager as bm_module
-from jinfer.block_manager import BlockManager, hash_block_tokens
-from jinfer.kv_cache import PAD_BLOCK
-from jinfer.sampling_params import SamplingParams
-from jinfer.sequence import Sequence
+import jinfer.engine.block_manager as bm_module
+from jinfer.engine.block_manager import BlockManager, hash_block_tokens
+from jinfer.model.kv_cache import PAD_BLOCK
+from jinfer.api.sampling_params import SamplingParams
+from jinfer.engine.sequence import Sequence
 
 _ids = itertools.count()
 

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 
-from jinfer.model import rms_norm  # noqa: E402
+from jinfer.model.llama import rms_norm  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling,  # noqa: E402
                                               decode_layer_tail_mgpu,
                                               decode_layer_tail_reference, decode_row_qkv_mgpu,
@@ -24,7 +24,7 @@ SMALL = TailTiling(block_n=64, block_k=64, stages=3, num_ctas=4)
 
 
 def model_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None, next_wqkv=None):
-    """jinfer.model's _attention_block residual, _mlp_block and the next layer's norm + QKV
+    """jinfer.model.llama's _attention_block residual, _mlp_block and the next layer's norm + QKV
     dot, as the model computes them (bf16 GEMM outputs)."""
     h1 = h + attn @ wo
     gate, up = jnp.split(rms_norm(h1, mlp_norm, EPS) @ w_gate_up, 2, axis=-1)

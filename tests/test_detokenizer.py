@@ -16,9 +16,9 @@ try:
 except ImportError:  # tests/ is on sys.path instead of the repo root
     import tokenizer_fixtures as F
 
-from jinfer.detokenizer import IncrementalDetokenizer
-from jinfer.gguf_tokenizer import load_gguf_tokenizer
-from jinfer.tokenizer import load_tokenizer
+from jinfer.text.detokenizer import IncrementalDetokenizer
+from jinfer.text.gguf_tokenizer import load_gguf_tokenizer
+from jinfer.text.tokenizer import load_tokenizer
 
 KINDS = ["smollm_gguf", "bytelevel_json", "spm_model", "llama_gguf"]
 

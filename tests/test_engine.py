@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from jinfer import LLM, SamplingParams, model_runner
+from jinfer import LLM, SamplingParams
+from jinfer.config import KernelConfig
 
 PROMPTS = ["The quick brown fox", "Why is the sky blue?", "日本語 🙂 café", "numbers 12345 and"]
 
@@ -297,18 +298,18 @@ def test_decodes_and_prompt_chunks_share_one_device_call(tiny_model_dir, llm):
 
 @pytest.mark.parametrize("num_steps,unroll", [(4, False), (8, False), (4, True)])
 def test_multi_step_decode_gives_the_same_tokens(tiny_model_dir, single_step_llm, num_steps,
-                                                 unroll, monkeypatch):
+                                                 unroll):
     """Several decode steps per device call, as a loop or unrolled (as on GPU): the same tokens
     and logprobs as one step per call for greedy, seeded sampling and stop conditions (stop
     ids, stop strings, max_tokens cut inside a call), with the pool whole afterwards."""
-    monkeypatch.setattr(model_runner, "UNROLL_MAX_ROWS", {"cpu": 4, "gpu": 4} if unroll else {})
     params = [SamplingParams(temperature=0, max_tokens=11, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=13, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=7, stop=[" the"]),
               SamplingParams(temperature=1.0, seed=5, max_tokens=9, stop_token_ids=[5, 6, 7])]
     expected = single_step_llm.generate(PROMPTS, params, use_tqdm=False)
     multi = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, seed=1,
-                num_scheduler_steps=num_steps, enable_compilation_cache=False)
+                num_scheduler_steps=num_steps, enable_compilation_cache=False,
+                kernel_config=KernelConfig(unroll_max_rows=4 if unroll else 0))
     calls = []
     runner = multi.engine.runner
     launch = runner.launch_decode_steps

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.host_transfer import pack, unpack
-from jinfer.model_runner import decode_steps_bucket, decode_steps_buckets
+from jinfer.runner.host_transfer import pack, unpack
+from jinfer.runner.buckets import decode_steps_bucket, decode_steps_buckets
 
 
 def test_round_trip_every_dtype_inside_jit():

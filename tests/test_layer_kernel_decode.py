@@ -1,4 +1,4 @@
-"""Decode steps of one row through the persistent layer kernel (jinfer.model._one_row_decode):
+"""Decode steps of one row through the persistent layer kernel (jinfer.model.llama._one_row_decode):
 the same hidden states, logits, KV pool and greedy tokens as the XLA layers, on the CPU with the
 kernel in Mosaic GPU's interpreter (a small tiling, so tiny shapes plan), and on a Hopper GPU
 compiled, on Llama-3.2-1B's shapes."""
@@ -14,14 +14,14 @@ import pytest
 
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 
-from jinfer import model_runner  # noqa: E402
-from jinfer.attention import (AttentionMetadata, PrefillMetadata, StepAttention,  # noqa: E402
+from jinfer.config import KernelConfig  # noqa: E402
+from jinfer.model.attention import (AttentionMetadata, PrefillMetadata, StepAttention,  # noqa: E402
                               get_attention_backend)
-from jinfer.config import ModelConfig  # noqa: E402
-from jinfer.kv_cache import init_kv_cache  # noqa: E402
-from jinfer.model import (compute_logits, forward_hidden, layer_kernel_tiling,  # noqa: E402
+from jinfer.model.config import ModelConfig  # noqa: E402
+from jinfer.model.kv_cache import init_kv_cache  # noqa: E402
+from jinfer.model.llama import (compute_logits, forward_hidden, layer_kernel_tiling,  # noqa: E402
                           prepare_params)
-from jinfer.model_shapes import MODEL_SHAPES, random_params  # noqa: E402
+from jinfer.model.shapes import MODEL_SHAPES, random_params  # noqa: E402
 from jinfer.testing import write_tiny_llama  # noqa: E402
 from pallas_kernels import paged_prefill_mgpu  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import TailTiling  # noqa: E402
@@ -126,7 +126,7 @@ def test_interpret_decode_matches_xla_layers():
     _check_close(results, xla_pool, kernel_pool, SMALL)
 
 
-def test_engine_uses_one_row_and_matches_greedy_tokens(tmp_path, monkeypatch):
+def test_engine_uses_one_row_and_matches_greedy_tokens(tmp_path):
     """LLM(...) with the kernel switched on (as on a Hopper GPU, the interpreter standing in):
     one sequence decodes one row per step through the kernel, with the same greedy tokens as
     with the kernel switched off, and the pool is whole afterwards."""
@@ -135,18 +135,17 @@ def test_engine_uses_one_row_and_matches_greedy_tokens(tmp_path, monkeypatch):
     from jinfer import LLM, SamplingParams
     folder = write_tiny_llama(tmp_path / "m", hidden=128, layers=1, heads=2, kv_heads=1,
                               intermediate=256)
-    monkeypatch.setattr(paged_prefill_mgpu, "hopper_gpu", lambda: True)
-    monkeypatch.setattr(model_runner, "LAYER_TILING", SMALL)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompt = "The quick brown fox"
     tokens = {}
     for enabled in (False, True):
         llm = LLM(str(folder), dtype="bfloat16", attention_backend="pallas",
                   num_kv_blocks=16, max_model_len=128, num_scheduler_steps=2,
-                  decode_layer_kernel=enabled)
+                  kernel_config=KernelConfig(decode_layer_kernel=enabled and "always",
+                                             layer_tiling=SMALL))
         runner = llm.engine.runner
         assert (runner.layer_tiling == SMALL) is enabled
-        assert runner.decode_rows_bucket(1) == 1  # the CPU takes one row either way
+        assert runner.buckets.decode_rows(1) == 1  # the CPU takes one row either way
         tokens[enabled] = llm.generate([prompt], params)[0].outputs[0].token_ids
         assert llm.engine.block_manager.is_whole()
     assert tokens[True] == tokens[False]
@@ -163,7 +162,7 @@ def test_gpu_llama_1b_decode_matches_xla_layers(attention):
         pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
     config = dataclasses.replace(MODEL_SHAPES["llama3-1b"], num_layers=2, vocab_size=4096)
     tiling = layer_kernel_tiling(config, jnp.bfloat16,
-                                 dataclasses.replace(model_runner.LAYER_TILING,
+                                 dataclasses.replace(KernelConfig().layer_tiling,
                                                      attention=attention))
     assert tiling is not None
     results, xla_pool, kernel_pool = _decode_run(config, tiling, prompt_len=37, backend="pallas")

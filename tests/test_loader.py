@@ -19,7 +19,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jinfer.config import RopeScaling  # noqa: E402
+from jinfer.model.config import RopeScaling  # noqa: E402
 from jinfer.loader import default_model_path, load_weights, resolve_model_path  # noqa: E402
 from jinfer.loader.gguf_weights import load_gguf  # noqa: E402
 from jinfer.loader.hf import load_generation_eos, load_hf_config  # noqa: E402

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from jinfer import LLM, memory
-from jinfer.kv_cache import bytes_per_block
+from jinfer import LLM
+from jinfer.runner import memory
+from jinfer.model.kv_cache import bytes_per_block
 
 GiB = 2**30
 
@@ -63,13 +64,13 @@ def test_pool_that_cannot_be_allocated_fails_at_construction_with_a_fix(tiny_mod
                                                                         monkeypatch):
     import jax
 
-    import jinfer.llm
+    import jinfer.api.llm
 
     def out_of_memory(*args):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
                                          "allocate 26.44GiB")
 
-    monkeypatch.setattr(jinfer.llm, "init_kv_cache", out_of_memory)
+    monkeypatch.setattr(jinfer.api.llm, "init_kv_cache", out_of_memory)
     with pytest.raises(ValueError, match="could not be allocated.*lower gpu_memory_utilization"):
         LLM(str(tiny_model_dir), max_model_len=128, num_kv_blocks=40,
             enable_compilation_cache=False)

@@ -1,4 +1,4 @@
-"""Tests for jinfer.model_shapes: the published shapes, random weights in the loader's layout,
+"""Tests for jinfer.model.shapes: the published shapes, random weights in the loader's layout,
 and the LlamaConfig dict (checked against transformers, built on torch's meta device)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from jinfer.config import ModelConfig, RopeScaling
+from jinfer.model.config import ModelConfig, RopeScaling
 from jinfer.loader.hf import allocate_params, load_hf_config, numpy_dtype
-from jinfer.model_shapes import (MODEL_SHAPES, config_to_hf_dict, kv_bytes_per_token,
+from jinfer.model.shapes import (MODEL_SHAPES, config_to_hf_dict, kv_bytes_per_token,
                                  num_params, random_params, resolve_model_config)
 
 HAS_HF = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))

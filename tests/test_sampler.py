@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.sampler import (SamplerFlags, append_outputs, apply_penalties, argmax_and_logsumexp,
+from jinfer.model.sampler import (SamplerFlags, append_outputs, apply_penalties, argmax_and_logsumexp,
                             make_sampling_metadata, sample, sampler_flags)
-from jinfer.sampling_params import SamplingParams
+from jinfer.api.sampling_params import SamplingParams
 
 V = 32
 sample_jit = jax.jit(sample, static_argnames="flags")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jinfer.sampling_params import SamplingParams
+from jinfer.api.sampling_params import SamplingParams
 
 
 def test_defaults_match_vllm():

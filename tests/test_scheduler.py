@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from jinfer.block_manager import BlockManager
+from jinfer.engine.block_manager import BlockManager
 from jinfer.config import EngineConfig
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import Scheduler
-from jinfer.sequence import Sequence
+from jinfer.api.sampling_params import SamplingParams
+from jinfer.engine.scheduler import Scheduler
+from jinfer.engine.sequence import Sequence
 
 
 def make_seq(seq_id: int, prompt_len: int) -> Sequence:

@@ -17,8 +17,8 @@ try:
 except ImportError:  # tests/ is on sys.path instead of the repo root
     import tokenizer_fixtures as F
 
-from jinfer.gguf_tokenizer import load_gguf_tokenizer
-from jinfer.tokenizer import Tokenizer, load_tokenizer
+from jinfer.text.gguf_tokenizer import load_gguf_tokenizer
+from jinfer.text.tokenizer import Tokenizer, load_tokenizer
 
 
 def assert_parity(ours: Tokenizer, ref, strings=F.TRICKY_STRINGS, random_decodes: int = 20):

@@ -166,7 +166,7 @@ def build_gpt2_gguf(pre: str, add_bos: bool, n_tokens: int = 6000) -> pathlib.Pa
     and the merges among them (a smaller file keeps GGUFReader fast)."""
     def build():
         import gguf
-        from jinfer.gguf_tokenizer import _read_gguf_tokenizer_fields
+        from jinfer.text.gguf_tokenizer import _read_gguf_tokenizer_fields
         src = _read_gguf_tokenizer_fields(smollm_reader())
         tokens = src["tokens"][:n_tokens]
         kept = set(tokens)

@@ -10,7 +10,7 @@ import os
 import pathlib
 from typing import Optional
 
-from jinfer.config import ModelConfig
+from jinfer.model.config import ModelConfig
 from jinfer.loader.default_model import default_model_path
 from jinfer.loader.gguf_weights import gguf_eos_ids, load_gguf
 from jinfer.loader.hf import (DTYPES, load_generation_eos, load_hf_config, load_hf_weights,

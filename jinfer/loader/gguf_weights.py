@@ -18,7 +18,7 @@ from typing import Any, Optional
 import gguf
 import numpy as np
 
-from jinfer.config import ModelConfig, RopeScaling
+from jinfer.model.config import ModelConfig, RopeScaling
 from jinfer.loader.hf import allocate_params, numpy_dtype
 
 logger = logging.getLogger(__name__)

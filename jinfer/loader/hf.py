@@ -21,7 +21,7 @@ from typing import Any, Optional
 import ml_dtypes
 import numpy as np
 
-from jinfer.config import ModelConfig, RopeScaling
+from jinfer.model.config import ModelConfig, RopeScaling
 
 logger = logging.getLogger(__name__)
 

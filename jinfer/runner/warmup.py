@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import time
 
-from jinfer.kv_cache import PAD_BLOCK
-from jinfer.model_runner import decode_steps_buckets, packed_bucket
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import ScheduledSequence
-from jinfer.sequence import Sequence
+from jinfer.model.kv_cache import PAD_BLOCK
+from jinfer.runner.buckets import decode_steps_buckets, packed_tokens_bucket
+from jinfer.api.sampling_params import SamplingParams
+from jinfer.engine.scheduler import ScheduledSequence
+from jinfer.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,12 @@ def warm_up(runner, max_context: int) -> dict:
     config, block_size = runner.config, runner.block_size
     started, before = time.perf_counter(), len(runner._compiled_shapes)
     max_context = min(max_context, config.max_model_len)
-    for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context), packed_bucket):
+    for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context), packed_tokens_bucket):
         items = pad_block_items(1, tokens, tokens, block_size)
         step_input, flags = runner.prepare([], items, greedy_rows(items), 0)
         runner.execute(step_input, flags)
-    widths = _buckets(1, -(-max_context // block_size), runner.blocks_bucket)
-    for batch in _buckets(1, config.max_num_seqs, runner.batch_bucket):
+    widths = _buckets(1, -(-max_context // block_size), runner.buckets.blocks)
+    for batch in _buckets(1, config.max_num_seqs, runner.buckets.rows):
         for width in widths:
             context = min(width * block_size, max_context)
             items = pad_block_items(batch, context, 1, block_size)

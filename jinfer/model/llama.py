@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.attention import AttentionBackend, StepAttention, attend
-from jinfer.config import ModelConfig
-from jinfer.kv_cache import KVCache
+from jinfer.model.attention import AttentionBackend, StepAttention, attend
+from jinfer.model.config import ModelConfig
+from jinfer.model.kv_cache import KVCache
 from pallas_kernels.decode_layer_mgpu import (KEYS, AttentionShape, RowAttention, TailShape,
                                               TailTiling, attention_splits,
                                               decode_layer_tail_mgpu, decode_row_qkv_mgpu,

@@ -29,11 +29,13 @@ Pallas KV-write and prefill kernels).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from jinfer.config import KernelConfig
 from pallas_kernels import paged_prefill_mgpu
 from pallas_kernels.fused_decode import fused_decode_attention_pallas, triton_supports
 from pallas_kernels.kv_write import write_kv_pallas
@@ -187,34 +189,21 @@ def _prefill_reference(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: f
     return out.reshape(-1, heads, dim)[meta.to_tokens]
 
 
-# Prefill steps of fewer tokens take the Triton-lowered kernel even on Hopper: Mosaic GPU
-# kernels are compiled (LLVM + ptxas) in every process that loads a program using them, ~1.7-2
-# s per step shape on an H100 (the persistent compilation cache keeps XLA's programs, not
-# them), which pushed a warm start past 10 s; the Mosaic kernel's gain per call is tens of us
-# below ~1k tokens (1 x 1024: 49 vs 76 us) and grows with the prompt (1 x 8192: 1.16 vs 1.67 ms).
-MOSAIC_PREFILL_MIN_TOKENS = 1024
-
-
-def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float):
+def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float, *,
+                    mosaic_min_tokens: int):
     """The Mosaic GPU kernel (wgmma, TMA) on a Hopper GPU for steps of at least
-    MOSAIC_PREFILL_MIN_TOKENS prompt tokens where it takes the shapes; the Triton-lowered
-    kernel otherwise (shorter steps, other GPUs, interpret mode on the CPU)."""
+    `mosaic_min_tokens` prompt tokens (KernelConfig.mosaic_prefill_min_tokens) where it takes
+    the shapes; the Triton-lowered kernel otherwise (shorter steps, other GPUs, interpret mode
+    on the CPU)."""
     att = meta.attention
     args = (q, k_pool, v_pool, layer, att.block_tables, meta.query_start_loc, att.context_lens)
-    if (q.shape[0] >= MOSAIC_PREFILL_MIN_TOKENS and paged_prefill_mgpu.hopper_gpu()
+    if (q.shape[0] >= mosaic_min_tokens and paged_prefill_mgpu.hopper_gpu()
             and paged_prefill_mgpu.supports(q, k_pool)):
         return paged_prefill_mgpu.ragged_paged_attention_mgpu(*args, scale=scale)
     return ragged_paged_attention_pallas(*args, scale=scale)
 
 
-_BACKENDS: dict[str, AttentionBackend] = {
-    "reference": AttentionBackend(_decode_reference, _prefill_reference, _write_kv_xla),
-    "oracle": AttentionBackend(_decode_oracle, _prefill_reference, _write_kv_xla),
-    "pallas": AttentionBackend(_decode_pallas, _prefill_pallas, write_kv_pallas,
-                               _fused_decode_pallas, _fused_decode_supported),
-    "pallas_unfused": AttentionBackend(_decode_pallas, _prefill_pallas, write_kv_pallas),
-    "triton": AttentionBackend(_decode_triton, _prefill_pallas, write_kv_pallas),
-}
+BACKENDS = ("pallas", "reference", "triton")
 
 
 def default_attention_backend() -> str:
@@ -223,11 +212,22 @@ def default_attention_backend() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"attention_backend={name!r} is not available; choose one of {sorted(_BACKENDS)}")
+def get_attention_backend(name: str, kernels: KernelConfig = KernelConfig()) -> AttentionBackend:
+    """The backend called `name`, with the kernel choices of `kernels`."""
+    if name == "reference":
+        return AttentionBackend(_decode_reference, _prefill_reference, _write_kv_xla)
+    if name == "oracle":  # TODO(issue 23): a test helper
+        return AttentionBackend(_decode_oracle, _prefill_reference, _write_kv_xla)
+    prefill = functools.partial(_prefill_pallas,
+                                mosaic_min_tokens=kernels.mosaic_prefill_min_tokens)
+    if name == "pallas":
+        return AttentionBackend(_decode_pallas, prefill, write_kv_pallas, _fused_decode_pallas,
+                                _fused_decode_supported)
+    if name == "pallas_unfused":  # TODO(issue 23): goes
+        return AttentionBackend(_decode_pallas, prefill, write_kv_pallas)
     if name == "triton":
         from pallas_kernels.triton_decode import _kernels  # raises with the install command
         _kernels()
-    return _BACKENDS[name]
+        return AttentionBackend(_decode_triton, prefill, write_kv_pallas)
+    raise ValueError(
+        f"attention_backend={name!r} is not available; choose one of {', '.join(BACKENDS)}")

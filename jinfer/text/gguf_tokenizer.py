@@ -1,6 +1,6 @@
 """The tokenizer stored in a GGUF file's metadata, rebuilt the way
 `transformers.integrations.gguf` does: `gpt2` is byte-level BPE from tokens + merges, split by the
-regex `tokenizer.ggml.pre` names; `llama` is the sentencepiece-style BPE of `jinfer.tokenizer`,
+regex `tokenizer.ggml.pre` names; `llama` is the sentencepiece-style BPE of `jinfer.text.tokenizer`,
 with merges ordered by the token scores."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers
 
-from jinfer.tokenizer import (Tokenizer, _add_named_special_tokens, _add_typed_tokens,
+from jinfer.text.tokenizer import (Tokenizer, _add_named_special_tokens, _add_typed_tokens,
                               _sentencepiece_bpe, _set_post_processor, generate_merges)
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Optional
 
-from jinfer.outputs import Logprob
+from jinfer.api.outputs import Logprob
 
 
 class SequenceStatus(enum.Enum):
@@ -20,7 +20,7 @@ class Sequence:
     `num_computed_tokens` counts tokens whose K/V are in the pool; the rest of `token_ids` still
     has to be prefilled (the prompt, a prompt chunk, or everything after a preemption).
 
-    With lookahead (see jinfer.engine) a device call may still be computing the next
+    With lookahead (see jinfer.engine.llm_engine) a device call may still be computing the next
     `num_in_flight` positions after those, and sampling `num_samples_in_flight` tokens that
     follow `token_ids` but are not on the host yet: the scheduler plans past both, and the
     engine folds them into `num_computed_tokens` and `output_token_ids` when it reads the call

@@ -2,7 +2,7 @@
 
 A `SamplingParams` is plain host-side data: it is validated once when built, so that bad user
 input fails at `generate()` time with a message that says how to fix it, never inside jit.
-`jinfer.sampler` turns a batch of them into per-row device arrays.
+`jinfer.model.sampler` turns a batch of them into per-row device arrays.
 """
 
 from __future__ import annotations

@@ -59,19 +59,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.block_manager import BlockManager
-from jinfer.cache_ops import copy_blocks
+from jinfer.engine.block_manager import BlockManager
 from jinfer.config import EngineConfig
-from jinfer.detokenizer import IncrementalDetokenizer
-from jinfer.model_runner import ModelRunner, decode_steps_bucket
-from jinfer.outputs import CompletionOutput, Logprob, RequestOutput
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import Schedule, ScheduledSequence, Scheduler
-from jinfer.sequence import Sequence
+from jinfer.text.detokenizer import IncrementalDetokenizer
+from jinfer.runner.buckets import decode_steps_bucket, logprobs_bucket
+from jinfer.runner.model_runner import ModelRunner
+from jinfer.api.outputs import CompletionOutput, Logprob, RequestOutput
+from jinfer.api.sampling_params import SamplingParams
+from jinfer.engine.scheduler import Schedule, ScheduledSequence, Scheduler
+from jinfer.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
-
-LOGPROB_BUCKETS = (1, 5, 20)  # top-N logprobs compiled per bucket, sliced per request
 
 
 class Request:
@@ -265,7 +263,7 @@ class LLMEngine:
         """Dispatches a scheduled step without waiting for it (None when it is empty). `prev`:
         the call still in flight, whose samples are the input tokens of some decode rows."""
         if schedule.block_copies:  # runs after `prev`, as every call on the pool does
-            self.runner.kv_cache = copy_blocks(self.runner.kv_cache, schedule.block_copies)
+            self.runner.copy_blocks(schedule.block_copies)
         decode, prefill = schedule.decode.scheduled, schedule.prefill.scheduled
         if not decode and not prefill:
             return None
@@ -462,11 +460,8 @@ class LLMEngine:
 
     @staticmethod
     def _logprobs_bucket(seqs: list[Sequence]) -> int:
-        """0 when no row wants logprobs, else the smallest bucket covering every request."""
-        wanted = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
-        if not wanted:
-            return 0
-        return next(b for b in LOGPROB_BUCKETS if b >= max(wanted))
+        return logprobs_bucket([seq.params.logprobs for seq in seqs
+                                if seq.params.logprobs is not None])
 
     def _append_token(self, seq: Sequence, result, row: int) -> None:
         token = int(result.tokens[row])

@@ -7,8 +7,8 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.cache_ops import copy_blocks
-from jinfer.kv_cache import KVCache
+from jinfer.model.kv_cache import copy_blocks
+from jinfer.model.kv_cache import KVCache
 
 
 def test_copy_blocks_in_place():

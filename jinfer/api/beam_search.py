@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, Union
 
-from jinfer.sampling_params import SamplingParams
+from jinfer.api.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)

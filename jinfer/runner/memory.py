@@ -13,7 +13,7 @@ import logging
 
 import jax
 
-from jinfer.warmup import greedy_rows, pad_block_items
+from jinfer.runner.warmup import greedy_rows, pad_block_items
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.sampling_params import MAX_LOGPROBS, SAMPLING_EPS, SamplingParams
+from jinfer.runner.buckets import token_list_bucket
+from jinfer.api.sampling_params import MAX_LOGPROBS, SAMPLING_EPS, SamplingParams
 
 PAD_TOKEN = -1  # padding in the token-id arrays of `SamplingMetadata`
 
@@ -274,14 +275,9 @@ def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Sa
 # ----------------------------------------------------------------------------- host side
 
 
-def _bucket(n: int) -> int:
-    """Pads token-list lengths to 0 or a power of two >= 8, bounding the number of shapes."""
-    return 0 if n == 0 else max(8, 1 << (n - 1).bit_length())
-
-
 def _pad_length(name: str, needed: int, pad: Optional[int]) -> int:
     if pad is None:
-        return _bucket(needed)
+        return token_list_bucket(needed)
     if pad < needed:
         raise ValueError(f"{name}={pad} is smaller than the longest list in the batch "
                          f"({needed}); raise it or pass None to bucket automatically")

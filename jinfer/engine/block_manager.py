@@ -36,8 +36,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from jinfer.kv_cache import PAD_BLOCK
-from jinfer.sequence import Sequence
+from jinfer.model.kv_cache import PAD_BLOCK
+from jinfer.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

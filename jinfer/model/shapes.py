@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer.config import ModelConfig, RopeScaling
+from jinfer.model.config import ModelConfig, RopeScaling
 from jinfer.loader.hf import load_hf_config, numpy_dtype, param_shapes
 
 # Numbers from each checkpoint's config.json on the Hugging Face Hub.

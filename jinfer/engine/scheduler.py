@@ -8,9 +8,9 @@ import dataclasses
 import logging
 from typing import Optional
 
-from jinfer.block_manager import BlockManager
+from jinfer.engine.block_manager import BlockManager
 from jinfer.config import EngineConfig
-from jinfer.sequence import Sequence, SequenceStatus
+from jinfer.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 

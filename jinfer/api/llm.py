@@ -12,20 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jinfer import compilation_cache, memory
-from jinfer.attention import default_attention_backend, get_attention_backend
-from jinfer.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from jinfer.config import EngineConfig
-from jinfer.engine import LLMEngine
-from jinfer.kv_cache import bytes_per_block, init_kv_cache
+from jinfer.runner import compilation_cache, memory
+from jinfer.model.attention import default_attention_backend, get_attention_backend
+from jinfer.api.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from jinfer.config import EngineConfig, KernelConfig
+from jinfer.engine.llm_engine import LLMEngine
+from jinfer.model.kv_cache import bytes_per_block, init_kv_cache
 from jinfer.loader import load_generation_eos, load_hf_config, load_weights, resolve_model_path
-from jinfer.model import prepare_params
-from jinfer.model_runner import ModelRunner
-from jinfer.outputs import RequestOutput
-from jinfer.sampling_params import SamplingParams
-from jinfer.gguf_tokenizer import load_gguf_tokenizer
-from jinfer.tokenizer import Tokenizer, load_tokenizer
-from jinfer.warmup import warm_up
+from jinfer.model.llama import prepare_params
+from jinfer.runner.model_runner import ModelRunner
+from jinfer.api.outputs import RequestOutput
+from jinfer.api.sampling_params import SamplingParams
+from jinfer.text.gguf_tokenizer import load_gguf_tokenizer
+from jinfer.text.tokenizer import Tokenizer, load_tokenizer
+from jinfer.runner.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class LLM:
 
     Args:
       model: a Hugging Face folder, a .gguf file, or None for the default model; with
-        load_format="dummy" also a shape name of `jinfer.model_shapes.MODEL_SHAPES`.
+        load_format="dummy" also a shape name of `jinfer.model.shapes.MODEL_SHAPES`.
       dtype: "float32" | "bfloat16" | "float16" for weights, activations and the KV pool;
         "auto" (the default): bfloat16 on a GPU, float32 on the CPU (where bfloat16 is
         emulated and slower).
@@ -54,8 +54,8 @@ class LLM:
         token ids only (the default with load_format="dummy" when the model has no tokenizer).
       block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_model_len,
       max_num_seqs, max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
-      num_scheduler_steps, mixed_batching (None: on GPU), decode_layer_kernel: engine knobs
-        (see `EngineConfig`).
+      num_scheduler_steps, mixed_batching (None: on GPU): engine knobs (see `EngineConfig`).
+      kernel_config: which kernel runs where (`KernelConfig`; None: the measured defaults).
       enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
     """
 
@@ -68,7 +68,8 @@ class LLM:
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
                  num_scheduler_steps: int = 8,
-                 mixed_batching: Optional[bool] = None, decode_layer_kernel: bool = True,
+                 mixed_batching: Optional[bool] = None,
+                 kernel_config: Optional[KernelConfig] = None,
                  enable_compilation_cache: bool = True,
                  shuffle_blocks_seed: Optional[int] = None):
         if dtype == "auto":
@@ -98,7 +99,7 @@ class LLM:
             num_scheduler_steps=num_scheduler_steps,
             mixed_batching=(jax.default_backend() == "gpu" if mixed_batching is None
                             else mixed_batching),
-            decode_layer_kernel=decode_layer_kernel)
+            kernels=kernel_config or KernelConfig())
         runner = ModelRunner(model_config, self.config, device_params, 2, DTYPES[dtype])
         num_blocks = self._num_blocks(runner, DTYPES[dtype])
         runner.kv_cache = _allocate_pool(model_config, num_blocks, block_size, DTYPES[dtype])
@@ -295,7 +296,7 @@ def _load(model, dtype: str, load_format: str, skip_tokenizer_init: bool, seed: 
     """-> (ModelConfig, device params in the run layout, tokenizer or None, checkpoint eos ids,
     a description of the source for the log)."""
     if load_format == "dummy":
-        from jinfer.model_shapes import MODEL_SHAPES, random_params
+        from jinfer.model.shapes import MODEL_SHAPES, random_params
         if isinstance(model, str) and model in MODEL_SHAPES:
             config, folder = MODEL_SHAPES[model], None
         else:

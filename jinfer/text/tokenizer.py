@@ -7,7 +7,7 @@ encode/decode behave the same whatever the model came from, and match transforme
 * `tokenizer.model` (sentencepiece BPE, Llama 2 style) is rebuilt the way transformers rebuilds it:
   a byte-fallback BPE whose merges are recovered from the vocabulary order, a `Metaspace`
   pre-tokenizer (dummy prefix on the first piece only) and a decoder that drops that space again.
-* A GGUF file's vocabulary metadata: see `jinfer.gguf_tokenizer`.
+* A GGUF file's vocabulary metadata: see `jinfer.text.gguf_tokenizer`.
 
 Chat templates render with jinja2 in the sandbox transformers uses, with the same helpers.
 """

@@ -16,71 +16,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import host_transfer
-from jinfer import sampler as sampler_lib
-from jinfer.attention import (AttentionMetadata, PrefillMetadata, StepAttention,
+from jinfer.runner import host_transfer
+from jinfer.runner.buckets import StepBuckets, packed_tokens_bucket, query_bucket
+from jinfer.model import sampler as sampler_lib
+from jinfer.model.attention import (AttentionMetadata, PrefillMetadata, StepAttention,
                               get_attention_backend)
-from jinfer.config import EngineConfig, ModelConfig
-from jinfer.kv_cache import KVCache, PAD_BLOCK, init_kv_cache
-from jinfer.model import compute_logits, forward_hidden, layer_kernel_tiling
-from jinfer.scheduler import ScheduledSequence
-from jinfer.sequence import Sequence
+from jinfer.config import EngineConfig
+from jinfer.model.config import ModelConfig
+from jinfer.model.kv_cache import KVCache, PAD_BLOCK, copy_blocks, init_kv_cache
+from jinfer.model.llama import compute_logits, forward_hidden, layer_kernel_tiling
+from jinfer.engine.scheduler import ScheduledSequence
+from jinfer.engine.sequence import Sequence
 from pallas_kernels import paged_prefill_mgpu
 from pallas_kernels.decode_layer_mgpu import TailTiling
 
 logger = logging.getLogger(__name__)
-
-MIN_PREFILL_BUCKET = 16
-# Tokens; smaller block tables are padded up to this. Decode attention costs in proportion to the
-# padded context, so this stays small; each extra bucket is one more compile per batch size.
-MIN_CONTEXT_BUCKET = 32
-# The layer kernel's tiling for one-row decode steps: 4 ring slots measured best on an H100
-# (scripts/bench_layer_mgpu.py: 48.4 us per Llama-3.2-1B layer; 49.2 with 8). Attention stays in
-# the fused attention kernel between layer kernels: as the layer kernel's first phase it measured
-# 919.9 against 941.5 tok/s (H100, scripts/bench_latency.py --layer-attention on / off).
-LAYER_TILING = TailTiling(stages=4, attention=False)
-# Multi-step decode calls of at most this many rows run their steps unrolled, per backend. As a
-# loop, XLA launches the body's CUDA graph from the host once per step, after a kernel that
-# evaluates the loop condition and another that counts: at batch 1 on an H100 that cost ~2% of
-# the decode rate (scripts/bench_latency.py: 956.5 tok/s unrolled vs 937.8 / 940.7 as a loop,
-# same call). Larger batches keep the loop (their steps are longer, and an unrolled program per
-# batch bucket would multiply warm-up compile time); so does the CPU (no launches to save).
-UNROLL_MAX_ROWS = {"gpu": 2}
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def three_quarter_bucket(n: int) -> int:
-    """The smallest of the powers of two and the 1.5x steps between them (1, 2, 3, 4, 6, 8, 12,
-    16, 24, ...) that holds n: padding stays under a third for 2x the compiles of powers of two."""
-    power = next_power_of_2(n)
-    return power * 3 // 4 if n <= power * 3 // 4 else power
-
-
-def decode_steps_bucket(wanted: int, limit: int) -> int:
-    """Decode steps for one multi-step call when the rows want at most `wanted` more tokens:
-    `limit` (num_scheduler_steps), else the largest power of two below it that `wanted` fills
-    (a tail of 7 tokens runs as 4 + 2 + 1, not 7 calls, for 2 more compiled variants)."""
-    if wanted >= limit:
-        return limit
-    return 1 << (max(wanted, 1).bit_length() - 1)
-
-
-def decode_steps_buckets(limit: int) -> list[int]:
-    """Every value `decode_steps_bucket` returns above 1, largest first."""
-    buckets, n = [], limit
-    while n > 1:
-        buckets.append(n)
-        n = 1 << ((n - 1).bit_length() - 1)
-    return buckets
-
-
-def packed_bucket(n: int) -> int:
-    """Token-count bucket of a packed prefill (16, 24, 32, 48, 64, 96, ...)."""
-    return three_quarter_bucket(max(n, MIN_PREFILL_BUCKET))
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -93,18 +43,18 @@ class StepInput:
     sampling: sampler_lib.SamplingMetadata  # [S] rows: decodes, then prompt chunks, padding
 
 
-def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags,
+def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, kernels, flags,
           layer_tiling=None):
     """The jitted device step: decoder stack, logits at each row's last token, sampling."""
     hidden, kv_cache = forward_hidden(
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
-        backend=get_attention_backend(attention_backend), layer_tiling=layer_tiling)
+        backend=get_attention_backend(attention_backend, kernels), layer_tiling=layer_tiling)
     logits = compute_logits(params, hidden[step_input.logits_indices], config)  # [S, vocab]
     return sampler_lib.sample(logits, step_input.sampling, flags), kv_cache
 
 
-def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_backend, flags,
-                  num_steps: int, layer_tiling=None, unroll_rows: int = 0):
+def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_backend, kernels,
+                  flags, num_steps: int, layer_tiling=None, unroll_rows: int = 0):
     """`num_steps` decode steps in one jitted call (a scan): each step's sampled tokens are the
     next step's inputs, positions and context lengths advance on device, and the slots come
     from the block tables (the host reserved them beforehand), and each step's samples join
@@ -112,7 +62,7 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
     sampler sees exactly what single steps would show it. Returns (SamplerOutput fields
     stacked [num_steps, S], the pool, the last step's sampled tokens [rows]: the input of a
     call that continues these rows). Calls of at most `unroll_rows` rows run the steps as
-    straight-line code instead of a loop (see `UNROLL_MAX_ROWS`)."""
+    straight-line code instead of a loop (KernelConfig.unroll_max_rows)."""
     meta = step_input.attention.decode
     tables, block_size = meta.block_tables, kv_cache.block_size  # [rows, width]
     live = meta.context_lens > 0  # [rows]; padding rows stay empty and write to the pad block
@@ -128,7 +78,7 @@ def _decode_steps(params, kv_cache, step_input: StepInput, *, config, attention_
         step = StepInput(token_ids=tokens, attention=attention,
                          logits_indices=step_input.logits_indices, sampling=sampling)
         out, kv = _step(params, kv, step, config=config, attention_backend=attention_backend,
-                        flags=flags, layer_tiling=layer_tiling)
+                        kernels=kernels, flags=flags, layer_tiling=layer_tiling)
         advance = live.astype(jnp.int32)
         sampling = sampler_lib.append_outputs(sampling, out.tokens, live[:out.tokens.shape[0]])
         if not flags.num_logprobs:  # ranks are zeros: stacked outside the loop, not per step
@@ -166,13 +116,13 @@ def _replace_head(buffer, head):
 # XLA's rematerialization pass counts the donated KV pool as if the step held it twice and,
 # finding the step "over" device memory, recomputes activations to save space (on an H100 it
 # ran each layer's QKV projection twice). The pool is sized from the step's measured scratch
-# (jinfer.memory), so the steps are compiled without that pass.
+# (jinfer.runner.memory), so the steps are compiled without that pass.
 STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
-def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend):
+def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend, kernels):
     hidden, kv_cache = forward_hidden(params, kv_cache, token_ids, attention, config=config,
-                                      backend=get_attention_backend(attention_backend))
+                                      backend=get_attention_backend(attention_backend, kernels))
     return compute_logits(params, hidden, config), kv_cache
 
 
@@ -187,13 +137,17 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.kv_cache: KVCache = init_kv_cache(model_config, num_blocks, self.block_size, dtype)
         self.layer_tiling = self._layer_tiling(params)
-        static = dict(config=model_config, attention_backend=engine_config.attention_backend)
+        kernels = engine_config.kernels
+        static = dict(config=model_config, attention_backend=engine_config.attention_backend,
+                      kernels=kernels)
         self._logits_fn = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
         static = dict(static, layer_tiling=self.layer_tiling)  # used by one-row decode steps
         self._step_fn = jax.jit(functools.partial(_packed_step, **static),
                                 static_argnames=("layout", "flags"), donate_argnums=(1,),
                                 compiler_options=STEP_COMPILER_OPTIONS)
-        unroll_rows = UNROLL_MAX_ROWS.get(jax.default_backend(), 0)
+        unroll_rows = kernels.unroll_max_rows
+        if unroll_rows is None:
+            unroll_rows = 2 if jax.default_backend() == "gpu" else 0
         self._decode_steps_fn = jax.jit(functools.partial(_packed_decode_steps, **static,
                                                           unroll_rows=unroll_rows),
                                         static_argnames=("layout", "flags", "num_steps"),
@@ -203,42 +157,27 @@ class ModelRunner:
         # and output projections) into a multiply + reduce that ran 2-3x slower than a GEMM on an
         # H100; decode steps there carry at least two rows (a padding row is nearly free),
         # unless one row goes through the layer kernel.
-        self.min_decode_rows = (2 if jax.default_backend() == "gpu" and self.layer_tiling is None
-                                else 1)
+        min_decode_rows = 2 if jax.default_backend() == "gpu" and self.layer_tiling is None else 1
+        self.buckets = StepBuckets(
+            block_size=self.block_size,
+            max_blocks_per_seq=-(-engine_config.max_model_len // self.block_size),
+            min_decode_rows=min_decode_rows)
         self._compiled_shapes: set = set()
-        self.max_blocks_per_seq = -(-engine_config.max_model_len // self.block_size)
 
     def _layer_tiling(self, params: dict) -> Optional[TailTiling]:
         """The layer kernel's tiling where decode steps of one row use it (see
-        EngineConfig.decode_layer_kernel), else None."""
-        config = self.config
-        if not (config.decode_layer_kernel and config.attention_backend == "pallas"
-                and paged_prefill_mgpu.hopper_gpu()):
+        KernelConfig.decode_layer_kernel), else None."""
+        config, kernels = self.config, self.config.kernels
+        wanted = kernels.decode_layer_kernel
+        if not wanted or config.attention_backend != "pallas" or (
+                wanted != "always" and not paged_prefill_mgpu.hopper_gpu()):
             return None
         tiling = layer_kernel_tiling(self.model_config, params["layers"][0]["wo"].dtype,
-                                     LAYER_TILING)
+                                     kernels.layer_tiling)
         if tiling is None:
             logger.info("decode steps of one row run the layers in XLA: the layer kernel does "
                         "not take this model's shapes or dtype")
         return tiling
-
-    # -- buckets -------------------------------------------------------------------------------
-    def batch_bucket(self, n: int) -> int:
-        return next_power_of_2(n)
-
-    def decode_rows_bucket(self, n: int) -> int:
-        """Rows of a decode-only step of n sequences (at least `min_decode_rows`)."""
-        return self.batch_bucket(max(n, self.min_decode_rows))
-
-    def query_bucket(self, n: int) -> int:
-        return n if n == 1 else max(MIN_PREFILL_BUCKET, next_power_of_2(n))
-
-    def blocks_bucket(self, n: int) -> int:
-        """Block-table width for a longest table of n blocks: attention reads (and the decode
-        step's cost grows with) the padded width, hence the 1.5x steps."""
-        minimum = -(-MIN_CONTEXT_BUCKET // self.block_size)
-        return min(max(minimum, three_quarter_bucket(n)),
-                   three_quarter_bucket(self.max_blocks_per_seq))
 
     # -- host -> device arrays ---------------------------------------------------------------
     def _slot(self, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -253,8 +192,8 @@ class ModelRunner:
         `ahead` > 0: the rows continue a call still running, which computes their next `ahead`
         tokens past `item.start`. A row whose input token is not on the host yet (a sample of a
         call still running) gets 0 here; the caller gives it on the device."""
-        rows = self.decode_rows_bucket(len(items))
-        width = self.blocks_bucket(max(len(item.seq.block_table) for item in items))
+        rows = self.buckets.decode_rows(len(items))
+        width = self.buckets.blocks(max(len(item.seq.block_table) for item in items))
         tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
         positions = np.zeros((rows,), np.int32)               # [rows]
         context_lens = np.zeros((rows,), np.int32)            # [rows]
@@ -280,11 +219,11 @@ class ModelRunner:
             start = item.start
             chunks.append((start, item.seq.token_ids_slice(start, start + item.num_new_tokens)))
             tables.append(item.seq.block_table)
-        rows = self.batch_bucket(len(items))
-        q_len = self.query_bucket(max(len(chunk) for _, chunk in chunks))
+        rows = self.buckets.rows(len(items))
+        q_len = query_bucket(max(len(chunk) for _, chunk in chunks))
         total = sum(len(chunk) for _, chunk in chunks)
-        num_tokens = packed_bucket(total)
-        width = self.blocks_bucket(max(len(table) for table in tables))
+        num_tokens = packed_tokens_bucket(total)
+        width = self.buckets.blocks(max(len(table) for table in tables))
         block_tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
         row_positions = np.zeros((rows, q_len), np.int32)           # [rows, q_len]
         context_lens = np.zeros((rows,), np.int32)                  # [rows]
@@ -338,7 +277,7 @@ class ModelRunner:
             parts.append(arrays)
         token_ids, positions, slots = (np.concatenate(column) for column in zip(*parts))
         # A decode-only step samples every row it runs (multi-step feeds them all back).
-        num_rows = len(parts[0][0]) if not prefill else self.batch_bucket(len(last_tokens))
+        num_rows = len(parts[0][0]) if not prefill else self.buckets.rows(len(last_tokens))
         logits_indices = np.zeros((num_rows,), np.int32)  # [S]
         logits_indices[:len(last_tokens)] = last_tokens
         attention = StepAttention(positions=positions, slot_mapping=slots, decode=decode_meta,
@@ -400,9 +339,14 @@ class ModelRunner:
         results, _ = self.launch_decode_steps(step_input, flags, num_steps)
         return jax.device_get(results)
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write on the device: each (src, dst) block duplicated in every layer. Runs
+        after every call dispatched before it, as every call on the pool does."""
+        self.kv_cache = copy_blocks(self.kv_cache, copies)
+
     def compile_step(self, step_input: StepInput, flags):
         """The compiled (not run) program of a single step on `step_input`'s shapes: for its
-        memory analysis (jinfer.memory)."""
+        memory analysis (jinfer.runner.memory)."""
         buffer, layout = host_transfer.pack(step_input)
         return self._step_fn.lower(self.params, self.kv_cache, buffer, layout=layout,
                                    flags=flags).compile()

@@ -1,0 +1,1 @@
+"""What users import: `LLM`, `SamplingParams`, the outputs and beam search."""

@@ -1,0 +1,1 @@
+"""The engine loop and its host state: requests, sequences, scheduler, block manager."""
