@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
-from pallas_kernels.decode_layer_mgpu import TailTiling
+from pallas_kernels.decode_layer_plan import TailTiling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class KernelConfig:
     """
 
     decode_layer_kernel: Union[bool, str] = True
-    layer_tiling: TailTiling = TailTiling(stages=4, attention=False)
+    layer_tiling: TailTiling = TailTiling(stages=4)
     mosaic_prefill_min_tokens: int = 1024
     unroll_max_rows: Optional[int] = None
 

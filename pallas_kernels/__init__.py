@@ -1,12 +1,10 @@
-"""Paged-attention kernels for jinfer, each with a plain-jnp reference beside it.
+"""Kernels for jinfer, each with a plain-jnp reference beside it.
 
-`reference.paged_attention_reference` is the oracle (and the CPU path). The Pallas kernels (Triton
-lowering on GPU, `interpret=True` on CPU) plug in behind `jinfer.model.attention`.
+`reference.paged_attention_reference` is the oracle of the attention kernels (and the CPU path).
+The Pallas kernels (Triton lowering on GPU, Mosaic GPU on Hopper, interpret mode on CPU) plug in
+behind `jinfer.model.attention`: paged_decode, fused_decode, paged_prefill, paged_prefill_mgpu,
+kv_write, triton_decode. The batch-1 layer kernel (decode_layer_mgpu, with its planner
+decode_layer_plan and body decode_layer_body) runs behind `jinfer.model.layer_kernel`.
+
+The package imports nothing itself, so that the pure-Python planner imports without JAX.
 """
-
-from pallas_kernels.paged_prefill import ragged_paged_attention_pallas
-from pallas_kernels.reference import (gather_pages, paged_attention_reference,
-                                      ragged_paged_attention_reference)
-
-__all__ = ["gather_pages", "paged_attention_reference", "ragged_paged_attention_pallas",
-           "ragged_paged_attention_reference"]

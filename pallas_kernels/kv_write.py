@@ -1,8 +1,8 @@
 """Writes new tokens' K/V rows into the paged pool in place, as a Pallas kernel.
 
 Triton lowering on NVIDIA GPUs; `interpret=True` runs the same kernel code on the CPU (CI).
-`write_kv_reference` is the plain-jnp oracle (an XLA scatter, as `jinfer.model.llama` does today) with
-the same semantics.
+`write_kv_reference` is the plain-jnp oracle (an XLA scatter, as the "reference" attention backend
+writes K/V: `jinfer.model.attention`) with the same semantics.
 
 Design:
 - Grid (cdiv(num_tokens, tokens_per_program),). A program copies its tokens' [kv_heads,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate-half RoPE (Hugging Face layout). x: [T, heads, head_dim]; cos, sin: [T, 1,
-    head_dim // 2] (`jinfer.model.llama.rope_cos_sin`)."""
+    head_dim // 2] (`jinfer.model.layers.rope_cos_sin`)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)

@@ -11,6 +11,9 @@ Each engine runs in its own subprocess so start-up is measured from a cold inter
       decode: (64 - 1) new tokens per sequence / (time for 64 tokens - time for 1 token), the
       decode phase alone (the first token's time is the prefill, reported as TTFT).
     jinfer's prefix cache is cleared before every run, so repeated runs do equal work.
+--first-calls measures what a new user sees instead: a new process generates 4 tokens, then 64
+(batch 1 and 16, greedy, ignore_eos), and the second call's end-to-end tok/s is reported for
+jinfer (empty and warm compilation cache) and HF transformers, each in a process of its own.
 Prints a Markdown table and writes JSON (--out).
 """
 
@@ -94,10 +97,73 @@ def run_hf(new_tokens: int, threads: int) -> dict:
     return {"load_s": loaded, **measure(timed, new_tokens)}
 
 
-def subprocess_run(which: str, args, env_extra: dict) -> dict:
+def first_calls(which: str, batch: int, threads: int) -> dict:
+    """In this new process: load, generate 4 tokens, then 64; the second call's tok/s."""
+    started = time.perf_counter()
+    if which == "jinfer":
+        from jinfer import LLM, SamplingParams
+        llm = LLM(dtype="float32")
+        tok = llm.get_tokenizer()
+        chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]),
+                            add_special_tokens=False) for p in PROMPTS[:batch]]
+
+        def call(n: int) -> None:
+            llm.generate(prompt_token_ids=chats, use_tqdm=False, sampling_params=SamplingParams(
+                temperature=0, max_tokens=n, ignore_eos=True))
+    else:
+        import torch
+        import transformers
+        from jinfer.loader.default_model import default_model_path
+        torch.set_num_threads(threads)
+        path = default_model_path()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tok.padding_side = "left"
+        tok.pad_token = tok.pad_token or tok.eos_token
+        enc = tok([tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS[:batch]],
+                  return_tensors="pt", padding=True, add_special_tokens=False)
+
+        def call(n: int) -> None:
+            with torch.inference_mode():
+                model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                               pad_token_id=tok.pad_token_id)
+    loaded = time.perf_counter() - started
+    call(4)
+    started = time.perf_counter()
+    call(64)
+    second = time.perf_counter() - started
+    result = {"load_s": loaded, "second_call_s": second, "tok_s": batch * 64 / second}
+    if which == "jinfer":
+        result["num_compiles"] = llm.stats()["num_compiles"]
+    return result
+
+
+def run_first_calls(args) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"JINFER_CACHE_DIR": cache, "JAX_PLATFORMS": "cpu"}
+        for batch in (1, 16):
+            results[f"b{batch}"] = {
+                "jinfer_cold": subprocess_run("jinfer", args, env, batch),
+                "jinfer_warm": subprocess_run("jinfer", args, env, batch),
+                **({} if args.skip_hf else {"hf": subprocess_run("hf", args, {}, batch)})}
+    print("| batch | engine | load s | second call s | second call tok/s | x HF | programs |")
+    print("|---|---|---|---|---|---|---|")
+    for batch, runs in results.items():
+        hf = runs.get("hf", {}).get("tok_s")
+        for name, r in runs.items():
+            ratio = f"{r['tok_s'] / hf:.2f}" if hf else "-"
+            print(f"| {batch[1:]} | {name} | {r['load_s']:.1f} | {r['second_call_s']:.2f} | "
+                  f"{r['tok_s']:.1f} | {ratio} | {r.get('num_compiles', '-')} |")
+    return results
+
+
+def subprocess_run(which: str, args, env_extra: dict, batch: int = 0) -> dict:
     env = dict(os.environ, **env_extra)
     cmd = [sys.executable, __file__, "--child", which, "--new-tokens", str(args.new_tokens),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--batch", str(batch)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -109,10 +175,22 @@ def main() -> int:
     p.add_argument("--child", choices=["jinfer", "hf"])
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--first-calls", action="store_true",
+                   help="a new process's first (4 tokens) and second (64 tokens) calls")
+    p.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child and args.batch:
+        print(json.dumps(first_calls(args.child, args.batch, args.threads)))
+        return 0
     if args.child:
         fn = run_jinfer if args.child == "jinfer" else run_hf
         print(json.dumps(fn(args.new_tokens, args.threads)))
+        return 0
+    if args.first_calls:
+        results = run_first_calls(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
         return 0
     with tempfile.TemporaryDirectory() as cache:
         env = {"JINFER_CACHE_DIR": cache, "JAX_PLATFORMS": "cpu"}

@@ -1,6 +1,7 @@
 """KV write on the GPU: jinfer's Pallas kernel (in place through input_output_aliases) against
-the XLA scatter `pool.at[layer, slots // bs, slots % bs].set(...)` that jinfer.model.llama uses today,
-both on a real-size pool that the jitted loop carries and donates.
+the XLA scatter `pool.at[layer, slots // bs, slots % bs].set(...)` of the "reference" attention
+backend (jinfer.model.attention), both on a real-size pool that the jitted loop carries and
+donates.
 
 Method (shared/benchmarking.md): one jitted `lax.fori_loop` carries (k_pool, v_pool), donated;
 its body writes every layer once with a static layer index, as the model's unrolled layer loop
@@ -76,7 +77,7 @@ SMOKE = PoolConfig(layers=2, num_blocks=16, block_size=8, kv_heads=2, head_dim=6
 
 
 def xla_scatter(k_pool, v_pool, layer, slots, k_new, v_new):
-    """jinfer.model.llama._write_kv's scatter (no skip handling), for K and V."""
+    """jinfer.model.attention._write_kv_xla's scatter (no skip handling), for K and V."""
     bs = k_pool.shape[2]
     return tuple(pool.at[layer, slots // bs, slots % bs].set(new.astype(pool.dtype))
                  for pool, new in ((k_pool, k_new), (v_pool, v_new)))

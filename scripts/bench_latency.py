@@ -220,10 +220,9 @@ def jinfer_latency(spec: dict) -> dict:
     import dataclasses
     from jinfer.config import KernelConfig
     tiling = KernelConfig().layer_tiling
-    overrides = {k: v for k, v in (("attention", spec.get("layer_attention")),
-                                   ("stages", spec.get("layer_stages"))) if v is not None}
-    kernels = KernelConfig(decode_layer_kernel=spec["decode_layer_kernel"],
-                           layer_tiling=dataclasses.replace(tiling, **overrides))
+    if spec.get("layer_stages") is not None:
+        tiling = dataclasses.replace(tiling, stages=spec["layer_stages"])
+    kernels = KernelConfig(decode_layer_kernel=spec["decode_layer_kernel"], layer_tiling=tiling)
     watch = CompileWatch()
     bandwidth = copy_bandwidth(spec["copy_bytes"])
     started = time.perf_counter()
@@ -368,8 +367,6 @@ def make_spec(args, model: str, config) -> dict:
             "copy_bytes": (64 << 20) if args.cpu_smoke else 2 * GiB,
             "prompts": prompts, "hf_config": config_to_hf_dict(config),
             "hf_compile": args.hf_compile, "decode_layer_kernel": not args.no_layer_kernel,
-            "layer_attention": (None if args.layer_attention is None
-                                else args.layer_attention == "on"),
             "layer_stages": args.layer_stages,
             "num_scheduler_steps": args.num_scheduler_steps}
 
@@ -387,12 +384,8 @@ def main() -> int:
     p.add_argument("--no-layer-kernel", action="store_true",
                    help="decode with XLA's matmuls (KernelConfig(decode_layer_kernel=False)), not the "
                         "persistent layer kernel (Hopper)")
-    p.add_argument("--layer-attention", choices=["on", "off"], default=None,
-                   help="with the layer kernel: each layer's attention as the kernel's first "
-                        "phase (on) or in the fused attention kernel between layer kernels "
-                        "(off); default: the runner's LAYER_TILING")
     p.add_argument("--layer-stages", type=int, default=None,
-                   help="the layer kernel's weight ring slots (default: LAYER_TILING's)")
+                   help="the layer kernel's weight ring slots (default: KernelConfig().layer_tiling)")
     args = p.parse_args()
     if args.child:
         setup_child_logging()

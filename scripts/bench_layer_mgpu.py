@@ -14,24 +14,28 @@ against its jnp reference (float32 accumulation) on every variant.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
 import pathlib
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_persistent import device_us_per_call  # noqa: E402
-from jinfer.model.llama import rms_norm  # noqa: E402
-from pallas_kernels.decode_layer_mgpu import (TailTiling, decode_layer_tail_mgpu,  # noqa: E402
+from bench_common import device_events  # noqa: E402
+from jinfer.model.layers import rms_norm  # noqa: E402
+from pallas_kernels.decode_layer_mgpu import (decode_layer_tail_mgpu,  # noqa: E402
                                               decode_layer_tail_reference,
                                               new_barrier_counter, random_tail_inputs)
+from pallas_kernels.decode_layer_plan import TailTiling  # noqa: E402
 
 EPS = 1e-5
 
@@ -43,6 +47,34 @@ def xla_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv):
     gate, up = jnp.split(rms_norm(h1, mlp_norm, EPS) @ w_gate_up, 2, axis=-1)
     h2 = h1 + (jax.nn.silu(gate) * up) @ w_down
     return h2[0], (rms_norm(h2, next_norm, EPS) @ next_wqkv)[0]
+
+
+def device_us_per_call(step, args, iters: int, reps: int) -> tuple[float, dict[str, float]]:
+    """(best wall us per call over reps, {kernel name: device us per call}) of `step` run
+    `iters` times in one jitted fori_loop (each call's output feeds the next call's input)."""
+    @jax.jit
+    def loop(x, *state):
+        def body(_, carry):
+            x, *state = carry
+            y, *state = step(x, *state)
+            return (x + (y[: x.shape[0]] * 0).astype(x.dtype), *state)
+        return lax.fori_loop(0, iters, body, (x, *state))
+
+    jax.block_until_ready(loop(*args))
+    wall = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(*args))
+        wall.append((time.perf_counter() - t0) / iters * 1e6)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        jax.block_until_ready(loop(*args))
+        jax.profiler.stop_trace()
+        events = device_events(trace_dir, "/device:GPU")
+    per_kernel = collections.defaultdict(float)
+    for name, _, duration_ns, _ in events:
+        per_kernel[name] += duration_ns / iters / 1e3
+    return min(wall), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 
 
 def stack_wall_us(tail, layers: list[dict], num_layers: int, calls: int, reps: int) -> float:
@@ -125,10 +157,6 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", type=int, nargs="+", default=[4, 8, 12])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--diagnostic", nargs="*", default=[""],
-                        help="variants to time besides the kernel as it is ('' ), each a "
-                        "comma-separated subset of barrier,build,l2 (see the kernel's "
-                        "`diagnostic` argument; their outputs are wrong)")
     parser.add_argument("--stack", type=int, default=16,
                         help="also time a jitted stack of this many layers (0: skip)")
     parser.add_argument("--checks", type=int, default=10, help="calls compared to the reference")
@@ -161,11 +189,10 @@ def main(argv=None) -> int:
     results["runs"].append({"variant": "xla", "device_us": dev, "wall_us": wall,
                             "kernels": kernels, "max_abs_err_vs_reference": err})
 
-    for stages, skip in [(s, k) for s in args.stages for k in args.diagnostic]:
+    for stages in args.stages:
         tiling = TailTiling(stages=stages)
-        skip = frozenset(skip.split(",")) - {""}
-        run = jax.jit(lambda *a, tiling=tiling, skip=skip: decode_layer_tail_mgpu(
-            *a, eps=EPS, tiling=tiling, interpret=False, diagnostic=skip))
+        run = jax.jit(lambda *a, tiling=tiling: decode_layer_tail_mgpu(
+            *a, eps=EPS, tiling=tiling, interpret=False))
         errs = [max_errors(run(*layer.values()), ref) for _ in range(args.checks)]
         worst = {k: max(e[k] for e in errs) for k in errs[0]}
 
@@ -176,7 +203,7 @@ def main(argv=None) -> int:
             step, (layer["h"], jnp.zeros_like(run(*layer.values())["part_qkv"])), args.iters,
             args.reps)
         dev = sum(kernels.values())
-        print(f"| Mosaic GPU, {stages} stages {sorted(skip)} | {dev:.1f} | {wall:.1f} | "
+        print(f"| Mosaic GPU, {stages} stages | {dev:.1f} | {wall:.1f} | "
               f"{weight_bytes / dev / 1e3:.0f} | {worst['h2']:.3g}, {worst['part_qkv']:.3g} |",
               flush=True)
         results["runs"].append({"variant": "mgpu", "tiling": dataclasses.asdict(tiling),

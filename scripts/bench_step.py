@@ -18,7 +18,9 @@ import numpy as np
 
 from jinfer.model.attention import default_attention_backend
 from jinfer.config import EngineConfig
+from jinfer.model.kv_cache import init_kv_cache
 from jinfer.model.llama import prepare_params
+from jinfer.model.sampler import SamplingRow
 from jinfer.model.shapes import MODEL_SHAPES, random_params
 from jinfer.runner.model_runner import ModelRunner
 from jinfer.api.sampling_params import SamplingParams
@@ -50,7 +52,7 @@ def time_step(runner: ModelRunner, batch: int, q_len: int, context: int, iters: 
         seq.block_table = list(range(1 + i * blocks, 1 + (i + 1) * blocks))
         seqs.append(seq)
     items = [ScheduledSequence(s, q_len) for s in seqs]
-    rows = [(params, s.seed, 0, s.prompt_token_ids, [], []) for s in seqs]
+    rows = [SamplingRow(params, s.seed, 0, s.prompt_token_ids) for s in seqs]
     step_input, flags = runner.prepare([] if q_len > 1 else items, items if q_len > 1 else [],
                                        rows, 0)
     started = time.perf_counter()
@@ -74,7 +76,7 @@ def main() -> int:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--attention-backend", default=default_attention_backend(),
-                   choices=["pallas", "triton", "reference", "oracle"])
+                   choices=["pallas", "triton", "reference"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     config = MODEL_SHAPES[args.shape]
@@ -83,7 +85,8 @@ def main() -> int:
                                  max_num_seqs=max(args.batch),
                                  attention_backend=args.attention_backend)
     params = prepare_params(random_params(config, args.dtype))  # made and fused on device
-    runner = ModelRunner(config, engine_config, params, num_blocks, DTYPES[args.dtype])
+    pool = init_kv_cache(config, num_blocks, engine_config.block_size, DTYPES[args.dtype])
+    runner = ModelRunner(config, engine_config, params, pool)
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(runner.params))
     bandwidth = copy_bandwidth()
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,

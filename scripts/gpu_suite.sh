@@ -15,12 +15,12 @@ workers=()
 python -c "import xdist" 2>/dev/null && workers=(-n 6)
 
 if [[ $what == tests || $what == all ]]; then
-  files=(tests/test_pallas_decode.py tests/test_fused_decode.py
+  files=(tests/test_paged_decode.py tests/test_fused_decode.py
          tests/test_paged_prefill.py tests/test_paged_prefill_mgpu.py
          tests/test_kv_write.py tests/test_triton_decode.py tests/test_attention.py
-         tests/test_engine.py tests/test_async_steps.py tests/test_batch_invariance.py
+         tests/test_engine.py tests/test_lookahead.py tests/test_llm_engine.py tests/test_scheduler.py tests/test_batch_invariance.py
          tests/test_beam_search.py tests/test_host_transfer.py tests/test_decode_layer_mgpu.py
-         tests/test_layer_kernel_decode.py)
+         tests/test_layer_kernel.py)
   python -m pytest -q "${workers[@]}" -rfEs -m "not big_memory" "${files[@]}" \
       > "$out/pytest_gpu.log" 2>&1 || status=1
   tail -n 25 "$out/pytest_gpu.log"
@@ -50,10 +50,6 @@ if [[ $what == bench || $what == all ]]; then
       > "$out/bench_throughput.md" 2>&1 || status=1
   python scripts/bench_startup.py --model-shape smollm2-135m --out "$out/bench_startup.json" \
       > "$out/bench_startup.md" 2>&1 || status=1
-  python scripts/bench_persistent.py --out "$out/bench_persistent.json" \
-      > "$out/bench_persistent.md" 2>&1 || status=1
-  python scripts/bench_persistent_mgpu.py --out "$out/bench_persistent_mgpu.json" \
-      > "$out/bench_persistent_mgpu.md" 2>&1 || status=1
   python scripts/bench_layer_mgpu.py --out "$out/bench_layer_mgpu.json" \
       > "$out/bench_layer_mgpu.md" 2>&1 || status=1
   python scripts/profile_decode.py --model-shape llama3-1b --batch 1 \

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_oracle import oracle_backend
 from jinfer.model.attention import AttentionMetadata, PrefillMetadata, get_attention_backend
 from jinfer.config import EngineConfig
 from jinfer.model.config import ModelConfig
+from jinfer.model.kv_cache import init_kv_cache
 from jinfer.model.llama import forward_hidden, prepare_params
 from jinfer.runner.model_runner import ModelRunner
 from jinfer.api.sampling_params import SamplingParams
@@ -124,11 +126,12 @@ def pack_prefill(q, tables, positions, lens, contexts):
 @pytest.mark.parametrize("backend", ["reference", "oracle", "pallas"])
 @pytest.mark.parametrize("q_len", [1, 7])
 def test_backends_match_dense(backend, q_len):
-    """Each backend's decode (q_len 1) and prompt-chunk paths against dense attention."""
+    """Each backend's decode (q_len 1) and prompt-chunk paths against dense attention (and the
+    tests' plain-reference backend, tests/attention_oracle.py)."""
     rng = np.random.default_rng(q_len)
     q, k_pool, v_pool, tables, positions, lens, contexts = make_case(
         rng, 16, 6, 2, seqs=3, q_len=q_len, num_rows=4, dim=16)
-    impl = get_attention_backend(backend)
+    impl = oracle_backend() if backend == "oracle" else get_attention_backend(backend)
     if q_len == 1:
         meta = AttentionMetadata(positions=positions, block_tables=tables, context_lens=lens)
         out = jax.jit(impl.decode, static_argnums=(3, 5))(q[:, 0], k_pool, v_pool, LAYER, meta,
@@ -155,7 +158,7 @@ def tiny_runner(num_blocks=40):
                   w_up=w(2, 32, 48), w_down=w(2, 48, 32))
     params = prepare_params({"embed": w(64, 32), "layers": layers, "final_norm": 1 + w(32)})
     return ModelRunner(config, EngineConfig(block_size=4, max_model_len=64), params,
-                       num_blocks, jnp.float32)
+                       init_kv_cache(config, num_blocks, 4, jnp.float32))
 
 
 def make_seq(seq_id, tokens, table, computed):

@@ -27,10 +27,22 @@ def make_seq(prompt: list[int], outputs: list[int] = ()) -> Sequence:
     return seq
 
 
+def cached_prefix(bm: BlockManager, seq: Sequence) -> tuple[list[int], int]:
+    """(cached blocks, tokens they hold) of `seq`'s prefix."""
+    match = bm.match_prefix(seq)
+    return list(match.blocks), match.num_tokens
+
+
+def allocate_prompt(bm: BlockManager, seq: Sequence, num_tokens: int) -> int:
+    """Admission of `seq` up to `num_tokens` tokens (one prefix lookup); returns cached tokens."""
+    return bm.allocate_prompt(seq, bm.match_prefix(seq), num_tokens)
+
+
 def admit_and_compute(bm: BlockManager, seq: Sequence) -> int:
     """Engine-like admission of a whole prompt: share the cached prefix, prefill the rest."""
-    assert bm.can_allocate_prompt(seq, seq.num_tokens)
-    cached = bm.allocate_prompt(seq, seq.num_tokens)
+    match = bm.match_prefix(seq)
+    assert bm.can_allocate_prompt(match, seq.num_tokens)
+    cached = bm.allocate_prompt(seq, match, seq.num_tokens)
     seq.num_computed_tokens = seq.num_tokens
     bm.mark_computed(seq)
     return cached
@@ -69,7 +81,7 @@ def test_full_partial_hits_and_misses():
     assert admit_and_compute(bm, a) == 0
     assert bm.num_cached_blocks == 2                    # the partial third block is not cached
     full = make_seq(list(range(8)) + [50, 51, 52])
-    assert bm.get_computed_blocks(full) == (a.block_table[:2], 8)
+    assert cached_prefix(bm, full) == (a.block_table[:2], 8)
     assert admit_and_compute(bm, full) == 8 and full.block_table[:2] == a.block_table[:2]
     assert list(bm.ref_counts[a.block_table[:2]]) == [2, 2]
     partial = make_seq(list(range(4)) + [9, 9, 9, 9, 9])
@@ -90,11 +102,11 @@ def test_last_token_is_never_cached():
     admit_and_compute(bm, make_seq(list(range(8))))     # two full blocks cached
     assert bm.num_cached_blocks == 2
     same = make_seq(list(range(8)))                     # all 8 cached, but 7 is the cap -> 4
-    assert bm.get_computed_blocks(same)[1] == 4
-    assert bm.allocate_prompt(same, 8) == 4 == same.num_computed_tokens
+    assert cached_prefix(bm, same)[1] == 4
+    assert allocate_prompt(bm, same, 8) == 4 == same.num_computed_tokens
     longer = make_seq(list(range(9)))
-    assert bm.get_computed_blocks(longer)[1] == 8
-    assert bm.get_computed_blocks(make_seq([0]))[1] == 0
+    assert cached_prefix(bm, longer)[1] == 8
+    assert cached_prefix(bm, make_seq([0]))[1] == 0
 
 
 def test_generated_tokens_are_cached_too():
@@ -109,7 +121,7 @@ def test_generated_tokens_are_cached_too():
         bm.mark_computed(seq)
     bm.free(seq)                                         # preempt (6 tokens = 3 full blocks)
     assert bm.num_evictable_blocks == 3
-    assert bm.allocate_prompt(seq, seq.num_tokens) == 4  # cap: (6 - 1) // 2 blocks
+    assert allocate_prompt(bm, seq, seq.num_tokens) == 4  # cap: (6 - 1) // 2 blocks
 
 
 def test_disabled_prefix_caching_never_shares():
@@ -124,7 +136,7 @@ def test_disabled_prefix_caching_never_shares():
 def test_duplicate_content_keeps_first_registration():
     bm = BlockManager(16, 2)
     a, b = make_seq([1, 2, 3]), make_seq([1, 2, 3])
-    bm.allocate_prompt(a, 3), bm.allocate_prompt(b, 3)  # admitted in one step: no hit yet
+    allocate_prompt(bm, a, 3), allocate_prompt(bm, b, 3)  # admitted in one step: no hit yet
     for seq in (a, b):
         seq.num_computed_tokens = 3
         bm.mark_computed(seq)
@@ -139,10 +151,10 @@ def test_hash_collision_does_not_share(monkeypatch):
     a = make_seq([1, 2, 3, 4, 5])
     admit_and_compute(bm, a)
     other = make_seq([9, 9, 3, 4, 5])
-    assert bm.get_computed_blocks(other) == ([], 0)     # same hash, other tokens: a miss
+    assert cached_prefix(bm, other) == ([], 0)     # same hash, other tokens: a miss
     assert admit_and_compute(bm, other) == 0
     again = make_seq([1, 2, 3, 4, 5])                   # block 1 collides with block 0: stop
-    assert bm.get_computed_blocks(again) == ([a.block_table[0]], 2)
+    assert cached_prefix(bm, again) == ([a.block_table[0]], 2)
 
 
 def test_lru_eviction_order_and_refresh_on_hit():
@@ -161,8 +173,8 @@ def test_lru_eviction_order_and_refresh_on_hit():
     assert admit_and_compute(bm, fresh) == 0
     assert set(fresh.block_table) >= {a_blocks[1], b_blocks[1], b_blocks[0]}
     assert a_blocks[0] not in fresh.block_table
-    assert bm.get_computed_blocks(make_seq([1, 1, 2, 2, 0]))[1] == 2   # only a0 survived
-    assert bm.get_computed_blocks(make_seq([3, 3, 4, 4, 0]))[1] == 0
+    assert cached_prefix(bm, make_seq([1, 1, 2, 2, 0]))[1] == 2   # only a0 survived
+    assert cached_prefix(bm, make_seq([3, 3, 4, 4, 0]))[1] == 0
 
 
 def test_evictable_hits_count_against_free_blocks():
@@ -172,9 +184,25 @@ def test_evictable_hits_count_against_free_blocks():
     bm.free(a)                                           # 2 evictable + 1 free
     again = make_seq([1, 2, 3, 4, 5, 6, 7])             # hits 2, needs 2 fresh; only 1 left
     before = snapshot(bm)
-    assert not bm.can_allocate_prompt(again, 7)
+    match = bm.match_prefix(again)
+    assert not bm.can_allocate_prompt(match, 7)
     assert snapshot(bm) == before
-    assert bm.can_allocate_prompt(again, 5) and bm.allocate_prompt(again, 5) == 4
+    assert bm.can_allocate_prompt(match, 5) and bm.allocate_prompt(again, match, 5) == 4
+
+
+def test_admission_check_and_commit_reuse_one_lookup(monkeypatch):
+    """match_prefix hashes the prompt's full blocks once, up to the first miss;
+    can_allocate_prompt and allocate_prompt only read its PrefixMatch."""
+    bm = BlockManager(16, 2)
+    admit_and_compute(bm, make_seq([1, 2, 3, 4, 5]))
+    hashed, real = [], bm_module.hash_block_tokens
+    monkeypatch.setattr(bm_module, "hash_block_tokens",
+                        lambda parent, tokens: hashed.append(tokens) or real(parent, tokens))
+    seq = make_seq([1, 2, 3, 4, 9, 9, 9])
+    match = bm.match_prefix(seq)
+    assert hashed == [(1, 2), (3, 4), (9, 9)] and match.num_tokens == 4
+    assert bm.can_allocate_prompt(match, 7) and bm.allocate_prompt(seq, match, 7) == 4
+    assert len(hashed) == 3 and seq.block_table[:2] == list(match.blocks)
 
 
 def test_reset_prefix_cache():
@@ -184,7 +212,7 @@ def test_reset_prefix_cache():
     bm.free(a)
     bm.reset_prefix_cache()
     assert bm.num_cached_blocks == bm.num_evictable_blocks == 0
-    assert bm.get_computed_blocks(make_seq([1, 2, 3]))[1] == 0
+    assert cached_prefix(bm, make_seq([1, 2, 3]))[1] == 0
     bm.free(b)
     assert bm.is_whole() and len(bm.free_blocks) == bm.num_usable_blocks
 
@@ -193,7 +221,7 @@ def test_reset_prefix_cache():
 def test_fork_copy_on_write_of_partial_last_block():
     bm = BlockManager(16, 4)
     parent = make_seq([1, 2, 3, 4, 5], outputs=[6])     # 5 computed, token 6 pending
-    bm.allocate_prompt(parent, 5)
+    allocate_prompt(bm, parent, 5)
     parent.num_computed_tokens = 5
     child = make_seq([1, 2, 3, 4, 5], outputs=[6])
     bm.fork(parent, child)
@@ -215,7 +243,7 @@ def test_fork_copy_on_write_of_partial_last_block():
 def test_full_shared_block_needs_no_copy():
     bm = BlockManager(16, 4)
     parent = make_seq(list(range(8)), outputs=[8])      # two full computed blocks
-    bm.allocate_prompt(parent, 8)
+    allocate_prompt(bm, parent, 8)
     parent.num_computed_tokens = 8
     child = make_seq(list(range(8)), outputs=[9])
     bm.fork(parent, child)
@@ -227,7 +255,7 @@ def test_full_shared_block_needs_no_copy():
 def test_copy_on_write_needs_a_free_block():
     bm = BlockManager(3, 4)                             # 2 usable
     parent = make_seq([1, 2], outputs=[3])
-    bm.allocate_prompt(parent, 2)
+    allocate_prompt(bm, parent, 2)
     parent.num_computed_tokens = 2
     child = make_seq([1, 2], outputs=[3])
     bm.fork(parent, child)
@@ -241,7 +269,7 @@ def test_kv_waste_arithmetic():
     bm = BlockManager(16, 4)
     assert bm.kv_waste([]) == 0.0
     a = make_seq([1, 2, 3, 4, 5])                       # 2 blocks, 8 slots, 5 tokens
-    bm.allocate_prompt(a, 5)
+    allocate_prompt(bm, a, 5)
     assert bm.kv_waste([a]) == pytest.approx(3 / 8)
     b = make_seq([1, 2, 3, 4, 5], outputs=[6])
     a.num_computed_tokens = 5
@@ -281,16 +309,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def _admit(self, seq: Sequence, chunk: int) -> bool:
         bm = self.bm
-        blocks, cached = bm.get_computed_blocks(seq)
+        match = bm.match_prefix(seq)
+        blocks, cached = list(match.blocks), match.num_tokens
         assert cached % bm.block_size == 0 and cached <= seq.num_tokens - 1
         end = min(seq.num_tokens, cached + chunk)
         before = snapshot(bm)
-        if not bm.can_allocate_prompt(seq, end):
+        if not bm.can_allocate_prompt(match, end):
             assert snapshot(bm) == before
             revived = sum(b in bm.evictable for b in blocks)
             assert bm.blocks_needed(end) - len(blocks) + revived > bm.num_free_blocks
             return False
-        assert bm.allocate_prompt(seq, end) == cached == seq.num_computed_tokens
+        assert bm.allocate_prompt(seq, match, end) == cached == seq.num_computed_tokens
         assert seq.block_table[:len(blocks)] == blocks
         self.live.append(seq)
         self._compute(seq, end)
@@ -369,7 +398,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         bm = self.bm
         free, evictable = list(bm.free_blocks), list(bm.evictable)
         used = [b for b in range(bm.num_blocks) if bm.ref_counts[b] > 0]
-        assert len(free) + len(evictable) + len(used) == bm.num_total_blocks
+        assert len(free) + len(evictable) + len(used) == bm.num_usable_blocks
         assert set(free) | set(evictable) | set(used) == set(range(1, bm.num_blocks))
         assert bm.num_free_blocks == len(free) + len(evictable)
         assert set(evictable) <= set(bm.cached) and not set(free) & set(bm.cached)
@@ -406,7 +435,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq in list(self.live):
             self.bm.free(seq)
         assert self.bm.is_whole() and not self.bm.ref_counts.any()
-        assert self.bm.num_free_blocks == self.bm.num_total_blocks
+        assert self.bm.num_free_blocks == self.bm.num_usable_blocks
 
 
 BlockManagerMachine.TestCase.settings = settings(

@@ -1,7 +1,8 @@
-"""pallas_kernels/decode_layer_mgpu.py: the persistent batch-1 layer-tail kernel (wo, MLP, next
-layer's QKV projection, grid barriers between phases) against its jnp reference and against the
-model's own math, in Mosaic GPU's interpreter on the CPU (one launch per phase) and compiled on a
-Hopper GPU (one launch, grid barriers)."""
+"""pallas_kernels/decode_layer_mgpu.py (with its body, decode_layer_body.py): the persistent
+batch-1 layer-tail kernel (wo, MLP, next layer's QKV projection, grid barriers between phases)
+against its jnp reference and against the model's own math, in Mosaic GPU's interpreter on the
+CPU (one launch per phase) and compiled on a Hopper GPU (one launch, grid barriers). Its planner
+is tested in test_decode_layer_plan.py."""
 
 from __future__ import annotations
 
@@ -12,20 +13,20 @@ import pytest
 
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 
-from jinfer.model.llama import rms_norm  # noqa: E402
-from pallas_kernels.decode_layer_mgpu import (TailShape, TailTiling,  # noqa: E402
-                                              decode_layer_tail_mgpu,
+from jinfer.model.layers import rms_norm  # noqa: E402
+from pallas_kernels.decode_layer_mgpu import (decode_layer_tail_mgpu,  # noqa: E402
                                               decode_layer_tail_reference, decode_row_qkv_mgpu,
                                               decode_row_qkv_reference, new_barrier_counter,
-                                              plan_phase, plan_tail, random_tail_inputs)
+                                              random_tail_inputs)
+from pallas_kernels.decode_layer_plan import TailTiling  # noqa: E402
 
 EPS = 1e-5
 SMALL = TailTiling(block_n=64, block_k=64, stages=3, num_ctas=4)
 
 
 def model_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None, next_wqkv=None):
-    """jinfer.model.llama's _attention_block residual, _mlp_block and the next layer's norm + QKV
-    dot, as the model computes them (bf16 GEMM outputs)."""
+    """jinfer.model.llama's attention residual, MLP block and the next layer's norm + QKV dot,
+    as the model computes them (bf16 GEMM outputs)."""
     h1 = h + attn @ wo
     gate, up = jnp.split(rms_norm(h1, mlp_norm, EPS) @ w_gate_up, 2, axis=-1)
     h2 = h1 + (jax.nn.silu(gate) * up) @ w_down
@@ -58,25 +59,6 @@ def check(out, ref, layer, has_next):
             [(f32(out["part_qkv"]).sum(0), model["qkv"])] if has_next else []):
         want = f32(want)
         assert np.max(np.abs(got - want)) <= 0.02 * np.max(np.abs(want))
-
-
-def test_plan_of_llama_1b():
-    plans = plan_tail(TailShape(2048, 2048, 8192, 3072, EPS), TailTiling())
-    got = [(p.splits, p.group, p.strips_per_cta, p.chunks, p.paired) for p in plans.values()]
-    # wo and down: 4 K-ranges x 32 strips; gate/up: one strip pair per CTA over all of K;
-    # QKV: 8 K-ranges x 16 CTAs x 3 strips. 58 chunks of 16 KB per CTA in all.
-    assert got == [(4, 32, 1, 4, False), (1, 128, 1, 16, True), (4, 32, 1, 16, False),
-                   (8, 16, 3, 2, False)]
-    assert sum(p.steps for p in plans.values()) == 58
-
-
-def test_plan_rejects_shapes_that_do_not_split():
-    with pytest.raises(ValueError, match="multiple of block_n"):
-        plan_phase(256, 100, SMALL)
-    with pytest.raises(ValueError, match="without splitting K"):
-        plan_phase(256, 64 * 6, SMALL, paired=True)  # 6 strip pairs over 4 CTAs
-    with pytest.raises(ValueError, match="does not split evenly"):
-        plan_phase(96, 64 * 3, SMALL)  # 3 strips: 4 CTAs need K-ranges of 96 / 4 rows
 
 
 @pytest.mark.parametrize("has_next", [True, False])
@@ -133,7 +115,7 @@ def test_interpret_final_norm_and_first_qkv():
                                interpret=True)
 
 
-def attention_splits(seed: int, attn_size: int, splits: int = 3, head_dim: int = 64):
+def random_context_splits(seed: int, attn_size: int, splits: int = 3, head_dim: int = 64):
     """Random context-split softmax states (acc, max, sum) [splits, attn_size] as fused_decode
     (partials=True) gives them, the last split empty; and their merge, the bf16 row."""
     from pallas_kernels.fused_decode import combine_partials
@@ -155,7 +137,7 @@ def test_interpret_merges_attention_splits(has_next):
         pytest.skip("interpret mode is tested on the CPU backend")
     layer = random_tail_inputs(3, hidden=256, q_size=256, intermediate=512,
                                qkv_size=384 if has_next else 0)
-    parts, layer["attn"] = attention_splits(3, 256)
+    parts, layer["attn"] = random_context_splits(3, 256)
     out = decode_layer_tail_mgpu(**{**layer, "attn": parts}, eps=EPS, tiling=SMALL,
                                  interpret=True)
     check(out, decode_layer_tail_reference(**layer, eps=EPS), layer, has_next)
@@ -206,7 +188,7 @@ def test_gpu_llama_1b_shape(has_next, stages, splits):
                                qkv_size=3072 if has_next else 0)
     given = dict(layer)
     if splits:
-        given["attn"], layer["attn"] = attention_splits(2, 2048, splits)
+        given["attn"], layer["attn"] = random_context_splits(2, 2048, splits)
     run = jax.jit(lambda **kw: decode_layer_tail_mgpu(**kw, eps=EPS, interpret=False,
                                                       tiling=TailTiling(stages=stages)))
     ref = decode_layer_tail_reference(**layer, eps=EPS)
@@ -264,113 +246,3 @@ def test_gpu_barrier_counter_threads_through_calls():
     check(want[1], decode_layer_tail_reference(**last, eps=EPS), last, False)
     arrivals = int(jax.lax.bitcast_convert_type(counter[:2], jnp.int32))
     assert arrivals == 2 * (3 + 2 + 3) * tiling.num_ctas
-
-
-def row_attention_case(seed: int, *, num_heads: int, kv_heads: int, context: int,
-                       block_size: int = 16, num_blocks: int = 24, layers: int = 2,
-                       layer: int = 1, parts: int = 3, slot_valid: bool = True):
-    """A random decode row's attention inputs (RowAttention) and the same as
-    fused_decode_reference's arguments: `context` tokens in the pool before the new one, the
-    sequence's blocks a random permutation of the pool's."""
-    from pallas_kernels.decode_layer_mgpu import RowAttention, rope_rows
-    rng = np.random.default_rng(seed)
-    head_dim = 64
-    width = (num_heads + 2 * kv_heads) * head_dim
-    qkv_parts = jnp.asarray(rng.normal(0, 1, (parts, width)), jnp.float32)
-    pool_shape = (layers, num_blocks, block_size, kv_heads, head_dim)
-    k_pool = jnp.asarray(rng.normal(0, 1, pool_shape), jnp.bfloat16)
-    v_pool = jnp.asarray(rng.normal(0, 1, pool_shape), jnp.bfloat16)
-    needed = context // block_size + 1
-    table = rng.permutation(num_blocks)[:needed].astype(np.int32)
-    width_blocks = -(-num_blocks // 4) * 4
-    pages = np.zeros((width_blocks,), np.int32)
-    pages[:needed] = table
-    position = context
-    slot = int(table[position // block_size]) * block_size + position % block_size
-    slot = slot if slot_valid else -1
-    inv_freq = 1.0 / (10000.0 ** (np.arange(0, head_dim, 2) / head_dim))
-    angles = np.float32(position) * inv_freq.astype(np.float32)
-    cos, sin = jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
-    attn = RowAttention(qkv_parts, rope_rows(cos, sin), k_pool, v_pool, jnp.asarray(pages),
-                        jnp.asarray([context, slot], jnp.int32), jnp.asarray([layer], jnp.int32))
-    ref_args = dict(qkv=qkv_parts[:, None], cos=cos[None], sin=sin[None], k_pool=k_pool,
-                    v_pool=v_pool, layer=layer, slots=jnp.asarray([slot], jnp.int32),
-                    block_tables=jnp.asarray(pages)[None],
-                    context_lens=jnp.asarray([context + 1], jnp.int32), num_heads=num_heads,
-                    scale=head_dim ** -0.5)
-    return attn, ref_args
-
-
-def check_row_attention(out, layer, ref_args, has_next):
-    """The kernel with its own attention against fused_decode_reference's attention (and pool
-    write) followed by the layer reference."""
-    from pallas_kernels.fused_decode import fused_decode_reference
-    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-    attn, k_pool, v_pool = fused_decode_reference(**ref_args)
-    # The written K/V row: the same bf16 values (RoPE in float32, one rounding), or one bf16
-    # step apart where the rotation's two products round differently.
-    np.testing.assert_allclose(f32(out["k_pool"]), f32(k_pool), rtol=2 ** -7, atol=0)
-    np.testing.assert_array_equal(f32(out["v_pool"]), f32(v_pool))
-    tail = {**layer, "attn": attn[0].astype(jnp.bfloat16)}
-    ref = decode_layer_tail_reference(**tail, eps=EPS)
-    # The attention row is merged and rounded to bf16 in another order than the reference's:
-    # an element may round one bf16 step (2**-8 relative) apart, which moves h1 by up to
-    # 2**-8 |attn| @ |wo|, then h1's own rounding.
-    bound = (2 ** -8 * (np.abs(f32(tail["attn"])) @ np.abs(f32(layer["wo"])))
-             + 2 ** -7 * np.abs(f32(ref["h1"])) + 1e-6)
-    assert np.all(np.abs(f32(out["h1"]) - f32(ref["h1"])) <= bound)
-    # The rest against the model's math (bf16 GEMM outputs) on the same attention row.
-    model = model_tail(**tail)
-    h2 = f32(out["h1"]) + f32(out["part_d"]).sum(0)
-    pairs = [(f32(out["h1"]), model["h1"]), (h2, model["h2"])]
-    if has_next:
-        pairs.append((f32(out["part_qkv"]).sum(0), model["qkv"]))
-    for got, want in pairs:
-        want = f32(want)
-        assert np.max(np.abs(got - want)) <= 0.02 * np.max(np.abs(want))
-
-
-# 130 keys: three key steps over two splits (the double-buffered loop, P0's running merge);
-# 37 without a slot (nothing written). The GPU test below covers longer contexts.
-@pytest.mark.parametrize("context,slot_valid", [(130, True), (37, False)])
-def test_interpret_attention_phase(context, slot_valid):
-    """The layer's attention as the kernel's first phase (RoPE, the K/V write, paged attention
-    over context splits, merged in P0), in interpret mode: 4 CTAs = 2 KV heads x 2 splits."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("interpret mode is tested on the CPU backend")
-    layer = random_tail_inputs(11, hidden=256, q_size=256, intermediate=512, qkv_size=512)
-    attn, ref_args = row_attention_case(12, num_heads=4, kv_heads=2, context=context,
-                                        slot_valid=slot_valid)
-    out = decode_layer_tail_mgpu(**{**layer, "attn": attn}, eps=EPS, tiling=SMALL,
-                                 interpret=True)
-    if not slot_valid:  # no slot: nothing written (the reference would attend the pool's
-        # stale row at the new position, where the kernel takes the new token's K/V)
-        for name in ("k_pool", "v_pool"):
-            np.testing.assert_array_equal(np.asarray(out[name], np.float32),
-                                          np.asarray(getattr(attn, name), np.float32))
-        return
-    check_row_attention(out, layer, ref_args, True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("context,layer_index,has_next", [(255, 3, True), (1000, 0, True),
-                                                          (3000, 15, False), (17, 5, True)])
-def test_gpu_attention_phase_llama_1b(context, layer_index, has_next):
-    """Compiled, Llama-3.2-1B's shapes (32 query heads, 8 KV heads: 16 context splits over
-    128 CTAs): the kernel's own attention (RoPE, K/V write in place, paged attention) and the
-    layer after it, against fused_decode_reference and the layer reference; called twice in
-    a row with the barrier counter carried over."""
-    if not _hopper():
-        pytest.skip("the kernel needs a Hopper GPU (wgmma, TMA)")
-    layer = random_tail_inputs(13, hidden=2048, q_size=2048, intermediate=8192,
-                               qkv_size=3072 if has_next else 0)
-    attn, ref_args = row_attention_case(14, num_heads=32, kv_heads=8, context=context,
-                                        num_blocks=260, layers=16, layer=layer_index, parts=8)
-    run = jax.jit(lambda attn, counter: decode_layer_tail_mgpu(
-        **{**layer, "attn": attn}, eps=EPS, interpret=False, tiling=TailTiling(stages=4),
-        barrier=counter))
-    counter = new_barrier_counter()
-    for _ in range(2):
-        out = run(attn, counter)
-        counter = out["barrier"]
-        check_row_attention(out, layer, ref_args, has_next)

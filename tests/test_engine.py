@@ -177,9 +177,9 @@ def test_compiles_are_bounded(llm):
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     runner = llm.engine.runner
     llm.generate(["a b c d e f g"], params, use_tqdm=False)
-    shapes = set(runner._compiled_shapes)
+    num_compiles = runner.num_compiles
     llm.generate(["x y z w v u"], params, use_tqdm=False)  # same buckets
-    assert runner._compiled_shapes == shapes
+    assert runner.num_compiles == num_compiles
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -484,13 +484,13 @@ def test_warmup_compiles_what_requests_then_use(tiny_model_dir):
     runner = llm.engine.runner
     k_before = np.asarray(runner.kv_cache.k)[:, 1:]
     result = llm.warmup(max_context=64)
-    assert result["programs"] == len(runner._compiled_shapes) > 0
+    assert result["programs"] == runner.num_compiles > 0
     np.testing.assert_array_equal(np.asarray(runner.kv_cache.k)[:, 1:], k_before)
-    shapes = set(runner._compiled_shapes)
+    num_compiles = runner.num_compiles
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     for prompt in PROMPTS[:3]:
         llm.generate(prompt, params, use_tqdm=False)
-    assert runner._compiled_shapes == shapes
+    assert runner.num_compiles == num_compiles
     assert_pool_whole(llm)
 
 

@@ -1,6 +1,6 @@
 """The fused decode kernel (RoPE + KV write + paged decode attention) against its jnp reference,
 the unfused composition `fused_decode_reference` (itself built from the references that
-tests/test_attention.py, test_kv_write.py and test_pallas_decode.py check against dense NumPy).
+tests/test_attention.py, test_kv_write.py and test_paged_decode.py check against dense NumPy).
 
 On CPU the kernel runs in interpret mode over a modest grid; the `gpu`-marked tests run a
 larger grid and engine-sized shapes through the Triton lowering.
@@ -11,7 +11,7 @@ or the new token's slot from the pool instead of registers moves the output far 
 tolerance; interpret mode fills the kernel's fresh outputs with NaN first, so a skipped write
 shows as NaN. Outside the written slots the pools must come back bit for bit unchanged.
 
-Tolerances as in test_pallas_decode.py: float32 2e-5; bfloat16 2e-2 (probabilities rounded to
+Tolerances as in test_paged_decode.py: float32 2e-5; bfloat16 2e-2 (probabilities rounded to
 the input dtype before the P.V dot, and the output rounding); the written K rows may differ by
 one rounding of the RoPE result (its float32 products are summed in another order).
 """

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from jinfer.runner.host_transfer import pack, unpack
-from jinfer.runner.buckets import decode_steps_bucket, decode_steps_buckets
 
 
 def test_round_trip_every_dtype_inside_jit():
@@ -41,17 +40,3 @@ def test_equal_shapes_give_equal_layouts_and_other_shapes_do_not():
 def test_unsupported_dtype_says_what_to_use():
     with pytest.raises(TypeError, match="float64.*int32, uint32, float32, bool"):
         pack([np.zeros(2, np.float64)])
-
-
-@pytest.mark.parametrize("wanted,limit,expected", [
-    (100, 8, 8), (8, 8, 8), (7, 8, 4), (4, 8, 4), (3, 8, 2), (2, 8, 2), (1, 8, 1), (0, 8, 1),
-    (5, 6, 4), (6, 6, 6)])
-def test_decode_steps_bucket(wanted, limit, expected):
-    assert decode_steps_bucket(wanted, limit) == expected
-    assert expected == 1 or expected in decode_steps_buckets(limit)
-
-
-def test_decode_steps_buckets():
-    assert decode_steps_buckets(8) == [8, 4, 2]
-    assert decode_steps_buckets(6) == [6, 4, 2]
-    assert decode_steps_buckets(1) == []

@@ -3,9 +3,11 @@ the arithmetic, the measured step scratch, and the error when the model does not
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from jinfer import LLM
+from jinfer import LLM, SamplingParams
 from jinfer.runner import memory
 from jinfer.model.kv_cache import bytes_per_block
 
@@ -21,8 +23,9 @@ def test_step_scratch_is_measured_and_grows_with_the_token_budget(tiny_model_dir
                 max_num_batched_tokens=32, enable_compilation_cache=False)
     large = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, max_num_seqs=1,
                 max_num_batched_tokens=192, enable_compilation_cache=False)
-    small_bytes = memory.step_temp_bytes(small.engine.runner)
-    large_bytes = memory.step_temp_bytes(large.engine.runner)
+    small_bytes, large_bytes = (
+        memory.step_temp_bytes(llm.model_config, llm.config, llm.get_params(), jnp.float32)
+        for llm in (small, large))
     assert 0 < small_bytes < large_bytes
 
 
@@ -31,8 +34,8 @@ def test_pool_takes_what_utilization_leaves(tiny_model_dir, monkeypatch):
     fake_device(monkeypatch, limit, in_use)
     temps = []
     real = memory.step_temp_bytes
-    monkeypatch.setattr(memory, "step_temp_bytes", lambda runner: temps.append(real(runner))
-                        or temps[-1])
+    monkeypatch.setattr(memory, "step_temp_bytes",
+                        lambda *args: temps.append(real(*args)) or temps[-1])
     llm = LLM(str(tiny_model_dir), max_model_len=128, gpu_memory_utilization=0.5,
               enable_compilation_cache=False)
     per_block = bytes_per_block(llm.model_config, 16, llm.engine.runner.kv_cache.k.dtype)
@@ -62,15 +65,57 @@ def test_bad_utilization_is_a_clear_error(tiny_model_dir):
 
 def test_pool_that_cannot_be_allocated_fails_at_construction_with_a_fix(tiny_model_dir,
                                                                         monkeypatch):
-    import jax
-
-    import jinfer.api.llm
-
+    """Where not even the smallest useful pool can be placed, construction fails with what to
+    change (not the first request's step)."""
     def out_of_memory(*args):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
                                          "allocate 26.44GiB")
 
-    monkeypatch.setattr(jinfer.api.llm, "init_kv_cache", out_of_memory)
+    monkeypatch.setattr(memory, "init_kv_cache", out_of_memory)
     with pytest.raises(ValueError, match="could not be allocated.*lower gpu_memory_utilization"):
         LLM(str(tiny_model_dir), max_model_len=128, num_kv_blocks=40,
             enable_compilation_cache=False)
+
+
+def test_pool_shrinks_to_what_can_be_placed(tiny_model_dir, monkeypatch, caplog):
+    """A fragmented allocator that cannot place the pool in one piece: the pool shrinks by a
+    tenth at a time until it fits, and says so."""
+    real = memory.init_kv_cache
+    tried = []
+
+    def fragmented(config, num_blocks, block_size, dtype):
+        tried.append(num_blocks)
+        if num_blocks > 30:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+        return real(config, num_blocks, block_size, dtype)
+
+    monkeypatch.setattr(memory, "init_kv_cache", fragmented)
+    with caplog.at_level("WARNING"):
+        llm = LLM(str(tiny_model_dir), max_model_len=128, num_kv_blocks=40,
+                  enable_compilation_cache=False)
+    assert tried == [40, 36, 32, 28]
+    assert llm.stats()["num_total_blocks"] == 27
+    assert "could not be placed in one piece" in caplog.text
+    assert llm.generate("hello", use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.engine.block_manager.is_whole()
+
+
+@pytest.mark.gpu
+@pytest.mark.big_memory
+def test_gpu_llama3_8b_shape_loads_at_the_default_utilization():
+    """The Llama-3-8B shape (16 GB of bf16 weights) at the default gpu_memory_utilization: the
+    pool takes what the weights leave, is placed, and generates (on an 80 GB H100 this failed
+    with a fragmented allocator before the pool was sized from what can be placed)."""
+    limit, _ = memory.device_memory()
+    if limit < 60 * GiB:
+        pytest.skip(f"needs a GPU with at least 60 GiB for JAX, this one gives {limit / GiB:.0f}")
+    llm = LLM("llama3-8b", load_format="dummy", dtype="bfloat16",
+              enable_compilation_cache=False)
+    stats = llm.stats()
+    per_block = bytes_per_block(llm.model_config, 16, jnp.bfloat16)
+    assert stats["num_total_blocks"] * per_block > 20 * GiB  # most of what is left
+    out = llm.generate(prompt_token_ids=[[1, 2, 3, 4, 5]],
+                       sampling_params=SamplingParams(temperature=0, max_tokens=8,
+                                                      ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8
+    assert llm.engine.block_manager.is_whole()

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.model.sampler import (SamplerFlags, append_outputs, apply_penalties, argmax_and_logsumexp,
-                            make_sampling_metadata, sample, sampler_flags)
+from jinfer.model.sampler import (SamplerFlags, SamplingRow, append_outputs, apply_penalties,
+                                  argmax_and_logsumexp, make_sampling_metadata, sample,
+                                  sampler_flags)
 from jinfer.api.sampling_params import SamplingParams
 
 V = 32
@@ -58,10 +59,10 @@ def ref_log_softmax(logits):
 
 
 def run(logits, rows, pad_to=None, num_logprobs=0):
-    """rows: list of (params, seed, step, prompt, output, banned)."""
+    """rows: one SamplingRow per live row."""
     pad_to = pad_to or len(rows)
     meta = make_sampling_metadata(rows, pad_to)
-    flags = sampler_flags([r[0] for r in rows], num_logprobs)
+    flags = sampler_flags([row.params for row in rows], num_logprobs)
     logits = np.asarray(logits, np.float32)
     if logits.shape[0] < pad_to:
         logits = np.concatenate([logits, np.zeros((pad_to - len(logits), V), np.float32)])
@@ -70,7 +71,7 @@ def run(logits, rows, pad_to=None, num_logprobs=0):
 
 def draw_many(logits_row, p, num_draws, banned=()):
     """One draw per seed 0..num_draws-1 of the same row; returns the tokens [num_draws]."""
-    rows = [(p, seed, 0, [], [], list(banned)) for seed in range(num_draws)]
+    rows = [SamplingRow(p, seed, 0, banned_ids=list(banned)) for seed in range(num_draws)]
     return run(np.tile(logits_row, (num_draws, 1)), rows).tokens
 
 
@@ -91,7 +92,7 @@ def logits():
 
 
 def test_greedy_is_argmax(logits):
-    rows = [(SamplingParams(temperature=t), i, 3, [], [], []) for i, t in
+    rows = [SamplingRow(SamplingParams(temperature=t), i, 3) for i, t in
             enumerate([0.0, 1e-6, 0.0, 0.0, 0.0, 0.0])]
     out = run(logits, rows, pad_to=8)
     np.testing.assert_array_equal(out.tokens[:6], logits.argmax(-1))
@@ -149,18 +150,19 @@ def test_penalties_match_reference(logits):
               SamplingParams(temperature=0.0, repetition_penalty=1.5, presence_penalty=-0.5,
                              frequency_penalty=2.0),
               SamplingParams(temperature=0.0)]
-    rows = [(p, 0, 0, rng.integers(0, V, 10).tolist(), rng.integers(0, V, 12).tolist(),
-             [int(rng.integers(0, V))]) for p in params]
+    rows = [SamplingRow(p, 0, 0, prompt_ids=rng.integers(0, V, 10).tolist(),
+                        output_ids=rng.integers(0, V, 12).tolist(),
+                        banned_ids=[int(rng.integers(0, V))]) for p in params]
     meta = make_sampling_metadata(rows, pad_to=8)
     padded = np.concatenate([logits, np.zeros((2, V), np.float32)])
     got = np.asarray(apply_penalties(jnp.asarray(padded), meta))
-    for i, (p, _, _, prompt, output, _) in enumerate(rows):
-        want = ref_penalised(logits[i], p, prompt, output, banned=())
+    for i, row in enumerate(rows):
+        want = ref_penalised(logits[i], row.params, row.prompt_ids, row.output_ids, banned=())
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[6:], 0.0)  # padding rows are untouched
     tokens = run(logits, rows).tokens
-    want_tokens = [np.argmax(ref_penalised(logits[i], r[0], r[3], r[4], r[5]))
-                   for i, r in enumerate(rows)]
+    want_tokens = [np.argmax(ref_penalised(logits[i], r.params, r.prompt_ids, r.output_ids,
+                                           r.banned_ids)) for i, r in enumerate(rows)]
     np.testing.assert_array_equal(tokens, want_tokens)
 
 
@@ -168,13 +170,13 @@ def test_penalties_flip_greedy_choice():
     # A strong repetition penalty on the argmax token must move the argmax.
     row = np.linspace(-1.0, 3.0, V).astype(np.float32)
     p = SamplingParams(temperature=0.0, repetition_penalty=2.0)
-    out = run(row[None], [(p, 0, 0, [V - 1], [], [])])
+    out = run(row[None], [SamplingRow(p, 0, 0, prompt_ids=[V - 1])])
     assert out.tokens[0] == V - 2
 
 
 def test_top_k_1_equals_greedy(logits):
     p = SamplingParams(temperature=1.0, top_k=1)
-    rows = [(p, seed, seed, [], [], []) for seed in range(6)]
+    rows = [SamplingRow(p, seed, seed) for seed in range(6)]
     np.testing.assert_array_equal(run(logits, rows).tokens, logits.argmax(-1))
 
 
@@ -199,7 +201,8 @@ def test_banned_tokens_never_sampled(logits):
     banned = np.argsort(-row)[:3].tolist()  # the three most likely tokens
     tokens = draw_many(row, SamplingParams(temperature=1.0), 3000, banned=banned)
     assert not np.isin(tokens, banned).any()
-    greedy = run(row[None], [(SamplingParams(temperature=0.0), 0, 0, [], [], banned)]).tokens
+    greedy = run(row[None], [SamplingRow(SamplingParams(temperature=0.0), 0, 0,
+                                         banned_ids=banned)]).tokens
     assert greedy[0] == np.argsort(-row)[3]
 
 
@@ -218,26 +221,26 @@ def test_empirical_distribution_matches_reference(p):
 
 
 def test_seed_determinism_across_batches(logits):
-    target = (SamplingParams(temperature=1.0, top_p=0.95), 1234, 7, [], [], [])
+    target = SamplingRow(SamplingParams(temperature=1.0, top_p=0.95), 1234, 7)
     alone = run(logits[:1], [target]).tokens[0]
-    neighbours = [(SamplingParams(temperature=0.5, top_k=3, repetition_penalty=1.2), 9, 1,
-                   [1, 2], [3], [4]),
-                  (SamplingParams(temperature=0.0), 0, 0, [], [], []),
-                  (SamplingParams(temperature=2.0, min_p=0.1), 5, 2, [], [], [])]
+    neighbours = [SamplingRow(SamplingParams(temperature=0.5, top_k=3, repetition_penalty=1.2),
+                              9, 1, [1, 2], [3], [4]),
+                  SamplingRow(SamplingParams(temperature=0.0), 0, 0),
+                  SamplingRow(SamplingParams(temperature=2.0, min_p=0.1), 5, 2)]
     for batch, pad_to in [([target] + neighbours, 4), (neighbours + [target], 8),
                           (neighbours[:1] + [target], 16)]:
         idx = batch.index(target)
         batch_logits = np.stack([logits[0] if r is target else logits[3] for r in batch])
         assert run(batch_logits, batch, pad_to=pad_to).tokens[idx] == alone
     # And the draw does depend on the seed and the step.
-    varied = {run(logits[:1], [(target[0], s, t, [], [], [])]).tokens[0]
+    varied = {run(logits[:1], [SamplingRow(target.params, s, t)]).tokens[0]
               for s in range(5) for t in range(5)}
     assert len(varied) > 3
 
 
 def test_logprobs_are_raw_log_softmax(logits):
-    rows = [(SamplingParams(temperature=t, top_k=3, repetition_penalty=1.5, logprobs=5),
-             i, 0, [0, 1], [2], [int(logits[i].argmax())])
+    rows = [SamplingRow(SamplingParams(temperature=t, top_k=3, repetition_penalty=1.5,
+                                       logprobs=5), i, 0, [0, 1], [2], [int(logits[i].argmax())])
             for i, t in enumerate([0.0, 1.0, 0.5, 1.0, 0.0, 2.0])]
     out = run(logits, rows, num_logprobs=5)
     ref = ref_log_softmax(logits)
@@ -249,7 +252,7 @@ def test_logprobs_are_raw_log_softmax(logits):
 
 
 def test_no_logprobs_gives_empty_top(logits):
-    out = run(logits, [(SamplingParams(), 0, 0, [], [], [])] * 6)
+    out = run(logits, [SamplingRow(SamplingParams(), 0, 0)] * 6)
     assert out.top_logprobs.shape == (6, 0) and out.top_ids.shape == (6, 0)
 
 
@@ -266,16 +269,16 @@ def test_jit_compiles_once_for_different_values(logits):
         p = SamplingParams(temperature=0.3 + i, top_k=i + 1, top_p=0.5 + 0.1 * i,
                            min_p=0.01 * i, repetition_penalty=1.1 + i,
                            presence_penalty=0.1 * i, frequency_penalty=-0.1 * i)
-        rows = [(p, 100 + i, i, [i, i + 1], [i] * (i + 1), [i]) for _ in range(3)]
+        rows = [SamplingRow(p, 100 + i, i, [i, i + 1], [i] * (i + 1), [i]) for _ in range(3)]
         meta = make_sampling_metadata(rows, pad_to=8)
         fn(jnp.asarray(np.tile(logits[:1], (8, 1))), meta, flags).tokens.block_until_ready()
     assert len(traces) == 1
 
 
 def test_metadata_padding_and_buckets():
-    rows = [(SamplingParams(temperature=0.8, top_k=-1, presence_penalty=0.5), 2**32 + 5, 3,
-             list(range(9)), [1, 2], [7]),
-            (SamplingParams(temperature=0.0, top_k=4, top_p=0.5), 1, 0, [5], [], [])]
+    rows = [SamplingRow(SamplingParams(temperature=0.8, top_k=-1, presence_penalty=0.5),
+                        2**32 + 5, 3, list(range(9)), [1, 2], [7]),
+            SamplingRow(SamplingParams(temperature=0.0, top_k=4, top_p=0.5), 1, 0, [5])]
     meta = make_sampling_metadata(rows, pad_to=4)
     assert meta.prompt_tokens.shape == (4, 16) and meta.banned_tokens.shape == (4, 8)
     np.testing.assert_array_equal(meta.prompt_tokens[0, :10], list(range(9)) + [-1])
@@ -285,7 +288,8 @@ def test_metadata_padding_and_buckets():
     np.testing.assert_array_equal(meta.top_k[1:], 0)
     np.testing.assert_array_equal(meta.top_p[1:], 1.0)
     np.testing.assert_array_equal(meta.banned_tokens[1:], -1)
-    plain = make_sampling_metadata([(SamplingParams(), 0, 0, [1, 2, 3], [4], [])], pad_to=2)
+    plain = make_sampling_metadata([SamplingRow(SamplingParams(), 0, 0, [1, 2, 3], [4])],
+                                   pad_to=2)
     assert plain.prompt_tokens.shape == (2, 0) and plain.banned_tokens.shape == (2, 0)
     with pytest.raises(ValueError, match="pad_to"):
         make_sampling_metadata(rows, pad_to=1)
@@ -305,7 +309,7 @@ def test_append_outputs_extends_penalised_rows_on_device():
     """A multi-step call's next step: each live row's sample after its last output id (in the
     spare columns), padding rows untouched, steps advanced."""
     penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3)
-    rows = [(penalised, 0, 2, [1, 2], [7, 8], []), (penalised, 0, 0, [3], [], [])]
+    rows = [SamplingRow(penalised, 0, 2, [1, 2], [7, 8]), SamplingRow(penalised, 0, 0, [3])]
     meta = make_sampling_metadata(rows, pad_to=4, spare_output_columns=2)
     assert meta.output_tokens.shape[1] >= 4  # two outputs + two spare
     live = jnp.array([True, True, False, False])

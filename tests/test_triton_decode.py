@@ -5,7 +5,7 @@ The kernel tests need an NVIDIA GPU and the optional extra (`pip install "jinfer
 they are `gpu`-marked and skip where triton or jax_triton cannot be imported (jax_triton also
 refuses a JAX without GPU support). The two argument/installation tests at the end run anywhere.
 
-The case builder, the oracle and the tolerances are those of tests/test_pallas_decode.py
+The case builder, the oracle and the tolerances are those of tests/test_paged_decode.py
 (imported: pytest puts tests/ on sys.path): stale pool slots and the pad block hold POISON, so
 any read past a context or of another sequence's block moves a result far out of tolerance.
 """
@@ -21,7 +21,7 @@ import pytest
 
 from pallas_kernels.paged_decode import paged_decode_attention_pallas
 from pallas_kernels.triton_decode import paged_decode_attention_triton
-from test_pallas_decode import LAYER, TOLERANCE, dense_decode, make_case
+from test_paged_decode import LAYER, TOLERANCE, dense_decode, make_case
 
 
 @pytest.fixture

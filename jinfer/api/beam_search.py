@@ -90,6 +90,6 @@ def beam_search(llm, prompts: Sequence[Union[str, Sequence[int]]],
     for group, finished in zip(beams, done):
         best = sorted(group + finished, key=lambda b: -beam_score(b, eos, params.length_penalty))
         for beam in best[:width]:
-            beam.text = tokenizer.decode(beam.output_token_ids)
+            beam.text = tokenizer.decode(beam.output_token_ids, skip_special_tokens=True)
         results.append(BeamSearchOutput(best[:width]))
     return results

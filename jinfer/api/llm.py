@@ -17,7 +17,8 @@ from jinfer.model.attention import default_attention_backend, get_attention_back
 from jinfer.api.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jinfer.config import EngineConfig, KernelConfig
 from jinfer.engine.llm_engine import LLMEngine
-from jinfer.model.kv_cache import bytes_per_block, init_kv_cache
+from jinfer.model.config import ModelConfig
+from jinfer.model.kv_cache import bytes_per_block
 from jinfer.loader import load_generation_eos, load_hf_config, load_weights, resolve_model_path
 from jinfer.model.llama import prepare_params
 from jinfer.runner.model_runner import ModelRunner
@@ -40,7 +41,8 @@ ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]
 
 
 class LLM:
-    """Loads a model (None: the embedded SmolLM2-135M-Instruct) and generates from it.
+    """Generates from a model: a loaded one (None: the embedded SmolLM2-135M-Instruct) or, via
+    `LLM.from_params`, any (model config, params pytree, tokenizer) held in memory.
 
     Args:
       model: a Hugging Face folder, a .gguf file, or None for the default model; with
@@ -52,42 +54,71 @@ class LLM:
         made on device: for benchmarks without downloads, as vLLM's load_format="dummy").
       skip_tokenizer_init: load no tokenizer; prompts must then be token ids and outputs carry
         token ids only (the default with load_format="dummy" when the model has no tokenizer).
-      block_size, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, max_model_len,
-      max_num_seqs, max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
-      num_scheduler_steps, mixed_batching (None: on GPU): engine knobs (see `EngineConfig`).
-      kernel_config: which kernel runs where (`KernelConfig`; None: the measured defaults).
-      enable_compilation_cache: keep compiled steps on disk across runs (JAX's persistent cache).
+      **engine_kwargs: the engine's options (README, "Options"): block_size, num_kv_blocks,
+        kv_cache_memory_bytes, gpu_memory_utilization, max_model_len, max_num_seqs,
+        max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
+        num_scheduler_steps, mixed_batching, kernel_config, enable_compilation_cache,
+        max_programs, shuffle_blocks_seed.
     """
 
     def __init__(self, model: Optional[str] = None, *, dtype: str = "auto",
                  load_format: str = "auto", skip_tokenizer_init: bool = False,
-                 block_size: int = 16, num_kv_blocks: Optional[int] = None,
-                 kv_cache_memory_bytes: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.9,
-                 max_model_len: Optional[int] = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, seed: int = 0,
-                 attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
-                 num_scheduler_steps: int = 8,
-                 mixed_batching: Optional[bool] = None,
-                 kernel_config: Optional[KernelConfig] = None,
-                 enable_compilation_cache: bool = True,
-                 shuffle_blocks_seed: Optional[int] = None):
-        if dtype == "auto":
-            dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; choose 'auto' or one of "
-                             f"{sorted(DTYPES)}")
+                 **engine_kwargs):
+        _check_engine_kwargs(engine_kwargs)
+        dtype = _resolve_dtype(dtype)
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={load_format!r} is not supported; choose 'auto' (read "
                              f"the weights) or 'dummy' (random weights of the model's shape)")
-        if attention_backend is not None:
-            get_attention_backend(attention_backend)  # a clear error before any loading
-        if enable_compilation_cache:
+        if engine_kwargs.get("attention_backend") is not None:
+            get_attention_backend(engine_kwargs["attention_backend"])  # fail before loading
+        if engine_kwargs.get("enable_compilation_cache", True):
             compilation_cache.enable()
         started = time.perf_counter()
-        model_config, device_params, self.tokenizer, eos_ids, source = _load(
-            model, dtype, load_format, skip_tokenizer_init, seed)
-        self.model_config = model_config
+        model_config, params, tokenizer, eos_ids, source = _load(
+            model, dtype, load_format, skip_tokenizer_init, engine_kwargs.get("seed", 0))
+        self._start(model_config, params, tokenizer, eos_ids, **engine_kwargs)
+        logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", source, dtype,
+                    time.perf_counter() - started, self.engine.block_manager.num_usable_blocks,
+                    self.config.block_size)
+
+    @classmethod
+    def from_params(cls, model_config: ModelConfig, params: dict, tokenizer=None,
+                    **engine_kwargs) -> "LLM":
+        """An LLM over weights held in memory (JAX research code: reinforcement-learning
+        rollouts, evaluation inside a training loop), with no file read.
+
+        Args:
+          model_config: the model's shapes (`jinfer.model.config.ModelConfig`).
+          params: the weights, as `get_params()` returns them (per-layer dicts with fused
+            `wqkv` and `w_gate_up`) or in the loaders' stacked layout ({"layers": {name:
+            [layers, ...]}}, see `jinfer.loader`); their dtype is the run's dtype.
+          tokenizer: a `jinfer.text.tokenizer.Tokenizer`, or None (prompts are then token ids).
+          **engine_kwargs: as for `LLM(...)`.
+        """
+        _check_engine_kwargs(engine_kwargs)
+        if engine_kwargs.get("enable_compilation_cache", True):
+            compilation_cache.enable()
+        llm = cls.__new__(cls)
+        params = jax.device_put(_run_layout(params))
+        eos = () if tokenizer is None or tokenizer.eos_token_id is None else (
+            tokenizer.eos_token_id,)
+        llm._start(model_config, params, tokenizer, eos, **engine_kwargs)
+        return llm
+
+    def _start(self, model_config: ModelConfig, params: dict, tokenizer, eos_ids, *,
+               block_size: int = 16, num_kv_blocks: Optional[int] = None,
+               kv_cache_memory_bytes: Optional[int] = None,
+               gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None,
+               max_num_seqs: int = 64, max_num_batched_tokens: int = 512, seed: int = 0,
+               attention_backend: Optional[str] = None, enable_prefix_caching: bool = True,
+               num_scheduler_steps: int = 8, mixed_batching: Optional[bool] = None,
+               kernel_config: Optional[KernelConfig] = None,
+               enable_compilation_cache: bool = True, max_programs: Optional[int] = None,
+               shuffle_blocks_seed: Optional[int] = None) -> None:
+        """Builds the engine one way: config -> pool size -> pool -> runner -> engine."""
+        del enable_compilation_cache  # acted on by the constructors
+        self.model_config, self.tokenizer = model_config, tokenizer
+        on_gpu = jax.default_backend() == "gpu"
         self.config = EngineConfig(
             block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
@@ -97,32 +128,36 @@ class LLM:
             attention_backend=attention_backend or default_attention_backend(),
             enable_prefix_caching=enable_prefix_caching,
             num_scheduler_steps=num_scheduler_steps,
-            mixed_batching=(jax.default_backend() == "gpu" if mixed_batching is None
-                            else mixed_batching),
+            mixed_batching=on_gpu if mixed_batching is None else mixed_batching,
             kernels=kernel_config or KernelConfig())
-        runner = ModelRunner(model_config, self.config, device_params, 2, DTYPES[dtype])
-        num_blocks = self._num_blocks(runner, DTYPES[dtype])
-        runner.kv_cache = _allocate_pool(model_config, num_blocks, block_size, DTYPES[dtype])
-        self.engine = LLMEngine(runner, self.tokenizer, self.config,
-                                self._eos_ids(eos_ids), num_blocks, shuffle_blocks_seed)
+        dtype = _weights_dtype(params)
+        num_blocks = self._num_blocks(params, dtype)
+        kv_cache = memory.allocate_kv_cache(model_config, num_blocks, block_size, dtype,
+                                            min_blocks=self._blocks_per_seq() + 1)
+        runner = ModelRunner(model_config, self.config, params, kv_cache, max_programs)
+        self.engine = LLMEngine(runner, tokenizer, self.config, self._eos_ids(eos_ids),
+                                kv_cache.num_blocks, shuffle_blocks_seed)
         self._request_counter = 0
-        logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", source, dtype,
-                    time.perf_counter() - started, num_blocks - 1, block_size)
 
-    def _num_blocks(self, runner: ModelRunner, dtype) -> int:
+    def _blocks_per_seq(self) -> int:
+        return -(-self.config.max_model_len // self.config.block_size)
+
+    def _num_blocks(self, params: dict, dtype) -> int:
         """Pool size, counting block 0 (padding): num_kv_blocks, else kv_cache_memory_bytes,
-        else what gpu_memory_utilization leaves (measured; GPU), else DEFAULT_CPU_KV_BYTES.
-        Checks the pool holds one longest sequence."""
+        else what gpu_memory_utilization leaves after the weights and the largest steps'
+        scratch (measured; GPU), else DEFAULT_CPU_KV_BYTES. Checks the pool holds one longest
+        sequence."""
         config = self.config
         per_block = bytes_per_block(self.model_config, config.block_size, dtype)
-        needed = -(-config.max_model_len // config.block_size)
+        needed = self._blocks_per_seq()
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         elif config.kv_cache_memory_bytes is not None:
             num_blocks = 1 + config.kv_cache_memory_bytes // per_block
         elif memory.device_memory() is not None:
+            temp = memory.step_temp_bytes(self.model_config, config, params, dtype)
             num_blocks = 1 + memory.blocks_for_utilization(
-                runner, config.gpu_memory_utilization, per_block, needed)
+                temp, config.gpu_memory_utilization, per_block, needed)
         else:
             num_blocks = 1 + DEFAULT_CPU_KV_BYTES // per_block
         if num_blocks - 1 < needed:
@@ -158,8 +193,35 @@ class LLM:
         return warm_up(self.engine.runner, max_context)
 
     def stats(self) -> dict:
-        """Pool and scheduler statistics (blocks total / free / used, preemptions, queues)."""
-        return self.engine.stats()
+        """Pool and scheduler statistics (blocks total / free / used, preemptions, queues) and
+        `num_compiles`: the step programs built so far in this process."""
+        runner = self.engine.runner
+        return {**self.engine.stats(), "num_compiles": runner.num_compiles,
+                "num_programs_held": runner.programs.num_programs}
+
+    def get_params(self) -> dict:
+        """The weights the engine runs, on the device, in the run layout (per-layer dicts with
+        fused `wqkv` and `w_gate_up`): what `from_params` and `update_weights` take."""
+        return self.engine.runner.params
+
+    def update_weights(self, params: dict) -> None:
+        """Swaps in new weights of the same structure, shapes and dtypes as `get_params()` (or
+        the loaders' stacked layout of them), with no recompile: the compiled steps take them
+        as they are. The prefix cache is dropped (its K/V came from the old weights). Call it
+        between generate calls."""
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("update_weights was called while requests are running; call it "
+                               "between generate calls (or abort them first)")
+        new = _run_layout(params)
+        current = self.engine.runner.params
+        mismatch = _describe_mismatch(current, new)
+        if mismatch is not None:
+            raise ValueError(f"update_weights needs weights of the running model's structure, "
+                             f"shapes and dtypes: {mismatch}; build a new LLM.from_params for "
+                             f"another model or dtype")
+        shardings = jax.tree.map(lambda a: a.sharding, current)
+        self.engine.runner.update_params(jax.device_put(new, shardings))
+        self.engine.block_manager.reset_prefix_cache()
 
     def prompt_logits(self, prompt_token_ids: Sequence[int]) -> np.ndarray:
         """Float32 logits at every position of one prompt [len, vocab], computed through the
@@ -171,8 +233,15 @@ class LLM:
     def generate(self, prompts: PromptsArg = None, sampling_params: ParamsArg = None, *,
                  prompt_token_ids: Optional[Sequence[Sequence[int]]] = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generates completions for every prompt (text or token ids); returns them in order."""
+        """Generates completions for every prompt (text or token ids); returns them in order.
+        Instruct models answer conversations: for them use `chat`, which applies the model's
+        chat template (given raw text they may end their turn at once: an empty completion
+        with finish_reason "stop")."""
         request_ids = self._add_requests(prompts, sampling_params, prompt_token_ids)
+        return self._run(request_ids, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Steps the engine until the requests finish; their final outputs, in order."""
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         num_generated, started = 0, time.perf_counter()
@@ -209,8 +278,8 @@ class LLM:
             conv, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs)
             for conv in conversations]
         token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        return self.generate(sampling_params=sampling_params, prompt_token_ids=token_ids,
-                             use_tqdm=use_tqdm)
+        request_ids = self._add_requests(None, sampling_params, token_ids, texts=prompts)
+        return self._run(request_ids, use_tqdm)
 
     def stream(self, prompt: Union[str, Sequence[int]],
                sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
@@ -233,8 +302,11 @@ class LLM:
             self.engine.abort(request_id)
 
     def _add_requests(self, prompts: PromptsArg, sampling_params: ParamsArg,
-                      prompt_token_ids) -> list[str]:
-        texts, ids = self._normalize_prompts(prompts, prompt_token_ids)
+                      prompt_token_ids, texts: Optional[list[str]] = None) -> list[str]:
+        """Adds one request per prompt; `texts`: the prompt text of token-id prompts (chat's
+        templated conversations), reported as RequestOutput.prompt."""
+        prompt_texts, ids = self._normalize_prompts(prompts, prompt_token_ids)
+        texts = prompt_texts if texts is None else texts
         params = self._normalize_params(sampling_params, len(ids))
         request_ids = []
         try:
@@ -270,26 +342,68 @@ class LLM:
             return [SamplingParams()] * count
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
-        params = list(sampling_params)
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [
+            sampling_params]
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(
+                    f"sampling_params must be a SamplingParams or a list of them, got "
+                    f"{type(p).__name__}" + (f" {p!r}; build one with SamplingParams(**{p!r})"
+                                             if isinstance(p, dict) else ""))
         if len(params) != count:
             raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, "
                              f"or one per prompt")
         return params
 
 
-def _allocate_pool(model_config, num_blocks: int, block_size: int, dtype):
-    """The KV pool, allocated now: an allocation that fails does so here, with what to change,
-    rather than inside the first request's step."""
-    try:
-        return jax.block_until_ready(init_kv_cache(model_config, num_blocks, block_size, dtype))
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        size = (num_blocks * bytes_per_block(model_config, block_size, dtype)) / 2**30
-        raise ValueError(
-            f"the KV pool ({num_blocks - 1} blocks of {block_size} tokens, {size:.2f} GiB) could "
-            f"not be allocated on the device ({e}); lower gpu_memory_utilization, or give "
-            f"kv_cache_memory_bytes or num_kv_blocks") from e
+ENGINE_KWARGS = ("block_size", "num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization",
+                 "max_model_len", "max_num_seqs", "max_num_batched_tokens", "seed",
+                 "attention_backend", "enable_prefix_caching", "num_scheduler_steps",
+                 "mixed_batching", "kernel_config", "enable_compilation_cache", "max_programs",
+                 "shuffle_blocks_seed")
+
+
+def _check_engine_kwargs(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - set(ENGINE_KWARGS))
+    if unknown:
+        raise TypeError(f"LLM got unknown options {unknown}; the engine's options are "
+                        f"{', '.join(ENGINE_KWARGS)}")
+
+
+def _resolve_dtype(dtype: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose 'auto' or one of "
+                         f"{sorted(DTYPES)}")
+    return dtype
+
+
+def _run_layout(params: dict) -> dict:
+    """`params` in the run layout (per-layer dicts, fused projections): converted from the
+    loaders' stacked layout ({"layers": {name: [layers, ...]}}) when given that."""
+    if not isinstance(params, dict) or "layers" not in params or "embed" not in params:
+        raise ValueError("params must be a dict with 'embed', 'layers' and 'final_norm' (and "
+                         "'lm_head' unless the embeddings are tied), as LLM.get_params() returns")
+    return prepare_params(params) if isinstance(params["layers"], dict) else params
+
+
+def _weights_dtype(params: dict):
+    return jnp.dtype(params["embed"].dtype)
+
+
+def _describe_mismatch(old: dict, new: dict) -> Optional[str]:
+    """The first difference in structure, shape or dtype between two params pytrees."""
+    old_leaves, old_def = jax.tree_util.tree_flatten_with_path(old)
+    new_leaves, new_def = jax.tree_util.tree_flatten_with_path(new)
+    if old_def != new_def:
+        return (f"their structure differs: expected {jax.tree.structure(old)}, got "
+                f"{jax.tree.structure(new)}")
+    for (path, a), (_, b) in zip(old_leaves, new_leaves):
+        if a.shape != b.shape or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
+            return (f"{jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, the running "
+                    f"weights are {a.dtype}{list(a.shape)}")
+    return None
 
 
 def _load(model, dtype: str, load_format: str, skip_tokenizer_init: bool, seed: int):

@@ -3,7 +3,8 @@ and which hold a prompt prefix worth reusing.
 
 Plain Python/NumPy, never traced. Block 0 is the padding block and is never handed out. Calls come
 in check-then-commit pairs (`can_allocate` / `allocate`, `can_allocate_prompt` / `allocate_prompt`,
-`can_append_slots` / `append_slots`), so a failed check changes nothing.
+`can_append_slots` / `append_slots`), so a failed check changes nothing. Admission looks the
+prompt's prefix up once (`match_prefix`), and its check and commit both take that `PrefixMatch`.
 
 Prefix caching (vLLM's automatic prefix caching): once a FULL block's tokens are known and its
 K/V computed, or being computed by a dispatched device call (the device runs calls in dispatch
@@ -63,6 +64,16 @@ class CachedBlock:
     token_ids: tuple[int, ...]        # [block_size]
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefixMatch:
+    """A sequence's leading full blocks found in the prefix cache (`match_prefix`): one lookup,
+    which admission's check (`can_allocate_prompt`) and commit (`allocate_prompt`) both use."""
+
+    blocks: tuple[int, ...]        # [num_hits] cached blocks, in sequence order
+    hashes: tuple[BlockHash, ...]  # [num_hits] their chain hashes
+    num_tokens: int                # tokens they hold: num_hits * block_size
+
+
 class BlockManager:
     """Free list, refcounts, prefix index and copy-on-write of the pool's blocks."""
 
@@ -93,12 +104,8 @@ class BlockManager:
     # -- sizes and statistics --------------------------------------------------------------------
     @property
     def num_usable_blocks(self) -> int:
-        return self.num_blocks - 1
-
-    @property
-    def num_total_blocks(self) -> int:
         """Blocks that can ever be handed out (all but the padding block)."""
-        return self.num_usable_blocks
+        return self.num_blocks - 1
 
     @property
     def num_free_blocks(self) -> int:
@@ -136,8 +143,9 @@ class BlockManager:
         return 1.0 - sum(filled.values()) / allocated if allocated else 0.0
 
     def stats(self) -> dict:
-        return {"num_total_blocks": self.num_total_blocks, "num_free_blocks": self.num_free_blocks,
-                "num_used_blocks": self.num_used_blocks, "num_cached_blocks": self.num_cached_blocks,
+        return {"num_total_blocks": self.num_usable_blocks,  # the key users read
+                "num_free_blocks": self.num_free_blocks, "num_used_blocks": self.num_used_blocks,
+                "num_cached_blocks": self.num_cached_blocks,
                 "num_evictable_blocks": self.num_evictable_blocks,
                 "prefix_cache_queried_blocks": self.num_queried_blocks,
                 "prefix_cache_hit_blocks": self.num_hit_blocks,
@@ -181,11 +189,12 @@ class BlockManager:
         del self.prefix_index[entry.block_hash]
 
     # -- admission with prefix caching -----------------------------------------------------------
-    def _match_prefix(self, seq: Sequence) -> tuple[list[int], list[BlockHash]]:
-        """Cached blocks holding `seq`'s leading full blocks and their chain hashes, up to the
-        first miss. Never covers the last token: the model must compute one to get logits."""
+    def match_prefix(self, seq: Sequence) -> PrefixMatch:
+        """The cached blocks holding `seq`'s leading full blocks, up to the first miss; changes
+        nothing. Never covers the last token: the model must compute one to get logits. Hashes
+        every full block up to the miss: look up once per admission attempt."""
         if not self.enable_prefix_caching:
-            return [], []
+            return PrefixMatch((), (), 0)
         token_ids, bs = seq.token_ids(), self.block_size
         blocks: list[int] = []
         hashes: list[BlockHash] = []
@@ -201,37 +210,34 @@ class BlockManager:
                 break
             blocks.append(block)
             hashes.append(block_hash)
-        return blocks, hashes
+        return PrefixMatch(tuple(blocks), tuple(hashes), len(blocks) * bs)
 
-    def get_computed_blocks(self, seq: Sequence) -> tuple[list[int], int]:
-        """(cached blocks, number of tokens they hold) for `seq`'s prefix; changes nothing."""
-        blocks, _ = self._match_prefix(seq)
-        return blocks, len(blocks) * self.block_size
-
-    def can_allocate_prompt(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether `allocate_prompt(seq, num_tokens)` would succeed. Cached hits cost nothing,
-        except evictable ones, which leave the pool of allocatable blocks."""
-        hits, _ = self._match_prefix(seq)
-        revived = sum(1 for block in hits if block in self.evictable)
-        fresh = max(0, self.blocks_needed(num_tokens) - len(hits))
+    def can_allocate_prompt(self, match: PrefixMatch, num_tokens: int) -> bool:
+        """Whether `allocate_prompt` of a sequence with prefix `match` up to `num_tokens` tokens
+        would succeed. Cached hits cost nothing, except evictable ones, which leave the pool of
+        allocatable blocks."""
+        revived = sum(1 for block in match.blocks if block in self.evictable)
+        fresh = max(0, self.blocks_needed(num_tokens) - len(match.blocks))
         return fresh + revived <= self.num_free_blocks
 
-    def allocate_prompt(self, seq: Sequence, num_tokens: int) -> int:
-        """Admits `seq` (empty block table): shares the cached blocks of its prefix, allocates
-        fresh ones up to `num_tokens` tokens, sets and returns `seq.num_computed_tokens` (the
-        cached tokens, a multiple of block_size, at most num_tokens_of_seq - 1)."""
+    def allocate_prompt(self, seq: Sequence, match: PrefixMatch, num_tokens: int) -> int:
+        """Admits `seq` (empty block table) with `match`, its `match_prefix` taken since the
+        last change to the pool: shares the cached blocks, allocates fresh ones up to
+        `num_tokens` tokens, sets and returns `seq.num_computed_tokens` (the cached tokens, a
+        multiple of block_size, at most num_tokens_of_seq - 1)."""
         assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
-        hits, hashes = self._match_prefix(seq)
-        for block in hits:
+        assert all(self.prefix_index.get(h) == b for h, b in zip(match.hashes, match.blocks)), \
+            "a stale prefix match: the pool changed since match_prefix"
+        for block in match.blocks:
             self.evictable.pop(block, None)
             self.ref_counts[block] += 1
-        seq.block_table = list(hits)
+        seq.block_table = list(match.blocks)
         self._grow(seq, num_tokens)
-        self._seq_hashes[seq.seq_id] = hashes
-        seq.num_computed_tokens = len(hits) * self.block_size
+        self._seq_hashes[seq.seq_id] = list(match.hashes)
+        seq.num_computed_tokens = match.num_tokens
         if self.enable_prefix_caching:
             self.num_queried_blocks += (seq.num_tokens - 1) // self.block_size
-            self.num_hit_blocks += len(hits)
+            self.num_hit_blocks += len(match.blocks)
             self.num_tokens_from_cache += seq.num_computed_tokens
         return seq.num_computed_tokens
 

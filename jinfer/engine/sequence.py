@@ -22,9 +22,9 @@ class Sequence:
 
     With lookahead (see jinfer.engine.llm_engine) a device call may still be computing the next
     `num_in_flight` positions after those, and sampling `num_samples_in_flight` tokens that
-    follow `token_ids` but are not on the host yet: the scheduler plans past both, and the
-    engine folds them into `num_computed_tokens` and `output_token_ids` when it reads the call
-    back.
+    follow `token_ids` but are not on the host yet: the scheduler counts both when it plans a
+    call (and plans past them), and the engine folds them into `num_computed_tokens` and
+    `output_token_ids` when it reads the call back.
     """
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
@@ -82,8 +82,3 @@ class Sequence:
         what the next step can compute."""
         return (self.num_tokens + self.num_samples_in_flight
                 - self.num_computed_tokens - self.num_in_flight)
-
-    @property
-    def in_prefill(self) -> bool:
-        """True while more than one token lacks its K/V (decode computes exactly one)."""
-        return self.num_uncomputed_tokens > 1

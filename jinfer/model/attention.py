@@ -18,12 +18,11 @@ not a slice of it, keeps the pool's update in place), and optionally a fourth:
                the row, which the kernel adds up, and partials=True returns the output as
                its context splits' softmax states (see fused_decode_attention_pallas)
 
-Backends: "reference" (jnp, with an XLA scatter for the KV write; the decode-specialised form
-for decodes, which is several times faster on XLA CPU), "oracle" (the plain reference
-everywhere, for checking), "pallas" (the Pallas kernels: fused decode, KV write and ragged paged
-prefill), "pallas_unfused" (the Pallas kernels with RoPE, KV write and paged decode attention
-as separate steps) and "triton" (the Triton-language decode kernel through jax-triton, with the
-Pallas KV-write and prefill kernels).
+Backends (`get_attention_backend`): "reference" (jnp, with an XLA scatter for the KV write; the
+decode-specialised form for decodes, which is several times faster on XLA CPU; the default on
+CPU), "pallas" (the Pallas kernels: fused decode, KV write and ragged paged prefill; the default
+on GPU) and "triton" (the Triton-language decode kernel through jax-triton, with the Pallas
+KV-write and prefill kernels).
 """
 
 from __future__ import annotations
@@ -140,12 +139,6 @@ def _decode_reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: 
     return out[:, 0]
 
 
-def _decode_oracle(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
-    out = paged_attention_reference(q[:, None], k_pool, v_pool, layer, meta.block_tables,
-                                    meta.positions, meta.context_lens, scale=scale)
-    return out[:, 0]
-
-
 def _decode_pallas(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
     return paged_decode_attention_pallas(q, k_pool, v_pool, layer, meta.block_tables,
                                          meta.context_lens, scale=scale)
@@ -213,21 +206,17 @@ def default_attention_backend() -> str:
 
 
 def get_attention_backend(name: str, kernels: KernelConfig = KernelConfig()) -> AttentionBackend:
-    """The backend called `name`, with the kernel choices of `kernels`."""
+    """The backend called `name` (one of BACKENDS), with the kernel choices of `kernels`."""
+    if name not in BACKENDS:
+        raise ValueError(
+            f"attention_backend={name!r} is not available; choose one of {', '.join(BACKENDS)}")
     if name == "reference":
         return AttentionBackend(_decode_reference, _prefill_reference, _write_kv_xla)
-    if name == "oracle":  # TODO(issue 23): a test helper
-        return AttentionBackend(_decode_oracle, _prefill_reference, _write_kv_xla)
     prefill = functools.partial(_prefill_pallas,
                                 mosaic_min_tokens=kernels.mosaic_prefill_min_tokens)
     if name == "pallas":
         return AttentionBackend(_decode_pallas, prefill, write_kv_pallas, _fused_decode_pallas,
                                 _fused_decode_supported)
-    if name == "pallas_unfused":  # TODO(issue 23): goes
-        return AttentionBackend(_decode_pallas, prefill, write_kv_pallas)
-    if name == "triton":
-        from pallas_kernels.triton_decode import _kernels  # raises with the install command
-        _kernels()
-        return AttentionBackend(_decode_triton, prefill, write_kv_pallas)
-    raise ValueError(
-        f"attention_backend={name!r} is not available; choose one of {', '.join(BACKENDS)}")
+    from pallas_kernels.triton_decode import _kernels  # raises with the install command
+    _kernels()
+    return AttentionBackend(_decode_triton, prefill, write_kv_pallas)

@@ -302,16 +302,35 @@ def sampler_flags(params_list: Sequence[SamplingParams], num_logprobs: int = 0) 
         all_greedy=all(p.greedy for p in params_list))
 
 
-def make_sampling_metadata(rows: Sequence[tuple], pad_to: int,
+@dataclasses.dataclass(frozen=True)
+class SamplingRow:
+    """One live row of a batch, as `make_sampling_metadata` reads it.
+
+    Attributes:
+      params: the request's sampling options.
+      seed: the row's seed (reduced modulo 2**32): its draws are keyed by (seed, step).
+      step: output tokens the row generated before the one sampled now.
+      prompt_ids: the prompt's token ids; read only when `params` has penalties.
+      output_ids: the output token ids so far; read only when `params` has penalties.
+      banned_ids: ids masked out while step < params.min_tokens (always, without min_tokens).
+    """
+
+    params: SamplingParams
+    seed: int
+    step: int
+    prompt_ids: Sequence[int] = ()
+    output_ids: Sequence[int] = ()
+    banned_ids: Sequence[int] = ()
+
+
+def make_sampling_metadata(rows: Sequence[SamplingRow], pad_to: int,
                            pad_tokens_to: Optional[int] = None,
                            pad_banned_to: Optional[int] = None,
                            spare_output_columns: int = 0) -> SamplingMetadata:
     """Builds the batch's `SamplingMetadata` with NumPy.
 
     Args:
-      rows: one (params: SamplingParams, seed: int, step: int, prompt_ids, output_ids,
-        banned_ids) per live row; the id lists are sequences of ints (banned_ids may be empty).
-        Seeds are reduced modulo 2**32.
+      rows: one `SamplingRow` per live row.
       pad_to: batch bucket B >= len(rows). Padding rows are greedy with nothing banned.
       pad_tokens_to: columns of prompt_tokens/output_tokens; None buckets to a power of two
         (0 when no row has penalties, since then they are not read).
@@ -322,25 +341,25 @@ def make_sampling_metadata(rows: Sequence[tuple], pad_to: int,
     if pad_to < len(rows):
         raise ValueError(f"pad_to ({pad_to}) must be at least the number of rows ({len(rows)})")
     meta = _scalar_fields(rows, pad_to)
-    penalised = [i for i, r in enumerate(rows) if r[0].has_penalties]
-    longest = max([max(len(rows[i][3]), len(rows[i][4]) + spare_output_columns)
+    penalised = [i for i, row in enumerate(rows) if row.params.has_penalties]
+    longest = max([max(len(rows[i].prompt_ids), len(rows[i].output_ids) + spare_output_columns)
                    for i in penalised], default=0)
     width = _pad_length("pad_tokens_to", longest, pad_tokens_to) if penalised else 0
-    prompt = np.full((pad_to, width), PAD_TOKEN, np.int32)
-    output = np.full((pad_to, width), PAD_TOKEN, np.int32)
+    prompt = np.full((pad_to, width), PAD_TOKEN, np.int32)  # [B, P]
+    output = np.full((pad_to, width), PAD_TOKEN, np.int32)  # [B, O]
     for i in penalised:
-        _fill(prompt, i, rows[i][3])
-        _fill(output, i, rows[i][4])
-    most_banned = max((len(r[5]) for r in rows), default=0)
+        _fill(prompt, i, rows[i].prompt_ids)
+        _fill(output, i, rows[i].output_ids)
+    most_banned = max((len(row.banned_ids) for row in rows), default=0)
     banned = np.full((pad_to, _pad_length("pad_banned_to", most_banned, pad_banned_to)),
-                     PAD_TOKEN, np.int32)
-    for i, r in enumerate(rows):
-        _fill(banned, i, r[5])
+                     PAD_TOKEN, np.int32)  # [B, M]
+    for i, row in enumerate(rows):
+        _fill(banned, i, row.banned_ids)
     return SamplingMetadata(**meta, prompt_tokens=prompt, output_tokens=output,
                             banned_tokens=banned)
 
 
-def _scalar_fields(rows: Sequence[tuple], pad_to: int) -> dict:
+def _scalar_fields(rows: Sequence[SamplingRow], pad_to: int) -> dict:
     """The [B] per-row arrays; greedy rows get temperature 0 and truncation switched off."""
     f = {name: np.full(pad_to, value, np.float32) for name, value in (
         ("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
@@ -351,14 +370,15 @@ def _scalar_fields(rows: Sequence[tuple], pad_to: int) -> dict:
     # A row's banned ids are min_tokens' bans: they lapse (on the device too, in a multi-step
     # call) once the row has generated min_tokens tokens; without min_tokens they always hold.
     f["ban_until"] = np.full(pad_to, np.iinfo(np.int32).max, np.int32)
-    for i, (p, seed, step, *_) in enumerate(rows):
+    for i, row in enumerate(rows):
+        p = row.params
         if p.min_tokens > 0:
             f["ban_until"][i] = p.min_tokens
         f["repetition_penalty"][i] = p.repetition_penalty
         f["presence_penalty"][i] = p.presence_penalty
         f["frequency_penalty"][i] = p.frequency_penalty
-        f["seeds"][i] = int(seed) & 0xFFFFFFFF
-        f["steps"][i] = step
+        f["seeds"][i] = int(row.seed) & 0xFFFFFFFF
+        f["steps"][i] = row.step
         if not p.greedy:
             f["temperature"][i] = p.temperature
             f["top_k"][i] = max(p.top_k, 0)

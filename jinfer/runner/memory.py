@@ -13,6 +13,7 @@ import logging
 
 import jax
 
+from jinfer.model.kv_cache import KVCache, bytes_per_block, init_kv_cache
 from jinfer.runner.warmup import greedy_rows, pad_block_items
 
 logger = logging.getLogger(__name__)
@@ -29,31 +30,40 @@ def device_memory() -> tuple[int, int] | None:
     return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
 
 
-def step_temp_bytes(runner) -> int:
-    """Scratch memory of the largest steps, from XLA's buffer assignment of their compiled
-    programs: a prefill of max_num_batched_tokens tokens and a decode of max_num_seqs rows at
-    max_model_len. Stand-in sequences on the pad block (the data is irrelevant, the shapes are
-    not); nothing runs."""
-    config, block_size = runner.config, runner.block_size
+def step_temp_bytes(model_config, config, params, dtype) -> int:
+    """Scratch memory of the largest steps, from XLA's buffer assignment of their programs: a
+    prefill of max_num_batched_tokens tokens and a decode of max_num_seqs rows at max_model_len
+    (the decode-steps program, its longest loop). Lowered on abstract pool shapes and stand-in
+    sequences on the pad block (the data is irrelevant, the shapes are not); nothing runs and
+    nothing is allocated."""
+    from jinfer.runner.batch import BatchBuilder
+    from jinfer.runner.model_runner import layer_tiling_for, step_buckets
+    from jinfer.runner.steps import StepPrograms
+    tiling = layer_tiling_for(model_config, config, dtype)
+    builder = BatchBuilder(step_buckets(model_config, config, tiling))
+    programs = StepPrograms(model_config, config, tiling, max_programs=None)
+    pool = jax.eval_shape(lambda: init_kv_cache(model_config, 2, config.block_size, dtype))
+    block_size = config.block_size
     prefill_tokens = min(config.max_num_batched_tokens, config.max_model_len - 1)
-    steps = [([], pad_block_items(1, prefill_tokens, prefill_tokens, block_size)),
-             (pad_block_items(config.max_num_seqs, config.max_model_len, 1, block_size), [])]
+    prefill = pad_block_items(1, prefill_tokens, prefill_tokens, block_size)
+    decode = pad_block_items(config.max_num_seqs, config.max_model_len, 1, block_size)
     temp = 0
-    for decode, prefill in steps:
-        step_input, flags = runner.prepare(decode, prefill, greedy_rows(decode + prefill), 0)
-        analysis = runner.compile_step(step_input, flags).memory_analysis()
+    for lower, items, is_decode in ((programs.lower_step, prefill, False),
+                                    (programs.lower_decode_steps, decode, True)):
+        step_input, flags = builder.prepare(items if is_decode else [],
+                                            [] if is_decode else items, greedy_rows(items), 0)
+        analysis = lower(params, pool, step_input, flags).compile().memory_analysis()
         temp = max(temp, int(analysis.temp_size_in_bytes) if analysis else 0)
     return temp
 
 
-def blocks_for_utilization(runner, utilization: float, bytes_per_block: int,
+def blocks_for_utilization(temp_bytes: int, utilization: float, bytes_per_block: int,
                            min_blocks: int) -> int:
     """Usable blocks (block 0 not counted) that fit in `utilization` of the memory JAX may use,
-    besides what is allocated now (the weights; the runner's pool should be minimal) and the
-    scratch of the largest steps. Raises a ValueError that says what is needed when not even
-    `min_blocks` fit."""
+    besides what is allocated now (the weights) and `temp_bytes`, the scratch of the largest
+    steps. Raises a ValueError that says what is needed when not even `min_blocks` fit."""
     limit, in_use = device_memory()
-    used = in_use + step_temp_bytes(runner)
+    used = in_use + temp_bytes
     budget = int(utilization * limit) - used
     blocks = max(0, budget // bytes_per_block - 1)
     logger.info("KV pool sizing: %.2f GiB allowed (gpu_memory_utilization=%.2f of %.2f GiB), "
@@ -80,3 +90,36 @@ def blocks_for_utilization(runner, utilization: float, bytes_per_block: int,
             f"XLA_PYTHON_CLIENT_MEM_FRACTION), lower max_model_len, max_num_seqs or "
             f"max_num_batched_tokens, or use a smaller dtype")
     return blocks
+
+
+def allocate_kv_cache(model_config, num_blocks: int, block_size: int, dtype,
+                      min_blocks: int) -> KVCache:
+    """The KV pool, allocated now, as large as can actually be placed: where the device
+    allocator cannot place `num_blocks` (its free memory may be split by holes that the
+    weights' creation left, seen with the Llama-3-8B shape on an H100: 2 x 24 GiB failed where
+    48 GiB were free in all), the pool shrinks by a tenth until it fits, down to `min_blocks`.
+    An allocation that cannot succeed fails here, with what to change, rather than inside the
+    first request's step."""
+    wanted = num_blocks
+    while True:
+        try:
+            kv_cache = jax.block_until_ready(
+                init_kv_cache(model_config, num_blocks, block_size, dtype))
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            smaller = max(min_blocks, num_blocks * 9 // 10)
+            if smaller == num_blocks:
+                size = num_blocks * bytes_per_block(model_config, block_size, dtype) / GiB
+                raise ValueError(
+                    f"the KV pool ({num_blocks - 1} blocks of {block_size} tokens, {size:.2f} "
+                    f"GiB) could not be allocated on the device ({e}); lower "
+                    f"gpu_memory_utilization or max_model_len, or give kv_cache_memory_bytes "
+                    f"or num_kv_blocks") from e
+            num_blocks = smaller
+            continue
+        if num_blocks < wanted:
+            logger.warning("the KV pool of %d blocks could not be placed in one piece; "
+                           "allocated %d blocks (%.2f GiB) instead", wanted - 1, num_blocks - 1,
+                           num_blocks * bytes_per_block(model_config, block_size, dtype) / GiB)
+        return kv_cache

@@ -14,8 +14,9 @@ import logging
 import time
 
 from jinfer.model.kv_cache import PAD_BLOCK
-from jinfer.runner.buckets import decode_steps_buckets, packed_tokens_bucket
+from jinfer.model.sampler import SamplingRow
 from jinfer.api.sampling_params import SamplingParams
+from jinfer.runner.buckets import decode_steps_buckets, packed_tokens_bucket
 from jinfer.engine.scheduler import ScheduledSequence
 from jinfer.engine.sequence import Sequence
 
@@ -47,34 +48,35 @@ def _buckets(first: int, last: int, bucket) -> list[int]:
 
 def warm_up(runner, max_context: int) -> dict:
     """Runs, on the pad block: the prefill of one prompt for every packed token bucket up to
-    max_num_batched_tokens, and the decode step (single, and each multi-step count of
-    `decode_steps_buckets`) for every batch bucket up to max_num_seqs and every block-table
-    width up to max_context tokens. Returns {"programs": count, "seconds": time}."""
+    max_num_batched_tokens, and the decode program for every batch bucket up to max_num_seqs
+    and every block-table width up to max_context tokens (one program for every step count; on
+    GPU, calls of at most `unroll_max_rows` rows have one per step count, and each is built).
+    Returns {"programs": programs built, "seconds": time taken}."""
     config, block_size = runner.config, runner.block_size
-    started, before = time.perf_counter(), len(runner._compiled_shapes)
+    started, before = time.perf_counter(), runner.num_compiles
     max_context = min(max_context, config.max_model_len)
-    for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context), packed_tokens_bucket):
+    buckets = runner.buckets
+    for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context - 1),
+                           packed_tokens_bucket):
         items = pad_block_items(1, tokens, tokens, block_size)
-        step_input, flags = runner.prepare([], items, greedy_rows(items), 0)
-        runner.execute(step_input, flags)
-    widths = _buckets(1, -(-max_context // block_size), runner.buckets.blocks)
-    for batch in _buckets(1, config.max_num_seqs, runner.buckets.rows):
+        runner.execute(*runner.prepare([], items, greedy_rows(items), 0))
+    widths = _buckets(1, -(-max_context // block_size), buckets.blocks)
+    step_counts = [1, *decode_steps_buckets(config.num_scheduler_steps)]
+    for rows in _buckets(1, config.max_num_seqs, buckets.decode_rows):
+        unrolled = rows <= runner.programs.unroll_max_rows
         for width in widths:
-            context = min(width * block_size, max_context)
-            items = pad_block_items(batch, context, 1, block_size)
+            items = pad_block_items(rows, min(width * block_size, max_context), 1, block_size)
             step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
-            runner.execute(step_input, flags)
-            for num_steps in decode_steps_buckets(config.num_scheduler_steps):
+            for num_steps in (step_counts if unrolled else [1]):
                 runner.execute_decode_steps(step_input, flags, num_steps)
-    result = {"programs": len(runner._compiled_shapes) - before,
-              "seconds": time.perf_counter() - started}
-    logger.info("warm-up: compiled %d step programs (prompts up to %d tokens, batches up to "
-                "%d, contexts up to %d) in %.1f s", result["programs"],
+    result = {"programs": runner.num_compiles - before, "seconds": time.perf_counter() - started}
+    logger.info("warm-up: built %d step programs (prompts up to %d tokens, batches up to %d, "
+                "contexts up to %d) in %.1f s", result["programs"],
                 config.max_num_batched_tokens, config.max_num_seqs, max_context,
                 result["seconds"])
     return result
 
 
-def greedy_rows(items: list[ScheduledSequence]) -> list[tuple]:
+def greedy_rows(items: list[ScheduledSequence]) -> list[SamplingRow]:
     """Sampling rows (see `make_sampling_metadata`) for stand-in sequences."""
-    return [(item.seq.params, 0, 0, [], [], []) for item in items]
+    return [SamplingRow(item.seq.params, seed=0, step=0) for item in items]

@@ -12,6 +12,8 @@ Only the window is kept, so each token costs O(window), not O(sequence length).
 
 Stop strings are matched on the decoded text, across token boundaries. Text that could still be
 the start of a stop string is held back, so a stop string is never emitted, not even in part.
+The detokenizer only finds them (`stop_reason`); whether and why a sequence finishes is decided
+in one place, jinfer.engine.stopping, which reads it.
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ class IncrementalDetokenizer:
     its own drops (vLLM behaves the same).
 
     Attributes:
-      stopped: True once a stop string matched; the caller finishes the sequence with
-        finish_reason "stop".
-      stop_reason: the stop string that matched, or None.
+      stop_reason: the stop string found in the text, or None; once found, later tokens are
+        ignored (jinfer.engine.stopping finishes the sequence on it).
       output_text: all text emitted so far; after a stop it ends before the stop string (or
         after it, with `include_stop_str_in_output`).
     """
@@ -55,8 +56,12 @@ class IncrementalDetokenizer:
         self._prefix_text: str | None = None  # cached decode of _window[:_read]
         self._pending = ""  # decoded text held back because it may begin a stop string
         self._pieces: list[str] = []  # emitted deltas
-        self.stopped = False
         self.stop_reason: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string was found."""
+        return self.stop_reason is not None
 
     @property
     def output_text(self) -> str:
@@ -119,7 +124,7 @@ class IncrementalDetokenizer:
             match = _find_stop(text, self._stops)
             if match is not None:
                 start, stop = match
-                self.stopped, self.stop_reason, self._pending = True, stop, ""
+                self.stop_reason, self._pending = stop, ""
                 out = text[:start + len(stop)] if self._include_stop else text[:start]
                 self._pieces.append(out)
                 return out

@@ -1,12 +1,15 @@
-"""Lookahead (jinfer.engine.llm_engine): every step, mixed prefill + decode steps included, is planned and
-dispatched while the previous device call is still in flight, and gives exactly the tokens and
-logprobs of synchronous steps (num_scheduler_steps=1), with the pool whole afterwards.
+"""Lookahead (jinfer.engine.lookahead): every step, mixed prefill + decode steps included, is
+planned and dispatched while the previous device call is still in flight, and gives exactly the
+tokens and logprobs of synchronous steps (num_scheduler_steps=1), with the pool whole afterwards.
 
-Every workload runs on two engines over one ModelRunner (compiling shapes is the cost on the
-CPU, and they share the compiled steps and the pool): `lookahead_llm`, with lookahead and
-multi-step decoding on, and `sync_llm`, one synchronous step per call. Both batch decodes and
-prompt chunks into one call (mixed_batching) under a small token budget (chunked prefill), in
-a small pool of small blocks.
+First the module's parts on their own (no model): where each sequence's sample lies among the
+calls in flight, the on-device gather of decode inputs, and which rows make the next step wait.
+
+Then, on the tiny random model, every workload runs on two engines over one ModelRunner
+(compiling shapes is the cost on the CPU, and they share the compiled steps and the pool):
+`lookahead_llm`, with lookahead and multi-step decoding on, and `sync_llm`, one synchronous step
+per call. Both batch decodes and prompt chunks into one call (mixed_batching) under a small
+token budget (chunked prefill), in a small pool of small blocks.
 """
 
 from __future__ import annotations
@@ -14,16 +17,93 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 
-from jinfer import LLM, SamplingParams
-from jinfer.engine import llm_engine as engine_lib
-from jinfer.engine.block_manager import BlockManager
-from jinfer.config import EngineConfig
-from jinfer.engine.llm_engine import LLMEngine
-from jinfer.engine.scheduler import Scheduler
-from jinfer.engine.sequence import Sequence
+try:
+    from tests.fake_runner import FakeRunner
+except ImportError:  # tests/ is on sys.path instead of the repo root
+    from fake_runner import FakeRunner
 
+from jinfer import LLM, SamplingParams
+from jinfer.engine import lookahead
+from jinfer.engine.llm_engine import LLMEngine
+from jinfer.engine.lookahead import DeviceCall, InFlight, device_tokens
+from jinfer.engine.scheduler import ScheduledSequence
+from jinfer.engine.sequence import Sequence, SequenceStatus
+from jinfer.model.sampler import SamplingRow
+
+
+# -- the module's parts, no model ---------------------------------------------------------------
+def make_seq(seq_id: int, num_prompt: int, num_output: int = 0, **params) -> Sequence:
+    seq = Sequence(seq_id, str(seq_id), 0, list(range(10, 10 + num_prompt)),
+                   SamplingParams(**params), seed=0, detokenizer=None)
+    seq.output_token_ids = [5] * num_output
+    return seq
+
+
+def in_flight_row(seq: Sequence, num_new: int = 1) -> ScheduledSequence:
+    """A row of `seq` dispatched and not read back: its positions and sample are in flight."""
+    item = ScheduledSequence(seq, num_new)
+    seq.num_in_flight += num_new
+    seq.num_samples_in_flight += int(item.samples)
+    return item
+
+
+def call(items: list[ScheduledSequence], last_tokens: list[int]) -> DeviceCall:
+    return DeviceCall(items, len(items), 1, results=None, last_tokens=np.array(last_tokens))
+
+
+def test_sample_index_spans_the_calls_of_a_step():
+    """A step of two calls (prompt chunks, then decodes): each sampling row's sample lies at
+    its row in its call's last tokens, offset by the padded calls before it."""
+    chunk, middle = make_seq(0, 6), make_seq(1, 9)
+    a, b = make_seq(2, 3, 1), make_seq(3, 4, 2)
+    for seq in (a, b):
+        seq.num_computed_tokens = seq.num_tokens - 1
+    prompts = call([in_flight_row(chunk, 6), in_flight_row(middle, 4)], [40, 41])
+    decodes = call([in_flight_row(a), in_flight_row(b)], [50, 51, 0, 0])  # 2 padding rows
+    step = InFlight([prompts, decodes])
+    assert step.sample_index == {0: 0, 2: 2, 3: 3}  # the middle chunk samples nothing
+    assert np.asarray(step.tokens).tolist() == [40, 41, 50, 51, 0, 0]
+
+
+def test_decode_inputs_still_on_the_device_are_gathered_there():
+    """A decode row planned past its sequence's sample in flight takes that sample from the
+    call's device output; rows whose input is on the host keep it."""
+    runner = FakeRunner(num_blocks=16, block_size=4)
+    on_host, ahead = make_seq(0, 3, 1), make_seq(1, 5, 1)
+    for seq, table in ((on_host, [1]), (ahead, [2, 3])):
+        seq.block_table, seq.num_computed_tokens = table, seq.num_tokens - 1
+    prev = InFlight([call([in_flight_row(ahead)], [77, 0])])  # computes 5, samples token 6
+    decode = [ScheduledSequence(on_host, 1), ScheduledSequence(ahead, 1)]
+    assert [item.start for item in decode] == [3, 6]
+    rows = [SamplingRow(item.seq.params, seed=0, step=item.sample_step) for item in decode]
+    step_input, _ = runner.prepare(decode, [], rows, 0)
+    assert step_input.token_ids.tolist() == [5, 0]  # ahead's input is not on the host
+    assert np.asarray(device_tokens(decode, step_input, prev)).tolist() == [5, 77]
+    assert device_tokens(decode[:1], step_input, prev) is None  # all on the host
+
+
+def test_rows_that_need_the_host_before_the_next_step():
+    """Penalties (the sampler reads every output token) and the first sample of a request with
+    n > 1 (its siblings fork from it) stop lookahead; finished rows and rows that sample
+    nothing do not."""
+    def needs_host(seq: Sequence, num_new: int = 1, samples: bool = True) -> bool:
+        seq.num_computed_tokens = seq.num_tokens - num_new if samples else 0
+        return InFlight([call([in_flight_row(seq, num_new)], [0])]).must_read_back_first()
+
+    assert not needs_host(make_seq(0, 3, 1))
+    assert needs_host(make_seq(0, 3, 1, repetition_penalty=1.2))
+    assert needs_host(make_seq(0, 3, n=2), num_new=3)  # sequence 0's first token
+    assert not needs_host(make_seq(0, 3, 1, n=2))  # its siblings have forked already
+    assert not needs_host(make_seq(0, 8, presence_penalty=1.0), num_new=4, samples=False)
+    finished = make_seq(0, 3, 1, frequency_penalty=0.5)
+    finished.status = SequenceStatus.FINISHED
+    assert not needs_host(finished)
+
+
+# -- on the tiny model: lookahead against synchronous steps -------------------------------------
 PROMPTS = ["The quick brown fox", "Why is the sky blue? Because of Rayleigh scattering.",
            "日本語 🙂 café", "numbers 12345 and 3.14159", "Tabs\tand\nnewlines, über naïve"]
 # max_model_len=32 keeps one block-table width bucket (MIN_CONTEXT_BUCKET), max_num_seqs=4 three
@@ -169,7 +249,7 @@ def test_two_calls_per_step_without_mixed_batching(sync_llm, lookahead_llm):
                 (3, "d", PROMPTS[4], sampled(7, 3))]
     expected = run_workload(sync_llm, arrivals)
     gathered = []  # per gather: whether it took samples of both calls of the step in flight
-    take_tokens = engine_lib._take_tokens
+    take_tokens = lookahead.take_tokens
 
     def spy(host_tokens, tokens, sources):
         calls = split_llm.engine._in_flight.calls  # the step in flight, not yet read back
@@ -178,11 +258,11 @@ def test_two_calls_per_step_without_mixed_batching(sync_llm, lookahead_llm):
         gathered.append(len(calls) == 2 and (used < split).any() and (used >= split).any())
         return take_tokens(host_tokens, tokens, sources)
 
-    engine_lib._take_tokens = spy
+    lookahead.take_tokens = spy
     try:
         assert_same_outputs(expected, run_workload(split_llm, arrivals))
     finally:
-        engine_lib._take_tokens = take_tokens
+        lookahead.take_tokens = take_tokens
     assert split_llm.engine.num_calls_ahead > 0 and any(gathered)
 
 
@@ -267,71 +347,3 @@ def test_off_with_one_scheduler_step(sync_llm):
         assert engine._in_flight is None
     assert engine.num_calls_ahead == calls
     assert_pool_whole(sync_llm)
-
-
-# -- the scheduler past tokens in flight (no model) ---------------------------------------------
-def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 16) -> Sequence:
-    return Sequence(seq_id, str(seq_id), 0, list(range(1, prompt_len + 1)),
-                    SamplingParams(max_tokens=max_tokens), seed=0, detokenizer=None)
-
-
-def dispatch(scheduler: Scheduler) -> list:
-    """Plans a step and marks its tokens in flight, as the engine's dispatch does."""
-    schedule = scheduler.schedule()
-    items = schedule.prefill.scheduled + schedule.decode.scheduled
-    for item in items:
-        item.seq.num_in_flight += item.num_new_tokens
-        item.seq.num_samples_in_flight += int(item.samples)
-    return items
-
-
-def read_back(items: list) -> None:
-    """Folds a dispatched step into the sequences, as the engine's read-back does (token 7)."""
-    for item in items:
-        seq = item.seq
-        seq.num_computed_tokens += item.num_new_tokens
-        seq.num_in_flight -= item.num_new_tokens
-        if item.samples:
-            seq.num_samples_in_flight -= 1
-            seq.output_token_ids.append(7)
-
-
-def test_scheduler_plans_past_tokens_in_flight():
-    config = EngineConfig(block_size=4, max_num_batched_tokens=8, max_model_len=64)
-    scheduler = Scheduler(config, BlockManager(100, 4))
-    seq = make_seq(0, 12, max_tokens=3)
-    scheduler.add(seq)
-    first = dispatch(scheduler)  # prompt chunk [0, 8)
-    second = dispatch(scheduler)  # planned before the first is read back: [8, 12), samples
-    assert [(i.start, i.num_new_tokens, i.samples) for i in first + second] == [
-        (0, 8, False), (8, 4, True)]
-    third = dispatch(scheduler)  # the decode of the token the second call samples
-    assert [(i.start, i.num_new_tokens, i.samples) for i in third] == [(12, 1, True)]
-    read_back(first)
-    assert (seq.num_computed_tokens, seq.num_in_flight, seq.num_samples_in_flight) == (8, 5, 2)
-    fourth = dispatch(scheduler)  # the third token is the last max_tokens allows
-    assert [(i.start, i.num_new_tokens) for i in fourth] == [(13, 1)]
-    assert dispatch(scheduler) == []  # three samples in flight reach max_tokens: nothing more
-
-
-def test_scheduler_never_preempts_sequences_with_tokens_in_flight():
-    """A dry pool: the sequence that needs a block sits the step out rather than preempt one
-    whose call is still writing its blocks, and nothing new is admitted meanwhile; once the
-    calls are read back, preemption works as usual."""
-    config = EngineConfig(block_size=4, max_num_batched_tokens=64, max_model_len=64)
-    scheduler = Scheduler(config, BlockManager(1 + 4, 4))  # 4 usable blocks
-    a, b = make_seq(0, 7), make_seq(1, 7)
-    scheduler.add(a)
-    scheduler.add(b)
-    first = dispatch(scheduler)  # both prompts: 2 blocks each, the pool is full
-    assert [i.seq for i in first] == [a, b]
-    scheduler.add(make_seq(2, 3))
-    second = dispatch(scheduler)  # decodes at position 7 fit in the second blocks
-    assert [i.seq for i in second] == [a, b]
-    third = dispatch(scheduler)  # position 8 needs a third block: nobody may give way
-    assert third == [] and scheduler.num_preemptions == 0 and len(scheduler.waiting) == 1
-    read_back(first)
-    read_back(second)
-    fourth = dispatch(scheduler)  # nothing in flight: b gives way to a, as usual
-    assert [i.seq for i in fourth] == [a] and scheduler.num_preemptions == 1
-    assert b in scheduler.waiting

@@ -1,4 +1,5 @@
-"""The Pallas paged decode kernel against dense float64 attention and the jnp reference.
+"""pallas_kernels/paged_decode.py: the Pallas paged decode kernel against dense float64 attention
+and the jnp reference.
 
 On CPU the kernel runs in interpret mode (same kernel code, a modest grid of cases); the
 `gpu`-marked tests run the full grid and larger shapes through the Triton lowering.

@@ -1,7 +1,8 @@
-"""Decode steps of one row through the persistent layer kernel (jinfer.model.llama._one_row_decode):
-the same hidden states, logits, KV pool and greedy tokens as the XLA layers, on the CPU with the
-kernel in Mosaic GPU's interpreter (a small tiling, so tiny shapes plan), and on a Hopper GPU
-compiled, on Llama-3.2-1B's shapes."""
+"""jinfer/model/layer_kernel.py: decode steps of one row through the persistent layer kernel
+(`one_row_decode`) give the same hidden states, logits, KV pool and greedy tokens as the XLA
+layers, on the CPU with the kernel in Mosaic GPU's interpreter (a small tiling, so tiny shapes
+plan), and on a Hopper GPU compiled, on Llama-3.2-1B's shapes; `layer_kernel_tiling` takes only
+the shapes that plan."""
 
 from __future__ import annotations
 
@@ -15,16 +16,16 @@ import pytest
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 
 from jinfer.config import KernelConfig  # noqa: E402
-from jinfer.model.attention import (AttentionMetadata, PrefillMetadata, StepAttention,  # noqa: E402
-                              get_attention_backend)
+from jinfer.model.attention import (AttentionMetadata, PrefillMetadata,  # noqa: E402
+                                    StepAttention, get_attention_backend)
 from jinfer.model.config import ModelConfig  # noqa: E402
 from jinfer.model.kv_cache import init_kv_cache  # noqa: E402
-from jinfer.model.llama import (compute_logits, forward_hidden, layer_kernel_tiling,  # noqa: E402
-                          prepare_params)
+from jinfer.model.layer_kernel import layer_kernel_tiling  # noqa: E402
+from jinfer.model.llama import compute_logits, forward_hidden, prepare_params  # noqa: E402
 from jinfer.model.shapes import MODEL_SHAPES, random_params  # noqa: E402
 from jinfer.testing import write_tiny_llama  # noqa: E402
 from pallas_kernels import paged_prefill_mgpu  # noqa: E402
-from pallas_kernels.decode_layer_mgpu import TailTiling  # noqa: E402
+from pallas_kernels.decode_layer_plan import TailTiling  # noqa: E402
 
 # hidden 128 (2 heads of 64, 1 KV head), MLP 256: with 4 CTAs and 64-wide chunks the output and
 # down projections split K in two, so the kernel's partial sums are exercised.
@@ -117,6 +118,10 @@ def test_tiling_accepts_only_shapes_that_plan():
     assert layer_kernel_tiling(MODEL_SHAPES["llama3-1b"], jnp.bfloat16, TailTiling()) is not None
     # SmolLM2-135M: hidden 576 is not a multiple of 128 (nor 9 strips of 64 of 128 CTAs)
     assert layer_kernel_tiling(MODEL_SHAPES["smollm2-135m"], jnp.bfloat16, TailTiling()) is None
+    # Llama-3-8B: its gate/up projection (P1, not split along K) has 14336 / 64 = 224 strips,
+    # not a multiple of 128 CTAs
+    assert layer_kernel_tiling(MODEL_SHAPES["llama3-8b"], jnp.bfloat16,
+                               KernelConfig().layer_tiling) is None
 
 
 def test_interpret_decode_matches_xla_layers():
@@ -152,18 +157,13 @@ def test_engine_uses_one_row_and_matches_greedy_tokens(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", [False, True])
-def test_gpu_llama_1b_decode_matches_xla_layers(attention):
-    """Compiled on Llama-3.2-1B's shapes (two layers, the real tiling) with the Pallas
-    attention kernels: the kernel path against the XLA layers over three decode steps; with
-    `attention` each layer's attention is the layer kernel's first phase (TailTiling.attention)
-    instead of the fused attention kernel's."""
+def test_gpu_llama_1b_decode_matches_xla_layers():
+    """Compiled on Llama-3.2-1B's shapes (two layers, the engine's tiling) with the Pallas
+    attention kernels: the kernel path against the XLA layers over three decode steps."""
     if not paged_prefill_mgpu.hopper_gpu():
         pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
     config = dataclasses.replace(MODEL_SHAPES["llama3-1b"], num_layers=2, vocab_size=4096)
-    tiling = layer_kernel_tiling(config, jnp.bfloat16,
-                                 dataclasses.replace(KernelConfig().layer_tiling,
-                                                     attention=attention))
+    tiling = layer_kernel_tiling(config, jnp.bfloat16, KernelConfig().layer_tiling)
     assert tiling is not None
     results, xla_pool, kernel_pool = _decode_run(config, tiling, prompt_len=37, backend="pallas")
     _check_close(results, xla_pool, kernel_pool, tiling)

@@ -1,0 +1,113 @@
+"""Batch-1 decode through the persistent layer kernel (pallas_kernels/decode_layer_mgpu.py): the
+glue between a Llama-style decoder stack and the kernel.
+
+At batch 1 a decode step streams the weights once and does almost no arithmetic, and XLA's ~11
+kernels per layer lose time at each boundary. `one_row_decode` runs the stack over the step's
+one decode row as: the first layer's norm and QKV projection (one kernel), then per layer the
+backend's fused attention kernel and one layer kernel for the output projection, the MLP with
+both residual adds and norms, and the next layer's norm and QKV projection (the last layer's:
+the final norm). The row stays in the kernels' own forms between them: QKV as float32 split-K
+partial sums, which the attention kernel adds up itself, and the attention output as its
+context splits' softmax states, which the layer kernel merges as it reads them (two XLA kernels
+less per layer). One grid-barrier counter goes through all the kernels (zeroed once per step,
+not by a memset before each kernel).
+
+`layer_kernel_tiling` says whether a model's layers fit the kernel's tiling; the runner asks it
+once and passes the tiling to `jinfer.model.llama.forward_hidden`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.model.attention import AttentionBackend, StepAttention, attend
+from jinfer.model.config import ModelConfig
+from jinfer.model.kv_cache import KVCache
+from pallas_kernels.decode_layer_mgpu import (decode_layer_tail_mgpu, decode_row_qkv_mgpu,
+                                              new_barrier_counter)
+from pallas_kernels.decode_layer_plan import TailShape, TailTiling, plan_tail
+
+
+def layer_kernel_tiling(config: ModelConfig, dtype, tiling: TailTiling) -> Optional[TailTiling]:
+    """`tiling` if the persistent layer kernel takes this model's layers in `dtype` (bf16, and
+    shapes the tiling splits evenly over its CTAs), else None (XLA runs the layers)."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return None
+    qkv_size = config.q_size + 2 * config.kv_size
+    try:
+        for next_qkv in (qkv_size, 0):  # every layer but the last; the last
+            plan_tail(TailShape(config.hidden_size, config.q_size, config.intermediate_size,
+                                next_qkv, config.rms_norm_eps), tiling)
+    except ValueError:
+        return None
+    return tiling
+
+
+def one_row_decode(params: dict, kv_cache: KVCache, h: jax.Array, meta: StepAttention, *,
+                   config: ModelConfig, backend: AttentionBackend,
+                   rope: tuple[jax.Array, jax.Array],
+                   tiling: TailTiling) -> tuple[jax.Array, KVCache]:
+    """The decoder stack over one decode row h [1, hidden] (the token's embedding) in the
+    layer kernels (module docstring): params in jinfer.model.llama's run layout, rope the
+    step's (cos, sin) [1, 1, head_dim // 2]. Returns the final-normed row [1, hidden] and the
+    updated pool."""
+    layers, eps = params["layers"], config.rms_norm_eps
+    barrier = new_barrier_counter()
+    first = _row_qkv(h[0], layers[0]["attn_norm"], layers[0]["wqkv"], barrier, eps=eps,
+                     tiling=tiling)
+    qkv, barrier = first["part_qkv"], first["barrier"]  # [splits, width]
+    for layer, lp in enumerate(layers):
+        following = layers[layer + 1] if layer + 1 < len(layers) else {}
+        with jax.named_scope(f"layer_{layer}"):
+            attn, kv_cache = _decode_row_attention(config, qkv[:, None], layer, kv_cache,
+                                                   meta, backend, rope)
+            tail = _layer_tail(
+                h[0], attn, lp["wo"], lp["mlp_norm"], lp["w_gate_up"], lp["w_down"],
+                following.get("attn_norm"), following.get("wqkv"),
+                None if following else params["final_norm"], barrier, eps=eps, tiling=tiling)
+            barrier = tail["barrier"]
+            if following:
+                h, qkv = tail["h2"][None], tail["part_qkv"]
+    return tail["x"][None], kv_cache
+
+
+def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):
+    """Attention of one decode row given as its QKV row [1, width] or as float32 partial sums
+    of it [splits, 1, width] -> (the layer kernel's `attn`, the pool). With the backend's fused
+    decode kernel: the partial sums go in as they are and the output comes back as its context
+    splits (acc, max, sum) [splits, q_size] (the kernel adds the sums, the layer kernel merges
+    the splits: two XLA kernels less per layer); else through `attend`, a bf16 row."""
+    scale = 1.0 / math.sqrt(config.head_dim)
+    if backend.fused_decode is not None and backend.fused_supports(kv_cache.block_size,
+                                                                   config.head_dim):
+        cos, sin = rope
+        splits, k_pool, v_pool = backend.fused_decode(
+            qkv, cos[:1, 0], sin[:1, 0], kv_cache.k, kv_cache.v, layer, meta.slot_mapping[:1],
+            meta.decode, config.num_heads, scale, partials=True)
+        return tuple(x[:, 0] for x in splits), KVCache(k=k_pool, v=v_pool)
+    if qkv.ndim == 3:
+        qkv = qkv.sum(0).astype(kv_cache.k.dtype)
+    out, k_pool, v_pool = attend(backend, qkv, *rope, kv_cache.k, kv_cache.v, layer, meta,
+                                 num_heads=config.num_heads, scale=scale)
+    return out[0], KVCache(k=k_pool, v=v_pool)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "tiling"))
+def _layer_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv, final_norm,
+                barrier, *, eps, tiling):
+    """decode_layer_tail_mgpu as one jitted function: every layer's call lowers to a call of
+    the same function, so a step program lowers the kernel once, not once per layer (~0.5 s of
+    Python each)."""
+    return decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm,
+                                  next_wqkv, final_norm=final_norm, eps=eps, tiling=tiling,
+                                  barrier=barrier)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "tiling"))
+def _row_qkv(h, norm, wqkv, barrier, *, eps, tiling):
+    return decode_row_qkv_mgpu(h, norm, wqkv, eps=eps, tiling=tiling, barrier=barrier)

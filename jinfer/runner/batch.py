@@ -1,0 +1,157 @@
+"""The batch step of the engine loop: a Schedule's rows -> bucketed NumPy arrays (`StepInput`).
+
+The step's tokens lie in one packed row: one token per decode row (a bucketed number of rows),
+then every prompt chunk back to back, then padding. Every dimension is padded to a bucket of
+`jinfer.runner.buckets`, so equal buckets give equal shapes and share one compiled program.
+Host only: nothing here touches the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jinfer.engine.scheduler import ScheduledSequence
+from jinfer.model import sampler as sampler_lib
+from jinfer.model.attention import AttentionMetadata, PrefillMetadata, StepAttention
+from jinfer.model.kv_cache import PAD_BLOCK
+from jinfer.runner.buckets import StepBuckets, packed_tokens_bucket, query_bucket
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    """Everything one device step reads besides weights and pool, padded to buckets."""
+
+    token_ids: jax.Array       # [T] int32: decode rows, then prompt chunks, then padding
+    attention: StepAttention
+    logits_indices: jax.Array  # [S] int32, index into token_ids of each sampled row's token
+    sampling: sampler_lib.SamplingMetadata  # [S] rows: decodes, then prompt chunks, padding
+
+
+class BatchBuilder:
+    """Lays scheduled rows out as a `StepInput` of NumPy arrays, padded to `buckets`."""
+
+    def __init__(self, buckets: StepBuckets):
+        self.buckets = buckets
+
+    def _slot(self, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Pool slots of the tokens at `positions` [..., n] under block tables `table` [...,
+        width] (one table, or one per row)."""
+        blocks = np.take_along_axis(table, positions // self.buckets.block_size, axis=-1)
+        return (blocks * self.buckets.block_size + positions % self.buckets.block_size).astype(np.int32)
+
+    def _decode_arrays(self, items: list[ScheduledSequence]):
+        """One new token per sequence -> (token ids, positions, slots) [rows] and their
+        AttentionMetadata [rows, 1]; padding rows have context 0 and write to the pad block.
+        A row whose input token is not on the host yet (a sample of a call still running) gets
+        0 here; the caller gives it on the device."""
+        rows = self.buckets.decode_rows(len(items))
+        width = self.buckets.blocks(max(len(item.seq.block_table) for item in items))
+        tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
+        positions = np.zeros((rows,), np.int32)               # [rows]
+        context_lens = np.zeros((rows,), np.int32)            # [rows]
+        token_ids = np.zeros((rows,), np.int32)               # [rows]
+        for i, item in enumerate(items):
+            seq, start = item.seq, item.start
+            assert item.num_new_tokens == 1, "decode rows carry exactly one new token"
+            tables[i, :len(seq.block_table)] = seq.block_table
+            positions[i], context_lens[i] = start, start + 1
+            if start < seq.num_tokens:
+                token_ids[i] = seq.token_ids_slice(start, start + 1)[0]
+        slots = self._slot(tables, positions[:, None])[:, 0]  # [rows]
+        slots[len(items):] = PAD_BLOCK * self.buckets.block_size
+        meta = AttentionMetadata(positions=positions[:, None], block_tables=tables,
+                                 context_lens=context_lens)
+        return token_ids, positions, slots, meta
+
+    def _prefill_arrays(self, items: list[ScheduledSequence]):
+        """Prompt chunks back to back -> (token ids, positions, slots) [num_tokens] (a packed
+        bucket, so the matmuls do no per-sequence padding work) and the PrefillMetadata."""
+        chunks, tables = [], []
+        for item in items:
+            start = item.start
+            chunks.append((start, item.seq.token_ids_slice(start, start + item.num_new_tokens)))
+            tables.append(item.seq.block_table)
+        rows = self.buckets.rows(len(items))
+        q_len = query_bucket(max(len(chunk) for _, chunk in chunks))
+        total = sum(len(chunk) for _, chunk in chunks)
+        num_tokens = packed_tokens_bucket(total)
+        width = self.buckets.blocks(max(len(table) for table in tables))
+        block_tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
+        row_positions = np.zeros((rows, q_len), np.int32)           # [rows, q_len]
+        context_lens = np.zeros((rows,), np.int32)                  # [rows]
+        query_start_loc = np.full((rows + 1,), total, np.int32)     # [rows + 1]
+        to_rows = np.full((rows, q_len), total - 1, np.int32)       # [rows, q_len]
+        token_ids = np.zeros((num_tokens,), np.int32)               # [num_tokens]
+        positions = np.zeros((num_tokens,), np.int32)               # [num_tokens]
+        slots = np.full((num_tokens,), PAD_BLOCK * self.buckets.block_size, np.int32)
+        to_tokens = np.zeros((num_tokens,), np.int32)               # [num_tokens]
+        offset = 0
+        for i, ((start, chunk), table) in enumerate(zip(chunks, tables)):
+            n, span = len(chunk), slice(offset, offset + len(chunk))
+            block_tables[i, :len(table)] = table
+            pos = np.arange(start, start + n, dtype=np.int32)
+            row_positions[i, :n], row_positions[i, n:] = pos, pos[-1]
+            context_lens[i], query_start_loc[i] = start + n, offset
+            to_rows[i, :n] = np.arange(offset, offset + n)
+            token_ids[span], positions[span] = chunk, pos
+            slots[span] = self._slot(block_tables[i], pos)
+            to_tokens[span] = i * q_len + np.arange(n)
+            offset += n
+        # Padding tokens take the last real token's position and query slot; they write to the
+        # pad block.
+        positions[total:], to_tokens[total:] = positions[total - 1], to_tokens[total - 1]
+        meta = PrefillMetadata(
+            attention=AttentionMetadata(positions=row_positions, block_tables=block_tables,
+                                        context_lens=context_lens),
+            query_start_loc=query_start_loc, to_rows=to_rows, to_tokens=to_tokens)
+        ends = np.append(query_start_loc[1:len(items)], total)  # [len(items)]
+        return token_ids, positions, slots, meta, ends - 1
+
+    def prepare(self, decode: list[ScheduledSequence], prefill: list[ScheduledSequence],
+                sampling_rows, num_logprobs: int, num_steps: int = 1):
+        """One step's work -> (StepInput of NumPy arrays, sampler flags).
+
+        The packed row holds the decode rows first, then the prompt chunks; `sampling_rows`
+        (one per sequence, in that order) become the sampler's rows. `num_steps`: decode steps
+        the call runs at most (penalised rows' output tokens keep room for the ones it
+        appends).
+        """
+        assert decode or prefill, "an empty step"
+        parts, decode_meta, prefill_meta = [], None, None
+        last_tokens = []  # packed index of each sequence's last new token
+        if decode:
+            *arrays, decode_meta = self._decode_arrays(decode)
+            parts.append(arrays)
+            last_tokens += range(len(decode))
+        if prefill:
+            *arrays, prefill_meta, ends = self._prefill_arrays(prefill)
+            last_tokens += list(ends + (len(parts[0][0]) if parts else 0))
+            parts.append(arrays)
+        token_ids, positions, slots = (np.concatenate(column) for column in zip(*parts))
+        # A decode-only step samples every row it runs (multi-step feeds them all back).
+        num_rows = len(parts[0][0]) if not prefill else self.buckets.rows(len(last_tokens))
+        logits_indices = np.zeros((num_rows,), np.int32)  # [S]
+        logits_indices[:len(last_tokens)] = last_tokens
+        attention = StepAttention(positions=positions, slot_mapping=slots, decode=decode_meta,
+                                  prefill=prefill_meta)
+        sampling = sampler_lib.make_sampling_metadata(sampling_rows, pad_to=num_rows,
+                                                      spare_output_columns=num_steps - 1)
+        flags = sampler_lib.sampler_flags([row.params for row in sampling_rows], num_logprobs)
+        return StepInput(token_ids=token_ids, attention=attention, logits_indices=logits_indices,
+                         sampling=sampling), flags
+
+
+def describe(step_input: StepInput) -> str:
+    """The shape buckets of a step, for the compile log line."""
+    att, parts = step_input.attention, [f"{step_input.token_ids.shape[0]} tokens"]
+    if att.decode is not None:
+        parts.append("decode rows x blocks %s" % (att.decode.block_tables.shape,))
+    if att.prefill is not None:
+        parts.append("prompt rows x q_len %s, %d blocks" % (
+            att.prefill.attention.positions.shape, att.prefill.attention.block_tables.shape[1]))
+    parts.append(f"{step_input.logits_indices.shape[0]} sampled rows")
+    return ", ".join(parts)

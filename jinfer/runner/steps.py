@@ -1,0 +1,273 @@
+"""The device step of the engine loop: jitted pure functions over (params, kv_cache, inputs),
+the pool donated, and the programs compiled from them, counted and bounded.
+
+Three kinds of program (each compiled once per shape bucket and sampler flags):
+- `step`: one step over the packed row (decode rows and prompt chunks): decoder stack ->
+  logits at each row's last token -> sampler.
+- `decode_steps`: up to `num_scheduler_steps` decode steps in one call, each step's samples
+  the next one's inputs. The step count is an argument (a loop with a dynamic trip count), so
+  one program serves every count; calls of at most `unroll_max_rows` rows (GPU) run their
+  steps unrolled instead, one program per count (no per-step graph launch: 956.5 vs 937.8
+  tok/s at batch 1 on an H100).
+- `logits`: every position's logits of one prompt (parity checks, scoring).
+
+The compile budget: a CPU process maps memory for every program it holds (about 700 maps per
+step program of the default model, against the kernel's limit of 65,530), so `StepPrograms`
+counts the programs it has built and, past `max_programs`, drops them all (they reload from
+JAX's persistent cache on next use) rather than let the process die.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.config import EngineConfig
+from jinfer.model import sampler as sampler_lib
+from jinfer.model.attention import AttentionMetadata, StepAttention, get_attention_backend
+from jinfer.model.config import ModelConfig
+from jinfer.model.kv_cache import PAD_BLOCK
+from jinfer.model.llama import compute_logits, forward_hidden
+from jinfer.runner import host_transfer
+from jinfer.runner.batch import StepInput, describe
+
+logger = logging.getLogger(__name__)
+
+# XLA's rematerialization pass counts the donated KV pool as if the step held it twice and,
+# finding the step "over" device memory, recomputes activations to save space (on an H100 it
+# ran each layer's QKV projection twice). The pool is sized from the step's measured scratch
+# (jinfer.runner.memory), so the steps are compiled without that pass.
+STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
+# Programs a process holds before they are dropped (see the module docstring): ~45,000 maps of
+# the default model's step programs on the CPU, well under the kernel's 65,530.
+DEFAULT_MAX_PROGRAMS = {"cpu": 64}
+
+
+def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, kernels, flags,
+          layer_tiling=None):
+    """One device step: decoder stack, logits at each row's last token, sampling."""
+    hidden, kv_cache = forward_hidden(
+        params, kv_cache, step_input.token_ids, step_input.attention, config=config,
+        backend=get_attention_backend(attention_backend, kernels), layer_tiling=layer_tiling)
+    logits = compute_logits(params, hidden[step_input.logits_indices], config)  # [S, vocab]
+    return sampler_lib.sample(logits, step_input.sampling, flags), kv_cache
+
+
+def _decode_steps(params, kv_cache, step_input: StepInput, num_steps, *, max_steps: int,
+                  unroll: bool, flags, **static):
+    """Decode steps in one call: each step's sampled tokens are the next step's inputs,
+    positions and context lengths advance on device, the slots come from the block tables (the
+    host reserved them beforehand), and each step's samples join the rows' output tokens
+    (penalties read them; min_tokens bans lapse by step count): the sampler sees exactly what
+    single steps would show it.
+
+    `num_steps` [] int32 steps run, at most `max_steps`; with `unroll` (static) exactly
+    `max_steps` run as straight-line code. Returns (SamplerOutput fields [max_steps, S], rows
+    past `num_steps` zero; the pool; the last step's sampled tokens [rows], the input of a
+    call that continues these rows)."""
+    meta = step_input.attention.decode
+    tables, block_size = meta.block_tables, kv_cache.block_size  # [rows, width]
+    live = meta.context_lens > 0  # [rows]; padding rows stay empty and write to the pad block
+    rows = jnp.arange(tables.shape[0])
+
+    def one_step(kv, tokens, positions, context_lens, sampling):
+        slots = tables[rows, positions // block_size] * block_size + positions % block_size
+        attention = StepAttention(
+            positions=positions, slot_mapping=jnp.where(live, slots, PAD_BLOCK * block_size),
+            decode=AttentionMetadata(positions=positions[:, None], block_tables=tables,
+                                     context_lens=context_lens))
+        step = StepInput(token_ids=tokens, attention=attention,
+                         logits_indices=step_input.logits_indices, sampling=sampling)
+        out, kv = _step(params, kv, step, flags=flags, **static)
+        advance = live.astype(jnp.int32)
+        sampling = sampler_lib.append_outputs(sampling, out.tokens, live[:out.tokens.shape[0]])
+        if not flags.num_logprobs:  # ranks are zeros: made once below, not per step
+            out = dataclasses.replace(out, ranks=None)
+        return (kv, out.tokens[:tokens.shape[0]], positions + advance, context_lens + advance,
+                sampling), out
+
+    init = (kv_cache, step_input.token_ids, step_input.attention.positions, meta.context_lens,
+            step_input.sampling)
+    if unroll:
+        (kv_cache, last_tokens, *_), outs = jax.lax.scan(
+            lambda carry, _: one_step(*carry), init, None, length=max_steps, unroll=True)
+    else:
+        buffers = _output_buffers(max_steps, step_input.logits_indices.shape[0], flags)
+        kv_cache, last_tokens, outs = _loop(one_step, init, num_steps, buffers)
+    if outs.ranks is None:
+        outs = dataclasses.replace(outs, ranks=jnp.zeros_like(outs.tokens))
+    return outs, kv_cache, last_tokens
+
+
+def _output_buffers(max_steps: int, rows: int, flags) -> sampler_lib.SamplerOutput:
+    """Zeroed SamplerOutput fields [max_steps, rows, ...] for `_loop` to fill (ranks None
+    without logprobs, as `one_step` returns them)."""
+    n = flags.num_logprobs
+    return sampler_lib.SamplerOutput(
+        tokens=jnp.zeros((max_steps, rows), jnp.int32),
+        logprobs=jnp.zeros((max_steps, rows), jnp.float32),
+        ranks=jnp.zeros((max_steps, rows), jnp.int32) if n else None,
+        top_logprobs=jnp.zeros((max_steps, rows, n), jnp.float32),
+        top_ids=jnp.zeros((max_steps, rows, n), jnp.int32))
+
+
+def _loop(one_step, init, num_steps, outs):
+    """`one_step` run num_steps (traced) times from `init`, step i's outputs written into row
+    i of the buffers `outs` (rows past num_steps stay zero)."""
+
+    def body(loop):
+        i, carry, outs = loop
+        carry, out = one_step(*carry)
+        outs = jax.tree.map(lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0),
+                            outs, out)
+        return i + 1, carry, outs
+
+    _, (kv_cache, last_tokens, *_), outs = jax.lax.while_loop(
+        lambda loop: loop[0] < num_steps, body, (jnp.int32(0), init, outs))
+    return kv_cache, last_tokens, outs
+
+
+def _packed_step(params, kv_cache, buffer, *, layout, **kwargs):
+    """`_step` on a StepInput packed into one int32 buffer (one host-to-device copy)."""
+    return _step(params, kv_cache, host_transfer.unpack(buffer, layout), **kwargs)
+
+
+def _packed_decode_steps(params, kv_cache, buffer, token_ids, num_steps, *, layout, **kwargs):
+    """`_decode_steps` on a StepInput packed into one int32 buffer; the first step's input
+    tokens come apart, as they may still be on the device (the last call's samples)."""
+    step_input = dataclasses.replace(host_transfer.unpack(buffer, layout), token_ids=token_ids)
+    return _decode_steps(params, kv_cache, step_input, num_steps, **kwargs)
+
+
+def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend, kernels):
+    hidden, kv_cache = forward_hidden(params, kv_cache, token_ids, attention, config=config,
+                                      backend=get_attention_backend(attention_backend, kernels))
+    return compute_logits(params, hidden, config), kv_cache
+
+
+@jax.jit
+def _replace_head(buffer, head):
+    """buffer [L] with its first n entries replaced by head [n] (on the device)."""
+    return jax.lax.dynamic_update_slice(buffer, head.astype(buffer.dtype), (0,))
+
+
+class StepPrograms:
+    """The jitted step functions of one model and engine configuration, and the programs
+    compiled from them: each new program is counted and logged; past `max_programs` all are
+    dropped (see the module docstring)."""
+
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, layer_tiling=None,
+                 max_programs: Optional[int] = None):
+        kernels = config.kernels
+        static = dict(config=model_config, attention_backend=config.attention_backend,
+                      kernels=kernels)
+        self._logits = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
+        static = dict(static, layer_tiling=layer_tiling)  # used by one-row decode steps
+        self._step = jax.jit(functools.partial(_packed_step, **static),
+                             static_argnames=("layout", "flags"), donate_argnums=(1,),
+                             compiler_options=STEP_COMPILER_OPTIONS)
+        self._decode_steps = jax.jit(functools.partial(_packed_decode_steps, **static),
+                                     static_argnames=("layout", "flags", "max_steps", "unroll"),
+                                     donate_argnums=(1,), compiler_options=STEP_COMPILER_OPTIONS)
+        self.max_steps = config.num_scheduler_steps
+        self.unroll_max_rows = kernels.unroll_max_rows
+        if self.unroll_max_rows is None:
+            self.unroll_max_rows = 2 if jax.default_backend() == "gpu" else 0
+        self.max_programs = (DEFAULT_MAX_PROGRAMS.get(jax.default_backend())
+                             if max_programs is None else max_programs)
+        self._programs: set = set()  # keys of the programs held now
+        self.num_compiles = 0        # programs built (compiled or loaded from the disk cache)
+        self.num_evictions = 0       # times every program was dropped to stay in budget
+
+    def step(self, params, kv_cache, step_input: StepInput, flags, token_ids=None):
+        """Dispatches one step: (SamplerOutput [S] on the device, the pool). `token_ids`
+        (device or host, [n]) replace the first n token ids (the decode rows) on the device."""
+        buffer, layout = host_transfer.pack(step_input)
+        if token_ids is not None:
+            assert layout.leaves[0] == ("int32", 0, step_input.token_ids.shape), layout.leaves[0]
+            buffer = _replace_head(buffer, token_ids)
+        with self._counted(("step", layout, flags), step_input, "a step"):
+            return self._step(params, kv_cache, buffer, layout=layout, flags=flags)
+
+    def decode_steps(self, params, kv_cache, step_input: StepInput, flags, num_steps: int,
+                     token_ids=None):
+        """Dispatches `num_steps` decode steps: (SamplerOutput fields [steps, S] on the device,
+        steps >= num_steps, the pool, the last sampled tokens [rows])."""
+        assert 1 <= num_steps <= self.max_steps, num_steps
+        buffer, layout = host_transfer.pack(step_input)
+        unroll = step_input.token_ids.shape[0] <= self.unroll_max_rows
+        max_steps = num_steps if unroll else self.max_steps
+        tokens = step_input.token_ids if token_ids is None else token_ids
+        what = f"{num_steps} decode steps" if unroll else f"up to {max_steps} decode steps"
+        with self._counted(("decode_steps", layout, flags, max_steps, unroll), step_input, what):
+            return self._decode_steps(params, kv_cache, buffer, tokens, jnp.int32(num_steps),
+                                      layout=layout, flags=flags, max_steps=max_steps,
+                                      unroll=unroll)
+
+    def logits(self, params, kv_cache, token_ids, attention):
+        """Every position's float32 logits [T, vocab] and the pool."""
+        with self._counted(("logits", token_ids.shape), None, "prompt logits"):
+            return self._logits(params, kv_cache, token_ids, attention)
+
+    def lower_step(self, params, kv_cache, step_input: StepInput, flags):
+        """The step's program lowered for `step_input`'s shapes (params and kv_cache may be
+        abstract, jax.ShapeDtypeStruct): compile it for XLA's memory analysis."""
+        buffer, layout = host_transfer.pack(step_input)
+        return self._step.lower(params, kv_cache, buffer, layout=layout, flags=flags)
+
+    def lower_decode_steps(self, params, kv_cache, step_input: StepInput, flags):
+        """The decode-steps program lowered for `step_input`'s shapes (its longest loop)."""
+        buffer, layout = host_transfer.pack(step_input)
+        unroll = step_input.token_ids.shape[0] <= self.unroll_max_rows
+        return self._decode_steps.lower(params, kv_cache, buffer, step_input.token_ids,
+                                        jnp.int32(self.max_steps), layout=layout, flags=flags,
+                                        max_steps=self.max_steps, unroll=unroll)
+
+    @property
+    def num_programs(self) -> int:
+        """Programs held now."""
+        return len(self._programs)
+
+    def _counted(self, key, step_input: Optional[StepInput], what: str):
+        return _CountCompile(self, key, step_input, what)
+
+    def _admit(self, key) -> bool:
+        """Registers a program about to be built; True when it is new."""
+        if key in self._programs:
+            return False
+        if self.max_programs is not None and len(self._programs) >= self.max_programs:
+            logger.warning("compile budget: %d programs held (max_programs=%d); dropping them "
+                           "all (they reload from the compilation cache on next use)",
+                           len(self._programs), self.max_programs)
+            for fn in (self._step, self._decode_steps, self._logits):
+                fn.clear_cache()
+            self._programs.clear()
+            self.num_evictions += 1
+        self._programs.add(key)
+        self.num_compiles += 1
+        return True
+
+
+class _CountCompile:
+    """Times a dispatch and logs it as a compile when its program is new (dispatch returns
+    once the program is compiled)."""
+
+    def __init__(self, programs: StepPrograms, key, step_input, what: str):
+        self.programs, self.key, self.step_input, self.what = programs, key, step_input, what
+
+    def __enter__(self):
+        self.new = self.programs._admit(self.key)
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.new and exc[0] is None:
+            shapes = describe(self.step_input) if self.step_input is not None else ""
+            logger.info("compiled %s for %s in %.2f s (program %d of this process)", self.what,
+                        shapes, time.perf_counter() - self.started, self.programs.num_compiles)
+        return False

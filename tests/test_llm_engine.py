@@ -1,0 +1,326 @@
+"""LLMEngine against a fake runner (tests/fake_runner.py): no model, tokens by arithmetic, so every
+output is known by hand. Greedy rows continue a prompt [1, 2] as 3, 6, 12, 24, 48, ... (each
+token is the sum of all before it, mod 1000); sampled rows add seed + step. The fake's pool of
+token ids checks every row reads its own context through its block table, so the outputs also
+vouch for the block tables, copies, prefix hits and the gathers of lookahead.
+
+Covered: continuous batching, chunked prefill, multi-step calls and their reserved slots,
+lookahead (calls dispatched ahead, rows discarded after a finish), preemption under a tiny pool,
+abort, n > 1 forks, every finish reason, logprobs; the pool is whole after every workload.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+try:
+    from tests.fake_runner import LOGPROB, FakeRunner, FakeTokenizer, expected_tokens
+except ImportError:  # tests/ is on sys.path instead of the repo root
+    from fake_runner import LOGPROB, FakeRunner, FakeTokenizer, expected_tokens
+
+from jinfer.api.sampling_params import SamplingParams
+from jinfer.config import EngineConfig
+from jinfer.engine.llm_engine import LLMEngine
+
+VOCAB = 1000
+EOS = 999
+# One synchronous step per call; lookahead with multi-step calls; the same with prompt chunks
+# and decodes in separate calls; and without prefix caching, at the default 8 steps per call.
+ENGINES = {"sync": dict(num_scheduler_steps=1),
+           "lookahead": dict(num_scheduler_steps=4),
+           "split_calls": dict(num_scheduler_steps=4, mixed_batching=False),
+           "no_prefix_cache": dict(num_scheduler_steps=8, enable_prefix_caching=False)}
+
+
+def make_engine(num_blocks: int = 64, **config) -> LLMEngine:
+    config = EngineConfig(**{"block_size": 4, "max_model_len": 64, "max_num_batched_tokens": 16,
+                             "max_num_seqs": 8, **config})
+    runner = FakeRunner(num_blocks, config.block_size, VOCAB)
+    return LLMEngine(runner, FakeTokenizer(special_ids=[EOS]), config, [EOS], num_blocks)
+
+
+def run(engine: LLMEngine, arrivals) -> dict:
+    """Adds each (step, request_id, prompt ids, params) before that engine step and steps until
+    every request is done, then reads back a dangling call (its rows are discarded) and checks
+    the pool is whole. Returns {request_id: RequestOutput}."""
+    pending, outputs, step = sorted(arrivals, key=lambda a: a[0]), {}, 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, request_id, prompt, params = pending.pop(0)
+            engine.add_request(request_id, None, prompt, params)
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+        step += 1
+    while engine._in_flight is not None:
+        assert engine.step() == []
+    assert_pool_whole(engine)
+    return outputs
+
+
+def assert_pool_whole(engine: LLMEngine) -> None:
+    assert engine.block_manager.is_whole()
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert not engine.requests
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kwargs)
+
+
+def prompt(first: int, length: int) -> list[int]:
+    return list(range(first, first + length))
+
+
+def tokens(outputs: dict, request_id: str, index: int = 0) -> list[int]:
+    return outputs[request_id].outputs[index].token_ids
+
+
+# -- continuous batching, chunks, calls ---------------------------------------------------------
+@pytest.mark.parametrize("engine_config", ENGINES.values(), ids=ENGINES.keys())
+def test_staggered_requests_give_the_arithmetic_tokens(engine_config):
+    """Requests arrive while others decode, long prompts are chunked under the 16-token budget,
+    two share a prompt prefix; greedy and seeded rows: every output is the fake model's."""
+    engine = make_engine(**engine_config)
+    shared = prompt(100, 12)
+    arrivals = [(0, "short", [1, 2], greedy(10)),
+                (0, "long", prompt(10, 40), greedy(5)),
+                (1, "seeded", prompt(50, 7), SamplingParams(temperature=1.0, seed=3,
+                                                            max_tokens=9, ignore_eos=True)),
+                (2, "shared_a", shared + [1], greedy(6)),
+                (4, "shared_b", shared + [2, 3], greedy(7)),
+                (5, "one", [7], greedy(1))]
+    outputs = run(engine, arrivals)
+    assert tokens(outputs, "short") == [3, 6, 12, 24, 48, 96, 192, 384, 768, 536]
+    seeded_seed = engine_seed(3)
+    for request_id, ids, params in ((r, p, s) for _, r, p, s in arrivals):
+        want = expected_tokens(ids, params.max_tokens, VOCAB, greedy=params.greedy,
+                               seed=seeded_seed)
+        assert tokens(outputs, request_id) == want, request_id
+        assert outputs[request_id].outputs[0].finish_reason == "length"
+    if engine.config.enable_prefix_caching:
+        assert engine.stats()["prefix_cache_hit_blocks"] > 0
+    lookahead = engine.config.num_scheduler_steps > 1
+    assert (engine.stats()["num_calls_ahead"] > 0) == lookahead
+    assert any(c.num_steps > 1 for c in engine.runner.calls) == lookahead
+
+
+def engine_seed(seed: int, index: int = 0) -> int:
+    """The seed the engine gives completion `index` of a request with `seed`."""
+    return (seed + index * 1_000_003) % (2**31 - 1)
+
+
+def test_long_prompt_is_chunked_beside_decodes():
+    """A 40-token prompt under a 16-token budget takes three calls, each of which also decodes
+    the running sequence (one mixed call per step)."""
+    engine = make_engine(num_scheduler_steps=1)
+    engine.add_request("short", None, [1, 2], greedy(8))
+    engine.step()
+    engine.add_request("long", None, prompt(10, 40), greedy(2))
+    calls = engine.runner.calls
+    start = len(calls)
+    while engine.has_unfinished_requests():
+        engine.step()
+    chunked = calls[start:start + 3]
+    assert [(c.seq_ids, c.num_decode) for c in chunked] == [((0, 1), 1)] * 3
+    assert engine.stats()["num_computed_prompt_tokens"] == 2 + 40
+
+
+def test_multi_step_calls_reserve_their_slots():
+    """A lone decode runs 4 steps per call, then a power-of-two tail (10 tokens after the
+    first: 4 + 4 + 2); the scheduler reserved every step's slots beforehand."""
+    engine = make_engine(num_scheduler_steps=4)
+    schedules, schedule = [], engine.scheduler.schedule
+
+    def spy():
+        result = schedule()
+        for item in result.decode:
+            reserved = len(item.seq.block_table) * engine.config.block_size
+            assert reserved >= item.start + result.num_decode_steps
+        schedules.append(result.num_decode_steps)
+        return result
+
+    engine.scheduler.schedule = spy
+    outputs = run(engine, [(0, "r", [1, 2], greedy(11))])
+    assert tokens(outputs, "r") == expected_tokens([1, 2], 11, VOCAB)
+    assert [c.num_steps for c in engine.runner.calls] == [1, 4, 4, 2]
+    assert schedules[:4] == [1, 4, 4, 2]
+
+
+def test_full_batch_runs_several_steps_while_a_request_waits():
+    """With every seat (max_num_seqs) taken, a waiting request cannot join before a finish, so
+    decodes still run several steps per call; it joins once a seat frees."""
+    engine = make_engine(num_scheduler_steps=4, max_num_seqs=2)
+    waiting_at_launch, launch = [], engine.runner.launch_decode_steps
+
+    def spy(step, flags, num_steps, token_ids=None):
+        waiting_at_launch.append(len(engine.scheduler.waiting))
+        return launch(step, flags, num_steps, token_ids)
+
+    engine.runner.launch_decode_steps = spy
+    arrivals = [(0, "a", prompt(1, 5), greedy(12)), (0, "b", prompt(20, 5), greedy(9)),
+                (1, "c", prompt(40, 3), greedy(3))]
+    outputs = run(engine, arrivals)
+    assert any(waiting_at_launch)
+    for _, request_id, ids, params in arrivals:
+        assert tokens(outputs, request_id) == expected_tokens(ids, params.max_tokens, VOCAB)
+
+
+# -- lookahead -----------------------------------------------------------------------------------
+def test_calls_run_ahead_and_rows_past_a_finish_are_discarded():
+    """With lookahead each call is dispatched before the previous one is read back, its decode
+    inputs gathered on the device. A stop id in the second call's third step finishes the
+    sequence: that call's later tokens and the whole third call (already dispatched) are
+    discarded, and the pool is whole once it is read back."""
+    engine = make_engine(num_scheduler_steps=4)
+    outputs = run(engine, [(0, "r", [1, 2], greedy(20, stop_token_ids=[24]))])
+    completion = outputs["r"].outputs[0]
+    assert completion.token_ids == [3, 6, 12, 24]
+    assert (completion.finish_reason, completion.stop_reason, completion.text) == (
+        "stop", 24, " 3 6 12")
+    calls = engine.runner.calls
+    assert [(c.num_steps, c.device_tokens) for c in calls] == [(1, False), (4, True), (4, True)]
+    assert engine.num_calls_ahead == 2
+
+
+def test_no_lookahead_with_one_scheduler_step():
+    engine = make_engine(num_scheduler_steps=1)
+    engine.add_request("r", None, [1, 2], greedy(5))
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert engine._in_flight is None
+    assert engine.num_calls_ahead == 0
+    assert not any(c.device_tokens or c.num_steps > 1 for c in engine.runner.calls)
+    assert_pool_whole(engine)
+
+
+def test_penalties_wait_for_the_read_back():
+    """A penalised row's next call is planned only after its samples are on the host (the
+    sampler reads every output token), so its decode inputs never come from the device."""
+    engine = make_engine(num_scheduler_steps=4)
+    outputs = run(engine, [(0, "p", [1, 2], greedy(9, repetition_penalty=1.5))])
+    assert tokens(outputs, "p") == expected_tokens([1, 2], 9, VOCAB)  # the fake ignores them
+    assert not any(c.device_tokens for c in engine.runner.calls)
+    assert engine.num_calls_ahead == 0
+
+
+# -- preemption, abort, forks ---------------------------------------------------------------------
+@pytest.mark.parametrize("num_scheduler_steps", [1, 4])
+def test_preemption_under_a_tiny_pool_keeps_the_tokens(num_scheduler_steps):
+    engine = make_engine(num_blocks=1 + 10, num_scheduler_steps=num_scheduler_steps)
+    arrivals = [(i // 2, f"r{i}", prompt(100 * i + 1, 5 + i), greedy(18)) for i in range(6)]
+    outputs = run(engine, arrivals)
+    assert engine.stats()["num_preemptions"] > 0
+    for _, request_id, ids, params in arrivals:
+        assert tokens(outputs, request_id) == expected_tokens(ids, 18, VOCAB), request_id
+
+
+def test_abort_while_calls_are_in_flight():
+    """Aborting a decoding request and one mid-prefill frees their blocks at once; the other
+    request's tokens are unchanged, and the pool is whole once the dangling call is read
+    back."""
+    engine = make_engine(num_scheduler_steps=4)
+    engine.add_request("keep", None, [1, 2], greedy(12))
+    engine.add_request("decoding", None, prompt(10, 3), greedy(30))
+    engine.add_request("prefilling", None, prompt(30, 40), greedy(4))
+    outputs = {}
+    for _ in range(3):
+        for out in engine.step():
+            outputs[out.request_id] = out
+    decoding, prefilling = (engine.requests[r].seqs[0] for r in ("decoding", "prefilling"))
+    assert decoding.num_samples_in_flight and prefilling.num_in_flight
+    assert 0 < prefilling.num_computed_tokens < 40
+    engine.abort("decoding")
+    engine.abort("prefilling")
+    assert decoding.finish_reason == prefilling.finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert outputs["keep"].finished and tokens(outputs, "keep") == expected_tokens([1, 2], 12,
+                                                                                    VOCAB)
+    while engine._in_flight is not None:
+        assert engine.step() == []
+    assert_pool_whole(engine)
+
+
+@pytest.mark.parametrize("num_scheduler_steps", [1, 4])
+def test_parallel_sampling_forks_after_the_prompt(num_scheduler_steps):
+    """n > 1: the siblings fork from sequence 0 once its prompt is in (sharing its blocks, the
+    partial last one copied on write) and sample with their own seeds; greedy siblings agree."""
+    engine = make_engine(num_scheduler_steps=num_scheduler_steps)
+    ids = prompt(5, 6)  # the last block holds 2 tokens: each sibling writes a private copy
+    outputs = run(engine, [
+        (0, "sampled", ids, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=7)),
+        (0, "greedy", [1, 2], greedy(6, n=2))])
+    for index in range(3):
+        want = expected_tokens(ids, 7, VOCAB, greedy=False, seed=engine_seed(5, index))
+        assert tokens(outputs, "sampled", index) == want
+    assert tokens(outputs, "greedy", 0) == tokens(outputs, "greedy", 1) == [3, 6, 12, 24, 48,
+                                                                           96]
+    assert engine.runner.num_copies > 0
+
+
+# -- finish reasons ------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine_config", ENGINES.values(), ids=ENGINES.keys())
+def test_every_finish_reason(engine_config):
+    """[1, 2] continues 3, 6, 12, 24, 48, 96, 192, ...; [997, 2] continues with EOS (999)
+    right away, and under min_tokens=2 with 0 (999 banned: the next id), 0, then EOS."""
+    engine = make_engine(max_model_len=10, **engine_config)
+    outputs = run(engine, [
+        (0, "max_tokens", [1, 2], greedy(3)),
+        (0, "max_model_len", [1, 2], greedy(50)),
+        (0, "stop_id", [1, 2], greedy(50, stop_token_ids=[48, 12])),
+        (0, "stop_string", [1, 2], greedy(50, stop=["2 2"])),
+        (0, "eos", [997, 2], greedy(50)),
+        (0, "ignore_eos", [997, 2], greedy(4, ignore_eos=True)),
+        (0, "min_tokens", [997, 2], greedy(4, min_tokens=2))])
+    finishes = {r: (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason)
+                for r, o in outputs.items()}
+    assert finishes["max_tokens"] == ([3, 6, 12], "length", None)
+    assert finishes["max_model_len"] == ([3, 6, 12, 24, 48, 96, 192, 384], "length", None)
+    assert finishes["stop_id"] == ([3, 6, 12], "stop", 12)
+    assert finishes["stop_string"] == ([3, 6, 12, 24], "stop", "2 2")
+    assert outputs["stop_string"].outputs[0].text == " 3 6 1"
+    assert finishes["eos"] == ([EOS], "stop", None)
+    assert outputs["eos"].outputs[0].text == ""
+    assert finishes["ignore_eos"] == ([EOS, 998, 996, 992], "length", None)
+    assert expected_tokens([997, 2], 3, VOCAB, min_tokens=2, banned=[EOS]) == [0, 0, EOS]
+    assert finishes["min_tokens"] == ([0, 0, EOS], "stop", None)
+
+
+def test_abort_is_a_finish_reason():
+    engine = make_engine(num_scheduler_steps=4)
+    engine.add_request("r", None, [1, 2], greedy(30))
+    request = engine.requests["r"]
+    engine.step()
+    engine.abort("r")
+    assert request.output().outputs[0].finish_reason == "abort" and request.finished
+    while engine._in_flight is not None:
+        assert engine.step() == []
+    assert_pool_whole(engine)
+
+
+def test_logprobs_of_the_fake_sampler():
+    engine = make_engine(num_scheduler_steps=4)
+    outputs = run(engine, [(0, "r", [1, 2], greedy(3, logprobs=2))])
+    completion = outputs["r"].outputs[0]
+    assert completion.cumulative_logprob == pytest.approx(3 * LOGPROB)
+    first = completion.logprobs[0]
+    assert sorted(first) == [3, 4]
+    assert (first[3].logprob, first[3].rank, first[3].decoded_token) == (LOGPROB, 1, " 3")
+    assert (first[4].logprob, first[4].rank) == (LOGPROB - 1, 2)
+
+
+def test_bad_requests_are_value_errors():
+    engine = make_engine()
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("a", None, [], greedy(2))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("a", None, [1] * 64, greedy(2))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("a", None, [VOCAB], greedy(2))
+    engine.add_request("a", None, [1], greedy(2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", None, [1], greedy(2))
+    engine.abort("a")
+    assert_pool_whole(engine)

@@ -1,0 +1,69 @@
+"""The device step programs (jinfer/runner/steps.py): one decode program serves every step
+count, and the compile budget bounds the programs a process holds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jinfer import LLM, SamplingParams
+from jinfer.config import KernelConfig
+
+PROMPTS = ["The quick brown fox", "Why is the sky blue?", "12345"]
+
+
+def _llm(tiny_model_dir, **kwargs):
+    return LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256,
+               enable_compilation_cache=False, **kwargs)
+
+
+def test_one_decode_program_serves_every_step_count(tiny_model_dir):
+    """A loop with a dynamic trip count: 8-, 4-, 2- and 1-step calls of one shape share one
+    program, and give the tokens of single steps."""
+    llm = _llm(tiny_model_dir, num_scheduler_steps=8,
+               kernel_config=KernelConfig(unroll_max_rows=0))
+    runner = llm.engine.runner
+    counts = []
+    launch = runner.launch_decode_steps
+    runner.launch_decode_steps = lambda *a: counts.append(a[2]) or launch(*a)
+    params = SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)  # 8 + 4 + 2 + 1
+    got = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert {8, 4, 2} <= set(counts)
+    decode_programs = [k for k in runner.programs._programs if k[0] == "decode_steps"]
+    assert len(decode_programs) == 1
+    single = _llm(tiny_model_dir, num_scheduler_steps=1)
+    assert single.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids == got
+
+
+def test_unrolled_calls_have_one_program_per_step_count(tiny_model_dir):
+    llm = _llm(tiny_model_dir, num_scheduler_steps=4,
+               kernel_config=KernelConfig(unroll_max_rows=4))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    unrolled = {k[3] for k in llm.engine.runner.programs._programs
+                if k[0] == "decode_steps" and k[4]}
+    assert len(unrolled) >= 2  # e.g. 1 and 4 steps
+
+
+def test_programs_past_the_budget_are_dropped_and_generation_goes_on(tiny_model_dir):
+    llm = _llm(tiny_model_dir, max_programs=2)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = _llm(tiny_model_dir).generate(PROMPTS, params, use_tqdm=False)
+    got = []
+    for prompt in PROMPTS:  # different lengths: new prefill shapes
+        got += llm.generate([prompt], params, use_tqdm=False)
+    got_batch = llm.generate(PROMPTS, params, use_tqdm=False)  # new batch shapes
+    programs = llm.engine.runner.programs
+    assert programs.num_evictions >= 1 and programs.num_programs <= 2
+    for a, b, c in zip(want, got, got_batch):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids == c.outputs[0].token_ids
+    assert llm.engine.block_manager.is_whole()
+
+
+def test_execute_decode_steps_returns_the_steps_asked(tiny_model_dir):
+    from jinfer.runner.warmup import greedy_rows, pad_block_items
+    llm = _llm(tiny_model_dir, num_scheduler_steps=8)
+    runner = llm.engine.runner
+    items = pad_block_items(2, 20, 1, 16)
+    step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
+    out = runner.execute_decode_steps(step_input, flags, 3)
+    assert np.asarray(out.tokens).shape == (3, 2)
