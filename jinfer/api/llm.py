@@ -284,20 +284,28 @@ class LLM:
     def stream(self, prompt: Union[str, Sequence[int]],
                sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
         """Yields the text of one completion as it is decoded (deltas; stop strings held back)."""
+        emitted = 0
+        for output in self.stream_outputs(prompt, sampling_params):
+            text = output.outputs[0].text
+            if len(text) > emitted:
+                yield text[emitted:]
+                emitted = len(text)
+
+    def stream_outputs(self, prompt: Union[str, Sequence[int]],
+                       sampling_params: Optional[SamplingParams] = None
+                       ) -> Iterator[RequestOutput]:
+        """Yields one request's RequestOutput (cumulative) after every engine step that
+        touched it, the last one finished (its finish reasons set). Stopping the iteration
+        early aborts the request."""
         ids = None if isinstance(prompt, str) else [list(prompt)]
         (request_id,) = self._add_requests(prompt if ids is None else None, sampling_params, ids)
-        emitted = 0
         try:
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
-                    if output.request_id != request_id:
-                        continue
-                    text = output.outputs[0].text
-                    if len(text) > emitted:
-                        yield text[emitted:]
-                        emitted = len(text)
-                    if output.finished:
-                        return
+                    if output.request_id == request_id:
+                        yield output
+                        if output.finished:
+                            return
         finally:
             self.engine.abort(request_id)
 

@@ -9,6 +9,7 @@ Host only: nothing here touches the device.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -31,11 +32,43 @@ class StepInput:
     sampling: sampler_lib.SamplingMetadata  # [S] rows: decodes, then prompt chunks, padding
 
 
+class PrefillShape(NamedTuple):
+    """The padded dimensions of a step's prompt chunks (each a bucket)."""
+
+    rows: int        # prompt rows
+    q_len: int       # longest chunk (the per-row layout of the jnp reference)
+    num_tokens: int  # packed tokens
+    width: int       # block-table width
+
+    def cost(self) -> tuple[int, int]:
+        """(matmul work, attention work), in padded tokens."""
+        return self.num_tokens, self.rows * self.q_len * self.width
+
+    def fits_in(self, other: "PrefillShape", factor: float) -> bool:
+        """Whether `other` holds every dimension of this shape at most `factor` times the
+        work."""
+        return (all(a <= b for a, b in zip(self, other))
+                and all(b <= factor * a for a, b in zip(self.cost(), other.cost())))
+
+
 class BatchBuilder:
     """Lays scheduled rows out as a `StepInput` of NumPy arrays, padded to `buckets`."""
 
     def __init__(self, buckets: StepBuckets):
         self.buckets = buckets
+        self._prefill_shapes: set[PrefillShape] = set()  # shapes of the prefills laid out so far
+
+    def _prefill_shape(self, needed: PrefillShape) -> PrefillShape:
+        """The shape to lay a prefill out in: its buckets, or, where
+        `buckets.reuse_larger_prefill` allows, the cheapest shape used before that holds it
+        and costs at most that factor more (its program is compiled already: on the CPU a
+        compile costs 1.5-10 s, padding a small prefill a fraction of that)."""
+        factor = self.buckets.reuse_larger_prefill
+        fits = [shape for shape in self._prefill_shapes
+                if factor and needed.fits_in(shape, factor)]
+        shape = min(fits, key=PrefillShape.cost) if fits else needed
+        self._prefill_shapes.add(shape)
+        return shape
 
     def _slot(self, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Pool slots of the tokens at `positions` [..., n] under block tables `table` [...,
@@ -75,11 +108,12 @@ class BatchBuilder:
             start = item.start
             chunks.append((start, item.seq.token_ids_slice(start, start + item.num_new_tokens)))
             tables.append(item.seq.block_table)
-        rows = self.buckets.rows(len(items))
-        q_len = query_bucket(max(len(chunk) for _, chunk in chunks))
         total = sum(len(chunk) for _, chunk in chunks)
-        num_tokens = packed_tokens_bucket(total)
-        width = self.buckets.blocks(max(len(table) for table in tables))
+        rows, q_len, num_tokens, width = self._prefill_shape(PrefillShape(
+            rows=self.buckets.rows(len(items)),
+            q_len=query_bucket(max(len(chunk) for _, chunk in chunks)),
+            num_tokens=packed_tokens_bucket(total),
+            width=self.buckets.blocks(max(len(table) for table in tables))))
         block_tables = np.full((rows, width), PAD_BLOCK, np.int32)  # [rows, width]
         row_positions = np.zeros((rows, q_len), np.int32)           # [rows, q_len]
         context_lens = np.zeros((rows,), np.int32)                  # [rows]
@@ -132,8 +166,14 @@ class BatchBuilder:
             last_tokens += list(ends + (len(parts[0][0]) if parts else 0))
             parts.append(arrays)
         token_ids, positions, slots = (np.concatenate(column) for column in zip(*parts))
-        # A decode-only step samples every row it runs (multi-step feeds them all back).
-        num_rows = len(parts[0][0]) if not prefill else self.buckets.rows(len(last_tokens))
+        # A decode-only step samples every row it runs (multi-step feeds them all back); a
+        # prefill-only step samples one row per prompt row.
+        if not prefill:
+            num_rows = len(parts[0][0])
+        elif not decode:
+            num_rows = prefill_meta.attention.context_lens.shape[0]
+        else:
+            num_rows = self.buckets.rows(len(last_tokens))
         logits_indices = np.zeros((num_rows,), np.int32)  # [S]
         logits_indices[:len(last_tokens)] = last_tokens
         attention = StepAttention(positions=positions, slot_mapping=slots, decode=decode_meta,

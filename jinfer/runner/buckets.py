@@ -84,6 +84,9 @@ class StepBuckets:
       min_context_tokens: block tables narrower than this many tokens are padded up to it.
       context_growth: "3/4" (powers of two and the 1.5x steps between) or "pow2" (coarser:
         half the compiles, more padded attention work).
+      reuse_larger_prefill: a prefill may run in a larger shape used before (its program
+        compiled already) that costs at most this many times the work of its own buckets; 0:
+        never.
     """
 
     block_size: int
@@ -91,6 +94,7 @@ class StepBuckets:
     min_decode_rows: int = 1
     min_context_tokens: int = 32
     context_growth: str = "3/4"
+    reuse_larger_prefill: float = 0
 
     def rows(self, n: int) -> int:
         """Sequences of a step (prompt chunks, sampled rows)."""

@@ -3,9 +3,10 @@ first request, so that no request waits on a compile (and JAX's persistent cache
 the next start).
 
 Everything runs on the pad block (block 0: every table entry and slot points there), so the
-real pool's contents are untouched. Covered: one prompt per prefill step, every decode batch;
-greedy sampling without logprobs. Steps that prefill several prompts at once, mixed steps and
-other sampler variants compile on first use.
+real pool's contents are untouched. Covered: one prompt per prefill step, every decode batch,
+greedy and default sampling (WARMUP_PARAMS) without logprobs. Steps that prefill several
+prompts at once, mixed steps and other sampler variants build on first use (on the CPU a
+prefill may run in a larger shape built before: see StepBuckets.reuse_larger_prefill).
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ from jinfer.engine.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-def pad_block_items(num_seqs: int, num_tokens: int, num_new: int, block_size: int):
+# The sampler variants warm-up builds: greedy (generate.py's default) and SamplingParams()'s
+# (temperature 1, no truncation: vLLM's and the OpenAI API's defaults).
+WARMUP_PARAMS = (SamplingParams(temperature=0), SamplingParams())
+
+
+def pad_block_items(num_seqs: int, num_tokens: int, num_new: int, block_size: int,
+                    params: SamplingParams = WARMUP_PARAMS[0]):
     """num_seqs stand-in sequences of num_tokens tokens whose last num_new are this step's,
     every block the pad block (for compiling or measuring a step shape without touching the
     pool)."""
-    params = SamplingParams(temperature=0)
     items = []
     for i in range(num_seqs):
         seq = Sequence(-1 - i, "warmup", 0, [0] * num_tokens, params, 0, detokenizer=None)
@@ -47,8 +53,8 @@ def _buckets(first: int, last: int, bucket) -> list[int]:
 
 
 def warm_up(runner, max_context: int) -> dict:
-    """Runs, on the pad block: the prefill of one prompt for every packed token bucket up to
-    max_num_batched_tokens, and the decode program for every batch bucket up to max_num_seqs
+    """Runs, on the pad block, for each sampler variant of WARMUP_PARAMS: the prefill of one
+    prompt for every packed token bucket up to max_num_batched_tokens, and the decode program for every batch bucket up to max_num_seqs
     and every block-table width up to max_context tokens (one program for every step count; on
     GPU, calls of at most `unroll_max_rows` rows have one per step count, and each is built).
     Returns {"programs": programs built, "seconds": time taken}."""
@@ -56,19 +62,21 @@ def warm_up(runner, max_context: int) -> dict:
     started, before = time.perf_counter(), runner.num_compiles
     max_context = min(max_context, config.max_model_len)
     buckets = runner.buckets
-    for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context - 1),
-                           packed_tokens_bucket):
-        items = pad_block_items(1, tokens, tokens, block_size)
-        runner.execute(*runner.prepare([], items, greedy_rows(items), 0))
     widths = _buckets(1, -(-max_context // block_size), buckets.blocks)
     step_counts = [1, *decode_steps_buckets(config.num_scheduler_steps)]
-    for rows in _buckets(1, config.max_num_seqs, buckets.decode_rows):
-        unrolled = rows <= runner.programs.unroll_max_rows
-        for width in widths:
-            items = pad_block_items(rows, min(width * block_size, max_context), 1, block_size)
-            step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
-            for num_steps in (step_counts if unrolled else [1]):
-                runner.execute_decode_steps(step_input, flags, num_steps)
+    for params in WARMUP_PARAMS:
+        for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context - 1),
+                               packed_tokens_bucket):
+            items = pad_block_items(1, tokens, tokens, block_size, params)
+            runner.execute(*runner.prepare([], items, greedy_rows(items), 0))
+        for rows in _buckets(1, config.max_num_seqs, buckets.decode_rows):
+            unrolled = rows <= runner.programs.unroll_max_rows
+            for width in widths:
+                items = pad_block_items(rows, min(width * block_size, max_context), 1,
+                                        block_size, params)
+                step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
+                for num_steps in (step_counts if unrolled else [1]):
+                    runner.execute_decode_steps(step_input, flags, num_steps)
     result = {"programs": runner.num_compiles - before, "seconds": time.perf_counter() - started}
     logger.info("warm-up: built %d step programs (prompts up to %d tokens, batches up to %d, "
                 "contexts up to %d) in %.1f s", result["programs"],
@@ -78,5 +86,6 @@ def warm_up(runner, max_context: int) -> dict:
 
 
 def greedy_rows(items: list[ScheduledSequence]) -> list[SamplingRow]:
-    """Sampling rows (see `make_sampling_metadata`) for stand-in sequences."""
+    """Sampling rows (see `make_sampling_metadata`) for stand-in sequences, with their
+    params."""
     return [SamplingRow(item.seq.params, seed=0, step=0) for item in items]

@@ -79,8 +79,10 @@ class Tokenizer:
         `add_special_tokens` is True. Special-token text (e.g. `<|im_start|>`) maps to its id."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`, exactly as the reference tokenizer decodes it."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`, exactly as the reference tokenizer decodes it: special tokens are kept
+        unless `skip_special_tokens` (transformers' default too). Engine output text is decoded
+        with the request's `SamplingParams.skip_special_tokens` (True by default) instead."""
         text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up else text
 
