@@ -25,12 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_cases import LAYER, LAYERS, POISON, TOLERANCE
 from pallas_kernels.fused_decode import (combine_partials, fused_decode_attention_pallas,
                                          fused_decode_reference)
 
-POISON = 1e4
-LAYERS, LAYER = 2, 1
-TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
 ROPE_TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 

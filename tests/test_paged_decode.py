@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,10 +28,9 @@ import pytest
 from pallas_kernels.paged_decode import (choose_num_splits, make_plan,
                                          paged_decode_attention_pallas)
 from pallas_kernels.reference import paged_attention_reference
+from kernel_cases import (LAYER, LAYERS, POISON, TOLERANCE, assert_traced_layer_matches,
+                          rounded)
 
-POISON = 1e4
-LAYERS, LAYER = 2, 1
-TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
 
 
 def dense_decode(q, k, v, scale):
@@ -47,11 +45,6 @@ def dense_decode(q, k, v, scale):
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return np.einsum("ht,thd->hd", probs, v)
-
-
-def _rounded(a, dtype):
-    """a's values after a round trip through dtype, as float64 (what the kernel sees)."""
-    return np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64)
 
 
 def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_blocks, dtype):
@@ -76,7 +69,7 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
         for t in range(ctx):
             k_pool[LAYER, tables[i, t // block_size], t % block_size] = k[t]
             v_pool[LAYER, tables[i, t // block_size], t % block_size] = v[t]
-        contexts.append((_rounded(k, dtype), _rounded(v, dtype)))
+        contexts.append((rounded(k, dtype), rounded(v, dtype)))
     q = rng.standard_normal((batch, kv_heads * group, head_dim)).astype(np.float32)
     return (jnp.asarray(q, dtype), jnp.asarray(k_pool, dtype), jnp.asarray(v_pool, dtype),
             jnp.asarray(tables), jnp.asarray(context_lens, jnp.int32), contexts)
@@ -157,21 +150,12 @@ def test_small_steps_and_many_splits():
 
 
 def test_traced_layer_under_jit():
-    """The layer may be a traced int32 scalar (a layer scan), and matches the static index."""
     rng = np.random.default_rng(4)
     q, k_pool, v_pool, tables, lens, _ = make_case(
         rng, context_lens=[5, 12], kv_heads=2, group=2, head_dim=64, block_size=8,
         max_blocks=2, dtype=jnp.float32)
-
-    @jax.jit
-    def run(layer):
-        return paged_decode_attention_pallas(q, k_pool, v_pool, layer, tables, lens,
-                                             scale=0.125, num_splits=2)
-
-    static = paged_decode_attention_pallas(q, k_pool, v_pool, LAYER, tables, lens, scale=0.125,
-                                           num_splits=2)
-    np.testing.assert_array_equal(np.asarray(run(jnp.int32(LAYER))), np.asarray(static))
-    assert np.abs(np.asarray(run(jnp.int32(0)))).max() > 1.0  # layer 0 is all POISON
+    assert_traced_layer_matches(lambda layer: paged_decode_attention_pallas(
+        q, k_pool, v_pool, layer, tables, lens, scale=0.125, num_splits=2))
 
 
 def test_plan_fills_the_gpu_and_covers_the_table():

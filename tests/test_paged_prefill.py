@@ -37,10 +37,9 @@ import pytest
 from pallas_kernels.paged_prefill import (PrefillPlan, make_plan, ragged_paged_attention_pallas,
                                           tile_map)
 from pallas_kernels.reference import ragged_paged_attention_reference
+from kernel_cases import (LAYER, LAYERS, POISON, TOLERANCE, assert_traced_layer_matches,
+                          rounded)
 
-POISON = 1e4
-LAYERS, LAYER = 2, 1
-TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
 reference = jax.jit(ragged_paged_attention_reference, static_argnames="scale")
 
 
@@ -58,11 +57,6 @@ def dense_prefill(q, k, v, scale):
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return np.einsum("hqt,thd->qhd", probs, v, optimize=True)
-
-
-def _rounded(a, dtype):
-    """a's values after a round trip through dtype, as float64 (what the kernel sees)."""
-    return np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64)
 
 
 def make_case(rng, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_tokens):
@@ -88,7 +82,7 @@ def make_case(rng, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_to
         t = np.arange(ctx)
         k_pool[LAYER, tables[s, t // block_size], t % block_size] = k
         v_pool[LAYER, tables[s, t // block_size], t % block_size] = v
-        contexts.append((_rounded(k, dtype), _rounded(v, dtype)))
+        contexts.append((rounded(k, dtype), rounded(v, dtype)))
     qsl = np.concatenate([[0], np.cumsum([n for n, _ in seqs])]).astype(np.int32)
     q = rng.standard_normal((qsl[-1] + pad_tokens, kv_heads * group, head_dim))
     return (jnp.asarray(q, dtype), jnp.asarray(k_pool, dtype), jnp.asarray(v_pool, dtype),
@@ -167,21 +161,12 @@ def test_rows_shorter_than_a_tile():
 
 
 def test_traced_layer_under_jit():
-    """The layer may be a traced int32 scalar (a layer scan), and matches the static index."""
     rng = np.random.default_rng(4)
     q, k_pool, v_pool, tables, qsl, lens, _ = make_case(
         rng, seqs=[(4, 10), (3, 3)], kv_heads=2, group=2, head_dim=64, block_size=8,
         dtype=jnp.float32, pad_tokens=1)
-
-    @jax.jit
-    def run(layer):
-        return ragged_paged_attention_pallas(q, k_pool, v_pool, layer, tables, qsl, lens,
-                                             scale=0.125, block_q=8)
-
-    static = ragged_paged_attention_pallas(q, k_pool, v_pool, LAYER, tables, qsl, lens,
-                                           scale=0.125, block_q=8)
-    np.testing.assert_array_equal(np.asarray(run(jnp.int32(LAYER))), np.asarray(static))
-    assert np.abs(np.asarray(run(jnp.int32(0)))).max() > 1.0  # layer 0 is all POISON
+    assert_traced_layer_matches(lambda layer: ragged_paged_attention_pallas(
+        q, k_pool, v_pool, layer, tables, qsl, lens, scale=0.125, block_q=8))
 
 
 def test_tile_map_covers_every_row_once():

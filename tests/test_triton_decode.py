@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.paged_decode import paged_decode_attention_pallas
 from pallas_kernels.triton_decode import paged_decode_attention_triton
-from test_paged_decode import LAYER, TOLERANCE, dense_decode, make_case
+from kernel_cases import LAYER, TOLERANCE, assert_traced_layer_matches
+from test_paged_decode import dense_decode, make_case
 
 
 @pytest.fixture
@@ -109,21 +109,12 @@ def test_large_shapes(triton_extra, num_splits, dtype):
 
 @pytest.mark.gpu
 def test_traced_layer_under_jit(triton_extra):
-    """The layer may be a traced int32 scalar (a layer scan), and matches the static index."""
     rng = np.random.default_rng(4)
     q, k_pool, v_pool, tables, lens, _ = make_case(
         rng, context_lens=[5, 12], kv_heads=2, group=2, head_dim=64, block_size=8,
         max_blocks=2, dtype=jnp.float32)
-
-    @jax.jit
-    def run(layer):
-        return paged_decode_attention_triton(q, k_pool, v_pool, layer, tables, lens,
-                                             scale=0.125, num_splits=2)
-
-    static = paged_decode_attention_triton(q, k_pool, v_pool, LAYER, tables, lens, scale=0.125,
-                                           num_splits=2)
-    np.testing.assert_array_equal(np.asarray(run(jnp.int32(LAYER))), np.asarray(static))
-    assert np.abs(np.asarray(run(jnp.int32(0)))).max() > 1.0  # layer 0 is all POISON
+    assert_traced_layer_matches(lambda layer: paged_decode_attention_triton(
+        q, k_pool, v_pool, layer, tables, lens, scale=0.125, num_splits=2))
 
 
 def test_bad_input_raises_value_error():

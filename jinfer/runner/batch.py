@@ -45,10 +45,14 @@ class PrefillShape(NamedTuple):
         return self.num_tokens, self.rows * self.q_len * self.width
 
     def fits_in(self, other: "PrefillShape", factor: float) -> bool:
-        """Whether `other` holds every dimension of this shape at most `factor` times the
-        work."""
+        """Whether `other` holds every dimension of this shape, with at most `factor` times
+        its attention work and at most twice its tokens or 64 more (a prefill's matmul work
+        grows with its padded tokens: large ones are not worth padding further)."""
+        tokens, attention = self.cost()
+        other_tokens, other_attention = other.cost()
         return (all(a <= b for a, b in zip(self, other))
-                and all(b <= factor * a for a, b in zip(self.cost(), other.cost())))
+                and other_tokens <= max(2 * tokens, tokens + 64)
+                and other_attention <= factor * attention)
 
 
 class BatchBuilder:

@@ -1,0 +1,33 @@
+"""What the attention-kernel tests share: poisoned pools, tolerances, the rounding the kernel
+sees, and the traced-layer check.
+
+Pools hold POISON (finite, large) wherever no real key or value was written, so reading a stale
+slot, another sequence's block or the pad block moves a result far out of tolerance.
+Tolerances: float32 tightly (float32 accumulation); bfloat16 / float16 inputs are rounded once
+(`rounded`) so the float64 oracle sees what the kernel sees, and the rest is the kernel's
+rounding of the softmax probabilities before P.V and of its output (2^-9 relative for bf16).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+POISON = 1e4
+LAYERS, LAYER = 2, 1  # pools of two layers; the kernels read layer 1, layer 0 is all POISON
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
+
+
+def rounded(a, dtype):
+    """a's values after a round trip through dtype, as float64 (what the kernel sees)."""
+    return np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64)
+
+
+def assert_traced_layer_matches(kernel):
+    """`kernel(layer)` with the layer a traced int32 scalar (a layer scan) equals the static
+    index, and layer 0 (all POISON) gives something else."""
+    traced = jax.jit(kernel)
+    static = np.asarray(kernel(LAYER))
+    np.testing.assert_array_equal(np.asarray(traced(jnp.int32(LAYER))), static)
+    assert np.abs(np.asarray(traced(jnp.int32(0)))).max() > 1.0
