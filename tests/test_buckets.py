@@ -38,10 +38,10 @@ def test_list_buckets():
 
 @pytest.mark.parametrize("growth,minimum,expected", [
     ("3/4", 32, [2, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]),
-    ("pow2", 256, [16, 16, 16, 16, 16, 16, 16, 16, 32, 32, 64, 64])])
+    ("pow2", 128, [8, 8, 8, 8, 8, 8, 16, 16, 32, 32, 64, 64])])
 def test_block_table_widths(growth, minimum, expected):
     """Widths hold the table, never pass the widest table (max_model_len), and the CPU's
-    coarse buckets (from 256 tokens, powers of two) give few distinct widths."""
+    coarse buckets (from 128 tokens, powers of two) give few distinct widths."""
     buckets = StepBuckets(block_size=16, max_blocks_per_seq=64, min_context_tokens=minimum,
                           context_growth=growth)
     tables = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 64]

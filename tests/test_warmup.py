@@ -10,8 +10,8 @@ def test_default_warmup_is_bounded_and_covers_a_generate(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), enable_compilation_cache=False)
     result = llm.warmup()
     # Greedy and default sampling, each: 11 one-prompt prefill buckets (16..512 tokens) and 7
-    # batch buckets x 2 block-table widths (CPU).
-    assert result["programs"] == 2 * (11 + 7 * 2)
+    # batch buckets x 3 block-table widths (CPU: 128, 256 and 512 tokens).
+    assert result["programs"] == 2 * (11 + 7 * 3)
     assert llm.stats()["num_compiles"] == result["programs"]
     llm.generate(["Why is the sky blue?"], SamplingParams(temperature=0, max_tokens=40),
                  use_tqdm=False)
