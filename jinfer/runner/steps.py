@@ -11,7 +11,7 @@ Three kinds of program (each compiled once per shape bucket and sampler flags):
   tok/s at batch 1 on an H100).
 - `logits`: every position's logits of one prompt (parity checks, scoring).
 
-The compile budget: a CPU process maps memory for every program it holds (about 560 maps per
+The compile budget: a CPU process maps memory for every program it holds (about 600 maps per
 step program of the default model, measured, against the kernel's limit of 65,530), so `StepPrograms`
 counts the programs it has built and, past `max_programs`, drops them all (they reload from
 JAX's persistent cache on next use) rather than let the process die.
@@ -44,9 +44,9 @@ logger = logging.getLogger(__name__)
 # ran each layer's QKV projection twice). The pool is sized from the step's measured scratch
 # (jinfer.runner.memory), so the steps are compiled without that pass.
 STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
-# Programs a process holds before they are dropped (see the module docstring): ~45,000 maps of
+# Programs a process holds before they are dropped (see the module docstring): ~48,000 maps of
 # the default model's step programs on the CPU, under the kernel's 65,530; warm-up's defaults
-# build 64.
+# build 64 (39,145 maps measured after them).
 DEFAULT_MAX_PROGRAMS = {"cpu": 80}
 
 
