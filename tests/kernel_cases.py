@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 POISON = 1e4
 LAYERS, LAYER = 2, 1  # pools of two layers; the kernels read layer 1, layer 0 is all POISON
@@ -31,3 +32,18 @@ def assert_traced_layer_matches(kernel):
     static = np.asarray(kernel(LAYER))
     np.testing.assert_array_equal(np.asarray(traced(jnp.int32(LAYER))), static)
     assert np.abs(np.asarray(traced(jnp.int32(0)))).max() > 1.0
+
+
+def assert_decode_argument_errors(kernel):
+    """A paged decode kernel's (Pallas or Triton) argument checks: heads not a multiple of
+    kv_heads, a layer out of range, pages per compute block not a power of two."""
+    q = jnp.zeros((2, 6, 64))
+    pool = jnp.zeros((1, 4, 8, 4, 64))
+    tables, lens = jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        kernel(q, pool, pool, 0, tables, lens, scale=1.0)
+    q = jnp.zeros((2, 8, 64))
+    with pytest.raises(ValueError, match="out of range"):
+        kernel(q, pool, pool, 1, tables, lens, scale=1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        kernel(q, pool, pool, 0, tables, lens, scale=1.0, pages_per_compute_block=3)

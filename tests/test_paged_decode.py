@@ -4,17 +4,9 @@ and the jnp reference.
 On CPU the kernel runs in interpret mode (same kernel code, a modest grid of cases); the
 `gpu`-marked tests run the full grid and larger shapes through the Triton lowering.
 
-Poisoning: the kernel writes only its own fresh outputs. Interpret mode fills those with NaN
-before the kernel runs, so a program that skipped a write shows up as NaN, and every test
-asserts a finite output. Stale pool slots hold POISON (finite, large) so that any read past a
-sequence's context, or of another sequence's block, moves the result far out of tolerance.
-
-Tolerances: float32 is compared tightly (2e-5: float32 accumulation, exact-precision dots).
-bfloat16 / float16 inputs are rounded once in the test and the float64 oracle sees the same
-rounded values; the remaining error is the kernel's rounding of the softmax probabilities to
-the input dtype before the P.V dot (as the jnp reference and flash attention do: relative 2^-9
-per weight for bf16) plus the final rounding of the output to the input dtype (relative 2^-9,
-outputs here are below ~3 in magnitude), hence 2e-2 for bf16 and 1e-2 for f16.
+Interpret mode fills the kernel's outputs with NaN before it runs, so a program that skipped a
+write shows up as NaN, and every test asserts a finite output. Poisoned pools and tolerances:
+tests/kernel_cases.py.
 """
 
 from __future__ import annotations
@@ -28,8 +20,8 @@ import pytest
 from pallas_kernels.paged_decode import (choose_num_splits, make_plan,
                                          paged_decode_attention_pallas)
 from pallas_kernels.reference import paged_attention_reference
-from kernel_cases import (LAYER, LAYERS, POISON, TOLERANCE, assert_traced_layer_matches,
-                          rounded)
+from kernel_cases import (LAYER, LAYERS, POISON, TOLERANCE, assert_decode_argument_errors,
+                          assert_traced_layer_matches, rounded)
 
 
 
@@ -84,29 +76,34 @@ def contexts_for(batch, block_size, max_blocks):
 
 
 def check(seed, *, batch, kv_heads, group, head_dim, block_size, num_splits, dtype,
-          max_blocks=5, context_lens=None, **kwargs):
+          max_blocks=5, context_lens=None, kernel=paged_decode_attention_pallas, **kwargs):
+    """Runs `kernel` (the Pallas one, or another with its arguments) on one random case;
+    asserts shape, dtype, finiteness, zeros for padding rows, and agreement with the dense
+    float64 oracle and the jnp reference. Returns (its output as float64, the case's
+    (q, k_pool, v_pool, tables, lens), scale)."""
     rng = np.random.default_rng(seed)
     lens = context_lens or contexts_for(batch, block_size, max_blocks)
     q, k_pool, v_pool, tables, lens_arr, contexts = make_case(
         rng, context_lens=lens, kv_heads=kv_heads, group=group, head_dim=head_dim,
         block_size=block_size, max_blocks=max_blocks, dtype=dtype)
     scale = head_dim ** -0.5
-    out = paged_decode_attention_pallas(q, k_pool, v_pool, LAYER, tables, lens_arr, scale=scale,
-                                        num_splits=num_splits, **kwargs)
+    out = kernel(q, k_pool, v_pool, LAYER, tables, lens_arr, scale=scale,
+                 num_splits=num_splits, **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.isfinite(out).all()
+    live = np.asarray(lens) > 0
+    assert (out[~live] == 0).all()
     q64 = np.asarray(q.astype(jnp.float32), np.float64)
     expected = np.stack([dense_decode(q64[i], k, v, scale) for i, (k, v) in enumerate(contexts)])
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(out, expected, atol=tol, rtol=tol)
-    live = np.asarray(lens) > 0
     if live.any():  # the oracle's padding rows (context 0) are defined differently: skip them
         ref = paged_attention_reference(q[:, None], k_pool, v_pool, LAYER, tables,
                                         (lens_arr - 1)[:, None], lens_arr, scale=scale)[:, 0]
         ref = np.asarray(ref.astype(jnp.float32), np.float64)
         np.testing.assert_allclose(out[live], ref[live], atol=tol, rtol=tol)
-    return out
+    return out, (q, k_pool, v_pool, tables, lens_arr), scale
 
 
 # (batch, kv_heads, group, head_dim, block_size, num_splits, dtype): every value of each axis
@@ -136,8 +133,8 @@ def test_padding_rows_give_zeros():
     """Rows with context_len 0 (batch padding, table all pad block) give exact zeros, with one
     or several splits, and leave the other rows untouched."""
     for splits in (1, 3):
-        out = check(1, batch=3, kv_heads=2, group=4, head_dim=64, block_size=8,
-                    num_splits=splits, dtype=jnp.float32, context_lens=[0, 19, 0])
+        out, _, _ = check(1, batch=3, kv_heads=2, group=4, head_dim=64, block_size=8,
+                          num_splits=splits, dtype=jnp.float32, context_lens=[0, 19, 0])
         assert (out[0] == 0).all() and (out[2] == 0).all()
 
 
@@ -178,17 +175,7 @@ def test_plan_fills_the_gpu_and_covers_the_table():
 
 
 def test_bad_input_raises_value_error():
-    q = jnp.zeros((2, 6, 64))
-    pool = jnp.zeros((1, 4, 8, 4, 64))
-    tables, lens = jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32)
-    with pytest.raises(ValueError, match="multiple of kv_heads"):
-        paged_decode_attention_pallas(q, pool, pool, 0, tables, lens, scale=1.0)
-    with pytest.raises(ValueError, match="out of range"):
-        paged_decode_attention_pallas(jnp.zeros((2, 8, 64)), pool, pool, 1, tables, lens,
-                                      scale=1.0)
-    with pytest.raises(ValueError, match="power of two"):
-        paged_decode_attention_pallas(jnp.zeros((2, 8, 64)), pool, pool, 0, tables, lens,
-                                      scale=1.0, pages_per_compute_block=3)
+    assert_decode_argument_errors(paged_decode_attention_pallas)
 
 
 GPU_GRID = list(itertools.product((1, 3), (1, 2), (1, 4), (64, 128), (8, 16, 32), (1, 3),

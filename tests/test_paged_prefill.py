@@ -17,12 +17,7 @@ program wrote shows up as NaN, and every test asserts a finite output. Stale poo
 sequence's context moves the result far out of tolerance; keys of the sequence's own new
 tokens past a query's position hold real values, so a causal-mask slip shows too.
 
-Tolerances: float32 is compared tightly (2e-5: float32 accumulation, exact-precision dots).
-bfloat16 / float16 inputs are rounded once in the test and the float64 oracle sees the same
-rounded values; the remaining error is the kernel's rounding of the softmax probabilities to
-the input dtype before the P.V dot (as the jnp reference and flash attention do: relative 2^-9
-per weight for bf16) plus the final rounding of the output to the input dtype (relative 2^-9,
-outputs here are below ~3 in magnitude), hence 2e-2 for bf16 and 1e-2 for f16.
+Poisoned pools and tolerances: tests/kernel_cases.py.
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ import pytest
 
 from pallas_kernels.paged_decode import paged_decode_attention_pallas
 from pallas_kernels.triton_decode import paged_decode_attention_triton
-from kernel_cases import LAYER, TOLERANCE, assert_traced_layer_matches
-from test_paged_decode import dense_decode, make_case
+from kernel_cases import (LAYER, TOLERANCE, assert_decode_argument_errors,
+                          assert_traced_layer_matches)
+from test_paged_decode import check as check_decode
+from test_paged_decode import make_case
 
 
 @pytest.fixture
@@ -40,29 +42,19 @@ def contexts_for(batch: int, block_size: int, max_blocks: int) -> list[int]:
     return ragged[:batch]
 
 
-def check(seed, *, batch, kv_heads, group, head_dim, block_size, num_splits, dtype,
-          max_blocks=5, context_lens=None, **kwargs):
-    """Runs both kernels on one random case; asserts shapes, finiteness, zeros for padding rows,
-    and agreement with the dense oracle and with each other. Returns the Triton output."""
-    rng = np.random.default_rng(seed)
+def check(seed, *, batch, block_size, num_splits, dtype, max_blocks=5, context_lens=None,
+          **kwargs):
+    """test_paged_decode's checks on the Triton kernel (with this file's contexts), then
+    agreement with the Pallas kernel on the same case. Returns the Triton output."""
     lens = context_lens or contexts_for(batch, block_size, max_blocks)
-    q, k_pool, v_pool, tables, lens_arr, contexts = make_case(
-        rng, context_lens=lens, kv_heads=kv_heads, group=group, head_dim=head_dim,
-        block_size=block_size, max_blocks=max_blocks, dtype=dtype)
-    scale = head_dim ** -0.5
-    out = paged_decode_attention_triton(q, k_pool, v_pool, LAYER, tables, lens_arr, scale=scale,
-                                        num_splits=num_splits, **kwargs)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
-    assert np.isfinite(out).all()
-    assert (out[np.asarray(lens) == 0] == 0).all()
-    q64 = np.asarray(q.astype(jnp.float32), np.float64)
-    expected = np.stack([dense_decode(q64[i], k, v, scale) for i, (k, v) in enumerate(contexts)])
+    out, case, scale = check_decode(seed, batch=batch, block_size=block_size,
+                                    num_splits=num_splits, dtype=dtype, max_blocks=max_blocks,
+                                    context_lens=lens, kernel=paged_decode_attention_triton,
+                                    **kwargs)
+    group_kwargs = {k: v for k, v in kwargs.items() if k not in ("kv_heads", "group", "head_dim")}
+    pallas = paged_decode_attention_pallas(*case[:3], LAYER, *case[3:], scale=scale,
+                                           num_splits=num_splits, interpret=False, **group_kwargs)
     tol = TOLERANCE[dtype]
-    np.testing.assert_allclose(out, expected, atol=tol, rtol=tol)
-    pallas = paged_decode_attention_pallas(q, k_pool, v_pool, LAYER, tables, lens_arr,
-                                           scale=scale, num_splits=num_splits, interpret=False,
-                                           **kwargs)
     np.testing.assert_allclose(out, np.asarray(pallas.astype(jnp.float32), np.float64),
                                atol=tol, rtol=tol)
     return out
@@ -119,17 +111,8 @@ def test_traced_layer_under_jit(triton_extra):
 
 def test_bad_input_raises_value_error():
     """Checked before triton is needed, so this runs on any machine."""
-    q = jnp.zeros((2, 6, 64))
-    pool = jnp.zeros((1, 4, 8, 4, 64))
+    assert_decode_argument_errors(paged_decode_attention_triton)
     tables, lens = jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32)
-    with pytest.raises(ValueError, match="multiple of kv_heads"):
-        paged_decode_attention_triton(q, pool, pool, 0, tables, lens, scale=1.0)
-    with pytest.raises(ValueError, match="out of range"):
-        paged_decode_attention_triton(jnp.zeros((2, 8, 64)), pool, pool, 1, tables, lens,
-                                      scale=1.0)
-    with pytest.raises(ValueError, match="power of two"):
-        paged_decode_attention_triton(jnp.zeros((2, 8, 64)), pool, pool, 0, tables, lens,
-                                      scale=1.0, pages_per_compute_block=3)
     with pytest.raises(ValueError, match="power-of-two block_size"):
         paged_decode_attention_triton(jnp.zeros((2, 8, 64)), jnp.zeros((1, 4, 6, 4, 64)),
                                       jnp.zeros((1, 4, 6, 4, 64)), 0, tables, lens, scale=1.0)

@@ -12,25 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jinfer.runner import compilation_cache, memory
-from jinfer.model.attention import default_attention_backend, get_attention_backend
 from jinfer.api.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from jinfer.config import EngineConfig, KernelConfig
-from jinfer.engine.llm_engine import LLMEngine
-from jinfer.model.config import ModelConfig
-from jinfer.model.kv_cache import bytes_per_block
-from jinfer.loader import load_generation_eos, load_hf_config, load_weights, resolve_model_path
-from jinfer.model.llama import prepare_params
-from jinfer.runner.model_runner import ModelRunner
 from jinfer.api.outputs import RequestOutput
 from jinfer.api.sampling_params import SamplingParams
-from jinfer.text.gguf_tokenizer import load_gguf_tokenizer
-from jinfer.text.tokenizer import Tokenizer, load_tokenizer
+from jinfer.config import EngineConfig, KernelConfig
+from jinfer.engine.llm_engine import LLMEngine
+from jinfer.loader.model import DTYPES, load_model
+from jinfer.model.attention import default_attention_backend, get_attention_backend
+from jinfer.model.config import ModelConfig
+from jinfer.model.kv_cache import bytes_per_block
+from jinfer.model.llama import prepare_params
+from jinfer.runner import compilation_cache, memory
+from jinfer.runner.model_runner import ModelRunner
 from jinfer.runner.warmup import warm_up
+from jinfer.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024  # the pool's budget on CPU when nothing else is given
 # Chat models end a turn with one of these; stop there even when the checkpoint's eos differs.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>",
@@ -74,10 +72,11 @@ class LLM:
         if engine_kwargs.get("enable_compilation_cache", True):
             compilation_cache.enable()
         started = time.perf_counter()
-        model_config, params, tokenizer, eos_ids, source = _load(
-            model, dtype, load_format, skip_tokenizer_init, engine_kwargs.get("seed", 0))
-        self._start(model_config, params, tokenizer, eos_ids, **engine_kwargs)
-        logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", source, dtype,
+        loaded = load_model(model, dtype, load_format, skip_tokenizer_init,
+                            seed=engine_kwargs.get("seed", 0))
+        self._start(loaded.config, loaded.params, loaded.tokenizer, loaded.eos_token_ids,
+                    **engine_kwargs)
+        logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", loaded.source, dtype,
                     time.perf_counter() - started, self.engine.block_manager.num_usable_blocks,
                     self.config.block_size)
 
@@ -412,33 +411,3 @@ def _describe_mismatch(old: dict, new: dict) -> Optional[str]:
             return (f"{jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, the running "
                     f"weights are {a.dtype}{list(a.shape)}")
     return None
-
-
-def _load(model, dtype: str, load_format: str, skip_tokenizer_init: bool, seed: int):
-    """-> (ModelConfig, device params in the run layout, tokenizer or None, checkpoint eos ids,
-    a description of the source for the log)."""
-    if load_format == "dummy":
-        from jinfer.model.shapes import MODEL_SHAPES, random_params
-        if isinstance(model, str) and model in MODEL_SHAPES:
-            config, folder = MODEL_SHAPES[model], None
-        else:
-            folder = resolve_model_path(model)
-            if not folder.is_dir():
-                raise ValueError(f"load_format='dummy' needs a model folder with config.json or "
-                                 f"one of {sorted(MODEL_SHAPES)}, got {model!r}")
-            config = load_hf_config(folder)
-        params = prepare_params(random_params(config, dtype, seed))
-        has_tokenizer = folder is not None and any(
-            (folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
-        tokenizer = (load_tokenizer(folder) if has_tokenizer and not skip_tokenizer_init
-                     else None)
-        eos = load_generation_eos(folder) if folder is not None else ()
-        return config, params, tokenizer, eos, f"random weights of {model}"
-    path = resolve_model_path(model)
-    config, params, info = load_weights(path, dtype)
-    tokenizer = None
-    if not skip_tokenizer_init:
-        tokenizer = (load_gguf_tokenizer(path, reader=info.get("gguf_reader"))
-                     if info["format"] == "gguf" else load_tokenizer(path))
-    device_params = jax.device_put(prepare_params(params))
-    return config, device_params, tokenizer, info["eos_token_ids"], str(path)

@@ -1,0 +1,57 @@
+"""Loading is one way to get what an `LLM` is built from: a model config, a params pytree and a
+tokenizer (`LLM.from_params` takes them from anywhere else)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.loader import load_generation_eos, load_hf_config, load_weights, resolve_model_path
+from jinfer.model.config import ModelConfig
+from jinfer.model.llama import prepare_params
+from jinfer.text.gguf_tokenizer import load_gguf_tokenizer
+from jinfer.text.tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class LoadedModel(NamedTuple):
+    config: ModelConfig
+    params: dict                  # on the device, in the run layout (jinfer.model.llama)
+    tokenizer: Optional[Tokenizer]
+    eos_token_ids: tuple          # the checkpoint's end-of-sequence ids
+    source: str                   # what was loaded, for the log
+
+
+def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init: bool = False,
+               *, seed: int = 0) -> LoadedModel:
+    """A model from a path (None: the default model), or random weights of its shape
+    (load_format="dummy": a folder with config.json or a MODEL_SHAPES name), with the weights
+    on the device in the run layout."""
+    if load_format == "dummy":
+        from jinfer.model.shapes import MODEL_SHAPES, random_params
+        if isinstance(model, str) and model in MODEL_SHAPES:
+            config, folder = MODEL_SHAPES[model], None
+        else:
+            folder = resolve_model_path(model)
+            if not folder.is_dir():
+                raise ValueError(f"load_format='dummy' needs a model folder with config.json or "
+                                 f"one of {sorted(MODEL_SHAPES)}, got {model!r}")
+            config = load_hf_config(folder)
+        params = prepare_params(random_params(config, dtype, seed))
+        has_tokenizer = folder is not None and any(
+            (folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = (load_tokenizer(folder) if has_tokenizer and not skip_tokenizer_init
+                     else None)
+        eos = load_generation_eos(folder) if folder is not None else ()
+        return LoadedModel(config, params, tokenizer, tuple(eos), f"random weights of {model}")
+    path = resolve_model_path(model)
+    config, params, info = load_weights(path, dtype)
+    tokenizer = None
+    if not skip_tokenizer_init:
+        tokenizer = (load_gguf_tokenizer(path, reader=info.get("gguf_reader"))
+                     if info["format"] == "gguf" else load_tokenizer(path))
+    device_params = jax.device_put(prepare_params(params))
+    return LoadedModel(config, device_params, tokenizer, tuple(info["eos_token_ids"]), str(path))
