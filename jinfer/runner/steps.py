@@ -19,6 +19,7 @@ JAX's persistent cache on next use) rather than let the process die.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -235,8 +236,16 @@ class StepPrograms:
         """Programs held now."""
         return len(self._programs)
 
+    @contextlib.contextmanager
     def _counted(self, key, step_input: Optional[StepInput], what: str):
-        return _CountCompile(self, key, step_input, what)
+        """Times the dispatch inside and logs it as a compile when its program is new
+        (dispatch returns once the program is compiled)."""
+        new, started = self._admit(key), time.perf_counter()
+        yield
+        if new:
+            shapes = describe(step_input) if step_input is not None else ""
+            logger.info("compiled %s for %s in %.2f s (program %d of this process)", what,
+                        shapes, time.perf_counter() - started, self.num_compiles)
 
     def _admit(self, key) -> bool:
         """Registers a program about to be built; True when it is new."""
@@ -253,22 +262,3 @@ class StepPrograms:
         self._programs.add(key)
         self.num_compiles += 1
         return True
-
-
-class _CountCompile:
-    """Times a dispatch and logs it as a compile when its program is new (dispatch returns
-    once the program is compiled)."""
-
-    def __init__(self, programs: StepPrograms, key, step_input, what: str):
-        self.programs, self.key, self.step_input, self.what = programs, key, step_input, what
-
-    def __enter__(self):
-        self.new = self.programs._admit(self.key)
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.new and exc[0] is None:
-            shapes = describe(self.step_input) if self.step_input is not None else ""
-            logger.info("compiled %s for %s in %.2f s (program %d of this process)", self.what,
-                        shapes, time.perf_counter() - self.started, self.programs.num_compiles)
-        return False
