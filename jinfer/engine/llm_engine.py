@@ -187,11 +187,12 @@ class LLMEngine:
         decode, prefill = schedule.decode, schedule.prefill
         if not decode and not prefill:
             return None
-        if schedule.num_decode_steps > 1:
+        if not prefill:  # decode-only: the decode-steps program, one step or several
             calls = [self._launch_decode_steps(decode, schedule.num_decode_steps, prev)]
-        elif decode and prefill and not self.config.mixed_batching:
+        elif decode and not self.config.mixed_batching:
             # Two calls: fewer distinct shapes to compile, where compiling is slow (CPU).
-            calls = [self._launch_step([], prefill, prev), self._launch_step(decode, [], prev)]
+            calls = [self._launch_step([], prefill, prev),
+                     self._launch_decode_steps(decode, 1, prev)]
         else:
             calls = [self._launch_step(decode, prefill, prev)]
         if prev is not None:
@@ -223,7 +224,7 @@ class LLMEngine:
         token_ids = device_tokens(decode, step_input, prev)
         results, last_tokens = self.runner.launch_decode_steps(step_input, flags, num_steps,
                                                                token_ids)
-        return DeviceCall(decode, len(decode), num_steps, results, last_tokens)
+        return DeviceCall(decode, len(decode), num_steps, results, last_tokens, stacked=True)
 
     def _sampling_rows(self, items: list[ScheduledSequence]) -> list[SamplingRow]:
         """The sampler rows of `items`' next tokens (past their samples still in flight)."""
@@ -245,7 +246,7 @@ class LLMEngine:
             rows = [*range(call.num_decode, len(call.items)), *range(call.num_decode)]
             for step in range(call.num_steps):
                 result = results
-                if call.num_steps > 1:  # fields [steps >= num_steps, S]
+                if call.stacked:  # fields [steps >= num_steps, S]
                     result = jax.tree.map(lambda a: a[step], results)  # noqa: B023
                 for row in rows:
                     self._read_back_row(call, row, result, touched)

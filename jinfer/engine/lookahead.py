@@ -28,8 +28,9 @@ class DeviceCall:
     items: list[ScheduledSequence]  # its rows in order: decodes, then prompt chunks
     num_decode: int                 # of those, decode rows
     num_steps: int                  # decode steps run back to back (1: one, maybe mixed, step)
-    results: object                 # SamplerOutput on the device, fields [S] or [num_steps, S]
+    results: object                 # SamplerOutput on the device: fields [S], or [steps, S]
     last_tokens: object             # [R >= rows] on the device: each row's last sample
+    stacked: bool = False           # results carry a leading steps axis (decode-steps program)
 
 
 @dataclasses.dataclass
