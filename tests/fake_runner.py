@@ -7,7 +7,8 @@ then reads its whole context back through the table and samples
 
     next token = (sum of the context's tokens + (0 if greedy else seed + step)) % vocab,
 
-moved up past ids the row bans (min_tokens). `expected_tokens` computes the same by hand. So a
+moved up past ids the row bans (min_tokens). `expected_tokens` computes the same by hand; a
+prompt token's logprob (prompt_logprobs) is `prompt_logprob(position, token)`. So a
 wrong block table, copy-on-write copy, prefix-cache hit, chunk, preemption or lookahead gather
 changes the tokens, or trips an assertion here: a context slot that holds another position.
 
@@ -27,6 +28,12 @@ from jinfer.engine.scheduler import ScheduledSequence
 from jinfer.model.sampler import SamplerOutput, SamplingRow
 
 LOGPROB = -0.25  # every sample's logprob: a completion's cumulative logprob is -0.25 per token
+
+
+def prompt_logprob(position: int, token: int) -> float:
+    """The fake model's logprob of prompt token `token` at `position` (rank 1): distinct for
+    every position and token, so a score read back for the wrong one shows."""
+    return -(position + token / 1000)
 
 
 def next_token(context: Sequence[int], row: SamplingRow, vocab_size: int) -> int:
@@ -77,6 +84,7 @@ class FakeRow:
     block_table: np.ndarray  # [blocks], as it was when the call was prepared
     start: int               # position of its first new token
     tokens: list[int]        # [num_new] its new tokens; a decode row's may come from the device
+    next_tokens: list[int]   # [num_new] the token after each (0 past the last): scored ones
     sampling: SamplingRow
 
 
@@ -101,6 +109,7 @@ class FakeStep:
     rows: list[FakeRow]    # decode rows, then prompt chunks
     num_decode: int
     num_logprobs: int
+    num_prompt_logprobs: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +127,10 @@ def _pad(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _padded(tokens: list[int], n: int) -> list[int]:
+    return tokens + [0] * (n - len(tokens))
+
+
 class FakeRunner:
     """The runner interface of LLMEngine over a pool of token ids; see the module docstring."""
 
@@ -131,29 +144,34 @@ class FakeRunner:
 
     # -- host side -------------------------------------------------------------------------------
     def prepare(self, decode: list[ScheduledSequence], prefill: list[ScheduledSequence],
-                sampling_rows: list[SamplingRow], num_logprobs: int, num_steps: int = 1):
+                sampling_rows: list[SamplingRow], num_logprobs: int,
+                num_prompt_logprobs: int = 0, num_steps: int = 1):
         assert len(sampling_rows) == len(decode) + len(prefill)
         rows = []
         for item, sampling in zip(decode + prefill, sampling_rows):
-            seq, end = item.seq, item.start + item.num_new_tokens
-            tokens = seq.token_ids_slice(item.start, min(end, seq.num_tokens))
-            tokens += [0] * (item.num_new_tokens - len(tokens))  # a sample still in flight
+            seq, n = item.seq, item.num_new_tokens
+            tokens, next_tokens = (  # 0 for a sample still in flight, and past the last token
+                _padded(seq.token_ids_slice(start, min(start + n, seq.num_tokens)), n)
+                for start in (item.start, item.start + 1))
             rows.append(FakeRow(seq.seq_id, np.array(seq.block_table), item.start, tokens,
-                                sampling))
+                                next_tokens, sampling))
         num_rows = _pad(len(decode)) if decode else 0
         head = np.zeros(num_rows, np.int32)
         head[:len(decode)] = [row.tokens[0] for row in rows[:len(decode)]]
         meta = FakeDecodeMetadata(np.zeros((num_rows, 1), np.int32)) if decode else None
-        return FakeStep(head, FakeAttention(meta), rows, len(decode), num_logprobs), num_logprobs
+        return FakeStep(head, FakeAttention(meta), rows, len(decode), num_logprobs,
+                        num_prompt_logprobs), num_logprobs
 
     # -- device side -------------------------------------------------------------------------------
-    def launch_step(self, step: FakeStep, flags, token_ids=None) -> SamplerOutput:
+    def launch_step(self, step: FakeStep, flags, token_ids=None) -> tuple:
         self._take_head(step, token_ids)
         self._record(step, 1, token_ids)
         tokens = [self._run_row(row) for row in step.rows]
-        return self._output(tokens, step.num_logprobs, _pad(len(step.rows)))
+        samples = self._output(tokens, [LOGPROB] * len(tokens), step.num_logprobs,
+                               _pad(len(step.rows)))
+        return samples, self._prompt_scores(step) if step.num_prompt_logprobs else None
 
-    def execute(self, step: FakeStep, flags) -> SamplerOutput:
+    def execute(self, step: FakeStep, flags) -> tuple:
         return self.launch_step(step, flags)
 
     def launch_decode_steps(self, step: FakeStep, flags, num_steps: int,
@@ -164,7 +182,8 @@ class FakeRunner:
         outputs = []
         for _ in range(num_steps):
             tokens = [self._run_row(row) for row in step.rows]
-            outputs.append(self._output(tokens, step.num_logprobs, len(step.token_ids)))
+            outputs.append(self._output(tokens, [LOGPROB] * len(tokens), step.num_logprobs,
+                                        len(step.token_ids)))
             for row, token in zip(step.rows, tokens):  # each sample is the next step's input
                 row.start, row.tokens = row.start + 1, [token]
                 row.sampling = dataclasses.replace(row.sampling, step=row.sampling.step + 1)
@@ -206,18 +225,28 @@ class FakeRunner:
         context = self.pool_tokens[blocks, positions % bs]
         return next_token(context, row.sampling, self.model_config.vocab_size)
 
-    def _output(self, tokens: list[int], num_logprobs: int, num_rows: int) -> SamplerOutput:
-        """[num_rows] samples: each row's token with logprob LOGPROB (rank 1), then the next
-        ids at LOGPROB - 1, - 2, ... as its top-N."""
+    def _prompt_scores(self, step: FakeStep) -> SamplerOutput:
+        """The prompt chunks' tokens, back to back, scored: the token after each position p
+        at `prompt_logprob(p + 1, token)`."""
+        tokens, logprobs = [], []
+        for row in step.rows[step.num_decode:]:
+            for position, token in enumerate(row.next_tokens, row.start + 1):
+                tokens.append(token)
+                logprobs.append(prompt_logprob(position, token))
+        return self._output(tokens, logprobs, step.num_prompt_logprobs, _pad(len(tokens)))
+
+    def _output(self, tokens: list[int], logprobs: list[float], num_logprobs: int,
+                num_rows: int) -> SamplerOutput:
+        """[num_rows] rows: each token with its logprob (rank 1), then the next ids at the
+        logprob - 1, - 2, ... as its top-N."""
         vocab = self.model_config.vocab_size
-        sampled = np.zeros(num_rows, np.int32)
-        sampled[:len(tokens)] = tokens
-        top_ids = (sampled[:, None] + np.arange(num_logprobs)[None, :]) % vocab
-        top_logprobs = LOGPROB - np.arange(num_logprobs, dtype=np.float32)[None, :]
-        return SamplerOutput(
-            tokens=sampled, logprobs=np.full(num_rows, LOGPROB, np.float32),
-            ranks=np.ones(num_rows, np.int32), top_ids=top_ids.astype(np.int32),
-            top_logprobs=np.broadcast_to(top_logprobs, top_ids.shape).astype(np.float32))
+        chosen, chosen_logprobs = np.zeros(num_rows, np.int32), np.zeros(num_rows, np.float32)
+        chosen[:len(tokens)], chosen_logprobs[:len(tokens)] = tokens, logprobs
+        top_ids = (chosen[:, None] + np.arange(num_logprobs)[None, :]) % vocab
+        top_logprobs = chosen_logprobs[:, None] - np.arange(num_logprobs, dtype=np.float32)
+        return SamplerOutput(tokens=chosen, logprobs=chosen_logprobs,
+                             ranks=np.ones(num_rows, np.int32), top_ids=top_ids.astype(np.int32),
+                             top_logprobs=top_logprobs.astype(np.float32))
 
     def _record(self, step: FakeStep, num_steps: int, token_ids) -> None:
         self.calls.append(CallRecord(tuple(row.seq_id for row in step.rows), step.num_decode,

@@ -44,6 +44,21 @@ def test_decode_then_prefill_in_one_packed_row():
     assert list(step.logits_indices[:2]) == [0, 3]
 
 
+def test_prompt_logprobs_score_the_token_after_each_prompt_token():
+    """The prompt chunks' next tokens, back to back after the decode rows (0 after a
+    sequence's last known token and in the padding); none without prompt logprobs."""
+    builder = BatchBuilder(StepBuckets(block_size=4, max_blocks_per_seq=8, min_context_tokens=8))
+    decode = [ScheduledSequence(_seq(0, [5, 6, 7, 8, 9], 4, [3, 7]), 1)]
+    prefill = [ScheduledSequence(_seq(1, [1, 2, 3, 4, 5], 0, [2, 4]), 3),  # a first chunk
+               ScheduledSequence(_seq(2, [6, 7, 8], 1, [5]), 2)]           # a last chunk
+    items = decode + prefill
+    step, _ = builder.prepare(decode, prefill, _rows(items), 0, num_prompt_logprobs=5)
+    assert step.prompt_logprobs.num_logprobs == 5
+    assert step.token_ids.shape == (1 + 16,) and step.prompt_logprobs.next_tokens.shape == (16,)
+    assert list(step.prompt_logprobs.next_tokens[:6]) == [2, 3, 4, 8, 0, 0]
+    assert builder.prepare(decode, prefill, _rows(items), 0)[0].prompt_logprobs is None
+
+
 def test_a_prefill_reuses_a_larger_shape_within_the_factor():
     buckets = StepBuckets(block_size=16, max_blocks_per_seq=64, min_context_tokens=256,
                           context_growth="pow2", reuse_larger_prefill=4)

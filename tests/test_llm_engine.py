@@ -6,18 +6,22 @@ vouch for the block tables, copies, prefix hits and the gathers of lookahead.
 
 Covered: continuous batching, chunked prefill, multi-step calls and their reserved slots,
 lookahead (calls dispatched ahead, rows discarded after a finish), preemption under a tiny pool,
-abort, n > 1 forks, every finish reason, logprobs; the pool is whole after every workload.
+abort, n > 1 forks, every finish reason, logprobs, prompt logprobs (read back chunk by chunk,
+whole in a request's first output); the pool is whole after every workload.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 try:
-    from tests.fake_runner import LOGPROB, FakeRunner, FakeTokenizer, expected_tokens
+    from tests.fake_runner import (LOGPROB, FakeRunner, FakeTokenizer, expected_tokens,
+                                   prompt_logprob)
 except ImportError:  # tests/ is on sys.path instead of the repo root
-    from fake_runner import LOGPROB, FakeRunner, FakeTokenizer, expected_tokens
+    from fake_runner import LOGPROB, FakeRunner, FakeTokenizer, expected_tokens, prompt_logprob
 
+from jinfer.api.outputs import Logprob
 from jinfer.api.sampling_params import SamplingParams
 from jinfer.config import EngineConfig
 from jinfer.engine.llm_engine import LLMEngine
@@ -309,6 +313,86 @@ def test_logprobs_of_the_fake_sampler():
     assert sorted(first) == [3, 4]
     assert (first[3].logprob, first[3].rank, first[3].decoded_token) == (LOGPROB, 1, " 3")
     assert (first[4].logprob, first[4].rank) == (LOGPROB - 1, 2)
+
+
+# -- prompt logprobs -------------------------------------------------------------------------------
+def want_prompt_logprobs(ids: list[int], top_n: int) -> list:
+    """The fake model's prompt logprobs of `ids` for prompt_logprobs=top_n: token p at
+    prompt_logprob(p, token) (rank 1), then the next ids 1, 2, ... lower (top_n of them)."""
+    want = [None]
+    for position, token in enumerate(ids[1:], 1):
+        logprob = np.float32(prompt_logprob(position, token))
+        want.append({(token + j) % VOCAB: Logprob(float(logprob - j), j + 1, f" {token + j}")
+                     for j in range(max(top_n, 1))})
+    return want
+
+
+@pytest.mark.parametrize("engine_config", ENGINES.values(), ids=ENGINES.keys())
+def test_prompt_logprobs_cover_every_prompt_token_once(engine_config):
+    """A 40-token prompt prefilled in three chunks beside other requests gets each prompt
+    token's logprob once; a repeat of it computes every position again (no prefix-cache hit:
+    40 more prompt tokens computed) and gets them all too, while a request without prompt
+    logprobs shares its blocks. The others' tokens are the fake model's."""
+    engine = make_engine(**engine_config)
+    ids = prompt(10, 40)
+    arrivals = [(0, "short", [1, 2], greedy(10)),
+                (0, "scored", ids, greedy(3, prompt_logprobs=2)),
+                (6, "again", ids, greedy(3, prompt_logprobs=0)),
+                (12, "shared", ids + [7], greedy(3))]
+    outputs = run(engine, arrivals)
+    assert outputs["scored"].prompt_logprobs == want_prompt_logprobs(ids, 2)
+    assert outputs["again"].prompt_logprobs == want_prompt_logprobs(ids, 0)
+    assert outputs["short"].prompt_logprobs is outputs["shared"].prompt_logprobs is None
+    for _, request_id, prompt_ids, params in arrivals:
+        assert tokens(outputs, request_id) == expected_tokens(prompt_ids, params.max_tokens,
+                                                              VOCAB)
+    shared_computed = 1 if engine.config.enable_prefix_caching else 41
+    assert engine.stats()["num_computed_prompt_tokens"] == 2 + 40 + 40 + shared_computed
+
+
+def test_the_first_output_has_the_whole_prompts_logprobs():
+    """Chunks that sample nothing return no output: the first one comes with the first token
+    and every prompt token's logprob."""
+    engine = make_engine(num_scheduler_steps=1)
+    ids = prompt(10, 40)
+    engine.add_request("r", None, ids, greedy(3, prompt_logprobs=1))
+    first = []
+    while not first:
+        first = engine.step()
+    assert first[0].outputs[0].token_ids == expected_tokens(ids, 1, VOCAB)
+    assert first[0].prompt_logprobs == want_prompt_logprobs(ids, 1)
+    engine.abort("r")
+    assert_pool_whole(engine)
+
+
+@pytest.mark.parametrize("num_scheduler_steps", [1, 4])
+def test_preemption_mid_prompt_neither_repeats_nor_loses_prompt_logprobs(num_scheduler_steps):
+    """Under a tiny pool the scored prompt is preempted mid-prefill and recomputed from its
+    start: the positions read back before are skipped, the rest read back once."""
+    engine = make_engine(num_blocks=1 + 10, num_scheduler_steps=num_scheduler_steps)
+    preempted, preempt = [], engine.scheduler._preempt
+    engine.scheduler._preempt = lambda seq: preempted.append(seq.needs_prompt_logprobs) or \
+        preempt(seq)
+    ids = prompt(100, 30)
+    arrivals = [(0, "a", prompt(1, 5), greedy(30)), (0, "b", prompt(200, 6), greedy(20)),
+                (1, "scored", ids, greedy(5, prompt_logprobs=1))]
+    outputs = run(engine, arrivals)
+    assert any(preempted), "the scored prompt was meant to be preempted mid-prefill"
+    assert outputs["scored"].prompt_logprobs == want_prompt_logprobs(ids, 1)
+    for _, request_id, prompt_ids, params in arrivals:
+        assert tokens(outputs, request_id) == expected_tokens(prompt_ids, params.max_tokens,
+                                                              VOCAB)
+
+
+def test_parallel_samples_share_one_set_of_prompt_logprobs():
+    engine = make_engine(num_scheduler_steps=4)
+    ids = prompt(5, 22)
+    outputs = run(engine, [(0, "r", ids, SamplingParams(n=3, temperature=1.0, seed=5,
+                                                        max_tokens=4, prompt_logprobs=2))])
+    assert outputs["r"].prompt_logprobs == want_prompt_logprobs(ids, 2)
+    for index in range(3):
+        want = expected_tokens(ids, 4, VOCAB, greedy=False, seed=engine_seed(5, index))
+        assert tokens(outputs, "r", index) == want
 
 
 def test_bad_requests_are_value_errors():

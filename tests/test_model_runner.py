@@ -27,7 +27,8 @@ def test_a_decode_only_step_runs_on_the_decode_steps_program(llm):
     runner = llm.engine.runner
     items = pad_block_items(1, 20, 1, runner.block_size)
     step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
-    single = runner.execute(step_input, flags)
+    single, scores = runner.execute(step_input, flags)
+    assert scores is None
     several = runner.execute_decode_steps(step_input, flags, 1)
     np.testing.assert_array_equal(single.tokens, several.tokens[0])
     kinds = {key[0] for key in runner.programs._programs}

@@ -156,6 +156,20 @@ def test_greedy_generation_matches_hf(reference, llm):
     assert worst <= LOGPROB_ATOL
 
 
+def test_prompt_logprobs_match_hf(reference, llm):
+    """Each prompt token's logprob (prompt_logprobs) against the log_softmax of HF's logits."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    outputs = llm.generate(prompt_token_ids=reference.prompts, sampling_params=params,
+                           use_tqdm=False)
+    assert_pool_whole(llm)
+    for ids, logits, out in zip(reference.prompts, reference.logits, outputs):
+        want = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1).numpy()
+        got = [entry[token].logprob for token, entry in zip(ids[1:], out.prompt_logprobs[1:])]
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+        np.testing.assert_allclose(got, want[np.arange(len(ids) - 1), ids[1:]],
+                                   atol=LOGPROB_ATOL)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 class _SentencePieceOracle:

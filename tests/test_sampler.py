@@ -9,7 +9,7 @@ import pytest
 
 from jinfer.model.sampler import (SamplerFlags, SamplingRow, append_outputs, apply_penalties,
                                   argmax_and_logsumexp, make_sampling_metadata, sample,
-                                  sampler_flags)
+                                  sampler_flags, score)
 from jinfer.api.sampling_params import SamplingParams
 
 V = 32
@@ -249,6 +249,22 @@ def test_logprobs_are_raw_log_softmax(logits):
     assert (np.diff(out.top_logprobs, axis=-1) <= 0).all()
     np.testing.assert_array_equal(out.top_ids, np.argsort(-ref, axis=-1)[:, :5])
     np.testing.assert_allclose(out.top_logprobs, np.sort(ref, -1)[:, ::-1][:, :5], atol=1e-5)
+
+
+def test_score_gives_the_raw_log_softmax_of_given_tokens(logits):
+    """Prompt logprobs: given tokens' logprobs, ranks (1 + more likely tokens) and the top-N,
+    for any leading shape (a single row too: the step scores its prompt rows one by one)."""
+    tokens = np.array([3, 0, 31, 7, 7, 12], np.int32)
+    out = jax.tree.map(np.asarray, jax.jit(score, static_argnums=2)(logits, tokens, 4))
+    ref = ref_log_softmax(logits)
+    chosen = ref[np.arange(6), tokens]
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(out.logprobs, chosen, atol=1e-5)
+    np.testing.assert_array_equal(out.ranks, 1 + (ref > chosen[:, None]).sum(-1))
+    np.testing.assert_array_equal(out.top_ids, np.argsort(-ref, axis=-1)[:, :4])
+    np.testing.assert_allclose(out.top_logprobs, np.sort(ref, -1)[:, ::-1][:, :4], atol=1e-5)
+    row = score(jnp.asarray(logits[2]), jnp.int32(31), 4)
+    assert row.top_ids.shape == (4,) and int(row.ranks) == out.ranks[2]
 
 
 def test_no_logprobs_gives_empty_top(logits):

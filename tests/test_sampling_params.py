@@ -14,6 +14,7 @@ def test_defaults_match_vllm():
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
     assert p.seed is None and p.stop == () and p.stop_token_ids == ()
     assert (p.ignore_eos, p.max_tokens, p.min_tokens, p.logprobs) == (False, 16, 0, None)
+    assert p.prompt_logprobs is None
     assert p.skip_special_tokens is True and p.include_stop_str_in_output is False
     assert not p.greedy and not p.has_penalties and not p.has_truncation
 
@@ -42,6 +43,11 @@ def test_defaults_match_vllm():
     (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(logprobs=-1), "logprobs"),
     (dict(logprobs=21), "logprobs"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"),
+    (dict(prompt_logprobs=2.5), "prompt_logprobs"),
+    (dict(prompt_logprobs="5"), "prompt_logprobs"),
+    (dict(prompt_logprobs=True), "prompt_logprobs"),
     (dict(stop=""), "stop"),
     (dict(stop=["ok", ""]), "stop"),
     (dict(stop=[1, 2]), "stop"),
@@ -67,11 +73,15 @@ def test_messages_state_valid_range():
         SamplingParams(presence_penalty=9.0)
     with pytest.raises(ValueError, match=r"min_tokens .*max_tokens=10"):
         SamplingParams(min_tokens=11, max_tokens=10)
+    with pytest.raises(ValueError, match=r"prompt_logprobs .*\[0, 20\] or None"):
+        SamplingParams(prompt_logprobs=21)
 
 
 def test_boundaries_are_accepted():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0, presence_penalty=-2.0,
                    frequency_penalty=2.0, logprobs=20, min_tokens=16, max_tokens=16, seed=-3)
+    assert SamplingParams(prompt_logprobs=0).prompt_logprobs == 0
+    assert SamplingParams(prompt_logprobs=np.int64(20)).prompt_logprobs == 20
 
 
 def test_numeric_coercion():

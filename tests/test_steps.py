@@ -1,12 +1,15 @@
 """The device step programs (jinfer/runner/steps.py): one decode program serves every step
-count, and the compile budget bounds the programs a process holds."""
+count, the compile budget bounds the programs a process holds, and prompt logprobs run in step
+variants of their own."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jinfer import LLM, SamplingParams
 from jinfer.config import KernelConfig
+from jinfer.runner import steps
 
 PROMPTS = ["The quick brown fox", "Why is the sky blue?", "12345"]
 
@@ -67,3 +70,42 @@ def test_execute_decode_steps_returns_the_steps_asked(tiny_model_dir):
     step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
     out = runner.execute_decode_steps(step_input, flags, 3)
     assert np.asarray(out.tokens).shape == (3, 2)
+
+
+def _prompt_logprobs_programs(llm) -> list:
+    return [key for key in llm.engine.runner.programs._programs
+            if "PromptLogprobsInput" in str(key[1].treedef)]
+
+
+def test_prompt_logprobs_run_in_step_variants_of_their_own(tiny_model_dir):
+    """Only steps whose prompt chunks ask for prompt logprobs build other programs (prefill
+    steps, one per top-N bucket): a run without them builds and uses what it did before."""
+    llm = _llm(tiny_model_dir)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    llm.generate(PROMPTS, params, use_tqdm=False)
+    plain = set(llm.engine.runner.programs._programs)
+    assert not _prompt_logprobs_programs(llm)
+    for k in (0, 1, 3):  # top-N buckets 1, 1, 5
+        scored = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, prompt_logprobs=k)
+        llm.generate(PROMPTS, scored, use_tqdm=False)
+    new = set(llm.engine.runner.programs._programs) - plain
+    assert new == set(_prompt_logprobs_programs(llm))
+    assert {key[0] for key in new} == {"step"} and len(new) == 2
+    compiles = llm.stats()["num_compiles"]
+    llm.generate(PROMPTS, params, use_tqdm=False)
+    assert llm.stats()["num_compiles"] == compiles
+    assert llm.engine.block_manager.is_whole()
+
+
+def test_prompt_logprobs_are_scored_a_few_rows_at_a_time(tiny_model_dir, monkeypatch):
+    """Rows of the scoring loop do not change the scores: 5 rows at a time (several
+    iterations and a remainder) against the oracle."""
+    monkeypatch.setattr(steps, "PROMPT_LOGPROBS_ROWS", 5)
+    llm = _llm(tiny_model_dir)
+    ids = llm.get_tokenizer().encode(" ".join(PROMPTS))
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    entries = llm.generate(prompt_token_ids=[ids], sampling_params=params,
+                           use_tqdm=False)[0].prompt_logprobs
+    ref = np.asarray(jax.nn.log_softmax(llm.prompt_logits(ids), axis=-1))
+    got = [entry[token].logprob for token, entry in zip(ids[1:], entries[1:])]
+    np.testing.assert_allclose(got, ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-5)

@@ -33,10 +33,13 @@ class CompletionOutput:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A request's prompt and its completions; streamed outputs carry deltas in `outputs`."""
+    """A request's prompt and its completions (a stream's outputs are cumulative)."""
 
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # Per prompt token when asked for (SamplingParams.prompt_logprobs), complete from the first
+    # output on; the first entry is None (nothing predicts the first token).
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
 
-# Most top logprobs a request may ask for per generated token (the OpenAI API's limit).
+# Most top logprobs a request may ask for per generated or prompt token (the OpenAI API's limit).
 MAX_LOGPROBS = 20
 
 
@@ -102,6 +102,9 @@ class SamplingParams:
       min_tokens: EOS and stop tokens are banned until this many tokens are generated.
       logprobs: number of top log-probabilities to return per generated token; 0 returns only
         the sampled token's; None returns none.
+      prompt_logprobs: the same for every prompt token (its own logprob, rank and the top-N),
+        computed in the prefill; None returns none. Every prompt position is then computed:
+        the request takes no prefix-cache hits.
       skip_special_tokens: leave special tokens out of the detokenized text.
       include_stop_str_in_output: keep the matched stop string at the end of the text.
     """
@@ -121,6 +124,7 @@ class SamplingParams:
     max_tokens: int = 16
     min_tokens: int = 0
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -149,9 +153,10 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _check_bool(name, getattr(self, name))
         self._check_lengths()
-        if self.logprobs is not None:
-            self.logprobs = _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
-                                       hint=" or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _check_int(name, getattr(self, name), 0, MAX_LOGPROBS,
+                                               hint=" or None"))
 
     def _check_lengths(self) -> None:
         self.max_tokens = _check_int("max_tokens", self.max_tokens, 1)

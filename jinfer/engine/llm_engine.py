@@ -9,14 +9,17 @@
                 arrays (decode rows, then prompt chunks, with each row's `SamplingRow`) and
                 launches one jitted call: embed -> decoder layers over the paged pool (donated,
                 written in place) -> logits at each row's last token -> sampler. Only the
-                sampled tokens (and logprobs when asked) come back to the host.
-3. read back    waits for the call; each row's positions are computed now (their full blocks
-                join the prefix cache), and each sample is appended to its sequence.
+                sampled tokens (and logprobs when asked) come back to the host; a call whose
+                prompt chunks ask for prompt logprobs also scores every prompt token on the
+                device (a program variant of its own), and [tokens, top-N] of them come back.
+3. read back    waits for the call; the prompt logprobs are appended to their sequences, each
+                row's positions are computed now (their full blocks join the prefix cache),
+                and each sample is appended to its sequence.
 4. postprocess  the StopChecker decides whether the sequence finishes and why (eos, stop id,
                 stop string found by the detokenizer, max_tokens, max_model_len;
                 jinfer.engine.stopping); finished sequences free their blocks; n > 1 siblings
-                fork after the prompt's first sample; the touched requests' RequestOutputs are
-                returned.
+                fork after the prompt's first sample; the RequestOutputs of the requests that
+                sampled are returned (the first one has the whole prompt's logprobs).
 
 Lookahead (on whenever num_scheduler_steps > 1; num_scheduler_steps=1 runs every step
 synchronously) keeps the device from waiting on the host between steps. A call is dispatched
@@ -205,14 +208,15 @@ class LLMEngine:
         for when lookahead is off)."""
         items = decode + prefill  # the call's row order: decodes first, then prompt chunks
         step_input, flags = self.runner.prepare(decode, prefill, self._sampling_rows(items),
-                                                self._logprobs_bucket(items))
+                                                self._logprobs_bucket(items),
+                                                self._prompt_logprobs_bucket(prefill))
         token_ids = device_tokens(decode, step_input, prev)
         if self.config.num_scheduler_steps == 1:
             assert token_ids is None, "nothing is in flight without lookahead"
-            results = self.runner.execute(step_input, flags)
+            results, scores = self.runner.execute(step_input, flags)
         else:
-            results = self.runner.launch_step(step_input, flags, token_ids)
-        return DeviceCall(items, len(decode), 1, results, results.tokens)
+            results, scores = self.runner.launch_step(step_input, flags, token_ids)
+        return DeviceCall(items, len(decode), 1, results, results.tokens, prompt_scores=scores)
 
     def _launch_decode_steps(self, decode: list[ScheduledSequence], num_steps: int,
                              prev: Optional[InFlight]) -> DeviceCall:
@@ -237,12 +241,20 @@ class LLMEngine:
         return logprobs_bucket([item.seq.params.logprobs for item in items
                                 if item.seq.params.logprobs is not None])
 
+    @staticmethod
+    def _prompt_logprobs_bucket(prefill: list[ScheduledSequence]) -> int:
+        """The prompt logprobs' top-N the call computes; 0 (none) unless a chunk needs them."""
+        return logprobs_bucket([item.seq.params.prompt_logprobs for item in prefill
+                                if item.seq.needs_prompt_logprobs])
+
     # -- read back and postprocess -------------------------------------------------------------
     def _read_back(self, in_flight: InFlight, touched: dict) -> None:
         """Waits for the calls of `in_flight` and postprocesses their rows, prompt chunks first
         (n > 1 siblings fork from them and join the running set in order)."""
         for call in in_flight.calls:
-            results = jax.device_get(call.results)  # waits for the call
+            results, scores = jax.device_get((call.results, call.prompt_scores))  # waits
+            if scores is not None:
+                self._read_prompt_logprobs(call, scores)
             rows = [*range(call.num_decode, len(call.items)), *range(call.num_decode)]
             for step in range(call.num_steps):
                 result = results
@@ -251,9 +263,27 @@ class LLMEngine:
                 for row in rows:
                     self._read_back_row(call, row, result, touched)
 
+    def _read_prompt_logprobs(self, call: DeviceCall, scores) -> None:
+        """Appends the prompt logprobs of `call`'s prompt chunks to the sequences that still
+        need them. Position p's logits score prompt token p + 1; a chunk recomputed after a
+        preemption skips the positions read back before."""
+        offset = 0  # of the chunk among the scored tokens (the chunks back to back)
+        for item in call.items[call.num_decode:]:
+            seq = item.seq
+            if seq.needs_prompt_logprobs and not seq.is_finished:
+                entries = seq.prompt_logprobs
+                assert item.start < len(entries), "prompt positions computed out of order"
+                end = min(item.start + item.num_new_tokens, seq.num_prompt_tokens - 1)
+                for position in range(len(entries) - 1, end):
+                    entries.append(self._token_logprobs(
+                        scores, offset + position - item.start,
+                        seq.prompt_token_ids[position + 1], seq.params.prompt_logprobs))
+            offset += item.num_new_tokens
+
     def _read_back_row(self, call: DeviceCall, row: int, result, touched: dict) -> None:
-        """One row of one step of `call`: its tokens are computed, its sample appended.
-        Discarded when the sequence finished (or was aborted) after the call was dispatched."""
+        """One row of one step of `call`: its tokens are computed, its sample appended (and its
+        request touched). Discarded when the sequence finished (or was aborted) after the call
+        was dispatched."""
         item = call.items[row]
         seq = item.seq
         if seq.is_finished:
@@ -265,7 +295,7 @@ class LLMEngine:
             seq.num_samples_in_flight -= 1
             self._fork_siblings(seq)
             self._append_token(seq, result, row)
-        touched[seq.request_id] = self.requests[seq.request_id]
+            touched[seq.request_id] = self.requests[seq.request_id]
 
     def _count_computed(self, seq: Sequence, num_new: int) -> None:
         start = seq.num_computed_tokens
@@ -287,7 +317,7 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         seq.cumulative_logprob += float(result.logprobs[row])
         if seq.logprobs is not None:
-            seq.logprobs.append(self._token_logprobs(seq, result, row, token))
+            seq.logprobs.append(self._token_logprobs(result, row, token, seq.params.logprobs))
         finish = self.stop_checker.check(seq)
         if finish is None:
             return
@@ -296,9 +326,8 @@ class LLMEngine:
             seq.detokenizer.flush()  # text held back as a possible stop string's start
         self.scheduler.finish(seq)
 
-    def _token_logprobs(self, seq: Sequence, result, row: int, token: int) -> dict[int, Logprob]:
-        """The sampled token's logprob and the top-N (N = the request's `logprobs`)."""
-        top_n = seq.params.logprobs or 0
+    def _token_logprobs(self, result, row: int, token: int, top_n: int) -> dict[int, Logprob]:
+        """The logprob of `token`, sampled (or scored) in `row` of `result`, and the top-N."""
         ids, values = result.top_ids[row][:top_n], result.top_logprobs[row][:top_n]
         entry = {int(t): Logprob(float(v), rank + 1)
                  for rank, (t, v) in enumerate(zip(ids, values))}

@@ -31,6 +31,8 @@ class DeviceCall:
     results: object                 # SamplerOutput on the device: fields [S], or [steps, S]
     last_tokens: object             # [R >= rows] on the device: each row's last sample
     stacked: bool = False           # results carry a leading steps axis (decode-steps program)
+    prompt_scores: object = None    # SamplerOutput [P] on the device: prompt tokens scored, or
+                                    # None (no chunk asks for prompt logprobs)
 
 
 @dataclasses.dataclass

@@ -32,4 +32,4 @@ class Request:
             logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
         ) for seq in self.seqs]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions,
-                             self.finished)
+                             self.finished, self.seqs[0].prompt_logprobs)

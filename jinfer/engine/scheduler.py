@@ -11,12 +11,14 @@ import logging
 from typing import Optional
 
 from jinfer.config import EngineConfig
-from jinfer.engine.block_manager import BlockManager
+from jinfer.engine.block_manager import BlockManager, PrefixMatch
 from jinfer.engine.sequence import Sequence, SequenceStatus
 from jinfer.engine.stopping import StopChecker
 from jinfer.runner.buckets import decode_steps_bucket
 
 logger = logging.getLogger(__name__)
+
+NO_MATCH = PrefixMatch((), (), 0)  # no prefix-cache hit
 
 
 @dataclasses.dataclass
@@ -159,9 +161,11 @@ class Scheduler:
 
         Leading full blocks found in the prefix cache are shared, not recomputed: they cost
         neither budget nor fresh blocks. The prefix is looked up (hashed) once, for the check
-        and the commit both.
+        and the commit both. A sequence that still needs its prompt logprobs computes every
+        position (its blocks still join the cache for others).
         """
-        match = self.block_manager.match_prefix(seq)
+        match = (NO_MATCH if seq.needs_prompt_logprobs
+                 else self.block_manager.match_prefix(seq))
         num_tokens = match.num_tokens + min(seq.num_tokens - match.num_tokens, budget)
         if not self.block_manager.can_allocate_prompt(match, num_tokens):
             return None

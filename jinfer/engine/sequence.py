@@ -47,6 +47,10 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.logprobs: Optional[list[dict[int, Logprob]]] = (
             [] if params.logprobs is not None else None)
+        # Per prompt token, filled as the prompt's chunks are read back; held by sequence 0
+        # alone (n > 1 siblings fork after the prompt), None when not asked for.
+        self.prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.num_preemptions = 0
         self.resumed_at_step = -1  # scheduler step at which it last resumed after a preemption
 
@@ -71,6 +75,13 @@ class Sequence:
         if start >= num_prompt:
             return self.output_token_ids[start - num_prompt:end - num_prompt]
         return self.token_ids()[start:end]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all read back yet: the prompt's positions must all
+        be computed (no prefix-cache hits)."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
 
     @property
     def is_finished(self) -> bool:

@@ -82,9 +82,10 @@ class SamplerFlags:
     data_fields=["tokens", "logprobs", "ranks", "top_logprobs", "top_ids"], meta_fields=[])
 @dataclasses.dataclass
 class SamplerOutput:
-    """What `sample` returns; log-probabilities are under the raw (unprocessed) logits."""
+    """What `sample` (and `score`, for given tokens) returns; log-probabilities are under the
+    raw (unprocessed) logits."""
 
-    tokens: jax.Array        # [B] i32, the sampled tokens
+    tokens: jax.Array        # [B] i32, the sampled (or scored) tokens
     logprobs: jax.Array      # [B] f32, log-prob of each sampled token
     ranks: jax.Array         # [B] i32, 1 + tokens more likely than it (0 when num_logprobs == 0)
     top_logprobs: jax.Array  # [B, N] f32, sorted descending
@@ -259,16 +260,31 @@ def sample(logits: jax.Array, meta: SamplingMetadata, flags: SamplerFlags) -> Sa
         chosen = raw_max
     else:
         chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]  # [B] raw logit
-    logprobs = chosen - log_normalizer
-    if flags.num_logprobs > 0:  # only then is the whole [B, V] log_softmax needed
-        top_logits, top_ids = jax.lax.top_k(raw, flags.num_logprobs)
-        top_logprobs = top_logits - log_normalizer[:, None]
-        ranks = 1 + jnp.sum(raw > chosen[:, None], axis=-1, dtype=jnp.int32)
+    return _output(raw, tokens, chosen, log_normalizer, flags.num_logprobs)
+
+
+def score(logits: jax.Array, tokens: jax.Array, num_logprobs: int) -> SamplerOutput:
+    """Given tokens instead of sampled ones (prompt logprobs): each token's log-probability
+    under log_softmax(logits), its rank and the top `num_logprobs`. logits [..., V], tokens
+    [...] i32; `num_logprobs` must be static under jit."""
+    raw = logits.astype(jnp.float32)
+    chosen = jnp.take_along_axis(raw, tokens[..., None], axis=-1)[..., 0]  # [...] raw logit
+    return _output(raw, tokens, chosen, jax.nn.logsumexp(raw, axis=-1), num_logprobs)
+
+
+def _output(raw: jax.Array, tokens: jax.Array, chosen: jax.Array, log_normalizer: jax.Array,
+            num_logprobs: int) -> SamplerOutput:
+    """The SamplerOutput of `tokens` [...], whose raw logits are `chosen` [...]: raw [..., V],
+    log_normalizer [...] its logsumexp."""
+    if num_logprobs > 0:  # only then is the whole [..., V] log_softmax needed
+        top_logits, top_ids = jax.lax.top_k(raw, num_logprobs)
+        top_logprobs = top_logits - log_normalizer[..., None]
+        ranks = 1 + jnp.sum(raw > chosen[..., None], axis=-1, dtype=jnp.int32)
     else:
-        top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
-        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
-        ranks = jnp.zeros((logits.shape[0],), jnp.int32)
-    return SamplerOutput(tokens=tokens, logprobs=logprobs, ranks=ranks,
+        top_logprobs = jnp.zeros((*chosen.shape, 0), jnp.float32)
+        top_ids = jnp.zeros((*chosen.shape, 0), jnp.int32)
+        ranks = jnp.zeros(chosen.shape, jnp.int32)
+    return SamplerOutput(tokens=tokens, logprobs=chosen - log_normalizer, ranks=ranks,
                          top_logprobs=top_logprobs, top_ids=top_ids.astype(jnp.int32))
 
 

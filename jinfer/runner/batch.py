@@ -9,7 +9,7 @@ Host only: nothing here touches the device.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -23,6 +23,16 @@ from jinfer.runner.buckets import StepBuckets, packed_tokens_bucket, query_bucke
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class PromptLogprobsInput:
+    """What a step needs to score its prompt tokens (prompt logprobs): each packed prompt
+    token's logits score the token after it."""
+
+    next_tokens: jax.Array  # [P] int32: the token after each of the packed row's last P tokens
+    num_logprobs: int = dataclasses.field(metadata=dict(static=True))  # top-N, a bucket
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class StepInput:
     """Everything one device step reads besides weights and pool, padded to buckets."""
 
@@ -30,6 +40,9 @@ class StepInput:
     attention: StepAttention
     logits_indices: jax.Array  # [S] int32, index into token_ids of each sampled row's token
     sampling: sampler_lib.SamplingMetadata  # [S] rows: decodes, then prompt chunks, padding
+    # None but in a step whose prompt chunks ask for prompt logprobs (its own programs: the
+    # field and its static top-N are part of the packed layout)
+    prompt_logprobs: Optional[PromptLogprobsInput] = None
 
 
 class PrefillShape(NamedTuple):
@@ -150,13 +163,15 @@ class BatchBuilder:
         return token_ids, positions, slots, meta, ends - 1
 
     def prepare(self, decode: list[ScheduledSequence], prefill: list[ScheduledSequence],
-                sampling_rows, num_logprobs: int, num_steps: int = 1):
+                sampling_rows, num_logprobs: int, num_prompt_logprobs: int = 0,
+                num_steps: int = 1):
         """One step's work -> (StepInput of NumPy arrays, sampler flags).
 
         The packed row holds the decode rows first, then the prompt chunks; `sampling_rows`
-        (one per sequence, in that order) become the sampler's rows. `num_steps`: decode steps
-        the call runs at most (penalised rows' output tokens keep room for the ones it
-        appends).
+        (one per sequence, in that order) become the sampler's rows. `num_prompt_logprobs`:
+        0, or the top-N of the prompt tokens' logprobs the step computes (a LOGPROB_BUCKETS
+        bucket). `num_steps`: decode steps the call runs at most (penalised rows' output tokens
+        keep room for the ones it appends).
         """
         assert decode or prefill, "an empty step"
         parts, decode_meta, prefill_meta = [], None, None
@@ -165,10 +180,14 @@ class BatchBuilder:
             *arrays, decode_meta = self._decode_arrays(decode)
             parts.append(arrays)
             last_tokens += range(len(decode))
+        prompt_logprobs = None
         if prefill:
             *arrays, prefill_meta, ends = self._prefill_arrays(prefill)
             last_tokens += list(ends + (len(parts[0][0]) if parts else 0))
             parts.append(arrays)
+            if num_prompt_logprobs:
+                prompt_logprobs = PromptLogprobsInput(
+                    _next_tokens(prefill, len(arrays[0])), num_prompt_logprobs)
         token_ids, positions, slots = (np.concatenate(column) for column in zip(*parts))
         # A decode-only step samples every row it runs (multi-step feeds them all back); a
         # prefill-only step samples one row per prompt row.
@@ -186,7 +205,20 @@ class BatchBuilder:
                                                       spare_output_columns=num_steps - 1)
         flags = sampler_lib.sampler_flags([row.params for row in sampling_rows], num_logprobs)
         return StepInput(token_ids=token_ids, attention=attention, logits_indices=logits_indices,
-                         sampling=sampling), flags
+                         sampling=sampling, prompt_logprobs=prompt_logprobs), flags
+
+
+def _next_tokens(prefill: list[ScheduledSequence], num_tokens: int) -> np.ndarray:
+    """[num_tokens] the token after each packed prompt-chunk token in its sequence (0 after a
+    sequence's last token, and in the padding)."""
+    next_tokens = np.zeros((num_tokens,), np.int32)
+    offset = 0
+    for item in prefill:
+        start = item.start + 1
+        tokens = item.seq.token_ids_slice(start, start + item.num_new_tokens)
+        next_tokens[offset:offset + len(tokens)] = tokens
+        offset += item.num_new_tokens
+    return next_tokens
 
 
 def describe(step_input: StepInput) -> str:
@@ -198,4 +230,6 @@ def describe(step_input: StepInput) -> str:
         parts.append("prompt rows x q_len %s, %d blocks" % (
             att.prefill.attention.positions.shape, att.prefill.attention.block_tables.shape[1]))
     parts.append(f"{step_input.logits_indices.shape[0]} sampled rows")
+    if step_input.prompt_logprobs is not None:
+        parts.append(f"prompt logprobs (top {step_input.prompt_logprobs.num_logprobs})")
     return ", ".join(parts)

@@ -87,28 +87,30 @@ class ModelRunner:
         return self.programs.num_compiles
 
     def prepare(self, decode: list[ScheduledSequence], prefill: list[ScheduledSequence],
-                sampling_rows, num_logprobs: int, num_steps: int = 1):
+                sampling_rows, num_logprobs: int, num_prompt_logprobs: int = 0,
+                num_steps: int = 1):
         """One call's rows -> (StepInput of NumPy arrays, sampler flags); see BatchBuilder."""
         return self.batch.prepare(decode, prefill, sampling_rows, num_logprobs,
-                                  num_steps=num_steps)
+                                  num_prompt_logprobs, num_steps=num_steps)
 
-    def execute(self, step_input: StepInput, flags) -> sampler_lib.SamplerOutput:
-        """Runs one step; returns the sampler's output as NumPy (the only device->host copy)."""
+    def execute(self, step_input: StepInput, flags) -> tuple:
+        """Runs one step; returns `launch_step`'s outputs as NumPy (the only device->host
+        copy)."""
         return jax.device_get(self.launch_step(step_input, flags))
 
-    def launch_step(self, step_input: StepInput, flags,
-                    token_ids=None) -> sampler_lib.SamplerOutput:
-        """Dispatches one step and returns at once, before the device is done: the sampler's
-        output [S], still on the device. `token_ids` (device or host, [n]) replace the step
+    def launch_step(self, step_input: StepInput, flags, token_ids=None) -> tuple:
+        """Dispatches one step and returns at once, before the device is done: (the sampler's
+        output [S], the prompt tokens' scores [P] where the step input asks for prompt logprobs
+        else None), still on the device. `token_ids` (device or host, [n]) replace the step
         input's first n token ids (its decode rows) on the device: a call planned while another
         is in flight passes that call's samples without reading them back. A decode-only step
         runs as one step of the decode-steps program (one program for both)."""
         if step_input.attention.prefill is None:
             results, _ = self.launch_decode_steps(step_input, flags, 1, token_ids)
-            return jax.tree.map(lambda a: a[0], results)
-        result, self.kv_cache = self.programs.step(self.params, self.kv_cache, step_input, flags,
-                                                   token_ids)
-        return result
+            return jax.tree.map(lambda a: a[0], results), None
+        samples, scores, self.kv_cache = self.programs.step(self.params, self.kv_cache,
+                                                            step_input, flags, token_ids)
+        return samples, scores
 
     def launch_decode_steps(self, step_input: StepInput, flags, num_steps: int,
                             token_ids=None) -> tuple:

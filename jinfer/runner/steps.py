@@ -3,7 +3,9 @@ the pool donated, and the programs compiled from them, counted and bounded.
 
 Three kinds of program (each compiled once per shape bucket and sampler flags):
 - `step`: one step over the packed row (decode rows and prompt chunks): decoder stack ->
-  logits at each row's last token -> sampler.
+  logits at each row's last token -> sampler. A step whose prompt chunks ask for prompt
+  logprobs is a variant of its own (its StepInput's `prompt_logprobs`, part of the layout)
+  that also scores every prompt token on the device; only [P, top-N] comes back.
 - `decode_steps`: up to `num_scheduler_steps` decode steps in one call, each step's samples
   the next one's inputs. The step count is an argument (a loop with a dynamic trip count), so
   one program serves every count; calls of at most `unroll_max_rows` rows (GPU) run their
@@ -51,14 +53,39 @@ STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 DEFAULT_MAX_PROGRAMS = {"cpu": 80}
 
 
+# Prompt tokens `_prompt_logprobs` scores at a time: the scratch is their [rows, vocab] logits
+# (64 MiB at a 64k vocabulary), not the whole prompt's.
+PROMPT_LOGPROBS_ROWS = 256
+
+
 def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, kernels, flags,
           layer_tiling=None):
-    """One device step: decoder stack, logits at each row's last token, sampling."""
+    """One device step: decoder stack, logits at each row's last token, sampling; and, where
+    the step input asks, the prompt tokens' scores. Returns (SamplerOutput [S], the scores
+    [P] or None, the pool)."""
     hidden, kv_cache = forward_hidden(
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
         backend=get_attention_backend(attention_backend, kernels), layer_tiling=layer_tiling)
     logits = compute_logits(params, hidden[step_input.logits_indices], config)  # [S, vocab]
-    return sampler_lib.sample(logits, step_input.sampling, flags), kv_cache
+    samples = sampler_lib.sample(logits, step_input.sampling, flags)
+    prompt = step_input.prompt_logprobs
+    scores = None if prompt is None else _prompt_logprobs(params, hidden, prompt, config)
+    return samples, scores, kv_cache
+
+
+def _prompt_logprobs(params, hidden, prompt, config) -> sampler_lib.SamplerOutput:
+    """Each of the packed row's last P tokens (the prompt chunks and their padding) scores the
+    token after it: its logprob, rank and the top-N under log_softmax of its logits (fields
+    [P]), PROMPT_LOGPROBS_ROWS tokens at a time. hidden [T, hidden]; prompt: a
+    PromptLogprobsInput."""
+    def score_token(token):  # (hidden state [hidden], the token after it [])
+        token_hidden, next_token = token
+        return sampler_lib.score(compute_logits(params, token_hidden, config), next_token,
+                                 prompt.num_logprobs)
+
+    prompt_hidden = hidden[hidden.shape[0] - prompt.next_tokens.shape[0]:]  # [P, hidden]
+    return jax.lax.map(score_token, (prompt_hidden, prompt.next_tokens),
+                       batch_size=PROMPT_LOGPROBS_ROWS)
 
 
 def _decode_steps(params, kv_cache, step_input: StepInput, num_steps, *, max_steps: int,
@@ -86,7 +113,7 @@ def _decode_steps(params, kv_cache, step_input: StepInput, num_steps, *, max_ste
                                      context_lens=context_lens))
         step = StepInput(token_ids=tokens, attention=attention,
                          logits_indices=step_input.logits_indices, sampling=sampling)
-        out, kv = _step(params, kv, step, flags=flags, **static)
+        out, _, kv = _step(params, kv, step, flags=flags, **static)
         advance = live.astype(jnp.int32)
         sampling = sampler_lib.append_outputs(sampling, out.tokens, live[:out.tokens.shape[0]])
         if not flags.num_logprobs:  # ranks are zeros: made once below, not per step
@@ -188,8 +215,9 @@ class StepPrograms:
         self.num_evictions = 0       # times every program was dropped to stay in budget
 
     def step(self, params, kv_cache, step_input: StepInput, flags, token_ids=None):
-        """Dispatches one step: (SamplerOutput [S] on the device, the pool). `token_ids`
-        (device or host, [n]) replace the first n token ids (the decode rows) on the device."""
+        """Dispatches one step: (SamplerOutput [S] on the device, the prompt tokens' scores [P]
+        on the device or None, the pool). `token_ids` (device or host, [n]) replace the first n
+        token ids (the decode rows) on the device."""
         buffer, layout = host_transfer.pack(step_input)
         if token_ids is not None:
             assert layout.leaves[0] == ("int32", 0, step_input.token_ids.shape), layout.leaves[0]

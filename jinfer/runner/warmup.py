@@ -5,8 +5,9 @@ the next start).
 Everything runs on the pad block (block 0: every table entry and slot points there), so the
 real pool's contents are untouched. Covered: one prompt per prefill step, every decode batch,
 greedy and default sampling (WARMUP_PARAMS) without logprobs. Steps that prefill several
-prompts at once, mixed steps and other sampler variants build on first use (on the CPU a
-prefill may run in a larger shape built before: see StepBuckets.reuse_larger_prefill).
+prompts at once, mixed steps, prompt-logprobs steps and other sampler variants build on first
+use (on the CPU a prefill may run in a larger shape built before: see
+StepBuckets.reuse_larger_prefill).
 """
 
 from __future__ import annotations
