@@ -1,0 +1,141 @@
+"""`jinfer serve [MODEL]` (and `python -m jinfer.server [MODEL]`): the OpenAI-compatible server.
+
+Flags follow `vllm serve`. The server binds loopback unless --host says otherwise, compiles the
+step shapes its traffic needs before it reports ready, logs one line with its address, and on
+SIGTERM or Ctrl-C stops accepting requests, gives running ones --shutdown-timeout seconds,
+aborts the rest and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Optional
+
+import uvicorn
+
+from jinfer.config import EngineConfig
+
+logger = logging.getLogger("jinfer.server")
+
+
+def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    defaults = EngineConfig()
+    p.add_argument("model", nargs="?", default=None,
+                   help="a Hugging Face folder, a .gguf file, or (with --load-format dummy) a "
+                        "shape name; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("JINFER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $JINFER_API_KEY)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model argument's name)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   default=defaults.gpu_memory_utilization)
+    p.add_argument("--block-size", type=int, default=defaults.block_size)
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV pool size in blocks (default: sized from memory)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=defaults.enable_prefix_caching)
+    p.add_argument("--num-scheduler-steps", type=int, default=defaults.num_scheduler_steps)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--max-pending-requests", type=int, default=4096,
+                   help="most unfinished requests at once; more get 503")
+    p.add_argument("--max-n", type=int, default=64, help="largest `n` a request may ask for")
+    p.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
+                   help="largest request body; larger ones get 413")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the common step shapes before reporting ready")
+    p.add_argument("--warmup-max-context", type=int, default=None,
+                   help="longest context the warm-up compiles decode shapes for (default: "
+                        "min(max_model_len, 2048))")
+    p.add_argument("--shutdown-timeout", type=float, default=3.0,
+                   help="seconds running requests get to finish on SIGTERM before they abort")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = dict(dtype=args.dtype, load_format=args.load_format,
+                  max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+                  num_scheduler_steps=args.num_scheduler_steps, seed=args.seed)
+    for name in ("max_model_len", "num_kv_blocks"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def serve(args: argparse.Namespace) -> int:
+    from jinfer.api.async_llm import AsyncLLM
+    from jinfer.api.llm import LLM
+    from jinfer.server.app import ServerLimits, build_app
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        llm = LLM(args.model, **engine_kwargs(args))
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        logger.error("could not load the model: %s", e)
+        return 2
+    name = args.served_model_name or _model_name(args.model)
+    if args.warmup:
+        max_context = args.warmup_max_context or min(llm.config.max_model_len, 2048)
+        llm.warmup(max_context=max_context)
+    async_llm = AsyncLLM(llm, model_name=name, max_pending_requests=args.max_pending_requests)
+    limits = ServerLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes)
+    app = build_app(async_llm, name, api_key=args.api_key, limits=limits,
+                    shutdown_timeout=args.shutdown_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout,
+                            access_log=args.log_level == "debug")
+    server = _Server(config, name)
+    asyncio.run(server.serve())
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, logging one line with the address once it listens."""
+
+    def __init__(self, config: uvicorn.Config, model_name: str):
+        super().__init__(config)
+        self.model_name = model_name
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if self.started:
+            port = self.servers[0].sockets[0].getsockname()[1] if self.servers else self.config.port
+            logger.info("jinfer is ready: serving %r at http://%s:%d/v1", self.model_name,
+                        self.config.host, port)
+
+
+def _model_name(model: Optional[str]) -> str:
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    return os.path.basename(os.path.normpath(model)) or model
+
+
+def main(argv=None) -> int:
+    """The `jinfer` console script: `jinfer serve [MODEL] [flags]`."""
+    parser = argparse.ArgumentParser(prog="jinfer", description="jinfer: LLM inference on JAX")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_server_args(commands.add_parser(
+        "serve", help="run the OpenAI-compatible server", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
