@@ -68,9 +68,24 @@ def mean_decode_context(prompt_lens: list[int], output_lens: list[int]) -> float
 
 # ----------------------------------------------------------------------------- children
 
+def timed_generate(llm, prompts: list[list[int]], output_lens: list[int],
+                   temperature: float) -> float:
+    """Seconds `llm.generate` takes for the token-id prompts, each forced to its output length
+    (ignore_eos); raises if an output has another length."""
+    from jinfer import SamplingParams
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True)
+              for n in output_lens]
+    started = time.perf_counter()
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    if [len(o.outputs[0].token_ids) for o in outputs] != list(output_lens):
+        raise RuntimeError("jinfer returned outputs of other lengths than max_tokens")
+    return elapsed
+
+
 def jinfer_throughput(spec: dict) -> dict:
     """One engine at max_num_seqs=spec["max_num_seqs"]: load, warm up, time the workload."""
-    from jinfer import LLM, SamplingParams
+    from jinfer import LLM
     watch = CompileWatch()
     bandwidth = copy_bandwidth(spec["copy_bytes"])
     started = time.perf_counter()
@@ -79,23 +94,11 @@ def jinfer_throughput(spec: dict) -> dict:
               max_num_batched_tokens=spec["max_num_batched_tokens"], gpu_memory_utilization=0.9)
     load_s = time.perf_counter() - started
 
-    def run(prompts: list[list[int]], output_lens: list[int]) -> float:
-        params = [SamplingParams(temperature=spec["temperature"], max_tokens=n, ignore_eos=True)
-                  for n in output_lens]
-        started = time.perf_counter()
-        outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-        elapsed = time.perf_counter() - started
-        got = [len(o.outputs[0].token_ids) for o in outputs]
-        if got != list(output_lens):
-            raise RuntimeError("jinfer returned outputs of other lengths than max_tokens")
-        return elapsed
-
-    started = time.perf_counter()
-    run(spec["warm_prompts"], spec["warm_output_lens"])
-    warmup_s = time.perf_counter() - started
+    warmup_s = timed_generate(llm, spec["warm_prompts"], spec["warm_output_lens"],
+                              spec["temperature"])
     before = watch.snapshot()
     preemptions = llm.stats().get("num_preemptions", 0)
-    elapsed = run(spec["prompts"], spec["output_lens"])
+    elapsed = timed_generate(llm, spec["prompts"], spec["output_lens"], spec["temperature"])
     after = watch.snapshot()
     return {**device_info(), "copy_Bps": bandwidth, "max_num_seqs": spec["max_num_seqs"],
             "load_s": load_s, "warmup_s": warmup_s, "elapsed_s": elapsed,
