@@ -13,8 +13,10 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from typing import Optional
 
+import numpy as np
 import uvicorn
 
 from jinfer.config import EngineConfig
@@ -92,8 +94,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     name = args.served_model_name or _model_name(args.model)
     if args.warmup:
-        max_context = args.warmup_max_context or min(llm.config.max_model_len, 2048)
-        llm.warmup(max_context=max_context)
+        warm_up(llm, args.warmup_max_context or min(llm.config.max_model_len, 2048))
     async_llm = AsyncLLM(llm, model_name=name, max_pending_requests=args.max_pending_requests)
     limits = ServerLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes)
     app = build_app(async_llm, name, api_key=args.api_key, limits=limits,
@@ -119,6 +120,31 @@ class _Server(uvicorn.Server):
             port = self.servers[0].sockets[0].getsockname()[1] if self.servers else self.config.port
             logger.info("jinfer is ready: serving %r at http://%s:%d/v1", self.model_name,
                         self.config.host, port)
+
+
+def warm_up(llm, max_context: int) -> None:
+    """Compiles what the first requests would otherwise wait for: `LLM.warmup`'s shapes (one
+    prompt per prefill, every decode batch), then, where no program cap applies (GPU), a burst
+    of requests of mixed lengths (prompts arriving while others decode: the mixed steps and
+    multi-prompt prefills a server's traffic runs). A capped process (the CPU's compile budget)
+    skips the burst: dropping the programs at the cap would drop the warm ones too."""
+    from jinfer.api.sampling_params import SamplingParams
+
+    llm.warmup(max_context=max_context)
+    runner = llm.engine.runner
+    if runner.programs.max_programs is not None:
+        return
+    started, before = time.perf_counter(), runner.num_compiles
+    config = llm.config
+    longest = max(16, min(2 * config.max_num_batched_tokens, max_context // 2))
+    lengths = np.geomspace(8, longest, num=2 * config.max_num_seqs).astype(int)
+    vocab = llm.engine.vocab_size
+    prompts = [[(7 * i + j) % vocab for j in range(n)] for i, n in enumerate(lengths)]
+    params = [SamplingParams(temperature=0 if i % 2 else 1.0, max_tokens=4 + i % 29,
+                             ignore_eos=True, seed=i) for i in range(len(prompts))]
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    logger.info("warm-up burst of %d requests: %d more programs in %.1f s", len(prompts),
+                runner.num_compiles - before, time.perf_counter() - started)
 
 
 def _model_name(model: Optional[str]) -> str:

@@ -1,0 +1,206 @@
+"""The decoder every family runs, as pure functions over a params pytree and the paged KV pool.
+
+One layer, with ModelConfig's optional steps in brackets (each off by default: with all of them
+off this is Llama's layer, operation for operation):
+
+  attention  RMSNorm -> QKV projection [+ bias] [-> per-head q/k RMSNorm] -> RoPE -> K/V write
+             -> paged attention [in a sliding window] [with soft-capped logits] -> output
+             projection [-> RMSNorm] -> residual add
+  MLP        RMSNorm -> gated MLP (SwiGLU or GeGLU) [-> RMSNorm] -> residual add
+
+around an embedding [times a scale] and a final RMSNorm -> logits [soft-capped]. Windowed
+layers may take RoPE of their own base. The families (jinfer.model.families) differ only in
+their ModelConfig and in where their checkpoints keep these weights.
+
+The layer loop is unrolled in Python over a list of per-layer weight dicts. A `lax.scan` over
+stacked weights compiles several times faster, but XLA copies each layer's weights out of the stack
+at every step (a dynamic slice feeding a matmul), which made CPU decode 1.7x slower when measured;
+the KV pool stays one stacked array, indexed by a static layer number, updated in place.
+
+What the runner calls: `prepare_params` (loader layout -> run layout), `forward_hidden` (the
+stack over a step's packed row) and `compute_logits`. `param_shapes` describes every weight
+once (the loaders allocate from it, jinfer.model.shapes.random_params fills it). A decode step
+of one row of a Llama-layered model can run the stack in the persistent layer kernel instead
+(jinfer.model.layer_kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.model.attention import AttentionBackend, StepAttention, attend
+from jinfer.model.config import ModelConfig
+from jinfer.model.kv_cache import KVCache
+from jinfer.model.layer_kernel import one_row_decode
+from jinfer.model.layers import (ACTIVATIONS, rms_norm, rope_attention_factor, rope_cos_sin,
+                                 rope_inv_freq, soft_cap)
+from pallas_kernels.decode_layer_plan import TailTiling
+
+# Run-layout weights fused from loader-layout ones (fewer, larger matmuls), concatenated along
+# their output axis.
+FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """Shape of every leaf of the loader-layout params: matrices stored [in, out], each layer's
+    weights stacked over layers ({"layers": {name: [layers, ...]}})."""
+    d, v, n = config.hidden_size, config.vocab_size, config.num_layers
+    layer = {**_attention_shapes(config), **_mlp_shapes(config)}
+    shapes = {"embed": (v, d), "layers": {name: (n, *s) for name, s in layer.items()},
+              "final_norm": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (d, v)
+    return shapes
+
+
+def _attention_shapes(config: ModelConfig) -> dict:
+    d, q, kv = config.hidden_size, config.q_size, config.kv_size
+    shapes = {"attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d)}
+    if config.qkv_bias:
+        shapes |= {"bq": (q,), "bk": (kv,), "bv": (kv,)}
+    if config.qk_norm:
+        shapes |= {"q_norm": (config.head_dim,), "k_norm": (config.head_dim,)}
+    if config.post_norms:
+        shapes["attn_post_norm"] = (d,)
+    return shapes
+
+
+def _mlp_shapes(config: ModelConfig) -> dict:
+    d, f = config.hidden_size, config.intermediate_size
+    shapes = {"mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    if config.post_norms:
+        shapes["mlp_post_norm"] = (d,)
+    return shapes
+
+
+def prepare_params(params: dict) -> dict:
+    """Loader layout -> run layout: a list of per-layer dicts, with Q/K/V (weights and biases)
+    and gate/up fused (FUSED); every other weight passes through as it is.
+
+    The loader stacks layers ({name: [layers, ...]}); NumPy views keep this free of copies until
+    the fused weights are concatenated. Device arrays (random weights made on device) stay on
+    device.
+    """
+    stacked = params["layers"]
+    xp = jnp if isinstance(stacked["wq"], jax.Array) else np
+    fused_parts = {part for parts in FUSED.values() for part in parts}
+    layers = []
+    for i in range(len(stacked["wq"])):
+        layer = {name: w[i] for name, w in stacked.items() if name not in fused_parts}
+        for fused, parts in FUSED.items():
+            if parts[0] in stacked:
+                layer[fused] = xp.concatenate([stacked[part][i] for part in parts], -1)
+        layers.append(layer)
+    return {**params, "layers": layers}
+
+
+def forward_hidden(
+    params: dict,
+    kv_cache: KVCache,
+    token_ids: jax.Array,  # [T] int32, the step's packed row
+    meta: StepAttention,
+    *,
+    config: ModelConfig,
+    backend: AttentionBackend,
+    layer_tiling: Optional[TailTiling] = None,
+) -> tuple[jax.Array, KVCache]:
+    """Runs the decoder stack over one packed row of tokens (decode rows, then prompt chunks);
+    returns the final-normed hidden states [T, hidden] and the updated pool.
+
+    `layer_tiling` (see jinfer.model.layer_kernel.layer_kernel_tiling, None unless the layers
+    are Llama's): a decode-only step of one row runs each layer's projections after attention
+    in the persistent layer kernel, with that tiling (`one_row_decode`); other steps, and None,
+    run the layers as XLA matmuls.
+    """
+    global_rope, local_rope = _rope_tables(config, meta.positions)
+    h = params["embed"][token_ids]  # [T, hidden]
+    if config.embed_scale is not None:
+        h = h * jnp.asarray(config.embed_scale, h.dtype)
+    if layer_tiling is not None and meta.prefill is None and token_ids.shape[0] == 1:
+        assert config.llama_layers, "the layer kernel runs Llama's layer only"
+        return one_row_decode(params, kv_cache, h, meta, config=config, backend=backend,
+                              rope=global_rope, tiling=layer_tiling)
+    for layer, lp in enumerate(params["layers"]):
+        rope = global_rope if config.window(layer) is None else local_rope
+        with jax.named_scope(f"layer_{layer}"):
+            h, kv_cache = _attention_block(config, layer, lp, h, kv_cache, meta, backend, rope)
+            h = _mlp_block(config, lp, h)
+    return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
+
+
+def _rope_tables(config: ModelConfig, positions: jax.Array):
+    """The step's RoPE (cos, sin) of the global layers and of the windowed ones (the same
+    tables unless the windowed layers have a base of their own)."""
+    global_rope = rope_cos_sin(positions, rope_inv_freq(config), rope_attention_factor(config))
+    if config.local_rope_theta is None:
+        return global_rope, global_rope
+    return global_rope, rope_cos_sin(positions, rope_inv_freq(config, local=True))
+
+
+def _attention_block(config, layer, lp, h, kv, meta: StepAttention, backend, rope):
+    """One layer's attention sublayer over the packed row h [T, hidden]: norm -> QKV -> RoPE ->
+    write K/V -> paged attention (decode rows and prompt chunks, each by its backend)."""
+    x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
+    qkv = x @ lp["wqkv"]  # [T, q_size + 2 * kv_size]
+    if config.qkv_bias:
+        qkv = qkv + lp["bqkv"]
+    if config.qk_norm:
+        qkv = _norm_qk_heads(config, lp, qkv)
+    out, k_pool, v_pool = attend(backend, qkv, *rope, kv.k, kv.v, layer, meta,
+                                 num_heads=config.num_heads, scale=config.attention_scale,
+                                 **_attention_options(config, layer))
+    out = out @ lp["wo"]
+    if config.post_norms:
+        out = rms_norm(out, lp["attn_post_norm"], config.rms_norm_eps)
+    return h + out, KVCache(k=k_pool, v=v_pool)
+
+
+def _attention_options(config: ModelConfig, layer: int) -> dict:
+    """The layer's attention options beyond Llama's (static): its sliding window and the
+    attention logits' soft-cap."""
+    options = {"sliding_window": config.window(layer), "logit_softcap": config.attn_logit_softcap}
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _norm_qk_heads(config: ModelConfig, lp, qkv: jax.Array) -> jax.Array:
+    """qkv [T, (heads + 2 * kv_heads) * head_dim] with each q and k head RMS-normed over
+    head_dim (q_norm, k_norm [head_dim]); v as it was."""
+    heads, kv_heads = config.num_heads, config.num_kv_heads
+    q, k, v = jnp.split(qkv.reshape(qkv.shape[0], heads + 2 * kv_heads, config.head_dim),
+                        [heads, heads + kv_heads], axis=1)
+    q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
+    k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
+    return jnp.concatenate([q, k, v], axis=1).reshape(qkv.shape)
+
+
+def _mlp_block(config, lp, h):
+    """One layer's MLP sublayer over h [T, hidden]: norm -> MLP [-> norm] -> residual add."""
+    out = _mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps))
+    if config.post_norms:
+        out = rms_norm(out, lp["mlp_post_norm"], config.rms_norm_eps)
+    return h + out
+
+
+def _mlp(config, lp, x):
+    """The gated MLP over the normed row x [T, hidden] -> [T, hidden]. A mixture-of-experts
+    layer is another function of the same signature, chosen here per layer."""
+    gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
+    return (ACTIVATIONS[config.activation](gate) * up) @ lp["w_down"]
+
+
+def compute_logits(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
+    """hidden [..., hidden] -> float32 logits [..., vocab], through the input embedding
+    [vocab, hidden] when tied, else params["lm_head"] [hidden, vocab]; soft-capped where the
+    config says."""
+    if config.tie_word_embeddings:
+        logits = hidden @ params["embed"].T
+    else:
+        logits = hidden @ params["lm_head"]
+    logits = logits.astype(jnp.float32)
+    if config.final_logit_softcap is not None:
+        logits = soft_cap(logits, config.final_logit_softcap)
+    return logits

@@ -1,0 +1,49 @@
+"""`jinfer serve`'s command line and its warm-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from jinfer import LLM
+from jinfer.server import cli
+
+
+def test_serve_flags_follow_vllm_and_map_to_engine_options():
+    parser = cli.add_server_args(cli.argparse.ArgumentParser())
+    args = parser.parse_args(["m", "--max-model-len", "4096", "--max-num-seqs", "8",
+                              "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.8",
+                              "--block-size", "32", "--load-format", "dummy"])
+    assert args.host == "127.0.0.1" and args.port == 8000  # loopback by default
+    assert cli.engine_kwargs(args) == {
+        "dtype": "auto", "load_format": "dummy", "max_num_seqs": 8,
+        "max_num_batched_tokens": 512, "gpu_memory_utilization": 0.8, "block_size": 32,
+        "enable_prefix_caching": False, "num_scheduler_steps": 8, "seed": 0,
+        "max_model_len": 4096}
+
+
+def test_the_console_script_takes_serve():
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--help"])
+    assert info.value.code == 0
+    with pytest.raises(SystemExit):
+        cli.main(["generate"])  # not a command
+
+
+def test_the_api_key_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("JINFER_API_KEY", "from-env")
+    args = cli.add_server_args(cli.argparse.ArgumentParser()).parse_args([])
+    assert args.api_key == "from-env" and args.model is None
+
+
+def test_warm_up_adds_a_burst_of_mixed_requests_where_no_cap_applies(tiny_model_dir,
+                                                                     monkeypatch):
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=128, max_num_seqs=2,
+              max_num_batched_tokens=16, enable_compilation_cache=False)
+    calls = []
+    monkeypatch.setattr(llm, "warmup", lambda max_context: calls.append(max_context))
+    cli.warm_up(llm, max_context=64)  # capped (the CPU's budget): warmup() alone
+    assert calls == [64] and llm.stats()["num_compiles"] == 0
+    llm.engine.runner.programs.max_programs = None  # as on a GPU
+    cli.warm_up(llm, max_context=64)
+    assert calls == [64, 64] and llm.stats()["num_compiles"] > 0  # the burst ran
+    assert llm.engine.block_manager.is_whole()
