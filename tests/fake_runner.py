@@ -11,6 +11,9 @@ moved up past ids the row bans (min_tokens). `expected_tokens` computes the same
 prompt token's logprob (prompt_logprobs) is `prompt_logprob(position, token)`. So a
 wrong block table, copy-on-write copy, prefix-cache hit, chunk, preemption or lookahead gather
 changes the tokens, or trips an assertion here: a context slot that holds another position.
+With `sliding_window=W` the model is windowed: a query at position p reads positions
+p - W < k <= p only (the sum runs over the last token's window), and every position a row's
+queries read must still hold its token, so a block released too early, or reused, trips it.
 
 Calls run eagerly, in dispatch order, as the device runs them; a call's samples stay in its
 (NumPy) results until the engine reads them, and a call continued on device tokens gets them
@@ -37,7 +40,8 @@ def prompt_logprob(position: int, token: int) -> float:
 
 
 def next_token(context: Sequence[int], row: SamplingRow, vocab_size: int) -> int:
-    """The fake model's sample after `context` (every token so far) for sampler row `row`."""
+    """The fake model's sample after `context` (every token the last one attends to) for
+    sampler row `row`."""
     token = (int(np.sum(context)) + (0 if row.params.greedy else row.seed + row.step))
     token %= vocab_size
     ban_until = row.params.min_tokens if row.params.min_tokens > 0 else float("inf")
@@ -48,15 +52,16 @@ def next_token(context: Sequence[int], row: SamplingRow, vocab_size: int) -> int
 
 def expected_tokens(prompt: Sequence[int], num_tokens: int, vocab_size: int, *,
                     greedy: bool = True, seed: int = 0, min_tokens: int = 0,
-                    banned: Sequence[int] = ()) -> list[int]:
-    """The first `num_tokens` output tokens the fake model gives after `prompt`."""
+                    banned: Sequence[int] = (), window: Optional[int] = None) -> list[int]:
+    """The first `num_tokens` output tokens the fake model gives after `prompt` (attending to
+    the last `window` tokens, or all)."""
     from jinfer.api.sampling_params import SamplingParams
     params = SamplingParams(temperature=0 if greedy else 1.0, min_tokens=min_tokens,
                             max_tokens=max(num_tokens, min_tokens, 1))
     tokens = list(prompt)
     for step in range(num_tokens):
         row = SamplingRow(params, seed, step, banned_ids=tuple(banned))
-        tokens.append(next_token(tokens, row, vocab_size))
+        tokens.append(next_token(tokens[-window:] if window else tokens, row, vocab_size))
     return tokens[len(prompt):]
 
 
@@ -134,9 +139,11 @@ def _padded(tokens: list[int], n: int) -> list[int]:
 class FakeRunner:
     """The runner interface of LLMEngine over a pool of token ids; see the module docstring."""
 
-    def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 1000):
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 1000,
+                 sliding_window: Optional[int] = None):
         self.model_config = FakeModelConfig(vocab_size)
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.pool_tokens = np.full((num_blocks, block_size), -1, np.int64)     # [blocks, bs]
         self.pool_positions = np.full((num_blocks, block_size), -1, np.int64)  # [blocks, bs]
         self.calls: list[CallRecord] = []
@@ -209,20 +216,23 @@ class FakeRunner:
             row.tokens = [int(head[i])]
 
     def _run_row(self, row: FakeRow) -> int:
-        """Writes the row's tokens into its slots, reads its context back, samples."""
+        """Writes the row's tokens into its slots, reads back what its queries attend to (the
+        window of each, or everything), samples after the last one's."""
         bs = self.block_size
         for i, token in enumerate(row.tokens):
             pos = row.start + i
             block = row.block_table[pos // bs]
             self.pool_tokens[block, pos % bs] = token
             self.pool_positions[block, pos % bs] = pos
-        end = row.start + len(row.tokens)
-        positions = np.arange(end)
+        end, window = row.start + len(row.tokens), self.sliding_window
+        positions = np.arange(0 if window is None else max(0, row.start - window + 1), end)
         blocks = row.block_table[positions // bs]
         held = self.pool_positions[blocks, positions % bs]
         assert (held == positions).all(), (
             f"sequence {row.seq_id} reads positions {held.tolist()} as its context")
         context = self.pool_tokens[blocks, positions % bs]
+        if window is not None:
+            context = context[-window:]
         return next_token(context, row.sampling, self.model_config.vocab_size)
 
     def _prompt_scores(self, step: FakeStep) -> SamplerOutput:

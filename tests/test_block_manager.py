@@ -1,6 +1,6 @@
 """BlockManager on CPU, no model: prefix-cache hits and misses, the last-token cap, LRU eviction,
-copy-on-write, fork/free refcounts, kv_waste, and a stateful test against a shadow model of what
-each physical block holds."""
+copy-on-write, fork/free refcounts, kv_waste, blocks released outside a sliding window, and a
+stateful test against a shadow model of what each physical block holds."""
 
 from __future__ import annotations
 
@@ -280,6 +280,82 @@ def test_kv_waste_arithmetic():
     assert bm.kv_waste([a, b, c]) == pytest.approx(5 / 12)
 
 
+# -- sliding window -------------------------------------------------------------------------------
+def test_blocks_before_the_window_are_released():
+    """W = 6, blocks of 4: with 20 positions computed the next query (position 20) reads 15..20,
+    and position 19 (a fork recomputes it) reads 14..19; blocks 0-2 (positions 0-11) go: cached
+    ones become evictable, and their entries PAD_BLOCK."""
+    bm = BlockManager(32, 4, sliding_window=6)
+    seq = make_seq(list(range(20)))
+    admit_and_compute(bm, seq)
+    held = list(seq.block_table)
+    assert bm.num_outside_window(20) == 3 and bm.num_outside_window(17) == 2
+    bm.release_outside_window(seq)
+    assert seq.block_table == [PAD_BLOCK] * 3 + held[3:]
+    assert bm.num_used_blocks == 2 and list(bm.evictable) == held[2::-1]  # tail first
+    assert bm.kv_waste([seq]) == 0.0                          # 8 slots held, 8 tokens
+    seq.output_token_ids.append(20)
+    assert bm.append_slots(seq) == [] and len(seq.block_table) == 6
+    seq.num_computed_tokens = 21
+    bm.release_outside_window(seq)                            # nothing new falls out yet
+    assert seq.block_table[:4] == [PAD_BLOCK] * 3 + held[3:4]
+    bm.free(seq)
+    assert bm.is_whole()
+
+
+def test_no_window_releases_nothing():
+    bm = BlockManager(32, 4)
+    seq = make_seq(list(range(20)))
+    admit_and_compute(bm, seq)
+    table = list(seq.block_table)
+    bm.release_outside_window(seq)
+    assert seq.block_table == table and bm.num_outside_window(10**6) == 0
+    with pytest.raises(ValueError, match="sliding_window"):
+        BlockManager(32, 4, sliding_window=0)
+
+
+def test_a_shared_block_outside_one_window_stays_with_the_other_holder():
+    bm = BlockManager(32, 4, sliding_window=6, enable_prefix_caching=False)
+    parent = make_seq(list(range(13)))
+    admit_and_compute(bm, parent)
+    child = make_seq(list(range(13)))
+    bm.fork(parent, child)
+    shared = parent.block_table[0]
+    bm.release_outside_window(parent)                         # (13 - 6) // 4 = 1 block
+    assert parent.block_table[0] == PAD_BLOCK and child.block_table[0] == shared
+    assert bm.ref_counts[shared] == 1 and shared not in bm.free_blocks
+    grandchild = make_seq(list(range(13)))
+    bm.fork(parent, grandchild)                               # PAD_BLOCK entries carry over
+    assert grandchild.block_table[0] == PAD_BLOCK and bm.ref_counts[PAD_BLOCK] == 0
+    bm.release_outside_window(child)
+    assert shared in bm.free_blocks                           # not cached: free at once
+    for seq in (parent, child, grandchild):
+        bm.free(seq)
+    assert bm.is_whole()
+
+
+def test_prefix_hits_share_only_the_window():
+    """The whole chain must be cached for a hit; a hit shares only the blocks its first query
+    reads, leaves the ones before the window evictable (refreshed in the LRU, head last) and
+    costs only the evictable blocks it revives."""
+    bm = BlockManager(9, 4, sliding_window=6)                 # 8 usable
+    a = make_seq(list(range(20)))
+    admit_and_compute(bm, a)
+    chain = list(a.block_table)
+    bm.release_outside_window(a)
+    bm.free(a)                                                # 5 cached blocks, evictable
+    bm.allocate(make_seq([0] * 12), 12)                       # the 3 plain-free blocks
+    b = make_seq(list(range(20)) + [99])
+    match = bm.match_prefix(b)
+    assert match.blocks == tuple(chain) and bm.num_outside_window(20) == 3
+    assert bm.num_free_blocks == 5 and bm.can_allocate_prompt(match, 21)  # 2 revived + 1 fresh
+    assert bm.allocate_prompt(b, match, 21) == 20
+    assert b.block_table[:5] == [PAD_BLOCK] * 3 + chain[3:]
+    assert list(bm.evictable) == [chain[1], chain[0]]         # chain[2] made the fresh block
+    assert b.block_table[5] == chain[2] and bm.num_free_blocks == 2
+    assert bm.match_prefix(make_seq(list(range(12)))).num_tokens == 8  # the head still hits
+
+
 # -- stateful test against a shadow of each block's contents --------------------------------------
 TOKENS = st.integers(0, 2)  # a small alphabet, so prefixes collide often
 
@@ -289,16 +365,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
     physical block holds, written only when a sequence computes a token into its slot."""
 
     @initialize(block_size=st.sampled_from([1, 2, 3, 4]), num_blocks=st.integers(2, 16),
-                caching=st.sampled_from([True, True, True, False]), seed=st.none() | st.integers(0, 9))
-    def setup(self, block_size, num_blocks, caching, seed):
-        self.bm = BlockManager(num_blocks, block_size, seed, enable_prefix_caching=caching)
+                caching=st.sampled_from([True, True, True, False]), seed=st.none() | st.integers(0, 9),
+                window=st.none() | st.integers(1, 6))
+    def setup(self, block_size, num_blocks, caching, seed, window):
+        self.bm = BlockManager(num_blocks, block_size, seed, enable_prefix_caching=caching,
+                               sliding_window=window)
         self.phys = collections.defaultdict(lambda: [None] * block_size)  # block -> slot tokens
         self.live: list[Sequence] = []     # hold blocks
         self.waiting: list[Sequence] = []  # preempted, hold nothing
 
     # -- helpers -----------------------------------------------------------------------------
     def _compute(self, seq: Sequence, end: int) -> None:
-        """The device step: write tokens [num_computed, end) into their slots, then register."""
+        """The device step: write tokens [num_computed, end) into their slots, then register
+        them and release what fell out of the window (the engine's read-back)."""
         bs, tokens = self.bm.block_size, seq.token_ids()
         for pos in range(seq.num_computed_tokens, end):
             block = seq.block_table[pos // bs]
@@ -306,6 +385,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.phys[block][pos % bs] = tokens[pos]
         seq.num_computed_tokens = end
         self.bm.mark_computed(seq)
+        self.bm.release_outside_window(seq)
 
     def _admit(self, seq: Sequence, chunk: int) -> bool:
         bm = self.bm
@@ -313,14 +393,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
         blocks, cached = list(match.blocks), match.num_tokens
         assert cached % bm.block_size == 0 and cached <= seq.num_tokens - 1
         end = min(seq.num_tokens, cached + chunk)
+        outside = bm.num_outside_window(cached)
         before = snapshot(bm)
         if not bm.can_allocate_prompt(match, end):
             assert snapshot(bm) == before
-            revived = sum(b in bm.evictable for b in blocks)
+            revived = sum(b in bm.evictable for b in blocks[outside:])
             assert bm.blocks_needed(end) - len(blocks) + revived > bm.num_free_blocks
             return False
         assert bm.allocate_prompt(seq, match, end) == cached == seq.num_computed_tokens
-        assert seq.block_table[:len(blocks)] == blocks
+        assert seq.block_table[:len(blocks)] == [PAD_BLOCK] * outside + blocks[outside:]
         self.live.append(seq)
         self._compute(seq, end)
         return True
@@ -364,7 +445,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         refs = self.bm.ref_counts.copy()
         self.bm.fork(parent, child)
         assert child.block_table == parent.block_table
-        assert all(self.bm.ref_counts[b] == refs[b] + 1 for b in parent.block_table)
+        assert all(self.bm.ref_counts[b] == refs[b] + 1 for b in parent.block_table if b)
         self.live.append(child)
 
     @precondition(lambda self: self.live)
@@ -388,7 +469,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     # -- invariants --------------------------------------------------------------------------
     @invariant()
     def refcounts_match_block_tables(self):
-        held = collections.Counter(b for seq in self.live for b in seq.block_table)
+        held = collections.Counter(b for seq in self.live for b in seq.block_table
+                                   if b != PAD_BLOCK)
         assert (self.bm.ref_counts >= 0).all() and self.bm.ref_counts[PAD_BLOCK] == 0
         assert {b: int(c) for b, c in enumerate(self.bm.ref_counts) if c} == dict(held)
         assert all(not seq.block_table and seq.num_computed_tokens == 0 for seq in self.waiting)
@@ -421,8 +503,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq in self.live:
             tokens, n = seq.token_ids(), seq.num_computed_tokens
             assert len(seq.block_table) * bs >= n
-            seen = [self.phys[seq.block_table[p // bs]][p % bs] for p in range(n)]
-            assert seen == tokens[:n]
+            outside = self.bm.num_outside_window(n)  # released; the window's positions are held
+            assert seq.block_table.count(PAD_BLOCK) == outside
+            assert seq.block_table[:outside] == [PAD_BLOCK] * outside
+            seen = [self.phys[seq.block_table[p // bs]][p % bs] for p in range(outside * bs, n)]
+            assert seen == tokens[outside * bs:n]
             parent = None
             for i, block in enumerate(seq.block_table[:n // bs]):
                 parent = hash_block_tokens(parent, tuple(tokens[i * bs:(i + 1) * bs]))

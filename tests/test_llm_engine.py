@@ -7,7 +7,8 @@ vouch for the block tables, copies, prefix hits and the gathers of lookahead.
 Covered: continuous batching, chunked prefill, multi-step calls and their reserved slots,
 lookahead (calls dispatched ahead, rows discarded after a finish), preemption under a tiny pool,
 abort, n > 1 forks, every finish reason, logprobs, prompt logprobs (read back chunk by chunk,
-whole in a request's first output); the pool is whole after every workload.
+whole in a request's first output), a sliding-window model (blocks released as sequences grow,
+never while a call in flight reads them); the pool is whole after every workload.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jinfer.api.outputs import Logprob
 from jinfer.api.sampling_params import SamplingParams
 from jinfer.config import EngineConfig
 from jinfer.engine.llm_engine import LLMEngine
+from jinfer.model.kv_cache import PAD_BLOCK
 
 VOCAB = 1000
 EOS = 999
@@ -36,17 +38,19 @@ ENGINES = {"sync": dict(num_scheduler_steps=1),
            "no_prefix_cache": dict(num_scheduler_steps=8, enable_prefix_caching=False)}
 
 
-def make_engine(num_blocks: int = 64, **config) -> LLMEngine:
+def make_engine(num_blocks: int = 64, sliding_window=None, **config) -> LLMEngine:
     config = EngineConfig(**{"block_size": 4, "max_model_len": 64, "max_num_batched_tokens": 16,
                              "max_num_seqs": 8, **config})
-    runner = FakeRunner(num_blocks, config.block_size, VOCAB)
-    return LLMEngine(runner, FakeTokenizer(special_ids=[EOS]), config, [EOS], num_blocks)
+    runner = FakeRunner(num_blocks, config.block_size, VOCAB, sliding_window)
+    return LLMEngine(runner, FakeTokenizer(special_ids=[EOS]), config, [EOS], num_blocks,
+                     sliding_window=sliding_window)
 
 
-def run(engine: LLMEngine, arrivals) -> dict:
+def run(engine: LLMEngine, arrivals, after_step=None) -> dict:
     """Adds each (step, request_id, prompt ids, params) before that engine step and steps until
-    every request is done, then reads back a dangling call (its rows are discarded) and checks
-    the pool is whole. Returns {request_id: RequestOutput}."""
+    every request is done (calling `after_step(engine)` after each), then reads back a dangling
+    call (its rows are discarded) and checks the pool is whole. Returns {request_id:
+    RequestOutput}."""
     pending, outputs, step = sorted(arrivals, key=lambda a: a[0]), {}, 0
     while pending or engine.has_unfinished_requests():
         while pending and pending[0][0] <= step:
@@ -55,6 +59,8 @@ def run(engine: LLMEngine, arrivals) -> dict:
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = out
+        if after_step is not None:
+            after_step(engine)
         step += 1
     while engine._in_flight is not None:
         assert engine.step() == []
@@ -408,3 +414,120 @@ def test_bad_requests_are_value_errors():
         engine.add_request("a", None, [1], greedy(2))
     engine.abort("a")
     assert_pool_whole(engine)
+
+
+# -- sliding window ------------------------------------------------------------------------------
+def held_blocks(seq) -> int:
+    return len(seq.block_table) - seq.block_table.count(PAD_BLOCK)
+
+
+def assert_calls_in_flight_hold_their_windows(engine: LLMEngine) -> None:
+    """Every position that a dispatched, unread call's queries attend to is still in a block its
+    sequence holds (a finished sequence's rows are discarded)."""
+    if engine._in_flight is None:
+        return
+    bm, bs = engine.block_manager, engine.config.block_size
+    for call in engine._in_flight.calls:
+        for item in call.items:
+            seq = item.seq
+            if seq.is_finished:
+                continue
+            end = item.start + (item.num_new_tokens if call.num_steps == 1 else call.num_steps)
+            for position in range(max(0, item.start - bm.sliding_window + 1), end):
+                block = seq.block_table[position // bs]
+                assert block != PAD_BLOCK and bm.ref_counts[block] > 0, (seq.seq_id, position)
+
+
+@pytest.mark.parametrize("num_scheduler_steps", [1, 8])
+def test_a_windowed_sequence_holds_a_windows_worth_of_blocks(num_scheduler_steps):
+    """W = 64, blocks of 16: a sequence growing to 32 x W tokens holds at most W / 16 + 2 = 6
+    blocks at every point, counted after each schedule (slots reserved, nothing read back yet)
+    and each step; without a window it ends holding all 128. Both give their model's tokens,
+    and stats() counts only the blocks held."""
+    window, num_tokens, most = 64, 32 * 64, {}
+    for sliding_window in (None, window):
+        engine = make_engine(1 + 130, sliding_window, block_size=16, max_model_len=num_tokens,
+                             num_scheduler_steps=num_scheduler_steps)
+        held, schedule = [], engine.scheduler.schedule
+
+        def count(engine=engine):
+            held.extend(held_blocks(seq) for seq in engine.scheduler.running)
+            if engine.scheduler.running:
+                assert engine.stats()["num_used_blocks"] == held[-1]
+            if sliding_window:
+                assert_calls_in_flight_hold_their_windows(engine)
+
+        def spy(schedule=schedule, count=count):
+            result = schedule()
+            count()
+            return result
+
+        engine.scheduler.schedule = spy
+        outputs = run(engine, [(0, "r", [1, 2], greedy(num_tokens - 2, ignore_eos=True))], count)
+        assert tokens(outputs, "r") == expected_tokens([1, 2], num_tokens - 2, VOCAB,
+                                                       window=sliding_window)
+        most[sliding_window] = max(held)
+    assert most[window] <= window // 16 + 2
+    assert most[None] == num_tokens // 16
+
+
+@pytest.mark.parametrize("engine_config", ENGINES.values(), ids=ENGINES.keys())
+def test_windowed_workloads_give_the_windowed_tokens(engine_config):
+    """W = 6 over blocks of 4: prompts in chunks, two sharing a prefix whose head the first has
+    released (still cached: the second hits it), n > 1 forks of a 13-token prompt (a sibling
+    recomputes position 12, which reads from 7: the parent keeps block 1), seeded rows. Every
+    call in flight still holds what it reads, and every token is the windowed model's."""
+    window = 6
+    engine = make_engine(sliding_window=window, **engine_config)
+    shared = prompt(100, 24)
+    arrivals = [(0, "short", [1, 2], greedy(40, ignore_eos=True)),
+                (0, "long", prompt(10, 40), greedy(12, ignore_eos=True)),
+                (1, "seeded", prompt(50, 7), SamplingParams(temperature=1.0, seed=3,
+                                                            max_tokens=20, ignore_eos=True)),
+                (2, "shared_a", shared + [1], greedy(6, ignore_eos=True)),
+                (8, "shared_b", shared + [2, 3], greedy(7, ignore_eos=True)),
+                (3, "forked", prompt(5, 13), SamplingParams(n=3, temperature=1.0, seed=5,
+                                                           max_tokens=9, ignore_eos=True))]
+    outputs = run(engine, arrivals, assert_calls_in_flight_hold_their_windows)
+    for _, request_id, ids, params in arrivals:
+        for index in range(params.n):
+            want = expected_tokens(ids, params.max_tokens, VOCAB, greedy=params.greedy,
+                                   seed=engine_seed(params.seed or 0, index), window=window)
+            assert tokens(outputs, request_id, index) == want, (request_id, index)
+    if engine.config.enable_prefix_caching:
+        assert engine.stats()["num_tokens_from_cache"] >= 24
+
+
+@pytest.mark.parametrize("num_scheduler_steps", [1, 4])
+def test_windowed_preemption_and_abort(num_scheduler_steps):
+    """A tiny pool preempts windowed sequences (recomputed from their start); one is aborted
+    while its calls are in flight; the others' tokens are the windowed model's."""
+    engine = make_engine(num_blocks=1 + 10, sliding_window=6,
+                         num_scheduler_steps=num_scheduler_steps)
+    arrivals = [(i // 2, f"r{i}", prompt(100 * i + 1, 5 + i), greedy(40, ignore_eos=True))
+                for i in range(8)]
+
+    def abort_r1(engine):
+        assert_calls_in_flight_hold_their_windows(engine)
+        if "r1" in engine.requests and engine.requests["r1"].seqs[0].num_output_tokens > 20:
+            engine.abort("r1")
+
+    outputs = run(engine, arrivals, abort_r1)
+    assert engine.stats()["num_preemptions"] > 0 and "r1" not in outputs
+    for _, request_id, ids, _ in arrivals[2:] + arrivals[:1]:
+        assert tokens(outputs, request_id) == expected_tokens(ids, 40, VOCAB, window=6)
+
+
+def test_windowed_prefix_hits_across_requests():
+    """Beam search's pattern: each request's prompt is the previous prompt and its output. The
+    blocks the previous one released before its window stay cached, so the whole chain hits and
+    only the last partial block and the new tokens are prefilled."""
+    engine = make_engine(sliding_window=6, num_scheduler_steps=4)
+    ids = prompt(10, 30)
+    for step in range(4):
+        outputs = run(engine, [(0, f"r{step}", ids, greedy(3, ignore_eos=True))],
+                      assert_calls_in_flight_hold_their_windows)
+        assert tokens(outputs, f"r{step}") == expected_tokens(ids, 3, VOCAB, window=6)
+        ids = ids + tokens(outputs, f"r{step}")
+    # Each hits every full block the previous one computed (up to its last sample's input).
+    assert engine.stats()["num_tokens_from_cache"] == 32 + 32 + 36

@@ -1,6 +1,6 @@
 """Scheduler policy with no model and no device: budgets, chunking, decode progress, fairness,
-admission with one prefix lookup, planning past tokens in flight, and multi-step calls with
-their slots reserved."""
+admission with one prefix lookup, planning past tokens in flight, multi-step calls with their
+slots reserved, and blocks released outside a sliding window at read back."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from jinfer.engine.block_manager import BlockManager
 from jinfer.engine.scheduler import Schedule, ScheduledSequence, Scheduler
 from jinfer.engine.sequence import Sequence
 from jinfer.engine.stopping import StopChecker
+from jinfer.model.kv_cache import PAD_BLOCK
 
 
 def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 16,
@@ -23,10 +24,10 @@ def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 16,
     return seq
 
 
-def make_scheduler(num_blocks: int, **config) -> Scheduler:
+def make_scheduler(num_blocks: int, sliding_window=None, **config) -> Scheduler:
     """A scheduler over a pool of `num_blocks` blocks of 4 tokens (block 0 is padding)."""
     config = EngineConfig(**{"block_size": 4, "max_model_len": 64, **config})
-    return Scheduler(config, BlockManager(num_blocks, 4),
+    return Scheduler(config, BlockManager(num_blocks, 4, sliding_window=sliding_window),
                      StopChecker(eos_token_ids=(), max_model_len=config.max_model_len))
 
 
@@ -283,3 +284,27 @@ def test_no_shared_block_in_the_write_range():
     assert schedule.block_copies == [(shared[1], child.block_table[1])]  # position 5's block
     assert child.block_table[2] == shared[2]  # positions 8..11: still shared
     assert schedule.num_decode_steps == 2  # 4 steps would write position 8
+
+
+# -- sliding window -------------------------------------------------------------------------------
+def test_window_blocks_are_released_at_read_back_not_while_a_call_reads_them():
+    """W = 8, blocks of 4. A call planned past one in flight (lookahead) still reads from its
+    first position - 7 on; blocks go only when their positions are read back, and a decoding
+    sequence then holds at most W / 4 + 2 blocks."""
+    scheduler = make_scheduler(100, sliding_window=8, num_scheduler_steps=4)
+    seq = make_seq(0, 14, max_tokens=40)
+    scheduler.add(seq)
+    first = scheduler.schedule()  # the prompt [0, 14): its first query reads from 0
+    second = scheduler.schedule()  # decodes 14..17, past the first call: reads from 7
+    assert [(i.start, second.num_decode_steps) for i in rows(second)] == [(14, 4)]
+    assert PAD_BLOCK not in seq.block_table
+    read_back(scheduler, first)  # 14 computed: block 0 (0..3) goes, block 1 (4..7) is read
+    assert seq.block_table[0] == PAD_BLOCK and seq.block_table[1] != PAD_BLOCK
+    read_back(scheduler, second)  # 18 computed: the next call reads from 11; block 2 stays
+    assert seq.block_table[:3].count(PAD_BLOCK) == 2
+    most = 0
+    while seq.num_output_tokens < 40:
+        run_step(scheduler)
+        assert PAD_BLOCK not in seq.block_table[(seq.num_computed_tokens - 8) // 4:]
+        most = max(most, len(seq.block_table) - seq.block_table.count(PAD_BLOCK))
+    assert most <= 8 // 4 + 2 and len(seq.block_table) == 14

@@ -20,6 +20,27 @@ written again, so sharing them costs nothing; a shared block that a sequence is 
 into (its partly filled last block) is swapped for a fresh one by `append_slots`, which returns the
 (src, dst) copies the engine must do on device before the step.
 
+Sliding window (`sliding_window` = W, a model whose EVERY layer attends only to the last W
+tokens, the smallest W if they differ: a query at position p reads keys p - W < k <= p): once a
+sequence's first `num_computed_tokens` (c) positions are read back, the blocks wholly at or below
+position c - 1 - W are read by nothing any more. Not by a call in flight: its queries start at c
+(lookahead plans calls past c, never before it). Not by a later call, nor by an n > 1 sibling
+forked now, which recomputes position c - 1 (hence the 1 kept past the window).
+`release_outside_window` drops the sequence's references to them and puts PAD_BLOCK in their
+entries, so tables keep their positions and a sequence holds about W / block_size + 2 blocks
+however long it grows. Released blocks are freed as `free` frees them: a block another sequence
+or the prefix cache holds stays (shared, or evictable). A model that mixes windowed and global
+layers (Gemma 2/3) passes None and keeps every block: each block holds every layer's K/V of its
+positions, and the global layers read the whole context, so the pool holds the same as for a
+model without windows (freeing the windowed layers' share needs a pool per layer group, as
+vLLM's hybrid allocator has).
+
+Prefix caching with a window: a prefix hit still needs the whole hash chain from the first block
+in the pool (the simplest correct rule; matching on the last W tokens' blocks alone would hit
+more often, not done). The sequence then shares only the hit blocks its first query reads; the
+ones before the window stay where they are (cached, refreshed in the LRU when evictable) and its
+table has PAD_BLOCK there.
+
 Every usable block is in exactly one state:
   free       refcount 0, not cached, on `free_blocks`
   evictable  refcount 0, cached, in `evictable` (least recently used first)
@@ -78,12 +99,16 @@ class BlockManager:
     """Free list, refcounts, prefix index and copy-on-write of the pool's blocks."""
 
     def __init__(self, num_blocks: int, block_size: int, shuffle_seed: Optional[int] = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, sliding_window: Optional[int] = None):
         if num_blocks < 2 or block_size < 1:
             raise ValueError(f"need num_blocks >= 2 (block 0 is padding) and block_size >= 1, got "
                              f"{num_blocks} and {block_size}; raise the KV pool size")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of tokens or None (some "
+                             f"layer attends to the whole context), got {sliding_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.shuffle_seed = shuffle_seed
         self.enable_prefix_caching = enable_prefix_caching
         free = [b for b in range(num_blocks) if b != PAD_BLOCK]
@@ -132,11 +157,13 @@ class BlockManager:
 
     def kv_waste(self, seqs: Iterable[Sequence]) -> float:
         """Fraction of the slots held by `seqs` that hold no token (allocated-but-empty over
-        allocated). A shared block counts once, filled as far as its fullest holder. 0.0 when
-        nothing is held."""
+        allocated). A shared block counts once, filled as far as its fullest holder; entries
+        released by the sliding window count not at all. 0.0 when nothing is held."""
         filled: dict[int, int] = {}  # block -> slots holding a token
         for seq in seqs:
             for i, block in enumerate(seq.block_table):
+                if block == PAD_BLOCK:  # released: outside the sliding window
+                    continue
                 n = min(self.block_size, max(0, seq.num_tokens - i * self.block_size))
                 filled[block] = max(filled.get(block, 0), n)
         allocated = len(filled) * self.block_size
@@ -215,8 +242,9 @@ class BlockManager:
     def can_allocate_prompt(self, match: PrefixMatch, num_tokens: int) -> bool:
         """Whether `allocate_prompt` of a sequence with prefix `match` up to `num_tokens` tokens
         would succeed. Cached hits cost nothing, except evictable ones, which leave the pool of
-        allocatable blocks."""
-        revived = sum(1 for block in match.blocks if block in self.evictable)
+        allocatable blocks; hits before the sliding window are not shared."""
+        live = match.blocks[self.num_outside_window(match.num_tokens):]
+        revived = sum(1 for block in live if block in self.evictable)
         fresh = max(0, self.blocks_needed(num_tokens) - len(match.blocks))
         return fresh + revived <= self.num_free_blocks
 
@@ -224,14 +252,19 @@ class BlockManager:
         """Admits `seq` (empty block table) with `match`, its `match_prefix` taken since the
         last change to the pool: shares the cached blocks, allocates fresh ones up to
         `num_tokens` tokens, sets and returns `seq.num_computed_tokens` (the cached tokens, a
-        multiple of block_size, at most num_tokens_of_seq - 1)."""
+        multiple of block_size, at most num_tokens_of_seq - 1). Hits wholly before the sliding
+        window get PAD_BLOCK entries instead (`release_outside_window`)."""
         assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
         assert all(self.prefix_index.get(h) == b for h, b in zip(match.hashes, match.blocks)), \
             "a stale prefix match: the pool changed since match_prefix"
-        for block in match.blocks:
+        outside = self.num_outside_window(match.num_tokens)
+        for block in reversed(match.blocks[:outside]):  # not shared but hit: evicted last,
+            if block in self.evictable:                   # the head of the chain last of all
+                self.evictable.move_to_end(block)
+        for block in match.blocks[outside:]:
             self.evictable.pop(block, None)
             self.ref_counts[block] += 1
-        seq.block_table = list(match.blocks)
+        seq.block_table = [PAD_BLOCK] * outside + list(match.blocks[outside:])
         self._grow(seq, num_tokens)
         self._seq_hashes[seq.seq_id] = list(match.hashes)
         seq.num_computed_tokens = match.num_tokens
@@ -262,6 +295,7 @@ class BlockManager:
             self._register(seq.block_table[i], CachedBlock(hashes[-1], parent, tokens))
 
     def _register(self, block: int, entry: CachedBlock) -> None:
+        assert block != PAD_BLOCK, "a block is released before its prefix is registered"
         if block in self.cached:  # shared from the cache or by fork: already registered
             assert self.cached[block] == entry, f"block {block} cached with other contents"
         elif entry.block_hash not in self.prefix_index:  # else: computed twice; keep the first
@@ -282,9 +316,10 @@ class BlockManager:
         assert not child.block_table, f"sequence {child.seq_id} already holds blocks"
         n = parent.num_computed_tokens
         assert child.token_ids()[:n] == parent.token_ids()[:n], "fork of different tokens"
-        child.block_table = list(parent.block_table)
+        child.block_table = list(parent.block_table)  # with the parent's released entries
         for block in child.block_table:
-            self.ref_counts[block] += 1
+            if block != PAD_BLOCK:
+                self.ref_counts[block] += 1
         child.num_computed_tokens = n
         self._seq_hashes[child.seq_id] = list(self._seq_hashes.get(parent.seq_id, []))
 
@@ -322,20 +357,43 @@ class BlockManager:
         return copies
 
     # -- release -----------------------------------------------------------------------------------
+    def num_outside_window(self, num_computed_tokens: int) -> int:
+        """Leading blocks of a sequence with `num_computed_tokens` computed that nothing reads
+        again: those wholly at or below position num_computed_tokens - 1 - sliding_window (see
+        the module docstring); 0 without a window."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, num_computed_tokens - self.sliding_window) // self.block_size
+
+    def release_outside_window(self, seq: Sequence) -> None:
+        """Drops `seq`'s references to the blocks before its sliding window and puts PAD_BLOCK
+        in their entries. Call when `seq.num_computed_tokens` advances (read back): calls in
+        flight read from position num_computed_tokens - sliding_window + 1 on."""
+        for i in reversed(range(self.num_outside_window(seq.num_computed_tokens))):
+            if seq.block_table[i] == PAD_BLOCK:
+                break  # released before, as is every entry ahead of it
+            self._release(seq.block_table[i])
+            seq.block_table[i] = PAD_BLOCK
+
     def free(self, seq: Sequence) -> None:
         """Drops `seq`'s references. Blocks nobody references go back to the free list, or, if
         cached, become evictable; tail first, so a prefix's tail is evicted before its head."""
         for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            assert self.ref_counts[block] >= 0, f"block {block} freed twice"
-            if self.ref_counts[block] == 0:
-                if block in self.cached:
-                    self.evictable[block] = None
-                else:
-                    self.free_blocks.append(block)
+            if block != PAD_BLOCK:  # else released already (sliding window)
+                self._release(block)
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._seq_hashes.pop(seq.seq_id, None)
+
+    def _release(self, block: int) -> None:
+        """Drops one reference; a block nobody references becomes free, or evictable if cached."""
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+        if self.ref_counts[block] == 0:
+            if block in self.cached:
+                self.evictable[block] = None
+            else:
+                self.free_blocks.append(block)
 
     def is_whole(self) -> bool:
         """True when every usable block is free or evictable and unreferenced (no leak)."""

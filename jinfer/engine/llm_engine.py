@@ -38,6 +38,10 @@ the stops of step k); `stats()["num_calls_ahead"]` counts the calls dispatched t
   discarded. Its blocks are freed at once: the KV pool threads through every call, so the
   device runs calls in dispatch order and a freed block is rewritten by a later owner only
   after. Rows whose samples in flight finish them by length are not scheduled at all.
+- Sliding windows: a sequence releases the blocks that fell out of its window when its
+  positions are read back (`Scheduler.mark_computed`), not when a call is planned: a call in
+  flight reads from its first position less the window on, and none starts before
+  `num_computed_tokens`, so no dispatched call reads a released block.
 - What stays synchronous (step k+1 is scheduled only after step k is read back,
   `InFlight.must_read_back_first`): a row of step k with penalties that samples (the sampler
   reads every output token, and step k's are not on the host yet), and a request with n > 1
@@ -81,17 +85,19 @@ class LLMEngine:
 
     `runner` is the device side (jinfer.runner.model_runner.ModelRunner, or a fake in tests):
     `prepare`, `launch_step`, `execute`, `launch_decode_steps`, `copy_blocks`, `prompt_logits`
-    and `model_config.vocab_size`.
+    and `model_config.vocab_size`. `sliding_window`: the model's window in tokens when every
+    layer has one (the smallest), else None; sequences then release the blocks that fall out
+    of it (jinfer.engine.block_manager).
     """
 
     def __init__(self, runner, tokenizer, config: EngineConfig, eos_token_ids: Seq[int],
-                 num_blocks: int, shuffle_blocks_seed=None):
+                 num_blocks: int, shuffle_blocks_seed=None, sliding_window: Optional[int] = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.block_size, shuffle_blocks_seed,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching, sliding_window)
         self.stop_checker = StopChecker(self.eos_token_ids, config.max_model_len)
         self.scheduler = Scheduler(config, self.block_manager, self.stop_checker)
         self.requests: dict[str, Request] = {}

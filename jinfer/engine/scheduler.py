@@ -262,11 +262,13 @@ class Scheduler:
 
     def mark_computed(self, seq: Sequence, num_new_tokens: int) -> None:
         """A call's row of `seq` was read back: its `num_new_tokens` positions are computed (no
-        longer in flight), and their full blocks join the prefix cache. (Its sample, if any, is
-        the caller's to append.)"""
+        longer in flight), their full blocks join the prefix cache, and blocks that fell out of
+        a sliding window are released (no call in flight reads before the window of its
+        first position, num_computed_tokens). (Its sample, if any, is the caller's to append.)"""
         seq.num_computed_tokens += num_new_tokens
         seq.num_in_flight -= num_new_tokens
         self.block_manager.mark_computed(seq)
+        self.block_manager.release_outside_window(seq)
 
     # -- preemption, forks, finishes ---------------------------------------------------------
     def _pick_victim(self) -> Optional[Sequence]:

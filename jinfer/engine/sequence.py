@@ -37,6 +37,8 @@ class Sequence:
         self.params = params
         self.seed = seed
         self.detokenizer = detokenizer
+        # [num blocks] physical block of each block_size positions; PAD_BLOCK where released
+        # (outside the sliding window: see BlockManager)
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_in_flight = 0          # positions past num_computed_tokens an unread call computes
