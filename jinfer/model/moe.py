@@ -1,0 +1,159 @@
+"""The sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE) as pure functions: routing, the experts
+as one grouped matmul, and a dense reference for tests.
+
+Per layer, over the step's packed row x [T, hidden]:
+  1. route     logits = x @ router_w [T, E]; softmax in float32; the top k experts of each
+               token and their weights (renormalised over the k, or not: `norm_topk_prob`).
+  2. group     the T * k (token, expert) pairs sorted by expert (a stable argsort), the token
+               rows gathered in that order, and each expert's row count (`group_sizes` [E]).
+  3. experts   SwiGLU through each pair's expert: two `jax.lax.ragged_dot` calls, each one
+               grouped matmul over the sorted rows (rows of group e meet expert e's weights).
+  4. combine   each pair's output gathered back to (token, slot) order, times its routing
+               weight, summed over the k slots in float32.
+
+Every shape is static (T * k rows whatever the routing); only `group_sizes` depends on the data,
+so a new routing never recompiles. The combine gathers through the inverse permutation and sums
+the k slots in a fixed order instead of scatter-adding into [T, hidden]: the same sum, but
+deterministic (a GPU scatter-add with repeated indices runs in atomics, in no fixed order) and
+with no scatter.
+
+Weight layout (per layer, the dense MLP's layout with an expert axis in front):
+  router_w   [hidden, E]            Hugging Face's `gate.weight` [E, hidden], transposed
+  w_gate_up  [E, hidden, 2 * I]     expert e's [gate | up] columns: w1 | w3 (Mixtral),
+                                    gate_proj | up_proj (Qwen3-MoE), each [I, hidden] there,
+                                    transposed; `stack_experts` builds it from those
+  w_down     [E, I, hidden]         w2 (Mixtral) / down_proj (Qwen3-MoE) [hidden, I], transposed
+transformers >= 5 holds the same weights stacked in memory (`experts.gate_up_proj`
+[E, 2 * I, hidden], `experts.down_proj` [E, hidden, I]): ours are those with the last two axes
+swapped.
+
+`jax.lax.ragged_dot` (the same code in JAX 0.10.2 and 0.11.1):
+  - CPU: lowered by expanding the rows to [E, T * k, hidden] (masked by group) and contracting
+    over experts too, so it costs E dense matmuls over all T * k rows: measured on this CPU
+    (float32, m rows x 1024 x 1024), 7.4x a single matmul of the same rows at E = 8 and 77x at
+    E = 64. Fine for tests; a CPU-served MoE model wants `impl="gather"` for small T or another
+    lowering.
+  - GPU: lowered to `chlo.ragged_dot` for XLA's GPU compiler; an opt-in Pallas Triton lowering
+    exists (`jax_ragged_dot_use_gpu_pallas_triton_lowering`), and JAX ships a Mosaic GPU
+    (Hopper wgmma) grouped matmul, `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot`.
+
+What the GPU must measure (bfloat16, Mixtral-8x7B: hidden 4096, I 14336, E 8, k 2; Qwen3-30B-A3B:
+hidden 2048, I 768, E 128, k 8; T in {1, 8, 64, 256, 2048}, the decode and prefill buckets):
+  - `impl="ragged_dot"` (XLA's chlo.ragged_dot) against `impl="gather"` (every pair's expert
+    weights gathered, a batched matvec: reads T * k weight matrices, so only small T) and against
+    a dense bound (x @ w_gate_up[0] over T * k rows: the matmul if grouping were free);
+  - the Mosaic GPU `ragged_dot_mgpu.ragged_dot` (block_m/n/k, max_concurrent_steps, grid_block_n
+    swept) and the Triton lowering flag, in place of `jax.lax.ragged_dot` in `_expert_swiglu`;
+  - decode is bound by the weight bytes of the experts touched (<= min(E, T * k) of them): the
+    time against those bytes / HBM bandwidth says whether a grouped matmul reads each touched
+    expert once; and the cost of the routing, argsort and gathers next to the matmuls;
+  - padding rows of a bucket are routed like tokens, and they can touch extra experts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ExpertImpl = Literal["ragged_dot", "gather"]
+
+
+def route(
+    router_logits: jax.Array,  # [T, E]
+    top_k: int,
+    norm_topk_prob: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """-> (weights [T, top_k] float32, expert_ids [T, top_k] int32), best first.
+
+    As transformers does it (MixtralTopKRouter, Qwen3MoeTopKRouter): softmax over all experts in
+    float32, the top k probabilities, divided by their sum when `norm_topk_prob` (always for
+    Mixtral, the config's flag for Qwen3-MoE). Qwen3-MoE then rounds the weights to the logits'
+    dtype; they stay float32 here (the combine runs in float32).
+    """
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, expert_ids = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, expert_ids.astype(jnp.int32)
+
+
+def moe_mlp(
+    x: jax.Array,  # [T, hidden]
+    router_w: jax.Array,  # [hidden, E]
+    w_gate_up: jax.Array,  # [E, hidden, 2 * I]
+    w_down: jax.Array,  # [E, I, hidden]
+    top_k: int,
+    norm_topk_prob: bool,
+    impl: ExpertImpl = "ragged_dot",
+) -> jax.Array:
+    """The sparse MoE MLP (no residual): each token through its top_k experts' SwiGLU, weighted
+    by the routing weights -> [T, hidden] in x's dtype. top_k, norm_topk_prob and impl are
+    static under jit; see the module docstring for the steps and `impl`."""
+    num_tokens, hidden = x.shape
+    num_experts = w_gate_up.shape[0]
+    with jax.named_scope("route"):
+        weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob)
+        pair_experts = expert_ids.reshape(-1)  # [T * k]; pair p is token p // k, slot p % k
+        order = jnp.argsort(pair_experts, stable=True)  # [T * k] pairs grouped by expert
+        group_sizes = jnp.bincount(pair_experts, length=num_experts).astype(jnp.int32)  # [E]
+    rows = x[order // top_k]  # [T * k, hidden]
+    with jax.named_scope("experts"):
+        out = _expert_swiglu(rows, w_gate_up, w_down, group_sizes, pair_experts[order], impl)
+    with jax.named_scope("combine"):
+        inverse = jnp.zeros_like(order).at[order].set(  # [T * k] sorted position of each pair
+            jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+        per_slot = out[inverse].reshape(num_tokens, top_k, hidden).astype(jnp.float32)
+        combined = jnp.einsum("tkh,tk->th", per_slot, weights)
+    return combined.astype(x.dtype)
+
+
+def _expert_swiglu(rows, w_gate_up, w_down, group_sizes, row_experts, impl: ExpertImpl):
+    """rows [R, hidden] sorted by expert (group_sizes [E] rows each; row_experts [R] the same
+    as ids) -> silu(gate) * up -> down, each row through its expert: [R, hidden]."""
+    if impl == "ragged_dot":
+        gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes)  # [R, 2 * I]
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+    if impl == "gather":
+        gate_up = jnp.einsum("rh,rhi->ri", rows, w_gate_up[row_experts])
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        return jnp.einsum("ri,rih->rh", jax.nn.silu(gate) * up, w_down[row_experts])
+    raise ValueError(f"impl must be 'ragged_dot' or 'gather', got {impl!r}")
+
+
+def moe_mlp_reference(
+    x: jax.Array,  # [T, hidden]
+    router_w: jax.Array,  # [hidden, E]
+    w_gate_up: jax.Array,  # [E, hidden, 2 * I]
+    w_down: jax.Array,  # [E, I, hidden]
+    top_k: int,
+    norm_topk_prob: bool,
+) -> jax.Array:
+    """moe_mlp written the plain way, for tests: every token through every expert, in float32,
+    summed with a dense [T, E] weight matrix that is zero outside each token's top k."""
+    num_experts = w_gate_up.shape[0]
+    weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob)
+    dense_weights = jnp.einsum("tk,tke->te", weights,
+                               jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32))
+    x32 = x.astype(jnp.float32)
+    gate, up = jnp.split(jnp.einsum("th,ehi->eti", x32, w_gate_up.astype(jnp.float32)), 2, -1)
+    out = jnp.einsum("eti,eih->eth", jax.nn.silu(gate) * up, w_down.astype(jnp.float32))
+    return jnp.einsum("te,eth->th", dense_weights, out).astype(x.dtype)
+
+
+def stack_experts(
+    gate: Sequence[np.ndarray],  # E x [I, hidden]: w1 (Mixtral), gate_proj (Qwen3-MoE)
+    up: Sequence[np.ndarray],  # E x [I, hidden]: w3, up_proj
+    down: Sequence[np.ndarray],  # E x [hidden, I]: w2, down_proj
+) -> tuple[np.ndarray, np.ndarray]:
+    """A checkpoint's per-expert Linear weights (torch's [out, in]) -> (w_gate_up
+    [E, hidden, 2 * I], w_down [E, I, hidden]), the layout moe_mlp takes."""
+    if not len(gate) == len(up) == len(down):
+        raise ValueError(f"one gate, up and down weight per expert, got {len(gate)}, "
+                         f"{len(up)} and {len(down)}")
+    w_gate_up = np.stack([np.concatenate([g.T, u.T], axis=1) for g, u in zip(gate, up)])
+    w_down = np.stack([d.T for d in down])
+    return w_gate_up, w_down
