@@ -27,7 +27,9 @@ Design (the plan, pool layout and online softmax of `paged_decode.py`):
 Semantics (shared with `fused_decode_reference`): token t of sequence b is at position
 context_lens[b] - 1 and slot slots[b] (block * block_size + offset; < 0 or past the pool: not
 written); rows with context_len 0 give zeros (their K/V are still written to their slot, as
-the unfused KV write does).
+the unfused KV write does). A sliding window and logit soft-capping (static) work as in
+`paged_decode.py`: the splits start at the window's first page, the pages before it are never
+read; the new token is always inside its own window.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import (LOG2E, MIN_DOT_ROWS, NEG_INF, DecodePlan, _combine,
-                                         _triton_params, make_plan, merge_splits)
+from pallas_kernels.paged_decode import (MIN_DOT_ROWS, NEG_INF, DecodePlan, _combine,
+                                         _triton_params, attended, log2_logits, make_plan,
+                                         merge_splits, padded_table_width, window_pages)
 from pallas_kernels.kv_write import write_kv_reference
 from pallas_kernels.reference import apply_rope, paged_attention_reference
 
@@ -53,7 +56,8 @@ def _select_row(tile: jax.Array, row: int) -> jax.Array:
 
 def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, sin_ref,
                   k_ref, v_ref, *out_refs, plan: DecodePlan, block_size: int, num_heads: int,
-                  scale: float, precision, dtype, partials: bool):
+                  scale: float, precision, dtype, partials: bool, sliding_window: int | None,
+                  logit_softcap: float | None):
     """One (sequence, KV head, split) program.
 
     layer_ref [1]; lens_ref, slots_ref [batch]; tables_ref [width] (this sequence's row);
@@ -113,23 +117,25 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
         v_out_ref[layer, block, offset, kv_head, :] = v_new
 
     # Softmax state (base 2): split 0 starts with the new token, other splits empty.
-    log2_scale = scale * LOG2E
     new_logit = ((q1.astype(jnp.float32) * k1.astype(jnp.float32)[None, :]).sum(axis=1)
                  + (q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :]).sum(axis=1))
     # (Tensor-shaped flags: the Triton lowering mistypes selects on a scalar predicate.)
     has_new = (jnp.full((block_h,), context_len, jnp.int32) > 0) & (split == 0)  # [block_h]
-    row_max = jnp.where(has_new, new_logit * log2_scale, NEG_INF)
+    row_max = jnp.where(has_new, log2_logits(new_logit, scale, logit_softcap), NEG_INF)
     row_sum = jnp.where(has_new, jnp.ones((block_h,), jnp.float32),
                         jnp.zeros((block_h,), jnp.float32))
     acc = jnp.where(has_new[:, None],
                     jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], (block_h, head_dim)),
                     jnp.zeros((block_h, head_dim), jnp.float32))
 
-    # The pool's tokens 0 .. context_len - 2 in this split's pages.
+    # The pool's tokens 0 .. context_len - 2 (in the window) in this split's pages. (With a
+    # window of 1 a step may see no token: only split 0, whose state holds the new token.)
     cached = jnp.maximum(context_len - 1, 0)
     step = plan.pages_per_compute_block
     block_k = step * block_size
     first_page = split * plan.pages_per_split
+    if sliding_window is not None:  # the splits start at the window's first page
+        first_page += jnp.maximum(context_len - sliding_window, 0) // block_size
     last_page = jnp.minimum(pl.cdiv(cached, block_size), first_page + plan.pages_per_split)
     num_steps = pl.cdiv(jnp.maximum(last_page - first_page, 0), step)
     token_in_step = jnp.arange(block_k, dtype=jnp.int32)
@@ -148,8 +154,9 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
                                   preferred_element_type=jnp.float32)
                   + lax.dot_general(q2, kp2, dims, precision=precision,
                                     preferred_element_type=jnp.float32))  # [block_h, block_k]
-        logits = logits * log2_scale
-        valid = (page0 * block_size + token_in_step) < cached
+        logits = log2_logits(logits, scale, logit_softcap)
+        valid = attended(page0 * block_size + token_in_step, cached, context_len,
+                         sliding_window)
         logits = jnp.where(valid[None, :], logits, NEG_INF)
         new_max = jnp.maximum(row_max, logits.max(axis=1))
         rescale = jnp.exp2(row_max - new_max)
@@ -246,6 +253,8 @@ def fused_decode_attention_pallas(
     num_warps: int | None = None,
     num_stages: int | None = None,
     partials: bool = False,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # (out [batch, num_heads * head_dim], k, v pools)
     """RoPE, KV write and paged decode attention of one new token per sequence (module
     docstring). The pools come back updated through `input_output_aliases`: call it inside a
@@ -260,6 +269,7 @@ def fused_decode_attention_pallas(
     values; `combine_partials` merges them): for a consumer that merges the context splits
     itself (the persistent layer kernel), one XLA kernel less.
 
+    sliding_window / logit_softcap: as `paged_decode_attention_pallas` (None: off).
     num_splits / pages_per_compute_block override the automatic launch plan of
     `paged_decode.make_plan`; interpret defaults to True on a CPU backend; num_warps /
     num_stages tune the Triton compile.
@@ -270,11 +280,14 @@ def fused_decode_attention_pallas(
               interpret)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1 or None (automatic), got {num_splits}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     if isinstance(layer, int) and not 0 <= layer < k_pool.shape[0]:
         raise ValueError(f"layer={layer} is out of range for a pool of {k_pool.shape[0]} layers")
     batch = qkv.shape[-2]
     _, _, block_size, kv_heads, head_dim = k_pool.shape
-    plan = make_plan(batch, kv_heads, num_heads // kv_heads, block_size, block_tables.shape[1],
+    plan = make_plan(batch, kv_heads, num_heads // kv_heads, block_size,
+                     window_pages(block_size, block_tables.shape[1], sliding_window),
                      num_splits, pages_per_compute_block, head_dim=head_dim,
                      itemsize=jnp.dtype(k_pool.dtype).itemsize)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
@@ -282,14 +295,16 @@ def fused_decode_attention_pallas(
                          layer, slots.astype(jnp.int32), block_tables.astype(jnp.int32),
                          context_lens.astype(jnp.int32), num_heads=num_heads,
                          scale=float(scale), plan=plan, interpret=bool(interpret),
-                         num_warps=num_warps, num_stages=num_stages, partials=partials)
+                         num_warps=num_warps, num_stages=num_stages, partials=partials,
+                         sliding_window=sliding_window, logit_softcap=logit_softcap)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "scale", "plan", "interpret",
-                                             "num_warps", "num_stages", "partials"))
+                                             "num_warps", "num_stages", "partials",
+                                             "sliding_window", "logit_softcap"))
 def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, context_lens, *,
                   num_heads: int, scale: float, plan: DecodePlan, interpret: bool, num_warps,
-                  num_stages, partials: bool):
+                  num_stages, partials: bool, sliding_window, logit_softcap):
     """Pads the table to the splits, launches the kernel, combines the splits."""
     batch = qkv.shape[-2]
     _, _, block_size, kv_heads, head_dim = k_pool.shape
@@ -297,7 +312,7 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
     # The activations' dtype: the row's, or the pool's for float32 partial sums.
     dtype = qkv.dtype if qkv.ndim == 2 else k_pool.dtype
     qkv = qkv.reshape(*qkv.shape[:-1], num_heads + 2 * kv_heads, head_dim)  # free: a view
-    width = splits * plan.pages_per_split
+    width = padded_table_width(plan, block_tables.shape[1], sliding_window)
     tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))  # pad: block 0
     whole = lambda arr: pl.BlockSpec(arr.shape, lambda b, h, s: (0,) * arr.ndim)  # noqa: E731
     in_specs = [whole(layer), whole(context_lens), whole(slots),
@@ -326,7 +341,8 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
     precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None  # f32: no TF32
     kernel = functools.partial(_fused_kernel, plan=plan, block_size=block_size,
                                num_heads=num_heads, scale=scale, precision=precision,
-                               dtype=dtype, partials=partials)
+                               dtype=dtype, partials=partials, sliding_window=sliding_window,
+                               logit_softcap=logit_softcap)
     k_pool, v_pool, *outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases={7: 0, 8: 1}, interpret=interpret,
@@ -350,7 +366,9 @@ def combine_partials(acc, row_max, row_sum, dtype) -> jax.Array:
 
 
 def fused_decode_reference(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables,
-                           context_lens, *, num_heads: int, scale: float):
+                           context_lens, *, num_heads: int, scale: float,
+                           sliding_window: int | None = None,
+                           logit_softcap: float | None = None):
     """The unfused composition, in plain jnp: split the QKV row, RoPE q and k, write K/V
     (`write_kv_reference`), attend (`paged_attention_reference`). Same signature and results
     as `fused_decode_attention_pallas` up to float32 rounding order."""
@@ -365,5 +383,6 @@ def fused_decode_reference(qkv, cos, sin, k_pool, v_pool, layer, slots, block_ta
     k_pool, v_pool = write_kv_reference(k_pool, v_pool, layer, slots, k, v)
     positions = jnp.maximum(context_lens - 1, 0)[:, None]
     out = paged_attention_reference(q[:, None], k_pool, v_pool, jnp.asarray(layer, jnp.int32),
-                                    block_tables, positions, context_lens, scale=scale)
+                                    block_tables, positions, context_lens, scale=scale,
+                                    sliding_window=sliding_window, logit_softcap=logit_softcap)
     return out.reshape(batch, num_heads * head_dim), k_pool, v_pool

@@ -20,6 +20,13 @@ Design (flash-decoding over the engine's own pool layout):
   partial (unnormalised out, running max, running sum); a cheap jnp combine merges the splits.
   With one split the kernel normalises and writes the output itself.
 - Sequences with context_len 0 (padding rows of a batch) give exact zeros.
+- Sliding window (static; the query is the last token, at position context_len - 1): tokens
+  t >= context_len - window are attended (pallas_kernels/reference.py states the convention).
+  The splits cut the pages from the window's first one on, not the whole table, so a 32k
+  context under a 4k window reads about 4k tokens; the pages before it are never read (the
+  block manager may have freed them: garbage, or table entries pointing at the pad block).
+  The tokens before the window in its first page are masked.
+- Logit soft-capping (static): cap * tanh(logits * scale / cap), folded with log2(e).
 """
 
 from __future__ import annotations
@@ -84,6 +91,40 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int,
     return max(1, min(want, cap))
 
 
+def window_pages(block_size: int, max_blocks: int, sliding_window: int | None) -> int:
+    """Table entries a decode reads: the whole table, or the most pages a window of
+    `sliding_window` tokens can straddle."""
+    if sliding_window is None:
+        return max_blocks
+    return min(max_blocks, (sliding_window - 1) // block_size + 2)
+
+
+def attended(tokens, end, context_len, sliding_window: int | None):
+    """[n] bool: which of the token positions `tokens` [n] before `end` the query at position
+    context_len - 1 sees."""
+    valid = tokens < end
+    if sliding_window is not None:
+        valid &= tokens >= context_len - sliding_window
+    return valid
+
+
+def log2_logits(logits, scale: float, logit_softcap: float | None):
+    """q.k dot products -> the scaled (and soft-capped) logits in base 2, for exp2."""
+    if logit_softcap is None:
+        return logits * (scale * LOG2E)
+    return jnp.tanh(logits * (scale / logit_softcap)) * (logit_softcap * LOG2E)
+
+
+def padded_table_width(plan: DecodePlan, max_blocks: int, sliding_window: int | None) -> int:
+    """Entries the table is padded to (with the pad block) so that no step of any split reads
+    past it: the splits' pages, or with a window (the splits start at its first page) the
+    table and one more step."""
+    width = plan.num_splits * plan.pages_per_split
+    if sliding_window is None:
+        return width
+    return max(width, max_blocks + plan.pages_per_compute_block)
+
+
 def make_plan(batch: int, kv_heads: int, group: int, block_size: int, max_blocks: int,
               num_splits: int | None, pages_per_compute_block: int | None,
               head_dim: int = 128, itemsize: int = 2) -> DecodePlan:
@@ -112,7 +153,8 @@ def make_plan(batch: int, kv_heads: int, group: int, block_size: int, max_blocks
 
 
 def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs,
-                   plan: DecodePlan, block_size: int, group: int, scale: float, precision):
+                   plan: DecodePlan, block_size: int, group: int, scale: float, precision,
+                   sliding_window: int | None, logit_softcap: float | None):
     """One (sequence, KV head, split) program.
 
     layer_ref [1] int32; lens_ref [batch] int32; tables_ref [padded_blocks] int32 (this
@@ -133,6 +175,8 @@ def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_re
     live2d = jnp.broadcast_to(live[:, None], (block_h, head_dim))
 
     first_page = split * plan.pages_per_split
+    if sliding_window is not None:  # the splits start at the window's first page
+        first_page += jnp.maximum(context_len - sliding_window, 0) // block_size
     last_page = jnp.minimum(pl.cdiv(context_len, block_size), first_page + plan.pages_per_split)
     num_steps = pl.cdiv(jnp.maximum(last_page - first_page, 0), step)
     q = plgpu.load(q_ref, mask=live2d, other=0)  # [block_h, head_dim], 0 past the group
@@ -151,8 +195,9 @@ def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_re
         v = v_ref[layer, blocks, slot_of_token, kv_head, :]
         logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)  # [block_h, block_k]
-        logits = logits * (scale * LOG2E)
-        valid = (page0 * block_size + token_in_step) < context_len  # [block_k]
+        logits = log2_logits(logits, scale, logit_softcap)
+        valid = attended(page0 * block_size + token_in_step, context_len, context_len,
+                         sliding_window)
         logits = jnp.where(valid[None, :], logits, NEG_INF)
         new_max = jnp.maximum(row_max, logits.max(axis=1))
         rescale = jnp.exp2(row_max - new_max)
@@ -228,6 +273,8 @@ def paged_decode_attention_pallas(
     context_lens: jax.Array,  # [batch] int32, tokens in the pool per sequence (0: padding row)
     *,
     scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
     num_splits: int | None = None,
     pages_per_compute_block: int | None = None,
     interpret: bool | None = None,
@@ -237,9 +284,11 @@ def paged_decode_attention_pallas(
     """Grouped-query decode attention of one new token per sequence over its paged context.
 
     Token t of sequence b lives at k_pool[layer, block_tables[b, t // block_size],
-    t % block_size]; tokens t < context_lens[b] are attended. Rows with context_len 0 give
-    zeros. Block-table entries past a sequence's context may be read (then masked out), so
-    they must be valid block ids (the engine pads with block 0). Accumulates in float32.
+    t % block_size]; tokens t < context_lens[b] are attended (with a sliding window, only
+    t >= context_lens[b] - sliding_window; logits soft-capped by logit_softcap: module
+    docstring). Rows with context_len 0 give zeros. Block-table entries past a sequence's
+    context may be read (then masked out), so they must be valid block ids (the engine pads
+    with block 0); entries wholly before the window are never read. Accumulates in float32.
 
     num_splits / pages_per_compute_block override the automatic launch plan; interpret
     defaults to True on a CPU backend; num_warps / num_stages tune the Triton compile.
@@ -253,31 +302,36 @@ def paged_decode_attention_pallas(
             pages_per_compute_block < 1 or pages_per_compute_block & (pages_per_compute_block - 1)):
         raise ValueError("pages_per_compute_block must be a power of two or None, "
                          f"got {pages_per_compute_block}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     batch, num_heads, _ = q.shape
     kv_heads, block_size = k_pool.shape[3], k_pool.shape[2]
-    plan = make_plan(batch, kv_heads, num_heads // kv_heads, block_size, block_tables.shape[1],
+    plan = make_plan(batch, kv_heads, num_heads // kv_heads, block_size,
+                     window_pages(block_size, block_tables.shape[1], sliding_window),
                      num_splits, pages_per_compute_block, head_dim=q.shape[-1],
                      itemsize=jnp.dtype(k_pool.dtype).itemsize)
     if isinstance(layer, int) and not 0 <= layer < k_pool.shape[0]:
         raise ValueError(f"layer={layer} is out of range for a pool of {k_pool.shape[0]} layers")
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     return _paged_decode(q, k_pool, v_pool, layer, block_tables.astype(jnp.int32),
-                         context_lens.astype(jnp.int32), scale=float(scale), plan=plan,
+                         context_lens.astype(jnp.int32), scale=float(scale),
+                         sliding_window=sliding_window, logit_softcap=logit_softcap, plan=plan,
                          interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "plan", "interpret", "num_warps",
-                                             "num_stages"))
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "logit_softcap", "plan",
+                                             "interpret", "num_warps", "num_stages"))
 def _paged_decode(q, k_pool, v_pool, layer, block_tables, context_lens, *, scale: float,
-                  plan: DecodePlan, interpret: bool, num_warps, num_stages):
+                  sliding_window, logit_softcap, plan: DecodePlan, interpret: bool, num_warps,
+                  num_stages):
     """Pads the table, launches the kernel, combines the splits."""
     batch, num_heads, head_dim = q.shape
     kv_heads, block_size = k_pool.shape[3], k_pool.shape[2]
     group = num_heads // kv_heads
     splits, block_h = plan.num_splits, plan.block_h
     qg = q.reshape(batch, kv_heads, group, head_dim)  # block_h rows per block: masked past group
-    width = splits * plan.pages_per_split
-    assert width >= block_tables.shape[1]  # the splits cover the whole table
+    width = padded_table_width(plan, block_tables.shape[1], sliding_window)
+    assert width >= block_tables.shape[1]  # the splits cover the whole table (or window)
     tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))  # pad: block 0
     whole = lambda arr: pl.BlockSpec(arr.shape, lambda b, h, s: (0,) * arr.ndim)  # noqa: E731
     in_specs = [
@@ -300,7 +354,8 @@ def _paged_decode(q, k_pool, v_pool, layer, block_tables, context_lens, *, scale
             pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0))]
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # f32: no TF32
     kernel = functools.partial(_decode_kernel, plan=plan, block_size=block_size, group=group,
-                               scale=scale, precision=precision)
+                               scale=scale, precision=precision, sliding_window=sliding_window,
+                               logit_softcap=logit_softcap)
     outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=interpret, compiler_params=_triton_params(

@@ -38,6 +38,16 @@ Design (flash attention over the engine's own pool layout, as paged_decode.py):
   exponent, one fused multiply-add per logit, as Triton's flash attention does); finite NEG_INF, so
   rows that see nothing stay NaN-free and give exact zeros. The pool must hold finite values
   (stale slots are read and masked, and 0 * inf would be NaN).
+- Sliding window (static): a query at position p sees keys p - window < k <= p
+  (pallas_kernels/reference.py). The loop starts at the step of the first key the tile's
+  first row sees, and runs in three parts: masked steps across the window's lower edge,
+  unmasked steps every row sees whole, masked steps across the diagonal. In masked steps the
+  keys before the tile's first window read the window's first key instead (then masked):
+  blocks wholly before it are never read (the block manager may have freed them: garbage,
+  or table entries pointing at the pad block). A row that sees nothing in its first steps
+  accumulates finite values that its first visible key's rescale (exp2 of about -1e30)
+  zeroes.
+- Logit soft-capping (static): cap * tanh(logits * scale / cap) in base 2, before the mask.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.paged_decode import (LOG2E, MIN_DOT_ROWS, NEG_INF, STEP_TILE_BYTES,
-                                         _next_pow2, _triton_params)
+                                         _next_pow2, _triton_params, log2_logits)
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +114,8 @@ def make_plan(num_tokens: int, num_seqs: int, group: int, block_size: int, head_
 
 def _prefill_kernel(layer_ref, tile_seq_ref, tile_start_ref, bounds_ref, lens_ref, tables_ref,
                     q_ref, k_ref, v_ref, o_ref, *, plan: PrefillPlan, block_size: int,
-                    scale: float, precision):
+                    scale: float, precision, sliding_window: int | None,
+                    logit_softcap: float | None):
     """One (query tile, KV head) program.
 
     layer_ref [1]; tile_seq_ref, tile_start_ref [num_tiles]; bounds_ref [seqs + 2] (the
@@ -130,22 +141,35 @@ def _prefill_kernel(layer_ref, tile_seq_ref, tile_start_ref, bounds_ref, lens_re
     q = q_ref[pl.ds(row0, block_q), kv_head].reshape(rows, head_dim)
     key_in_step = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
     log2_scale = scale * LOG2E
+    # Scaled (base-2) maxima; scale > 0, so max(logits) * c == max(logits * c), and the
+    # exponent is one fused multiply-add per logit (soft-capped logits are in base 2 already).
+    exponent = (lambda x: x * log2_scale) if logit_softcap is None else (lambda x: x)
+    if sliding_window is not None:
+        first_key = jnp.maximum(start + offset - sliding_window + 1, 0)  # the first row's
+        first_step = first_key // block_k
+        # Steps from `first_full` on are inside the window of the tile's last own row too.
+        last_row_first_key = jnp.maximum(end - 1 + offset - sliding_window + 1, 0)
+        first_full = jnp.clip(pl.cdiv(last_row_first_key, block_k), first_step, num_full)
 
     def body(i, carry, *, masked: bool):
         acc, row_max, row_sum = carry  # [rows, head_dim], [rows], [rows]
         key = i * block_k + key_in_step  # [block_k] key positions of this step
-        slots = tables_ref[seq, key // block_size] * block_size + key % block_size
+        read = key if sliding_window is None or not masked else jnp.maximum(key, first_key)
+        slots = tables_ref[seq, read // block_size] * block_size + read % block_size
         k = k_ref[layer, slots, kv_head, :]  # [block_k, head_dim]
         v = v_ref[layer, slots, kv_head, :]
         logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)  # [rows, block_k]
+        if logit_softcap is not None:  # base 2 from here: the exponent's scale is 1
+            logits = log2_logits(logits, scale, logit_softcap)
         if masked:
-            logits = jnp.where(key[None, :] <= row_pos[:, None], logits, NEG_INF)
-        # Scaled (base-2) maxima; scale > 0, so max(logits) * c == max(logits * c), and the
-        # exponent is one fused multiply-add per logit.
-        new_max = jnp.maximum(row_max, logits.max(axis=1) * log2_scale)
+            visible = key[None, :] <= row_pos[:, None]
+            if sliding_window is not None:
+                visible &= key[None, :] > row_pos[:, None] - sliding_window
+            logits = jnp.where(visible, logits, NEG_INF)
+        new_max = jnp.maximum(row_max, exponent(logits.max(axis=1)))
         rescale = jnp.exp2(row_max - new_max)
-        probs = jnp.exp2(logits * log2_scale - new_max[:, None])
+        probs = jnp.exp2(exponent(logits) - new_max[:, None])
         row_sum = rescale * row_sum + probs.sum(axis=1)
         pv = lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              precision=precision, preferred_element_type=jnp.float32)
@@ -154,9 +178,13 @@ def _prefill_kernel(layer_ref, tile_seq_ref, tile_start_ref, bounds_ref, lens_re
     carry = (jnp.zeros((rows, head_dim), jnp.float32),
              jnp.full((rows,), NEG_INF, jnp.float32),
              jnp.zeros((rows,), jnp.float32))
-    carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
-    acc, _, row_sum = lax.fori_loop(num_full, num_steps, functools.partial(body, masked=True),
-                                    carry)
+    masked, unmasked = (functools.partial(body, masked=m) for m in (True, False))
+    if sliding_window is None:
+        carry = lax.fori_loop(0, num_full, unmasked, carry)
+    else:  # across the window's lower edge, then the steps every own row sees whole
+        carry = lax.fori_loop(first_step, first_full, masked, carry)
+        carry = lax.fori_loop(first_full, num_full, unmasked, carry)
+    acc, _, row_sum = lax.fori_loop(num_full, num_steps, masked, carry)
     safe_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # rows that saw nothing: acc 0 -> out 0
     out = (acc / safe_sum[:, None]).astype(o_ref.dtype).reshape(block_q, plan.group_rows,
                                                                 head_dim)
@@ -236,6 +264,8 @@ def ragged_paged_attention_pallas(
     context_lens: jax.Array,     # [num_seqs] int32: pool tokens of seq s, incl. its new ones
     *,
     scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
@@ -250,7 +280,10 @@ def ragged_paged_attention_pallas(
     query_start_loc starts at 0 and does not decrease; padding sequences have q_len 0 and
     context 0; rows past query_start_loc[-1] give exact zeros. Block-table entries up to a
     tile's causal limit may be read (then masked), so they must be valid block ids (the
-    engine pads with block 0). Accumulates in float32; float32 inputs use exact dots.
+    engine pads with block 0). With a sliding window a query at position p sees only keys
+    p - sliding_window < k <= p, and entries wholly before its tile's first window are never
+    read; logit_softcap soft-caps the logits (module docstring). Accumulates in float32;
+    float32 inputs use exact dots.
 
     block_q (query tokens per tile) / block_k (keys per step, whole pages) override the
     defaults; interpret defaults to True on a CPU backend; num_warps / num_stages tune the
@@ -263,6 +296,8 @@ def ragged_paged_attention_pallas(
         raise ValueError(f"layer={layer} is out of range for a pool of {k_pool.shape[0]} layers")
     if not scale > 0:
         raise ValueError(f"scale must be > 0 (usually head_dim ** -0.5), got {scale}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     num_tokens, num_heads, head_dim = q.shape
     block_size, kv_heads = k_pool.shape[2], k_pool.shape[3]
     plan = make_plan(num_tokens, block_tables.shape[0], num_heads // kv_heads, block_size,
@@ -270,14 +305,16 @@ def ragged_paged_attention_pallas(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     return _ragged_prefill(q, k_pool, v_pool, layer, block_tables.astype(jnp.int32),
                            query_start_loc.astype(jnp.int32), context_lens.astype(jnp.int32),
-                           scale=float(scale), plan=plan, interpret=bool(interpret),
+                           scale=float(scale), sliding_window=sliding_window,
+                           logit_softcap=logit_softcap, plan=plan, interpret=bool(interpret),
                            num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "plan", "interpret", "num_warps",
-                                             "num_stages"))
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "logit_softcap", "plan",
+                                             "interpret", "num_warps", "num_stages"))
 def _ragged_prefill(q, k_pool, v_pool, layer, block_tables, query_start_loc, context_lens, *,
-                    scale: float, plan: PrefillPlan, interpret: bool, num_warps, num_stages):
+                    scale: float, sliding_window, logit_softcap, plan: PrefillPlan,
+                    interpret: bool, num_warps, num_stages):
     """Pads the group / short rows / table, builds the tile map, launches the kernel."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, kv_heads = k_pool.shape[2], k_pool.shape[3]
@@ -298,7 +335,8 @@ def _ragged_prefill(q, k_pool, v_pool, layer, block_tables, query_start_loc, con
     out_shape = jax.ShapeDtypeStruct(qg.shape, q.dtype)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # f32: no TF32
     kernel = functools.partial(_prefill_kernel, plan=plan, block_size=block_size, scale=scale,
-                               precision=precision)
+                               precision=precision, sliding_window=sliding_window,
+                               logit_softcap=logit_softcap)
     if num_warps is None:  # 4 warps (one warpgroup) beat 8 for 128 x 128 tiles on the H100
         num_warps = 8 if plan.rows * head_dim > 128 * 128 else 4
     slots = lambda pool: pool.reshape(pool.shape[0], -1, *pool.shape[3:])  # noqa: E731 (free)

@@ -41,6 +41,13 @@ Design (FlashAttention-3 style, warp specialised, over the engine's own pool lay
   copies (TMA shapes are static; one copy for a full slab).
 - Finite -1e30 as the running max's start and -inf for masked logits: rows that see no key in a
   step get probability 0 (never NaN), rows that see none at all give exact zeros (padding tail).
+- Sliding window and logit soft-capping (static, in the plan), as paged_prefill: the steps run
+  from the one holding the first key the tile's first own row sees, masked across the window's
+  lower edge, unmasked where every own row sees the whole step, masked across the diagonal.
+  The memory warpgroup copies, for a page wholly before that first key, the first key's page
+  instead (same rows within it; masked, finite): pages before the window are never read (the
+  block manager may have freed them). The window's step bounds come from the tile's fields
+  in the kernel (`_window_steps`), so the tile info is the same with and without a window.
 - A TMA copy into a tiled shared-memory slab tiles the global array the same way (its
   coordinates are row // 8 and row % 8 of the (8, 64)-tiled view), so the first row must be a
   multiple of 8 (else rows past the 8-row tile are filled with zeros instead of read) and so
@@ -74,7 +81,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu_cache import stable_kernel_hashes
-from pallas_kernels.paged_decode import LOG2E, NEG_INF, _next_pow2
+from pallas_kernels.paged_decode import LOG2E, NEG_INF, _next_pow2, log2_logits
 from pallas_kernels.paged_prefill import _validate
 
 WG_ROWS = 64                 # query rows per compute warpgroup: wgmma's M
@@ -102,6 +109,8 @@ class MgpuPlan:
     block_size: int       # pool tokens per page
     num_tiles: int        # length of the tile map: cdiv(tokens, block_q) + 2 num_seqs + 1
     interpret: Any        # False, or the interpreter's InterpretGPUParams (run on the CPU)
+    sliding_window: int | None = None  # a query at p sees keys p - window < k <= p
+    logit_softcap: float | None = None  # cap * tanh(logits / cap) before the mask
 
     @property
     def slab(self) -> int:  # rows of one Q / O slab: one head, consecutive tokens
@@ -134,14 +143,16 @@ def num_tiles_bound(num_tokens: int, num_seqs: int, block_q: int) -> int:
 
 def make_plan(num_tokens: int, num_seqs: int, group: int, block_size: int, *,
               block_k: int | None = None, stages: int | None = None,
-              interpret: Any = False) -> MgpuPlan:
+              interpret: Any = False, sliding_window: int | None = None,
+              logit_softcap: float | None = None) -> MgpuPlan:
     group_rows = _next_pow2(group)
     block_q = TILE_ROWS // group_rows
     return MgpuPlan(block_q=block_q, block_k=block_k or KEYS_PER_STEP,
                     stages=stages or STAGES, group=group, group_rows=group_rows,
                     block_size=block_size,
                     num_tiles=num_tiles_bound(num_tokens, num_seqs, block_q),
-                    interpret=interpret)
+                    interpret=interpret, sliding_window=sliding_window,
+                    logit_softcap=logit_softcap)
 
 
 # --- Interpret-mode stand-ins (see the module docstring) -------------------------------------
@@ -203,6 +214,19 @@ class _Tile:
         return cls(*(info_ref[tile, i] for i in range(len(dataclasses.fields(cls)))))
 
 
+def _window_steps(tile: _Tile, plan: MgpuPlan):
+    """Under a sliding window: (first_key, first_step, first_full), the first key the tile's
+    first own row sees, its step, and the first step every own row sees whole (steps from
+    first_step to first_full are masked, then unmasked up to num_full)."""
+    window, block_k = plan.sliding_window, plan.block_k
+    first_key = jnp.maximum(tile.pos0 + tile.own_lo - window + 1, 0)
+    first_step = lax.div(first_key, block_k)
+    last_row_first_key = jnp.maximum(tile.pos0 + tile.own_hi - window, 0)
+    first_full = jnp.clip(lax.div(last_row_first_key + block_k - 1, block_k), first_step,
+                          tile.num_full)
+    return first_key, first_step, first_full
+
+
 def _slabs(plan: MgpuPlan, wg):
     """(first row among the warpgroup's 64, head in the group, first token in the tile) of each
     slab of a compute warpgroup's rows."""
@@ -223,15 +247,20 @@ def _release(barrier, step, tile: _Tile, plan: MgpuPlan):
 
 
 def _producer(tables_ref, k_ref, v_ref, smem, tile: _Tile, kv_head, plan: MgpuPlan):
-    """Memory warpgroup: TMA copies of each step's pages into the K and V slot rings."""
+    """Memory warpgroup: TMA copies of each step's pages into the K and V slot rings (from
+    the window's first step, pages before it replaced by its first page)."""
     plgpu.set_max_registers(40, action="decrease")
+    first_step = 0
+    if plan.sliding_window is not None:
+        first_key, first_step, _ = _window_steps(tile, plan)
 
     def fill(step, wait_free: bool):
         slot = lax.rem(step, plan.stages)
         rows = []  # first pool row of each chunk of the step's keys
         for c in range(plan.copies_per_step):
             key = step * plan.block_k + c * plan.chunk
-            page = tables_ref[tile.seq, lax.div(key, plan.block_size)]
+            page_key = key if plan.sliding_window is None else jnp.maximum(key, first_key)
+            page = tables_ref[tile.seq, lax.div(page_key, plan.block_size)]
             # A multiple of the chunk (>= 8): block_k and the chunk are powers of two.
             rows.append(pl.multiple_of(page * plan.block_size + lax.rem(key, plan.block_size),
                                        plan.chunk))
@@ -244,28 +273,34 @@ def _producer(tables_ref, k_ref, v_ref, smem, tile: _Tile, kv_head, plan: MgpuPl
                                         slots.at[slot, pl.ds(c * plan.chunk, plan.chunk)],
                                         ready.at[slot])
 
-    for step in range(plan.stages):  # the ring starts empty
-        pl.when(step < tile.num_steps)(functools.partial(fill, jnp.int32(step), False))
+    for i in range(plan.stages):  # the ring starts empty
+        step = first_step + jnp.int32(i)
+        pl.when(step < tile.num_steps)(functools.partial(fill, step, False))
 
     def refill(step, carry):
         fill(step, True)
         return carry
-    lax.fori_loop(plan.stages, tile.num_steps, refill, None)
+    lax.fori_loop(first_step + plan.stages, tile.num_steps, refill, None)
 
 
 def _visible(step, tile: _Tile, wg, plan: MgpuPlan):
-    """[64, block_k] bool: key position <= query position, for a warpgroup's rows."""
+    """[64, block_k] bool: key position <= query position (and, with a window, > query
+    position - window), for a warpgroup's rows."""
     shape = (WG_ROWS, plan.block_k)
     token = _iota(shape, 0, plan.interpret)  # row in the warpgroup -> token in the tile
     if plan.block_q < WG_ROWS:
         token = token % plan.block_q
     # token + first_token + pos0 >= step * block_k + key, rearranged to one compare per logit
     first_token = lax.rem(wg * WG_ROWS, plan.block_q)
-    return token - _iota(shape, 1, plan.interpret) >= step * plan.block_k - tile.pos0 - first_token
+    distance = token - _iota(shape, 1, plan.interpret)  # query position - key position - bound
+    bound = step * plan.block_k - tile.pos0 - first_token
+    visible = distance >= bound
+    if plan.sliding_window is not None:
+        visible &= distance < bound + plan.sliding_window
+    return visible
 
 
-def _step(step, carry, *, masked: bool, refs, tile: _Tile, wg, plan: MgpuPlan,
-          log2_scale: float):
+def _step(step, carry, *, masked: bool, refs, tile: _Tile, wg, plan: MgpuPlan, scale: float):
     """One key step of a compute warpgroup: carry (o [64, dim], m [64], l [64]) -> next."""
     o, row_max, row_sum = carry
     q_tile, smem, kt_scratch, p_scratch = refs
@@ -277,11 +312,17 @@ def _step(step, carry, *, masked: bool, refs, tile: _Tile, wg, plan: MgpuPlan,
         return acc_ref[...]
     s = pl.run_scoped(logits, plgpu.ACC((WG_ROWS, plan.block_k), jnp.float32))
     _release(smem["k_free"].at[slot], step, tile, plan)
+    # The exponent's scale: log2(e) * scale, one FMA per logit (scale > 0, so it commutes with
+    # the max), or 1 for soft-capped logits, which are in base 2 already.
+    log2_scale = scale * LOG2E
+    exponent = (lambda x: x * log2_scale) if plan.logit_softcap is None else (lambda x: x)
+    if plan.logit_softcap is not None:
+        s = log2_logits(s, scale, plan.logit_softcap)
     if masked:
         s = jnp.where(_visible(step, tile, wg, plan), s, -jnp.inf)
-    new_max = jnp.maximum(row_max, s.max(axis=1) * log2_scale)  # scale > 0
+    new_max = jnp.maximum(row_max, exponent(s.max(axis=1)))
     alpha = jnp.exp2(row_max - new_max)
-    p = jnp.exp2(s * log2_scale - lax.broadcast_in_dim(new_max, s.shape, [0]))
+    p = jnp.exp2(exponent(s) - lax.broadcast_in_dim(new_max, s.shape, [0]))
     row_sum = row_sum * alpha + p.sum(axis=1)
     o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
     p = p.astype(q_tile.dtype)
@@ -351,13 +392,21 @@ def _consumer(q_ref, out_ref, smem, tile: _Tile, kv_head, wg, plan: MgpuPlan, sc
                      interpret),
              _layout(jnp.full((WG_ROWS,), NEG_INF, jnp.float32), rows, interpret),
              _layout(jnp.zeros((WG_ROWS,), jnp.float32), rows, interpret))
-    body = functools.partial(_step, refs=(q_tile, smem, *scratch), tile=tile, wg=wg, plan=plan,
-                             log2_scale=scale * LOG2E)
-    pl.when(tile.num_steps > 0)(lambda: plgpu.barrier_wait(smem["k_ready"].at[0]))
-    pl.when(wg == 1)(lambda: _rendezvous(smem["sched"]))  # warpgroup 0 goes first
-    carry = lax.fori_loop(0, tile.num_full, functools.partial(body, masked=False), carry)
-    o, _, row_sum = lax.fori_loop(tile.num_full, tile.num_steps,
-                                  functools.partial(body, masked=True), carry)
+    masked, unmasked = (functools.partial(_step, masked=m, refs=(q_tile, smem, *scratch),
+                                          tile=tile, wg=wg, plan=plan, scale=scale)
+                        for m in (True, False))
+    if plan.sliding_window is None:
+        pl.when(tile.num_steps > 0)(lambda: plgpu.barrier_wait(smem["k_ready"].at[0]))
+        pl.when(wg == 1)(lambda: _rendezvous(smem["sched"]))  # warpgroup 0 goes first
+        carry = lax.fori_loop(0, tile.num_full, unmasked, carry)
+    else:  # from the window's first step: across its lower edge, then whole steps
+        _, first_step, first_full = _window_steps(tile, plan)
+        pl.when(first_step < tile.num_steps)(
+            lambda: plgpu.barrier_wait(smem["k_ready"].at[lax.rem(first_step, plan.stages)]))
+        pl.when(wg == 1)(lambda: _rendezvous(smem["sched"]))
+        carry = lax.fori_loop(first_step, first_full, masked, carry)
+        carry = lax.fori_loop(first_full, tile.num_full, unmasked, carry)
+    o, _, row_sum = lax.fori_loop(tile.num_full, tile.num_steps, masked, carry)
     pl.when(wg == 0)(lambda: _rendezvous(smem["sched"]))  # balances warpgroup 1's first one
     # Rows that saw no key have o == 0 and row_sum == 0: exact zeros.
     out = o / lax.broadcast_in_dim(jnp.maximum(row_sum, 1e-30), o.shape, [0])
@@ -541,12 +590,15 @@ def ragged_paged_attention_mgpu(
     context_lens: jax.Array,     # [num_seqs] int32: pool tokens of seq s, incl. its new ones
     *,
     scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
     interpret: Any = None,
     block_k: int | None = None,
     stages: int | None = None,
 ) -> jax.Array:                  # [num_tokens, num_heads, head_dim] in q's dtype
     """Causal grouped-query attention of packed new tokens over their sequences' paged context,
-    as `paged_prefill.ragged_paged_attention_pallas` (same arguments, same output), on Hopper.
+    as `paged_prefill.ragged_paged_attention_pallas` (same arguments, same output, the same
+    sliding window and soft-capping), on Hopper.
 
     Raises ValueError for inputs the kernel does not take (see the module docstring), so the
     caller can fall back to the Triton kernel. interpret: run in Mosaic GPU's interpreter (True,
@@ -562,9 +614,12 @@ def ragged_paged_attention_mgpu(
         raise ValueError(f"layer={layer} is out of range for a pool of {k_pool.shape[0]} layers")
     if not scale > 0:
         raise ValueError(f"scale must be > 0 (usually head_dim ** -0.5), got {scale}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     num_tokens, num_heads, _ = q.shape
     plan = make_plan(num_tokens, block_tables.shape[0], num_heads // k_pool.shape[3],
-                     k_pool.shape[2], block_k=block_k, stages=stages, interpret=interpret)
+                     k_pool.shape[2], block_k=block_k, stages=stages, interpret=interpret,
+                     sliding_window=sliding_window, logit_softcap=logit_softcap)
     _validate_mgpu(q, k_pool, plan)
     if not interpret:
         stable_kernel_hashes()  # one compile of the kernel per process, not per step program

@@ -9,9 +9,22 @@ CPU: its dots have the sequence as their only batch dimension and read the gathe
 pool's own layout, where the general einsum (batch dims sequence and KV head) makes XLA transpose
 the whole gathered context and run many tiny matmuls. tests/test_attention.py checks both against
 dense NumPy attention.
+
+Two per-layer options, static Python values (None: off, and then no extra work at all):
+  sliding_window: a query at position p sees the keys at positions k with p - window < k <= p,
+    the last `window` tokens including itself (Mistral, Gemma 2/3; Hugging Face's
+    `sliding_window_overlay`, `kv_idx > q_idx - sliding_window`, and vLLM's flash-attention
+    window (window - 1, 0) alike).
+  logit_softcap: Gemma 2's attention-logit soft-capping, cap * tanh(logits / cap) on the scaled
+    logits, before the mask and the softmax (Hugging Face's `softcap`).
+Keys outside a window may hold anything (the block manager frees those blocks, reuses them and
+points their table entries at the pad block): the references zero them in V as well, so even a
+NaN there cannot reach the output through a zero probability.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +36,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def soft_cap(logits: jax.Array, logit_softcap: Optional[float]) -> jax.Array:
+    """cap * tanh(logits / cap) (Gemma 2's attention-logit soft-capping); logits as they are
+    when None."""
+    if logit_softcap is None:
+        return logits
+    return logit_softcap * jnp.tanh(logits / logit_softcap)
+
+
+def visible_keys(positions: jax.Array, context_lens: jax.Array, num_keys: int,
+                 sliding_window: Optional[int]) -> jax.Array:
+    """[batch, q_len, num_keys] bool: key t is visible to the query at position p when
+    t <= p, t < the context length and, with a window, t > p - window.
+
+    positions [batch, q_len] int32; context_lens [batch] int32.
+    """
+    kv_pos = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :]
+    visible = (kv_pos <= positions[:, :, None]) & (kv_pos < context_lens[:, None, None])
+    if sliding_window is not None:
+        visible &= kv_pos > positions[:, :, None] - sliding_window
+    return visible
 
 
 def gather_pages(pool: jax.Array, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -54,12 +89,15 @@ def paged_attention_reference(
     context_lens: jax.Array,  # [batch] int32, tokens in the pool for each sequence (incl. new)
     *,
     scale: float,
+    sliding_window: Optional[int] = None,
+    logit_softcap: Optional[float] = None,
 ) -> jax.Array:               # [batch, q_len, num_heads, head_dim]
     """Causal grouped-query attention of new tokens over their sequence's paged context.
 
     A query at position p sees every cached token at position <= p (its prefix, earlier chunks
-    and the new tokens written this step). Covers prefill, chunked prefill, prefix-cache hits
-    and decode (q_len == 1) alike. Accumulates in float32.
+    and the new tokens written this step), within the sliding window if one is given. Covers
+    prefill, chunked prefill, prefix-cache hits and decode (q_len == 1) alike. Accumulates in
+    float32.
     """
     batch, q_len, num_heads, head_dim = q.shape
     kv_heads = k_pool.shape[3]
@@ -68,10 +106,10 @@ def paged_attention_reference(
     v = gather_pages(v_pool, layer, block_tables)
     qg = q.reshape(batch, q_len, kv_heads, group, head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * scale
-    kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
-    visible = (kv_pos[None, None, :] <= positions[:, :, None]) & (
-        kv_pos[None, None, :] < context_lens[:, None, None])  # [batch, q_len, ctx]
+    scores = soft_cap(scores * scale, logit_softcap)
+    visible = visible_keys(positions, context_lens, k.shape[1], sliding_window)  # [b, q, ctx]
+    if sliding_window is not None:  # keys no query sees may hold anything, NaN included
+        v = jnp.where(visible.any(1)[:, :, None, None], v, 0)
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     # Padding queries may see nothing; keep them finite so no NaN leaks into the pool.
     scores = jnp.where(visible.any(-1)[:, None, None, :, None], scores, 0.0)
@@ -91,6 +129,8 @@ def paged_decode_attention(
     context_lens: jax.Array,  # [batch] int32, tokens in the pool for each sequence (incl. new)
     *,
     scale: float,
+    sliding_window: Optional[int] = None,
+    logit_softcap: Optional[float] = None,
 ) -> jax.Array:               # [batch, 1, num_heads, head_dim]
     """Decode attention (one query token per sequence) with sequence-only batched dots.
 
@@ -111,9 +151,10 @@ def paged_decode_attention(
     q_spread = (q.reshape(batch, kv_heads, group, 1, head_dim)
                 * own[None, :, None, :, None]).reshape(batch, num_heads, width)
     scores = jnp.einsum("bhc,btc->bht", q_spread, k, preferred_element_type=jnp.float32)
-    scores = scores * scale  # [batch, num_heads, ctx]
-    kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
-    visible = (kv_pos[None, :] <= positions[:, :1]) & (kv_pos[None, :] < context_lens[:, None])
+    scores = soft_cap(scores * scale, logit_softcap)  # [batch, num_heads, ctx]
+    visible = visible_keys(positions[:, :1], context_lens, k.shape[1], sliding_window)[:, 0]
+    if sliding_window is not None:  # keys outside the window may hold anything, NaN included
+        v = jnp.where(visible[:, :, None], v, 0)
     scores = jnp.where(visible[:, None, :], scores, -jnp.inf)
     scores = jnp.where(visible.any(-1)[:, None, None], scores, 0.0)  # padding rows: finite
     probs = jax.nn.softmax(scores, axis=-1)
@@ -134,6 +175,8 @@ def ragged_paged_attention_reference(
     context_lens: jax.Array,     # [num_seqs] int32, tokens in the pool per seq (incl. new)
     *,
     scale: float,
+    sliding_window: Optional[int] = None,
+    logit_softcap: Optional[float] = None,
 ) -> jax.Array:                  # [num_tokens, num_heads, head_dim]
     """The packed (ragged) layout of `paged_attention_reference`, for testing the kernel.
 
@@ -149,7 +192,8 @@ def ragged_paged_attention_reference(
     rows = jnp.clip(starts[:, None] + i[None, :], 0, num_tokens - 1)
     positions = jnp.where(own, (context_lens - (ends - starts))[:, None] + i[None, :], -1)
     out = paged_attention_reference(q[rows], k_pool, v_pool, layer, block_tables, positions,
-                                    context_lens, scale=scale)  # [num_seqs, num_tokens, ...]
+                                    context_lens, scale=scale, sliding_window=sliding_window,
+                                    logit_softcap=logit_softcap)  # [num_seqs, num_tokens, ...]
     seq = jnp.searchsorted(ends, i, side="right")  # the sequence owning packed row i
     live = seq < starts.shape[0]
     seq = jnp.minimum(seq, starts.shape[0] - 1)

@@ -169,8 +169,8 @@ def device_info() -> dict:
 
 
 def build_hf_model(hf_dict: dict, dtype: str, seed: int = 0):
-    """(LlamaForCausalLM with random weights of the shape, torch, device), built on the GPU in
-    `dtype` (the CPU where torch sees no GPU)."""
+    """(the family's transformers model with random weights of the shape, torch, device), built
+    on the GPU in `dtype` (the CPU where torch sees no GPU)."""
     import torch
     import transformers
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -180,7 +180,8 @@ def build_hf_model(hf_dict: dict, dtype: str, seed: int = 0):
     torch.set_default_dtype(torch_dtype)
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_dict))
+            model = transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.for_model(**hf_dict))
     finally:
         torch.set_default_dtype(default)
     model.eval()

@@ -19,7 +19,7 @@ import numpy as np
 from jinfer.model.attention import default_attention_backend
 from jinfer.config import EngineConfig
 from jinfer.model.kv_cache import init_kv_cache
-from jinfer.model.llama import prepare_params
+from jinfer.model.decoder import prepare_params
 from jinfer.model.sampler import SamplingRow
 from jinfer.model.shapes import MODEL_SHAPES, random_params
 from jinfer.runner.model_runner import ModelRunner

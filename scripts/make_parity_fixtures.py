@@ -11,6 +11,20 @@ Each family mirrors a real checkpoint's layout at toy size (CPU torch, float32):
   smollm2  tied embeddings, rope_theta 1e5, 9 query / 3 KV heads of 16 dims (hidden 144),
            byte-level BPE `tokenizer.json`, ChatML template with <|im_start|>/<|im_end|>.
 
+and the other decoder families (tests/test_families.py), each with its own config class and a
+byte-level BPE tokenizer with the family's special tokens and chat template; windows are a few
+tokens so short prompts already slide past them:
+
+  qwen2    Q/K/V biases, tied embeddings, ChatML.
+  qwen3    per-head q/k norms, head_dim 32 of hidden 64 / 4 heads, untied, ChatML.
+  mistral  an 8-token sliding window on every layer, [INST] template.
+  gemma2   (1 + w) norms, post norms, GeGLU, sqrt(hidden) embeddings, query_pre_attn_scalar 24,
+           8-token windows on alternate layers, attention and final logit soft-caps.
+  gemma3   q/k norms, two windowed layers to one global (sliding_window_pattern 3), RoPE base
+           1e4 on the windowed layers and 1e5 with linear scaling 2 on the global ones.
+  phi3     fused qkv_proj / gate_up_proj, LongRoPE (original context 32 of 256, so prompts past
+           32 tokens take the long factors), a 16-token sliding window, <|end|> turns.
+
 Weights are re-drawn after transformers' init (which uses std 0.02 and unit norms, making
 attention nearly uniform and RoPE errors invisible): linear layers ~ N(0, 1/fan_in), embeddings
 ~ N(0, 0.5^2) (N(0, 4/hidden) when tied, else greedy decoding just repeats the last token), norm
@@ -18,7 +32,7 @@ weights ~ 1 + N(0, 0.1^2), so attention is peaked and logits are well spread.
 
 Importable (tests call `make_fixture`) and a CLI:
 
-    python scripts/make_parity_fixtures.py OUT_DIR [--families llama2 llama3 smollm2]
+    python scripts/make_parity_fixtures.py OUT_DIR [--families llama2 llama3 smollm2 qwen2 ...]
 """
 
 from __future__ import annotations
@@ -34,7 +48,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("llama2", "llama3", "smollm2")
+FAMILIES = ("llama2", "llama3", "smollm2")  # LlamaForCausalLM (tests/test_parity_hf.py)
+OTHER_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")  # test_families.py
+ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
 
 # Text the tiny tokenizers are trained on (kept in this file: no network, no datasets).
 TRAIN_TEXT = [
@@ -83,6 +99,40 @@ MODEL_SHAPES = {
                     max_position_embeddings=512, tie_word_embeddings=True),
 }
 
+
+# transformers config class and keywords (besides vocab and special-token ids) of the other
+# decoder families.
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+FAMILY_SHAPES = {
+    "qwen2": ("Qwen2Config", dict(_SMALL, num_hidden_layers=2, rms_norm_eps=1e-6,
+                                  rope_theta=10000.0, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(_SMALL, num_hidden_layers=2, head_dim=32, rms_norm_eps=1e-6,
+                                  rope_theta=10000.0, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(_SMALL, num_hidden_layers=2, rms_norm_eps=1e-5,
+                                      rope_theta=10000.0, sliding_window=8,
+                                      tie_word_embeddings=False)),
+    "gemma2": ("Gemma2Config", dict(_SMALL, num_hidden_layers=3, head_dim=16, rms_norm_eps=1e-6,
+                                    rope_theta=10000.0, query_pre_attn_scalar=24,
+                                    sliding_window=8, attn_logit_softcapping=3.0,
+                                    final_logit_softcapping=6.0, tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", dict(_SMALL, num_hidden_layers=4, head_dim=16,
+                                        rms_norm_eps=1e-6, rope_theta=100000.0,
+                                        rope_scaling={"rope_type": "linear", "factor": 2.0},
+                                        rope_local_base_freq=10000.0, query_pre_attn_scalar=20,
+                                        sliding_window=8, sliding_window_pattern=3,
+                                        tie_word_embeddings=True)),
+    "phi3": ("Phi3Config", dict(_SMALL, num_hidden_layers=2, rms_norm_eps=1e-5,
+                                rope_theta=10000.0, original_max_position_embeddings=32,
+                                rope_scaling={"type": "longrope",
+                                              "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5,
+                                                               3.0],
+                                              "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0,
+                                                              12.0]},
+                                sliding_window=16, tie_word_embeddings=False)),
+}
+# Norm weights of (1 + w) norms are drawn around 0, the others around 1.
+ZERO_CENTRED_NORMS = ("gemma2", "gemma3")
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -162,22 +212,81 @@ def build_smollm2_tokenizer(folder: pathlib.Path, vocab_size: int = 450) -> dict
             "pad": tok.token_to_id("<|im_end|>")}
 
 
-TOKENIZER_BUILDERS = {"llama2": build_llama2_tokenizer, "llama3": build_llama3_tokenizer,
-                      "smollm2": build_smollm2_tokenizer}
+def build_chat_tokenizer(folder: pathlib.Path, specials: list[str], template: str, *,
+                         eos: str, bos: Optional[str] = None, add_bos: bool = False,
+                         vocab_size: int = 450) -> dict:
+    """A byte-level BPE tokenizer.json with a family's special tokens (ids 0..n-1) and chat
+    template; BOS added by the post-processor where the family does."""
+    from tokenizers import processors
+    tok = _train_bytelevel(specials, None, vocab_size)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+            special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
+              "eos_token": eos, "clean_up_tokenization_spaces": False,
+              "model_max_length": 512, "chat_template": template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return {"vocab_size": tok.get_vocab_size(with_added_tokens=True),
+            "bos": None if bos is None else tok.token_to_id(bos), "eos": tok.token_to_id(eos),
+            "pad": None}
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if "
+    "message['role'] == 'assistant' else 'user') + '\n' + message['content'] | trim + "
+    "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<start_of_turn>model\n' }}{% endif %}")
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] + eos_token }}{% else %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}{% endfor %}")
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+    "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% endif %}")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def _qwen_tokenizer(folder):
+    return build_chat_tokenizer(folder, QWEN_SPECIALS, CHATML_TEMPLATE, eos="<|im_end|>")
+
+
+def _gemma_tokenizer(folder):
+    return build_chat_tokenizer(folder, GEMMA_SPECIALS, GEMMA_TEMPLATE, eos="<eos>", bos="<bos>",
+                                add_bos=True)
+
+
+TOKENIZER_BUILDERS = {
+    "llama2": build_llama2_tokenizer, "llama3": build_llama3_tokenizer,
+    "smollm2": build_smollm2_tokenizer, "qwen2": _qwen_tokenizer, "qwen3": _qwen_tokenizer,
+    "mistral": lambda folder: build_chat_tokenizer(
+        folder, ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], MISTRAL_TEMPLATE, eos="</s>",
+        bos="<s>", add_bos=True),
+    "gemma2": _gemma_tokenizer, "gemma3": _gemma_tokenizer,
+    "phi3": lambda folder: build_chat_tokenizer(
+        folder, ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|end|>"], PHI3_TEMPLATE, eos="<|endoftext|>", bos="<s>"),
+}
 
 
 # ----------------------------------------------------------------------------- models
 
-def _randomize(model, seed: int) -> None:
-    """Redraws every weight (see the module docstring for why and how)."""
+def _randomize(model, seed: int, norm_centre: float = 1.0) -> None:
+    """Redraws every weight (see the module docstring for why and how); biases ~ N(0, 0.5^2),
+    norm weights ~ norm_centre + N(0, 0.1^2)."""
     import torch
     gen = torch.Generator().manual_seed(seed)
     tied = model.config.tie_word_embeddings
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if p.ndim == 1:  # RMSNorm weights
-                p.copy_(1.0 + 0.1 * noise)
+            if name.endswith(".bias"):
+                p.copy_(0.5 * noise)
+            elif p.ndim == 1:  # RMSNorm weights
+                p.copy_(norm_centre + 0.1 * noise)
             elif "embed_tokens" in name:  # tied: small, so the output is not the input token
                 p.copy_(noise * (2 / math.sqrt(p.shape[1]) if tied else 0.5))
             else:  # nn.Linear weight [out, in]
@@ -185,15 +294,17 @@ def _randomize(model, seed: int) -> None:
 
 
 def build_model(family: str, folder: pathlib.Path, special: dict, seed: int = 0):
-    """Random float32 LlamaForCausalLM for `family`, saved with safetensors into `folder`."""
+    """Random float32 model of `family` (LlamaForCausalLM, or the family's own class), saved
+    with safetensors into `folder`."""
     import torch
     import transformers
-    config = transformers.LlamaConfig(
+    config_class, shape = FAMILY_SHAPES.get(family, ("LlamaConfig", MODEL_SHAPES.get(family)))
+    config = getattr(transformers, config_class)(
         vocab_size=special["vocab_size"], bos_token_id=special["bos"],
-        eos_token_id=special["eos"], pad_token_id=special["pad"], **MODEL_SHAPES[family])
+        eos_token_id=special["eos"], pad_token_id=special["pad"], **shape)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-    _randomize(model, seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    _randomize(model, seed, 0.0 if family in ZERO_CENTRED_NORMS else 1.0)
     if config.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.generation_config = transformers.GenerationConfig(
@@ -280,8 +391,8 @@ def make_fixture(family: str, folder, seed: int = 0,
     """Writes the `family` model folder into `folder` (created) and returns
     (folder, hf_model, prompts, reference logits per prompt [len, vocab]); the prompts are
     `prompts` or random ids of the given `lengths`."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {ALL_FAMILIES}")
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     special = TOKENIZER_BUILDERS[family](folder)
@@ -295,7 +406,8 @@ def make_fixture(family: str, folder, seed: int = 0,
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=pathlib.Path, help="folder to write one subfolder per family")
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--families", nargs="+", default=list(ALL_FAMILIES),
+                        choices=ALL_FAMILIES)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -11,12 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_oracle import oracle_backend
-from jinfer.model.attention import AttentionMetadata, PrefillMetadata, get_attention_backend
+from attention_oracle import dense_attention, oracle_backend
+from kernel_cases import LAYER, LAYERS, forget_before_window
+from jinfer.model.attention import (AttentionBackend, AttentionMetadata, PrefillMetadata,
+                                    StepAttention, attend, get_attention_backend)
 from jinfer.config import EngineConfig
 from jinfer.model.config import ModelConfig
 from jinfer.model.kv_cache import init_kv_cache
-from jinfer.model.llama import forward_hidden, prepare_params
+from jinfer.model.decoder import forward_hidden, prepare_params
 from jinfer.runner.model_runner import ModelRunner
 from jinfer.api.sampling_params import SamplingParams
 from jinfer.engine.scheduler import ScheduledSequence
@@ -25,25 +27,11 @@ from pallas_kernels.fused_decode import fused_decode_attention_pallas
 from pallas_kernels.reference import paged_attention_reference, paged_decode_attention
 
 POISON = 1e4  # stale pool slots: finite (as in the engine) but large enough to show any leak
-LAYERS, LAYER = 2, 1
 
 
-def dense_attention(q, k, v, positions, scale):
-    """q [q_len, heads, dim]; k, v [ctx, kv_heads, dim]; a query at position p sees k[:p + 1]."""
-    group = q.shape[1] // k.shape[1]
-    k = np.repeat(k, group, axis=1).astype(np.float64)
-    v = np.repeat(v, group, axis=1).astype(np.float64)
-    scores = np.einsum("qhd,thd->hqt", q.astype(np.float64), k) * scale
-    visible = np.arange(k.shape[0])[None, :] <= positions[:, None]  # [q_len, ctx]
-    scores = np.where(visible[None], scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("hqt,thd->qhd", probs, v)
-
-
-def make_case(rng, block_size, heads, kv_heads, seqs, q_len, num_rows, dim=8):
+def make_case(rng, block_size, heads, kv_heads, seqs, q_len, num_rows, dim=8, prefix=12):
     """Random sequences (start, num_new) in a shuffled, poisoned pool; rows past `seqs` pad."""
-    width = max(2, -(-(q_len + 12) // block_size))  # room for a prefix
+    width = max(2, -(-(q_len + prefix) // block_size))  # room for a prefix
     num_blocks = 1 + seqs * width
     shape = (LAYERS, num_blocks, block_size, kv_heads, dim)
     k_pool = np.full(shape, POISON, np.float32)
@@ -70,11 +58,18 @@ def make_case(rng, block_size, heads, kv_heads, seqs, q_len, num_rows, dim=8):
     return q, k_pool, v_pool, tables, positions, context_lens, contexts
 
 
-def check(out, q, positions, contexts, scale):
+def forget_outside_window(k_pool, v_pool, tables, positions, window):
+    """`forget_before_window` (tests/kernel_cases.py) before each sequence's earliest query's
+    window; how many blocks were forgotten."""
+    first_seen = np.maximum(positions[:, 0] - window + 1, 0)
+    return forget_before_window(k_pool, v_pool, tables, first_seen, k_pool.shape[2])
+
+
+def check(out, q, positions, contexts, scale, **opts):
     out = np.asarray(out)
     assert np.isfinite(out).all()  # padding rows and padding queries included
     for i, (k, v, num_new) in enumerate(contexts):
-        expected = dense_attention(q[i, :num_new], k, v, positions[i, :num_new], scale)
+        expected = dense_attention(q[i, :num_new], k, v, positions[i, :num_new], scale, **opts)
         np.testing.assert_allclose(out[i, :num_new], expected, rtol=2e-5, atol=2e-5)
 
 
@@ -90,6 +85,32 @@ def test_reference_matches_dense(block_size, heads, q_len):
         rng, block_size, *heads, seqs=3, q_len=q_len, num_rows=4)
     out = paged_attention_reference(q, k_pool, v_pool, LAYER, tables, positions, lens, scale=0.3)
     check(out, q, positions, contexts, 0.3)
+
+
+@pytest.mark.parametrize("window", [1, 5, 13, "context", 64, None])
+@pytest.mark.parametrize("softcap", [None, 0.5])
+@pytest.mark.parametrize("q_len", [1, 7])
+def test_window_and_softcap_match_dense(window, softcap, q_len):
+    """Sliding windows of one token, shorter than the contexts (up to 47 tokens), equal to the
+    first sequence's context and longer than any, with and without soft-capping (a cap below
+    the logits' size, so it bends them), through the general reference (prefill, chunked
+    prefill after a prefix, decode) and the decode form; blocks before the windows hold NaN."""
+    rng = np.random.default_rng(q_len)
+    q, k_pool, v_pool, tables, positions, lens, contexts = make_case(
+        rng, 4, 6, 2, seqs=3, q_len=q_len, num_rows=4, prefix=40)
+    window = int(lens[0]) if window == "context" else window
+    if window is not None:
+        forgotten = forget_outside_window(k_pool, v_pool, tables, positions, window)
+        assert forgotten or window > 5
+        # The references read every table entry, the pad block included: NaN there too.
+        k_pool[:, 0] = v_pool[:, 0] = np.nan
+    opts = dict(sliding_window=window, logit_softcap=softcap)
+    args = (q, k_pool, v_pool, LAYER, tables, positions, lens)
+    check(paged_attention_reference(*args, scale=0.3, **opts), q, positions, contexts, 0.3,
+          **opts)
+    if q_len == 1:
+        check(paged_decode_attention(*args, scale=0.3, **opts), q, positions, contexts, 0.3,
+              **opts)
 
 
 @pytest.mark.parametrize("block_size, heads", GRID)
@@ -125,27 +146,71 @@ def pack_prefill(q, tables, positions, lens, contexts):
 
 @pytest.mark.parametrize("backend", ["reference", "oracle", "pallas"])
 @pytest.mark.parametrize("q_len", [1, 7])
-def test_backends_match_dense(backend, q_len):
+@pytest.mark.parametrize("window, softcap", [(None, None), (6, 0.5)])
+def test_backends_match_dense(backend, q_len, window, softcap):
     """Each backend's decode (q_len 1) and prompt-chunk paths against dense attention (and the
-    tests' plain-reference backend, tests/attention_oracle.py)."""
+    tests' plain-reference backend, tests/attention_oracle.py), plain and with a sliding
+    window (blocks before it hold NaN) and soft-capping."""
     rng = np.random.default_rng(q_len)
     q, k_pool, v_pool, tables, positions, lens, contexts = make_case(
-        rng, 16, 6, 2, seqs=3, q_len=q_len, num_rows=4, dim=16)
+        rng, 4, 6, 2, seqs=3, q_len=q_len, num_rows=4, dim=16, prefix=20)
+    if window is not None:
+        assert forget_outside_window(k_pool, v_pool, tables, positions, window)
+    opts = dict(sliding_window=window, logit_softcap=softcap)
     impl = oracle_backend() if backend == "oracle" else get_attention_backend(backend)
     if q_len == 1:
         meta = AttentionMetadata(positions=positions, block_tables=tables, context_lens=lens)
-        out = jax.jit(impl.decode, static_argnums=(3, 5))(q[:, 0], k_pool, v_pool, LAYER, meta,
-                                                          0.3)
-        check(np.asarray(out)[:, None], q, positions, contexts, 0.3)
+        out = jax.jit(functools.partial(impl.decode, **opts), static_argnums=(3, 5))(
+            q[:, 0], k_pool, v_pool, LAYER, meta, 0.3)
+        check(np.asarray(out)[:, None], q, positions, contexts, 0.3, **opts)
         return
     packed_q, meta = pack_prefill(q, tables, positions, lens, contexts)
-    out = np.asarray(jax.jit(impl.prefill, static_argnums=(3, 5))(
+    out = np.asarray(jax.jit(functools.partial(impl.prefill, **opts), static_argnums=(3, 5))(
         packed_q, k_pool, v_pool, LAYER, meta, 0.3))
     assert np.isfinite(out).all()
     for i, (k, v, num_new) in enumerate(contexts):
         start = meta.query_start_loc[i]
-        expected = dense_attention(q[i, :num_new], k, v, positions[i, :num_new], 0.3)
+        expected = dense_attention(q[i, :num_new], k, v, positions[i, :num_new], 0.3, **opts)
         np.testing.assert_allclose(out[start:start + num_new], expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_attend_passes_the_options_to_every_attention_function(fused):
+    """attend hands sliding_window and logit_softcap to the fused decode (or the decode) and
+    the prefill functions of the backend, as keywords."""
+    heads, kv_heads, dim, rows, tokens = 4, 2, 8, 2, 5
+    seen = []
+
+    def attention(name):
+        def run(q, *args, **opts):
+            seen.append((name, opts))
+            return jnp.zeros((q.shape[0], heads, dim))
+        return run
+
+    def fused_decode(qkv, cos, sin, k_pool, v_pool, *args, **opts):
+        seen.append(("fused_decode", opts))
+        return jnp.zeros((qkv.shape[0], heads * dim)), k_pool, v_pool
+
+    backend = AttentionBackend(attention("decode"), attention("prefill"),
+                               lambda k_pool, v_pool, *args: (k_pool, v_pool),
+                               fused_decode if fused else None)
+    table = np.zeros((rows, 1), np.int32)
+    decode = AttentionMetadata(positions=np.zeros((rows, 1), np.int32), block_tables=table,
+                               context_lens=np.ones((rows,), np.int32))
+    prefill = PrefillMetadata(attention=decode, query_start_loc=np.zeros((rows + 1,), np.int32),
+                              to_rows=np.zeros((rows, 1), np.int32),
+                              to_tokens=np.zeros((tokens - rows,), np.int32))
+    meta = StepAttention(positions=np.zeros((tokens,), np.int32),
+                         slot_mapping=np.zeros((tokens,), np.int32), decode=decode,
+                         prefill=prefill)
+    pool = jnp.zeros((1, 2, 4, kv_heads, dim))
+    rope = jnp.ones((tokens, 1, dim // 2))
+    qkv = jnp.zeros((tokens, (heads + 2 * kv_heads) * dim))
+    out, _, _ = attend(backend, qkv, rope, rope, pool, pool, 0, meta, num_heads=heads, scale=1.0,
+                       sliding_window=5, logit_softcap=2.0)
+    assert out.shape == (tokens, heads * dim)
+    opts = dict(sliding_window=5, logit_softcap=2.0)
+    assert seen == [("fused_decode" if fused else "decode", opts), ("prefill", opts)]
 
 
 def tiny_runner(num_blocks=40):
@@ -168,12 +233,13 @@ def make_seq(seq_id, tokens, table, computed):
 
 
 def interpreted_fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, meta, num_heads,
-                             scale):
+                             scale, **opts):
     """The fused decode kernel in interpret mode (the tiny model's head_dim 8 is below what
     its Triton lowering takes), as a backend's fused_decode."""
     return fused_decode_attention_pallas(qkv, cos, sin, k_pool, v_pool, layer, slots,
                                          meta.block_tables, meta.context_lens,
-                                         num_heads=num_heads, scale=scale, interpret=True)
+                                         num_heads=num_heads, scale=scale, interpret=True,
+                                         **opts)
 
 
 def run(runner, decode, prefill, backend="reference"):
@@ -233,8 +299,9 @@ def test_hopper_prefill_kernel_by_step_tokens(monkeypatch, tokens, kernel):
     monkeypatch.setattr(paged_prefill_mgpu, "hopper_gpu", lambda: True)
     monkeypatch.setattr(paged_prefill_mgpu, "supports", lambda q, k_pool: True)
     monkeypatch.setattr(paged_prefill_mgpu, "ragged_paged_attention_mgpu",
-                        lambda *args, scale: "mosaic")
-    monkeypatch.setattr(attention, "ragged_paged_attention_pallas", lambda *args, scale: "triton")
+                        lambda *args, **kwargs: "mosaic")
+    monkeypatch.setattr(attention, "ragged_paged_attention_pallas",
+                        lambda *args, **kwargs: "triton")
     att = types.SimpleNamespace(block_tables=None, context_lens=None)
     meta = types.SimpleNamespace(attention=att, query_start_loc=None)
     q = jax.ShapeDtypeStruct((tokens, 32, 128), jnp.bfloat16)

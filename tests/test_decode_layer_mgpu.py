@@ -25,7 +25,7 @@ SMALL = TailTiling(block_n=64, block_k=64, stages=3, num_ctas=4)
 
 
 def model_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=None, next_wqkv=None):
-    """jinfer.model.llama's attention residual, MLP block and the next layer's norm + QKV dot,
+    """jinfer.model.decoder's attention residual, MLP block and the next layer's norm + QKV dot,
     as the model computes them (bf16 GEMM outputs)."""
     h1 = h + attn @ wo
     gate, up = jnp.split(rms_norm(h1, mlp_norm, EPS) @ w_gate_up, 2, axis=-1)

@@ -25,19 +25,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_cases import LAYER, LAYERS, POISON, TOLERANCE
+from kernel_cases import LAYER, LAYERS, POISON, TOLERANCE, forget_before_window
 from pallas_kernels.fused_decode import (combine_partials, fused_decode_attention_pallas,
                                          fused_decode_reference)
 
 ROPE_TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+# The reference as one compiled program (op by op it compiles every op for every new shape).
+reference = jax.jit(fused_decode_reference,
+                    static_argnames=("num_heads", "scale", "sliding_window", "logit_softcap"))
 
 
 def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_blocks, dtype,
-              skip_slot=False, parts=0):
+              skip_slot=False, parts=0, sliding_window=None):
     """QKV rows, RoPE tables, a shuffled poisoned pool holding each sequence's cached tokens,
     block tables and the new tokens' slots (row 0's slot is -1 when skip_slot). parts > 0: the
     QKV rows as that many float32 partial sums [parts, batch, width] (multiples of 1/256, so
-    their total is exact in any order of addition)."""
+    their total is exact in any order of addition). With a sliding window the blocks before
+    it are forgotten (NaN, some entries the pad block)."""
     batch, heads = len(context_lens), kv_heads * group
     num_blocks = 1 + batch * max_blocks + 3
     shape = (LAYERS, num_blocks, block_size, kv_heads, head_dim)
@@ -56,6 +60,9 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
                 (LAYERS, kv_heads, head_dim))
         if ctx:
             slots[i] = tables[i, (ctx - 1) // block_size] * block_size + (ctx - 1) % block_size
+    if sliding_window is not None:
+        first_seen = np.maximum(np.asarray(context_lens) - sliding_window, 0)
+        forget_before_window(k_pool, v_pool, tables, first_seen, block_size)
     true_slots = slots.copy()
     if skip_slot:
         slots[0] = -1
@@ -75,19 +82,23 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
 
 
 def check(seed, *, context_lens, kv_heads, group, head_dim, block_size, num_splits, dtype,
-          max_blocks=5, skip_slot=False, parts=0, **kwargs):
+          max_blocks=5, skip_slot=False, parts=0, sliding_window=None, logit_softcap=None,
+          **kwargs):
     case = make_case(np.random.default_rng(seed), context_lens=context_lens, kv_heads=kv_heads,
                      group=group, head_dim=head_dim, block_size=block_size,
-                     max_blocks=max_blocks, dtype=dtype, skip_slot=skip_slot, parts=parts)
+                     max_blocks=max_blocks, dtype=dtype, skip_slot=skip_slot, parts=parts,
+                     sliding_window=sliding_window)
     heads, scale = kv_heads * group, head_dim ** -0.5
+    opts = dict(num_heads=heads, scale=scale, sliding_window=sliding_window,
+                logit_softcap=logit_softcap)
     args = [case[name] for name in ("qkv", "cos", "sin", "k_pool", "v_pool")] + [LAYER] + [
         case[name] for name in ("slots", "block_tables", "context_lens")]
-    out, k_pool, v_pool = fused_decode_attention_pallas(
-        *args, num_heads=heads, scale=scale, num_splits=num_splits, **kwargs)
-    _, ref_k, ref_v = fused_decode_reference(*args, num_heads=heads, scale=scale)
+    out, k_pool, v_pool = fused_decode_attention_pallas(*args, num_splits=num_splits, **opts,
+                                                        **kwargs)
+    _, ref_k, ref_v = reference(*args, **opts)
     # The output as if every slot were written (a skipped slot's token is still attended).
     args[6] = case["true_slots"]
-    ref_out = fused_decode_reference(*args, num_heads=heads, scale=scale)[0]
+    ref_out = reference(*args, **opts)[0]
     batch = len(context_lens)
     assert out.shape == (batch, heads * head_dim) and out.dtype == dtype
     assert k_pool.shape == case["k_pool"].shape and k_pool.dtype == dtype
@@ -132,6 +143,26 @@ def test_matches_reference(context_lens, kv_heads, group, head_dim, block_size, 
                            dtype):
     check(0, context_lens=context_lens, kv_heads=kv_heads, group=group, head_dim=head_dim,
           block_size=block_size, num_splits=num_splits, dtype=dtype)
+
+
+# (context_lens, window, softcap, block_size, num_splits, dtype): contexts of one token, equal
+# to the window and longer (the window's first block mid-table, its blocks before NaN).
+WINDOW_CASES = [
+    ([1, 20, 40, 33], 20, 0.6, 8, 3, jnp.float32),  # three splits over the window, capped
+    ([1, 9, 30], 1, None, 8, None, jnp.bfloat16),   # the new token alone
+    ([5, 40], None, 0.5, 16, 2, jnp.float32),       # soft-capping alone
+]
+
+
+@pytest.mark.parametrize("context_lens,window,softcap,block_size,num_splits,dtype",
+                         WINDOW_CASES)
+def test_sliding_window_and_softcap(context_lens, window, softcap, block_size, num_splits,
+                                    dtype):
+    """The splits start at the window's first block (the blocks before it, NaN, are never
+    read); outputs and pools as the reference's."""
+    check(7, context_lens=context_lens, kv_heads=2, group=2, head_dim=32,
+          block_size=block_size, num_splits=num_splits, dtype=dtype, sliding_window=window,
+          logit_softcap=softcap)
 
 
 @pytest.mark.parametrize("num_splits,dtype", [(1, jnp.bfloat16), (2, jnp.float32)])
@@ -239,6 +270,18 @@ def test_gpu_engine_shapes(kv_heads, group, head_dim, num_splits, dtype):
     check(5, context_lens=[1, 17, 2559, 1000, 0, 2560], kv_heads=kv_heads, group=group,
           head_dim=head_dim, block_size=16, num_splits=num_splits, dtype=dtype, max_blocks=160,
           interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,softcap", [(1, None), (100, 1.0), (4096, None), (None, 1.0)])
+@pytest.mark.parametrize("head_dim,num_splits,dtype", [(64, None, jnp.bfloat16),
+                                                       (128, 3, jnp.float32)])
+def test_gpu_window_and_softcap(window, softcap, head_dim, num_splits, dtype):
+    """Engine-sized heads over long contexts (the blocks before the window NaN): a window of
+    the new token alone, shorter than the contexts, longer than most, soft-capping alone."""
+    check(8, context_lens=[1, min(window or 100, 2560), 2560, 1283, 0], kv_heads=8, group=4,
+          head_dim=head_dim, block_size=16, num_splits=num_splits, dtype=dtype, max_blocks=160,
+          sliding_window=window, logit_softcap=softcap, interpret=False)
 
 
 @pytest.mark.gpu

@@ -19,9 +19,9 @@ from jinfer.config import KernelConfig  # noqa: E402
 from jinfer.model.attention import (AttentionMetadata, PrefillMetadata,  # noqa: E402
                                     StepAttention, get_attention_backend)
 from jinfer.model.config import ModelConfig  # noqa: E402
+from jinfer.model.decoder import compute_logits, forward_hidden, prepare_params  # noqa: E402
 from jinfer.model.kv_cache import init_kv_cache  # noqa: E402
 from jinfer.model.layer_kernel import layer_kernel_tiling  # noqa: E402
-from jinfer.model.llama import compute_logits, forward_hidden, prepare_params  # noqa: E402
 from jinfer.model.shapes import MODEL_SHAPES, random_params  # noqa: E402
 from jinfer.testing import write_tiny_llama  # noqa: E402
 from pallas_kernels import paged_prefill_mgpu  # noqa: E402
@@ -122,6 +122,12 @@ def test_tiling_accepts_only_shapes_that_plan():
     # not a multiple of 128 CTAs
     assert layer_kernel_tiling(MODEL_SHAPES["llama3-8b"], jnp.bfloat16,
                                KernelConfig().layer_tiling) is None
+    # any layer but Llama's runs XLA's layers, whatever its shapes
+    for features in (dict(qkv_bias=True), dict(qk_norm=True), dict(post_norms=True),
+                     dict(activation="gelu_tanh"), dict(attn_logit_softcap=50.0),
+                     dict(layer_windows=(8,) * TINY.num_layers)):
+        assert layer_kernel_tiling(dataclasses.replace(TINY, **features), jnp.bfloat16,
+                                   SMALL) is None, features
 
 
 def test_interpret_decode_matches_xla_layers():

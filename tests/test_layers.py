@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.model.config import ModelConfig, RopeScaling
-from jinfer.model.layers import rms_norm, rope_cos_sin, rope_inv_freq
+from jinfer.model.config import LinearRopeScaling, LongRopeScaling, ModelConfig, RopeScaling
+from jinfer.model.layers import (ACTIVATIONS, rms_norm, rope_attention_factor, rope_cos_sin,
+                                 rope_inv_freq, soft_cap)
 from jinfer.model.shapes import MODEL_SHAPES
 from pallas_kernels.reference import apply_rope
 
@@ -86,3 +87,46 @@ def test_rope_cos_sin_and_rotation():
     want = np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
     np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(x), cos, sin)), want,
                                atol=1e-4)
+
+
+def test_rope_inv_freq_linear_longrope_and_local():
+    """Linear scaling divides every frequency; LongRoPE divides each by its own factor (short or
+    long set, by for_context); a windowed layer's base is its own and unscaled."""
+    plain = rope_inv_freq(TINY)
+    linear = dataclasses.replace(TINY, rope_scaling=LinearRopeScaling(4.0))
+    np.testing.assert_allclose(rope_inv_freq(linear), plain / 4, rtol=1e-6)
+    short, long = np.linspace(1, 2, 8), np.linspace(1, 9, 8)
+    scaling = LongRopeScaling(tuple(short), tuple(long), original_max_position_embeddings=64,
+                              attention_factor=1.25)
+    config = dataclasses.replace(TINY, rope_scaling=scaling)
+    np.testing.assert_allclose(rope_inv_freq(config.for_context(64)), plain / short, rtol=1e-6)
+    np.testing.assert_allclose(rope_inv_freq(config.for_context(65)), plain / long, rtol=1e-6)
+    assert rope_attention_factor(config) == 1.25 and rope_attention_factor(linear) == 1.0
+    assert linear.for_context(65) is linear
+    local = dataclasses.replace(linear, local_rope_theta=500.0)
+    np.testing.assert_allclose(rope_inv_freq(local, local=True),
+                               500.0 ** (-np.arange(0, 16, 2) / 16), rtol=1e-6)
+    cos, sin = rope_cos_sin(jnp.arange(3), plain, attention_factor=1.25)
+    np.testing.assert_allclose(np.asarray(cos)[0, 0], 1.25, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(cos) ** 2 + np.asarray(sin) ** 2, 1.25 ** 2, rtol=1e-5)
+
+
+def test_activations_and_soft_cap():
+    x = np.linspace(-4, 4, 9).astype(np.float32)
+    tanh_gelu = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    np.testing.assert_allclose(ACTIVATIONS["gelu_tanh"](x), tanh_gelu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ACTIVATIONS["silu"](x), x / (1 + np.exp(-x)), rtol=1e-5)
+    np.testing.assert_allclose(soft_cap(jnp.asarray(x), 2.0), 2 * np.tanh(x / 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("changes,words", [
+    (dict(activation="relu"), ["'relu'", "gelu_tanh"]),
+    (dict(layer_windows=(8, 8)), ["2 entries for 1 layers"]),
+    (dict(layer_windows=(0,)), ["at least 1"]),
+    (dict(rope_scaling=LongRopeScaling((1.0,), (1.0,), 64, 1.0)), ["LongRoPE", "8"]),
+])
+def test_model_config_rejects_bad_features(changes, words):
+    with pytest.raises(ValueError) as info:
+        dataclasses.replace(TINY, **changes)
+    for word in words:
+        assert word in str(info.value)

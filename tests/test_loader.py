@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import pathlib
 
 import ml_dtypes
 import numpy as np
@@ -197,6 +198,141 @@ def test_hf_config_transformers4_rope_scaling_and_eos_fallback(tmp_path):
     assert load_generation_eos(tmp_path) == (5, 6)
 
 
+# ----------------------------------------------------------------------------- other families
+
+def family_model(family: str, folder):
+    """A tiny random HF checkpoint of one of make_parity_fixtures' other families (no
+    tokenizer) and its float32 state dict."""
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from parity_support import load_fixture_module
+    special = {"vocab_size": 96, "bos": None, "eos": 1, "pad": None}
+    model = load_fixture_module().build_model(family, folder, special)
+    return model, state_dict(model)
+
+
+def family_expected(family: str, sd: dict, layers: int, q: int, kv: int, inter: int) -> dict:
+    """The params pytree built directly from a family's HF state dict: Gemma's norms + 1,
+    Phi-3's fused projections split by rows, Qwen2's biases, q/k norms."""
+    offset = 1.0 if family.startswith("gemma") else 0.0
+    names = dict(PARAM_NAMES)
+    if family.startswith("gemma"):
+        names |= {"attn_post_norm": "post_attention_layernorm",
+                  "mlp_norm": "pre_feedforward_layernorm",
+                  "mlp_post_norm": "post_feedforward_layernorm"}
+    split = {}
+    if family == "phi3":
+        qkv, gate_up = "self_attn.qkv_proj", "mlp.gate_up_proj"
+        split = {"wq": (qkv, 0, q), "wk": (qkv, q, q + kv), "wv": (qkv, q + kv, q + 2 * kv),
+                 "w_gate": (gate_up, 0, inter), "w_up": (gate_up, inter, 2 * inter)}
+    if family == "qwen2":
+        names |= {"bq": "self_attn.q_proj", "bk": "self_attn.k_proj", "bv": "self_attn.v_proj"}
+    if family in ("qwen3", "gemma3"):
+        names |= {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+
+    def tensor(key, i):
+        prefix = f"model.layers.{i}."
+        if key in split:
+            name, start, stop = split[key]
+            return sd[f"{prefix}{name}.weight"][start:stop].T
+        if key in ("bq", "bk", "bv"):
+            return sd[f"{prefix}{names[key]}.bias"]
+        w = sd[f"{prefix}{names[key]}.weight"]
+        return w + offset if key.endswith("norm") else w.T
+
+    out = {"embed": sd["model.embed_tokens.weight"], "final_norm": sd["model.norm.weight"] + offset,
+           "layers": {key: np.stack([tensor(key, i) for i in range(layers)])
+                      for key in [*names, *split]}}
+    if "lm_head.weight" in sd:
+        out["lm_head"] = sd["lm_head.weight"].T
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_family_weights_match_state_dict(tmp_path, family):
+    """Every weight of the family, with its load-time transform, equals the state dict's."""
+    model, sd = family_model(family, tmp_path)
+    config, params, _ = load_weights(tmp_path, "float32")
+    want = family_expected(family, sd, config.num_layers, config.q_size, config.kv_size,
+                           config.intermediate_size)
+    assert_tree_equal(params, want)
+    assert config.model_type == model.config.model_type
+
+
+HUB_CONFIGS = {  # config.json as the Hugging Face Hub serves them (transformers 4 names)
+    "qwen2.5-7b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+        "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28,
+        "num_key_value_heads": 4, "max_position_embeddings": 32768, "max_window_layers": 28,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072,
+        "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 152064,
+        "hidden_act": "silu"},
+    "qwen3-8b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 12288,
+        "max_position_embeddings": 40960, "max_window_layers": 36, "num_attention_heads": 32,
+        "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+        "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 151936},
+    "mistral-7b": {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+        "tie_word_embeddings": False, "vocab_size": 32000},
+    # google/gemma-3-12b-it's text_config leaves most fields to Gemma3TextConfig's defaults
+    "gemma3-12b": {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "hidden_size": 3840, "intermediate_size": 15360, "num_attention_heads": 16,
+        "num_hidden_layers": 48, "num_key_value_heads": 8, "sliding_window": 1024,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+    "phi3-mini-128k": {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu",
+        "hidden_size": 3072, "intermediate_size": 8192, "max_position_embeddings": 131072,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"type": "su", "long_factor": [1.5] * 48, "short_factor": [1.0] * 48},
+        "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": False,
+        "vocab_size": 32064},
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_hub_configs(tmp_path, name):
+    from jinfer.model.config import LongRopeScaling
+    from jinfer.model.shapes import MODEL_SHAPES
+    (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIGS[name]))
+    c = load_hf_config(tmp_path)
+    if name in MODEL_SHAPES:  # the benchmark shapes are these configs
+        assert c == MODEL_SHAPES[name]
+    if name == "qwen2.5-7b":  # use_sliding_window false: no window at all
+        assert c.qkv_bias and c.layer_windows is None and not c.tie_word_embeddings
+    if name == "phi3-mini-128k":  # "su" is LongRoPE; factor 131072 / 4096 = 32
+        assert c.rope_scaling == LongRopeScaling(
+            (1.0,) * 48, (1.5,) * 48, 4096, math.sqrt(1 + math.log(32) / math.log(4096)))
+        assert c.layer_windows == (262144,) * 32
+        assert c.for_context(4096).rope_scaling.factors == (1.0,) * 48
+        assert c.for_context(4097).rope_scaling.factors == (1.5,) * 48
+
+
+def test_qwen_window_layers_and_transformers5_gemma3_rope(tmp_path):
+    cfg = {**HUB_CONFIGS["qwen2.5-7b"], "num_hidden_layers": 4, "use_sliding_window": True,
+           "sliding_window": 64, "max_window_layers": 2}
+    del cfg["model_type"]  # the family then comes from `architectures`
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    c = load_hf_config(tmp_path)
+    assert c.model_type == "qwen2" and c.layer_windows == (None, None, 64, 64)
+    (tmp_path / "config.json").write_text(json.dumps({
+        **HUB_CONFIGS["gemma3-12b"], "rope_scaling": None, "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}}))
+    c = load_hf_config(tmp_path)
+    assert (c.rope_theta, c.rope_scaling.factor, c.local_rope_theta) == (5e5, 4.0, 2e4)
+    assert c.layer_windows == (1024, None, 1024)
+
+
 # ----------------------------------------------------------------------------- GGUF
 
 @pytest.mark.parametrize("tie,qtype", [(True, Q.F32), (False, Q.F32), (False, Q.F16),
@@ -376,17 +512,29 @@ def test_error_missing_shard(tmp_path):
         load_weights(folder, "float32")
 
 
+SUPPORTED_TYPES = ["'llama'", "'qwen2'", "'qwen3'", "'mistral'", "'gemma2'", "'gemma3_text'",
+                   "'phi3'"]
+
+
 @pytest.mark.parametrize("changes,words", [
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096},
-     ["MistralForCausalLM", "LlamaForCausalLM"]),
-    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, ["Qwen2ForCausalLM"]),
-    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, ["GPT2LMHeadModel"]),
+    ({"architectures": ["FalconForCausalLM"], "model_type": "falcon"},
+     ["'falcon'", "FalconForCausalLM", *SUPPORTED_TYPES]),
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
+     ["GPT2LMHeadModel", *SUPPORTED_TYPES]),
+    ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
+     ["'gemma3'", "'gemma3_text'"]),
+    ({"architectures": ["LlamaForSequenceClassification"]},
+     ["LlamaForSequenceClassification", "LlamaForCausalLM"]),
     ({"attention_bias": True}, ["attention_bias", "unsupported"]),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
-     ["'linear'", "unsupported"]),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, ["'yarn'"]),
+    ({"hidden_act": "relu"}, ["'relu'", "'silu'", "'gelu_pytorch_tanh'"]),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+     ["'yarn'", "unsupported", "'linear'", "'llama3'", "'longrope'"]),
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
      ["'dynamic'"]),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                          "partial_rotary_factor": 0.5}}, ["partial_rotary_factor"]),
+    ({"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "layer_types": ["chunked"]},
+     ["'chunked'", "sliding_attention"]),
 ])
 def test_error_unsupported_config(hf_folder, changes, words):
     edit_config(hf_folder, **changes)

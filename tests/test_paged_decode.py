@@ -19,28 +19,24 @@ import pytest
 
 from pallas_kernels.paged_decode import (choose_num_splits, make_plan,
                                          paged_decode_attention_pallas)
-from pallas_kernels.reference import paged_attention_reference
+from attention_oracle import dense_attention
 from kernel_cases import (LAYER, LAYERS, POISON, TOLERANCE, assert_decode_argument_errors,
-                          assert_traced_layer_matches, rounded)
+                          assert_traced_layer_matches, forget_before_window, reference,
+                          rounded)
 
 
-
-def dense_decode(q, k, v, scale):
-    """q [heads, dim]; k, v [ctx, kv_heads, dim] -> [heads, dim] float64 (zeros when ctx 0)."""
-    heads, dim = q.shape
+def dense_decode(q, k, v, scale, **opts):
+    """q [heads, dim]; k, v [ctx, kv_heads, dim] -> [heads, dim] float64 (zeros when ctx 0),
+    the query at the last position; opts: sliding_window, logit_softcap."""
     if k.shape[0] == 0:
-        return np.zeros((heads, dim))
-    group = heads // k.shape[1]
-    k = np.repeat(k, group, axis=1).astype(np.float64)
-    v = np.repeat(v, group, axis=1).astype(np.float64)
-    scores = np.einsum("hd,thd->ht", q.astype(np.float64), k) * scale
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("ht,thd->hd", probs, v)
+        return np.zeros(q.shape)
+    return dense_attention(q[None], k, v, np.array([k.shape[0] - 1]), scale, **opts)[0]
 
 
-def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_blocks, dtype):
-    """Random sequences in a shuffled, poisoned pool; block 0 is the pad block (also poisoned).
+def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_blocks, dtype,
+              sliding_window=None):
+    """Random sequences in a shuffled, poisoned pool; block 0 is the pad block (also poisoned);
+    with a sliding window the blocks before it are forgotten (NaN, some entries the pad block).
 
     Returns (q [batch, heads, dim], k_pool, v_pool, tables, lens, contexts) where contexts[i]
     is (k, v) [ctx, kv_heads, dim] as float64 of the dtype-rounded values.
@@ -62,6 +58,9 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
             k_pool[LAYER, tables[i, t // block_size], t % block_size] = k[t]
             v_pool[LAYER, tables[i, t // block_size], t % block_size] = v[t]
         contexts.append((rounded(k, dtype), rounded(v, dtype)))
+    if sliding_window is not None:
+        first_seen = np.maximum(np.asarray(context_lens) - sliding_window, 0)
+        forget_before_window(k_pool, v_pool, tables, first_seen, block_size)
     q = rng.standard_normal((batch, kv_heads * group, head_dim)).astype(np.float32)
     return (jnp.asarray(q, dtype), jnp.asarray(k_pool, dtype), jnp.asarray(v_pool, dtype),
             jnp.asarray(tables), jnp.asarray(context_lens, jnp.int32), contexts)
@@ -76,7 +75,8 @@ def contexts_for(batch, block_size, max_blocks):
 
 
 def check(seed, *, batch, kv_heads, group, head_dim, block_size, num_splits, dtype,
-          max_blocks=5, context_lens=None, kernel=paged_decode_attention_pallas, **kwargs):
+          max_blocks=5, context_lens=None, kernel=paged_decode_attention_pallas,
+          sliding_window=None, logit_softcap=None, **kwargs):
     """Runs `kernel` (the Pallas one, or another with its arguments) on one random case;
     asserts shape, dtype, finiteness, zeros for padding rows, and agreement with the dense
     float64 oracle and the jnp reference. Returns (its output as float64, the case's
@@ -85,22 +85,24 @@ def check(seed, *, batch, kv_heads, group, head_dim, block_size, num_splits, dty
     lens = context_lens or contexts_for(batch, block_size, max_blocks)
     q, k_pool, v_pool, tables, lens_arr, contexts = make_case(
         rng, context_lens=lens, kv_heads=kv_heads, group=group, head_dim=head_dim,
-        block_size=block_size, max_blocks=max_blocks, dtype=dtype)
+        block_size=block_size, max_blocks=max_blocks, dtype=dtype, sliding_window=sliding_window)
     scale = head_dim ** -0.5
+    opts = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
     out = kernel(q, k_pool, v_pool, LAYER, tables, lens_arr, scale=scale,
-                 num_splits=num_splits, **kwargs)
+                 num_splits=num_splits, **opts, **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.isfinite(out).all()
     live = np.asarray(lens) > 0
     assert (out[~live] == 0).all()
     q64 = np.asarray(q.astype(jnp.float32), np.float64)
-    expected = np.stack([dense_decode(q64[i], k, v, scale) for i, (k, v) in enumerate(contexts)])
+    expected = np.stack([dense_decode(q64[i], k, v, scale, **opts)
+                         for i, (k, v) in enumerate(contexts)])
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(out, expected, atol=tol, rtol=tol)
     if live.any():  # the oracle's padding rows (context 0) are defined differently: skip them
-        ref = paged_attention_reference(q[:, None], k_pool, v_pool, LAYER, tables,
-                                        (lens_arr - 1)[:, None], lens_arr, scale=scale)[:, 0]
+        ref = reference(q[:, None], k_pool, v_pool, LAYER, tables, (lens_arr - 1)[:, None],
+                        lens_arr, scale=scale, **opts)[:, 0]
         ref = np.asarray(ref.astype(jnp.float32), np.float64)
         np.testing.assert_allclose(out[live], ref[live], atol=tol, rtol=tol)
     return out, (q, k_pool, v_pool, tables, lens_arr), scale
@@ -127,6 +129,26 @@ def test_matches_dense_attention(batch, kv_heads, group, head_dim, block_size, n
                                  dtype):
     check(0, batch=batch, kv_heads=kv_heads, group=group, head_dim=head_dim,
           block_size=block_size, num_splits=num_splits, dtype=dtype)
+
+
+# (window, softcap, block_size, num_splits, pages_per_compute_block, dtype) over rows of
+# context 1, equal to the window, and longer (the window's first block mid-table), so one
+# window is longer than, equal to and shorter than the rows' contexts.
+WINDOW_CASES = [
+    (40, 0.7, 16, 3, 1, jnp.float32),        # three splits over the window's pages, capped
+    (1, None, 8, None, None, jnp.bfloat16),  # the last token alone
+    (None, 0.5, 8, 1, None, jnp.float32),    # soft-capping alone
+]
+
+
+@pytest.mark.parametrize("window,softcap,block_size,num_splits,step,dtype", WINDOW_CASES)
+def test_sliding_window_and_softcap(window, softcap, block_size, num_splits, step, dtype):
+    """The splits start at the window's first block: the blocks before it (NaN) are never
+    read, and the outputs match the dense oracle and the jnp reference."""
+    lens = [1, window or 23, 8 * block_size - 3, 5 * block_size + 2]
+    check(6, batch=4, kv_heads=1, group=2, head_dim=64, block_size=block_size,
+          num_splits=num_splits, dtype=dtype, max_blocks=8, context_lens=lens,
+          sliding_window=window, logit_softcap=softcap, pages_per_compute_block=step)
 
 
 def test_padding_rows_give_zeros():
@@ -187,6 +209,21 @@ GPU_GRID = list(itertools.product((1, 3), (1, 2), (1, 4), (64, 128), (8, 16, 32)
 def test_gpu_full_grid(batch, kv_heads, group, head_dim, block_size, num_splits, dtype):
     check(0, batch=batch, kv_heads=kv_heads, group=group, head_dim=head_dim,
           block_size=block_size, num_splits=num_splits, dtype=dtype, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,softcap", [(1, None), (100, 1.0), (4096, None), (None, 1.0)])
+@pytest.mark.parametrize("block_size,num_splits,dtype", [(16, None, jnp.bfloat16),
+                                                         (8, 3, jnp.float32),
+                                                         (32, 1, jnp.float16)])
+def test_gpu_window_and_softcap(window, softcap, block_size, num_splits, dtype):
+    """Engine-sized heads over long contexts (the blocks before the window NaN): a window of
+    one token, shorter than the contexts, longer than most, and soft-capping alone."""
+    full = 160 * block_size
+    check(8, batch=5, kv_heads=8, group=4, head_dim=128, block_size=block_size,
+          num_splits=num_splits, dtype=dtype, max_blocks=160,
+          context_lens=[1, min(window or 100, full), full, full // 2 + 5, 0],
+          sliding_window=window, logit_softcap=softcap, interpret=False)
 
 
 @pytest.mark.gpu

@@ -32,30 +32,26 @@ import pytest
 from pallas_kernels.paged_prefill import (PrefillPlan, make_plan, ragged_paged_attention_pallas,
                                           tile_map)
 from pallas_kernels.reference import ragged_paged_attention_reference
+from attention_oracle import dense_attention
 from kernel_cases import (LAYER, LAYERS, POISON, TOLERANCE, assert_traced_layer_matches,
-                          rounded)
+                          forget_before_window, rounded)
 
-reference = jax.jit(ragged_paged_attention_reference, static_argnames="scale")
+reference = jax.jit(ragged_paged_attention_reference,
+                    static_argnames=("scale", "sliding_window", "logit_softcap"))
 
 
-def dense_prefill(q, k, v, scale):
+def dense_prefill(q, k, v, scale, **opts):
     """q [n, heads, dim] at positions ctx - n .. ctx - 1; k, v [ctx, kv_heads, dim] ->
-    [n, heads, dim] float64, causal."""
-    n, heads, dim = q.shape
-    ctx = k.shape[0]
-    group = heads // k.shape[1]
-    k = np.repeat(k, group, axis=1).astype(np.float64)
-    v = np.repeat(v, group, axis=1).astype(np.float64)
-    scores = np.einsum("qhd,thd->hqt", q.astype(np.float64), k, optimize=True) * scale
-    visible = np.arange(ctx)[None, :] <= (ctx - n + np.arange(n))[:, None]  # [n, ctx]
-    scores = np.where(visible[None], scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("hqt,thd->qhd", probs, v, optimize=True)
+    [n, heads, dim] float64, causal; opts: sliding_window, logit_softcap."""
+    n, ctx = q.shape[0], k.shape[0]
+    return dense_attention(q, k, v, ctx - n + np.arange(n), scale, **opts)
 
 
-def make_case(rng, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_tokens):
-    """Sequences (q_len, context_len) packed back to back in a shuffled, poisoned pool.
+def make_case(rng, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_tokens,
+              sliding_window=None):
+    """Sequences (q_len, context_len) packed back to back in a shuffled, poisoned pool; with a
+    sliding window the blocks before each sequence's first query's window are forgotten
+    (NaN, some entries the pad block).
 
     Block 0 is the pad block (also poisoned); tables have one spare entry per row. Returns
     (q [tokens, heads, dim], k_pool, v_pool, tables, qsl, lens, contexts) where contexts[s]
@@ -78,6 +74,9 @@ def make_case(rng, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_to
         k_pool[LAYER, tables[s, t // block_size], t % block_size] = k
         v_pool[LAYER, tables[s, t // block_size], t % block_size] = v
         contexts.append((rounded(k, dtype), rounded(v, dtype)))
+    if sliding_window is not None:
+        first_seen = [max(ctx - n - sliding_window + 1, 0) for n, ctx in seqs]
+        assert forget_before_window(k_pool, v_pool, tables, first_seen, block_size)
     qsl = np.concatenate([[0], np.cumsum([n for n, _ in seqs])]).astype(np.int32)
     q = rng.standard_normal((qsl[-1] + pad_tokens, kv_heads * group, head_dim))
     return (jnp.asarray(q, dtype), jnp.asarray(k_pool, dtype), jnp.asarray(v_pool, dtype),
@@ -93,15 +92,18 @@ def mixed_seqs(block_size, long=33):
 
 
 def check(seed, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_tokens=3,
-          with_reference=True, kernel=ragged_paged_attention_pallas, **kwargs):
+          with_reference=True, kernel=ragged_paged_attention_pallas, sliding_window=None,
+          logit_softcap=None, **kwargs):
     """Runs `kernel` (kwargs passed on) on a random ragged case; checks it against dense float64
     attention, exact zeros past the sequences, and the jnp reference. Returns the output."""
     rng = np.random.default_rng(seed)
     q, k_pool, v_pool, tables, qsl, lens, contexts = make_case(
         rng, seqs=seqs, kv_heads=kv_heads, group=group, head_dim=head_dim,
-        block_size=block_size, dtype=dtype, pad_tokens=pad_tokens)
+        block_size=block_size, dtype=dtype, pad_tokens=pad_tokens,
+        sliding_window=sliding_window)
     scale = head_dim ** -0.5
-    out = kernel(q, k_pool, v_pool, LAYER, tables, qsl, lens, scale=scale, **kwargs)
+    opts = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
+    out = kernel(q, k_pool, v_pool, LAYER, tables, qsl, lens, scale=scale, **opts, **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.isfinite(out).all()
@@ -111,13 +113,13 @@ def check(seed, *, seqs, kv_heads, group, head_dim, block_size, dtype, pad_token
     for s, (k, v) in enumerate(contexts):
         rows = slice(bounds[s], bounds[s + 1])
         if rows.stop > rows.start:
-            expected[rows] = dense_prefill(q64[rows], k, v, scale)
+            expected[rows] = dense_prefill(q64[rows], k, v, scale, **opts)
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(out, expected, atol=tol, rtol=tol)
     assert (out[bounds[-1]:] == 0).all()
     if not with_reference:
         return out
-    ref = reference(q, k_pool, v_pool, LAYER, tables, qsl, lens, scale=scale)
+    ref = reference(q, k_pool, v_pool, LAYER, tables, qsl, lens, scale=scale, **opts)
     np.testing.assert_allclose(out, np.asarray(ref.astype(jnp.float32), np.float64),
                                atol=tol, rtol=tol)
     return out
@@ -139,6 +141,26 @@ CPU_CASES = [
 def test_matches_dense_attention(kv_heads, group, head_dim, block_size, dtype, kwargs):
     check(0, seqs=mixed_seqs(block_size), kv_heads=kv_heads, group=group, head_dim=head_dim,
           block_size=block_size, dtype=dtype, **kwargs)
+
+
+# (seqs, window, softcap, block_size, dtype, kwargs): chunks after long prefixes (the blocks
+# before their windows NaN), a decode token, a padding sequence, and a prompt as long as the
+# window. Window 12 is narrower than a tile's span of windows (no step every row sees whole);
+# window 40 has masked steps at both edges and whole steps between.
+WINDOW_CASES = [
+    ([(5, 5), (20, 78), (1, 53), (0, 0), (12, 12)], 12, 0.6, 8, jnp.float32,
+     {"block_q": 8, "block_k": 16}),
+    ([(5, 5), (33, 100), (1, 77), (0, 0), (40, 40)], 40, None, 16, jnp.bfloat16,
+     {"block_q": 4, "block_k": 16}),
+    (None, None, 0.5, 8, jnp.float32, {}),  # soft-capping alone, the mixed sequences
+]
+
+
+@pytest.mark.parametrize("seqs,window,softcap,block_size,dtype,kwargs", WINDOW_CASES)
+def test_sliding_window_and_softcap(seqs, window, softcap, block_size, dtype, kwargs):
+    check(3, seqs=seqs or mixed_seqs(block_size), kv_heads=1, group=4, head_dim=64,
+          block_size=block_size, dtype=dtype, sliding_window=window, logit_softcap=softcap,
+          **kwargs)
 
 
 def test_long_sequence_many_steps():
@@ -245,6 +267,20 @@ def test_gpu_full_grid(group, head_dim, block_size, dtype):
 def test_gpu_tile_variants(kwargs):
     check(6, seqs=mixed_seqs(16, long=300), kv_heads=2, group=4, head_dim=128, block_size=16,
           dtype=jnp.bfloat16, interpret=False, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,softcap", [(1, None), (40, 1.0), (200, None), (None, 1.0),
+                                            (4096, None)])
+@pytest.mark.parametrize("group,block_size,dtype,kwargs", [
+    (4, 16, jnp.bfloat16, {}), (1, 8, jnp.float32, {"block_q": 16, "block_k": 32}),
+    (8, 32, jnp.float16, {"block_k": 128})])
+def test_gpu_window_and_softcap(window, softcap, group, block_size, dtype, kwargs):
+    """Windows narrower than a step, across several steps and wider than every context, and
+    soft-capping alone, over long chunks after prefixes (the blocks before the windows NaN)."""
+    check(4, seqs=[(300, 900), (1, 500), (0, 0), (130, 130)], kv_heads=2, group=group,
+          head_dim=128, block_size=block_size, dtype=dtype, interpret=False,
+          sliding_window=window, logit_softcap=softcap, **kwargs)
 
 
 @pytest.mark.big_memory

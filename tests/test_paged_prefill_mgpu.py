@@ -10,8 +10,9 @@ warpgroups wait on their barriers forever). A few cases together touch every cod
 groups of 1 / 2 / 3 (padded to 4) / 4 / 8 / 16 (one to eight slabs per warpgroup, the two
 warpgroups on different tokens for group 1), head dims 64 / 128, block sizes 8 / 16 / 32 / 128
 (pages per step 8 / 4 / 2, and half a page per step), ring lengths 2 and 3, several KV heads,
-tiles shifted back at the end of the rows and fewer rows than a tile. The `gpu`-marked tests run
-the compiled kernel over the full grid and engine-sized shapes.
+tiles shifted back at the end of the rows and fewer rows than a tile, and a sliding window with
+soft-capping (pages before the window NaN, tests/kernel_cases.py). The `gpu`-marked tests run
+the compiled kernel over the full grid, windows and soft-capping, and engine-sized shapes.
 
 Tolerances as test_paged_prefill (bf16 2e-2, f16 1e-2): P is rounded to the input dtype before
 the P V product, and exp2 runs in approximate math on the GPU.
@@ -106,6 +107,15 @@ def test_interpreted_matches_dense_attention(seqs, kv_heads, group, head_dim, bl
                                              kwargs):
     check(0, seqs=seqs, kv_heads=kv_heads, group=group, head_dim=head_dim,
           block_size=block_size, dtype=dtype, **kwargs)
+
+
+def test_interpreted_sliding_window_and_softcap():
+    """A 40-token chunk after a 260-token prefix under a 150-token window: its first tile runs
+    masked steps across the window's edge (whose first step starts with two NaN pages the
+    producer must replace), a whole step, and the diagonal; a chunk shorter than the window;
+    soft-capped logits."""
+    check(3, seqs=[(40, 300), (3, 70)], kv_heads=1, group=4, head_dim=64, block_size=16,
+          dtype=jnp.bfloat16, block_k=64, sliding_window=150, logit_softcap=0.5)
 
 
 def test_interpreted_pipeline_has_no_races():
@@ -232,6 +242,20 @@ def test_gpu_full_grid(group, head_dim, block_size, dtype):
     check(0, seqs=mixed_seqs(block_size, long=150), kv_heads=2, group=group,
           head_dim=head_dim, block_size=block_size, dtype=dtype, interpret=False,
           with_reference=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,softcap", [(1, None), (40, None), (200, 0.5), (None, 0.5),
+                                            (4096, 50.0)])
+@pytest.mark.parametrize("group,head_dim,block_size,kwargs", [
+    (4, 128, 16, {}), (1, 64, 8, {"block_k": 64}), (8, 64, 32, {"block_k": 64, "stages": 3})])
+def test_gpu_window_and_softcap(window, softcap, group, head_dim, block_size, kwargs):
+    """Sliding windows narrower than a step, across several steps and wider than every
+    context, soft-capping alone and both, over long chunks after prefixes (pages before the
+    windows NaN)."""
+    check(4, seqs=[(300, 900), (1, 500), (0, 0), (130, 130)], kv_heads=2, group=group,
+          head_dim=head_dim, block_size=block_size, dtype=jnp.bfloat16, interpret=False,
+          sliding_window=window, logit_softcap=softcap, **kwargs)
 
 
 @pytest.mark.gpu

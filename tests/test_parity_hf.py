@@ -24,7 +24,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jinfer  # noqa: E402
-from parity_support import load_fixture_module  # noqa: E402
+from parity_support import (assert_pool_whole, first_difference, greedy,  # noqa: E402
+                             load_fixture_module, relative_errors)
 from jinfer import SamplingParams  # noqa: E402
 
 
@@ -96,20 +97,6 @@ def llm(reference) -> "jinfer.LLM":
     return _LLMS[reference.family]
 
 
-def assert_pool_whole(llm) -> None:
-    assert llm.engine.block_manager.is_whole(), f"KV blocks leaked: {llm.stats()}"
-
-
-def greedy(llm, prompts) -> tuple[list[list[int]], list[list[float]]]:
-    """jinfer's greedy tokens and their log-probabilities, all prompts in one generate call."""
-    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
-    assert_pool_whole(llm)
-    tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    logprobs = [[entry[t].logprob for t, entry in zip(toks, o.outputs[0].logprobs)]
-                for toks, o in zip(tokens, outputs)]
-    return tokens, logprobs
-
-
 def assert_same_tokens(got: list[list[int]], ref: Reference, what: str) -> None:
     for i, (g, want) in enumerate(zip(got, ref.tokens)):
         if g != want:
@@ -118,16 +105,6 @@ def assert_same_tokens(got: list[list[int]], ref: Reference, what: str) -> None:
                 f"{ref.family} {what}: prompt {i} (length {len(ref.prompts[i])}) diverges from "
                 f"HF at step {step}; HF's top-1/top-2 logit gap there is "
                 f"{ref.margins[i][min(step, len(want) - 1)]:.3g}\n  jinfer {g}\n  HF     {want}")
-
-
-def first_difference(a: list[int], b: list[int]) -> int:
-    """Index of the first differing token (the shorter length when one is a prefix)."""
-    return next((s for s, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max |want| (the position's scale: near-zero logits do not blow up)."""
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 # ----------------------------------------------------------------------------- model parity
@@ -139,7 +116,7 @@ def test_prompt_logits_match_hf(reference, llm):
         assert_pool_whole(llm)
         assert got.shape == want.shape, (got.shape, want.shape)
         assert np.isfinite(got).all()
-        errors = [relative_error(got[p], want[p]) for p in range(len(ids))]
+        errors = relative_errors(got, want)
         worst = max(worst, max(errors))
         bad = [p for p, e in enumerate(errors) if e > LOGITS_RTOL]
         assert not bad, (f"{reference.family}: prompt of {len(ids)} tokens, positions {bad[:10]} "
@@ -148,7 +125,7 @@ def test_prompt_logits_match_hf(reference, llm):
 
 
 def test_greedy_generation_matches_hf(reference, llm):
-    tokens, logprobs = greedy(llm, reference.prompts)
+    tokens, logprobs = greedy(llm, reference.prompts, GREEDY)
     assert_same_tokens(tokens, reference, "greedy batch")
     worst = max(float(np.abs(np.subtract(g, w)).max())
                 for g, w in zip(logprobs, reference.logprobs))
@@ -254,7 +231,7 @@ def test_paging_is_invisible(variant, llama3):
         assert_pool_whole(llm)
         np.testing.assert_allclose(got, want, rtol=PAGING_RTOL,
                                    atol=PAGING_RTOL * np.abs(want).max())
-    tokens, logprobs = greedy(llm, ref.prompts)
+    tokens, logprobs = greedy(llm, ref.prompts, GREEDY)
     assert_same_tokens(tokens, ref, f"paging variant {variant}")
     for g, w in zip(logprobs, ref.logprobs):
         np.testing.assert_allclose(g, w, atol=LOGPROB_ATOL)
@@ -268,7 +245,7 @@ def test_preemption_is_invisible(llama3):
     prompts = [rng.integers(0, ref.model.config.vocab_size, size=60).tolist() for _ in range(4)]
     hf_tokens, hf_logprobs, margins = fixtures.reference_greedy(ref.model, prompts, MAX_TOKENS)
     llm = make_llm(ref, block_size=16, num_kv_blocks=17)
-    tokens, logprobs = greedy(llm, prompts)
+    tokens, logprobs = greedy(llm, prompts, GREEDY)
     assert llm.stats()["num_preemptions"] > 0, "the small pool was meant to force preemption"
     for i, (g, want) in enumerate(zip(tokens, hf_tokens)):
         assert g == want, f"prompt {i}: jinfer {g} vs HF {want} (HF margins {margins[i]})"

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jinfer.model.config import ModelConfig, RopeScaling
+from jinfer.model.config import LinearRopeScaling, ModelConfig, RopeScaling
 from jinfer.loader.hf import allocate_params, load_hf_config, numpy_dtype
 from jinfer.model.shapes import (MODEL_SHAPES, config_to_hf_dict, kv_bytes_per_token,
                                  num_params, random_params, resolve_model_config)
@@ -101,18 +101,60 @@ def test_transformers_builds_the_same_shape(name):
     import torch
     import transformers
     config = MODEL_SHAPES[name]
-    hf_config = transformers.LlamaConfig(**config_to_hf_dict(config))
+    hf_config = transformers.AutoConfig.for_model(**config_to_hf_dict(config))
+    assert hf_config.model_type == config.model_type
     assert (hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_attention_heads,
             hf_config.num_key_value_heads, hf_config.head_dim, hf_config.intermediate_size,
             hf_config.vocab_size, hf_config.tie_word_embeddings) == (
         config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads,
         config.head_dim, config.intermediate_size, config.vocab_size,
         config.tie_word_embeddings)
-    rope = getattr(hf_config, "rope_parameters", None) or hf_config.rope_scaling or {}
-    assert rope.get("rope_theta", getattr(hf_config, "rope_theta", None)) == config.rope_theta
+    rope = hf_config.rope_parameters
+    rope = rope.get("full_attention", rope)  # Gemma 3: one entry per layer type
+    assert rope["rope_theta"] == config.rope_theta
     if config.rope_scaling is not None:
-        assert rope["rope_type"] == "llama3" and rope["factor"] == config.rope_scaling.factor
+        kind = "linear" if isinstance(config.rope_scaling, LinearRopeScaling) else "llama3"
+        assert rope["rope_type"] == kind and rope["factor"] == config.rope_scaling.factor
+    if config.layer_windows is not None:
+        sliding = [w is not None for w in config.layer_windows]
+        types = getattr(hf_config, "layer_types", None) or ["sliding_attention"] * len(sliding)
+        assert [t == "sliding_attention" for t in types] == sliding
+        assert hf_config.sliding_window == max(w for w in config.layer_windows if w)
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(hf_config)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
     unique = {id(p): p.numel() for p in model.parameters()}  # a tied head counted once
     assert sum(unique.values()) == num_params(config)
+
+
+def test_new_family_shapes():
+    """Qwen3-8B, Gemma-3-12B and Mistral-7B-v0.1 as their config.json say."""
+    qwen, gemma, mistral = (MODEL_SHAPES[n] for n in ("qwen3-8b", "gemma3-12b", "mistral-7b"))
+    assert qwen.qk_norm and qwen.head_dim == 128 and not qwen.qkv_bias
+    assert round(num_params(qwen) / 1e9, 2) == 8.19
+    assert gemma.layer_windows.count(None) == 8 and set(gemma.layer_windows) == {None, 1024}
+    assert gemma.window(5) is None and gemma.window(4) == 1024
+    assert (gemma.local_rope_theta, gemma.rope_scaling) == (10000.0, LinearRopeScaling(8.0))
+    assert round(num_params(gemma) / 1e9, 1) == 11.8
+    assert mistral.layer_windows == (4096,) * 32
+    assert round(num_params(mistral) / 1e9, 2) == 7.24
+    # blocks behind the window are released only where every layer has one
+    assert (mistral.kv_window, gemma.kv_window, qwen.kv_window) == (4096, None, None)
+    # the persistent layer kernel takes Llama's layer only
+    assert MODEL_SHAPES["llama3-1b"].llama_layers
+    assert not any(c.llama_layers for c in (qwen, gemma, mistral))
+
+
+@pytest.mark.parametrize("features", [dict(qkv_bias=True), dict(qk_norm=True),
+                                      dict(qk_norm=True, post_norms=True)])
+def test_random_params_have_every_weight_of_the_family(features):
+    """Dummy weights include a family's Q/K/V biases, q/k norms and post norms."""
+    config = dataclasses.replace(SMALL, **features)
+    params = random_params(config, "float32")
+    assert _shapes(params) == _shapes(allocate_params(config, numpy_dtype("float32")))
+    layers = params["layers"]
+    assert ({"bq", "bk", "bv"} <= set(layers)) == config.qkv_bias
+    assert ({"q_norm", "k_norm"} <= set(layers)) == config.qk_norm
+    assert ({"attn_post_norm", "mlp_post_norm"} <= set(layers)) == config.post_norms
+    for name in layers:
+        if name.endswith("norm"):
+            np.testing.assert_array_equal(layers[name], 1.0)

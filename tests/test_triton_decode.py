@@ -100,6 +100,22 @@ def test_large_shapes(triton_extra, num_splits, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window,softcap", [(1, None), (100, 1.0), (4096, None), (None, 1.0)])
+@pytest.mark.parametrize("block_size,num_splits,dtype", [(16, None, jnp.bfloat16),
+                                                         (8, 3, jnp.float32),
+                                                         (32, 1, jnp.float16)])
+def test_window_and_softcap(triton_extra, window, softcap, block_size, num_splits, dtype):
+    """Engine-sized heads over long contexts (the blocks before the window NaN: masked loads
+    never read them): a window of one token, shorter than the contexts, longer than most,
+    and soft-capping alone; against dense attention and the Pallas kernel."""
+    full = 160 * block_size
+    check(9, batch=5, kv_heads=8, group=4, head_dim=128, block_size=block_size,
+          num_splits=num_splits, dtype=dtype, max_blocks=160,
+          context_lens=[1, min(window or 100, full), full, full // 2 + 5, 0],
+          sliding_window=window, logit_softcap=softcap)
+
+
+@pytest.mark.gpu
 def test_traced_layer_under_jit(triton_extra):
     rng = np.random.default_rng(4)
     q, k_pool, v_pool, tables, lens, _ = make_case(

@@ -20,8 +20,8 @@ from jinfer.engine.llm_engine import LLMEngine
 from jinfer.loader.model import DTYPES, load_model
 from jinfer.model.attention import default_attention_backend, get_attention_backend
 from jinfer.model.config import ModelConfig
+from jinfer.model.decoder import prepare_params
 from jinfer.model.kv_cache import bytes_per_block
-from jinfer.model.llama import prepare_params
 from jinfer.runner import compilation_cache, memory
 from jinfer.runner.model_runner import ModelRunner
 from jinfer.runner.warmup import warm_up
@@ -30,9 +30,10 @@ from jinfer.text.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 512 * 1024 * 1024  # the pool's budget on CPU when nothing else is given
-# Chat models end a turn with one of these; stop there even when the checkpoint's eos differs.
+# Chat models end a turn with one of these (ChatML/Qwen, Llama 3, GPT-2 style, sentencepiece /
+# Mistral, Gemma, Phi-3); stop there even when the checkpoint's eos differs.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>",
-                      "<end_of_turn>")
+                      "<end_of_turn>", "<|end|>")
 
 PromptsArg = Union[str, Sequence[str], None]
 ParamsArg = Union[SamplingParams, Sequence[SamplingParams], None]
@@ -129,13 +130,16 @@ class LLM:
             num_scheduler_steps=num_scheduler_steps,
             mixed_batching=on_gpu if mixed_batching is None else mixed_batching,
             kernels=kernel_config or KernelConfig())
+        # RoPE that depends on the longest context (LongRoPE's factor set) is fixed here.
+        self.model_config = model_config = model_config.for_context(self.config.max_model_len)
         dtype = _weights_dtype(params)
         num_blocks = self._num_blocks(params, dtype)
         kv_cache = memory.allocate_kv_cache(model_config, num_blocks, block_size, dtype,
                                             min_blocks=self._blocks_per_seq() + 1)
         runner = ModelRunner(model_config, self.config, params, kv_cache, max_programs)
         self.engine = LLMEngine(runner, tokenizer, self.config, self._eos_ids(eos_ids),
-                                kv_cache.num_blocks, shuffle_blocks_seed)
+                                kv_cache.num_blocks, shuffle_blocks_seed,
+                                sliding_window=model_config.kv_window)
         self._request_counter = 0
 
     def _blocks_per_seq(self) -> int:

@@ -1,4 +1,5 @@
-"""Load Hugging Face Llama checkpoints (config.json + *.safetensors) into jinfer's params pytree.
+"""Load Hugging Face checkpoints (config.json + *.safetensors) into jinfer's params pytree, the
+family (jinfer.model.families) saying what the config means and where each weight lies.
 
 Safetensors files are parsed here (8-byte header length, JSON header, raw data) and memory-mapped,
 rather than read through `safetensors.safe_open(framework="numpy")`, because the numpy framework
@@ -21,29 +22,17 @@ from typing import Any, Optional
 import ml_dtypes
 import numpy as np
 
-from jinfer.model.config import ModelConfig, RopeScaling
+from jinfer.model.config import ModelConfig
+from jinfer.model.decoder import param_shapes
+from jinfer.model.families import Tensor, family_for_hf, family_of
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                        "BF16": ml_dtypes.bfloat16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-# params["layers"] key -> HF name inside `model.layers.{i}.`; every 2-D weight is transposed.
-HF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm.weight",
-    "wq": "self_attn.q_proj.weight",
-    "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "w_gate": "mlp.gate_proj.weight",
-    "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
-}
 
 
 def numpy_dtype(dtype: Any) -> np.dtype:
@@ -55,22 +44,6 @@ def numpy_dtype(dtype: Any) -> np.dtype:
     if name not in DTYPES:
         raise ValueError(f"Unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return np.dtype(DTYPES[name])
-
-
-def param_shapes(config: ModelConfig) -> dict:
-    """Shape of every leaf of the params pytree (see CONTEXT: weights stored [in, out])."""
-    d, f, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
-    shapes = {
-        "embed": (v, d),
-        "layers": {
-            "attn_norm": (n, d), "wq": (n, d, config.q_size), "wk": (n, d, config.kv_size),
-            "wv": (n, d, config.kv_size), "wo": (n, config.q_size, d), "mlp_norm": (n, d),
-            "w_gate": (n, d, f), "w_up": (n, d, f), "w_down": (n, f, d)},
-        "final_norm": (d,),
-    }
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (d, v)
-    return shapes
 
 
 def allocate_params(config: ModelConfig, dtype: np.dtype) -> dict:
@@ -91,73 +64,26 @@ def _read_json(path: pathlib.Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); re-download or fix the file") from e
 
 
-def _check_architecture(cfg: dict, path: pathlib.Path) -> None:
-    archs = cfg.get("architectures") or []
-    model_type = cfg.get("model_type")
-    ok = "LlamaForCausalLM" in archs or (
-        model_type == "llama" and all(a.lower().endswith("forcausallm") for a in archs))
-    if not ok:
-        found = ", ".join(archs) or f"model_type={model_type!r}"
-        raise ValueError(
-            f"{path}: unsupported architecture {found}. jinfer supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama': Llama 2, Llama 3/3.1/3.2, "
-            "SmolLM/SmolLM2); convert the model or pick a Llama-family checkpoint")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise ValueError(f"{path}: {key}=true is unsupported (jinfer's Llama has no biases)")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act={cfg['hidden_act']!r} is unsupported (only 'silu')")
-    if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"{path}: quantized checkpoints ({method}) are unsupported; use the "
-                         "unquantized bf16/fp16/fp32 safetensors or a GGUF file")
-
-
-def _rope(cfg: dict, path: pathlib.Path) -> tuple[float, Optional[RopeScaling]]:
-    """(rope_theta, scaling) from `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type") or rope.get("type")
-    if rope_type in (None, "default"):
-        return float(theta), None
-    if rope_type != "llama3":
-        raise ValueError(f"{path}: rope_type {rope_type!r} is unsupported; jinfer supports "
-                         "'default' and 'llama3' RoPE")
-    try:
-        scaling = RopeScaling(
-            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-    except KeyError as e:
-        raise ValueError(f"{path}: llama3 rope scaling is missing the field {e}") from e
-    return float(theta), scaling
-
-
 def load_hf_config(folder: str | os.PathLike) -> ModelConfig:
-    """Reads `folder/config.json` into a ModelConfig; rejects non-Llama architectures."""
+    """Reads `folder/config.json` into a ModelConfig through its family
+    (jinfer.model.families); ValueError names an unsupported family or option."""
     path = pathlib.Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: a Hugging Face model folder needs config.json next to its "
             "*.safetensors (download the full repository, or pass a .gguf file)")
     cfg = _read_json(path)
-    _check_architecture(cfg, path)
-    theta, scaling = _rope(cfg, path)
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"{path}: quantized checkpoints ({method}) are unsupported; use the "
+                         "unquantized bf16/fp16/fp32 safetensors or a GGUF file")
     try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        return ModelConfig(
-            vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        family = family_for_hf(cfg)
+        return family.config_from_hf({**cfg, "model_type": family.model_type})
     except KeyError as e:
         raise ValueError(f"{path} is missing the required field {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def load_generation_eos(folder: str | os.PathLike) -> tuple[int, ...]:
@@ -245,8 +171,11 @@ def _checkpoint_files(folder: pathlib.Path) -> dict[str, SafetensorsFile]:
     return {name: shards[shard] for name, shard in weight_map.items()}
 
 
-def _copy(files: dict, name: str, out: np.ndarray, transpose: bool) -> None:
-    """Copies HF tensor `name` into `out` (converting dtype, transposing [out,in] -> [in,out])."""
+def _copy(files: dict, tensor: Tensor, out: np.ndarray, transpose: bool,
+          add: float = 0.0) -> None:
+    """Copies HF tensor `tensor` (its rows, where it names a range) into `out`, converting the
+    dtype (after adding `add` in float32) and transposing [out, in] -> [in, out]."""
+    name = tensor.name
     if name not in files:
         raise ValueError(f"Tensor {name} is missing from the checkpoint in "
                          f"{next(iter(files.values())).path.parent}; re-download the model")
@@ -255,31 +184,41 @@ def _copy(files: dict, name: str, out: np.ndarray, transpose: bool) -> None:
         raise ValueError(f"{st.path} does not contain {name}, though {INDEX_FILE} says it does; "
                          "re-download the model")
     w = st.tensor(name)
+    if tensor.rows is not None:
+        name = f"{name} rows {tensor.rows[0]}:{tensor.rows[1]}"
+        w = w[tensor.rows[0]:tensor.rows[1]]
     expected = out.shape[::-1] if transpose else out.shape
     if w.shape != expected:
         raise ValueError(f"Tensor {name} in {st.path} has shape {list(w.shape)}, expected "
                          f"{list(expected)} from config.json; config and weights do not match")
+    if add:
+        w = w.astype(np.float32) + np.float32(add)
     out[...] = w.T if transpose else w
 
 
 def load_hf_weights(folder: str | os.PathLike, config: ModelConfig, dtype) -> dict:
     """Reads the safetensors checkpoint in `folder` into the params pytree, in `dtype`."""
     folder = pathlib.Path(folder)
+    family = family_of(config)
     params = allocate_params(config, numpy_dtype(dtype))
     files = _checkpoint_files(folder)
     if not files:
         raise ValueError(f"The checkpoint in {folder} holds no tensors; re-download the model")
-    _copy(files, "model.embed_tokens.weight", params["embed"], transpose=False)
+    _copy(files, Tensor("model.embed_tokens.weight"), params["embed"], transpose=False)
+    layer_tensors = family.layer_tensors(config)
     for i in range(config.num_layers):
-        for key, suffix in HF_LAYER_NAMES.items():
+        for key, tensor in layer_tensors.items():
             out = params["layers"][key][i]
-            _copy(files, f"model.layers.{i}.{suffix}", out, transpose=out.ndim == 2)
-    _copy(files, "model.norm.weight", params["final_norm"], transpose=False)
+            _copy(files, Tensor(f"model.layers.{i}.{tensor.name}", tensor.rows), out,
+                  transpose=out.ndim == 2, add=family.norm_offset if key.endswith("norm") else 0)
+    _copy(files, Tensor("model.norm.weight"), params["final_norm"], transpose=False,
+          add=family.norm_offset)
     if not config.tie_word_embeddings:
         if "lm_head.weight" not in files:
             raise ValueError(f"lm_head.weight is missing from the checkpoint in {folder} while "
                              "config.json says tie_word_embeddings=false; re-download the model "
                              "or set tie_word_embeddings to true if the embeddings are shared")
-        _copy(files, "lm_head.weight", params["lm_head"], transpose=True)
-    logger.info("Loaded %d-layer Llama from %s as %s", config.num_layers, folder, dtype)
+        _copy(files, Tensor("lm_head.weight"), params["lm_head"], transpose=True)
+    logger.info("Loaded %d-layer %s from %s as %s", config.num_layers, config.model_type,
+                folder, dtype)
     return params

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jinfer.loader import load_generation_eos, load_hf_config, load_weights, resolve_model_path
 from jinfer.model.config import ModelConfig
-from jinfer.model.llama import prepare_params
+from jinfer.model.decoder import prepare_params
 from jinfer.text.gguf_tokenizer import load_gguf_tokenizer
 from jinfer.text.tokenizer import Tokenizer, load_tokenizer
 
@@ -19,7 +19,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 class LoadedModel(NamedTuple):
     config: ModelConfig
-    params: dict                  # on the device, in the run layout (jinfer.model.llama)
+    params: dict                  # on the device, in the run layout (jinfer.model.decoder)
     tokenizer: Optional[Tokenizer]
     eos_token_ids: tuple          # the checkpoint's end-of-sequence ids
     source: str                   # what was loaded, for the log

@@ -9,14 +9,25 @@ argument of the model's forward (never hidden global state).
 A backend is three functions over layer `layer` of the stacked pool (passing the whole pool,
 not a slice of it, keeps the pool's update in place), and optionally a fourth:
   write_kv(k_pool, v_pool, layer, slots [T], k [T, kv_heads, dim], v) -> (k_pool, v_pool)
-  decode(q [rows, heads, dim], k_pool, v_pool, layer, meta: AttentionMetadata, scale)
-  prefill(q [tokens, heads, dim], k_pool, v_pool, layer, meta: PrefillMetadata, scale)
+  decode(q [rows, heads, dim], k_pool, v_pool, layer, meta: AttentionMetadata, scale, *,
+         sliding_window, logit_softcap)
+  prefill(q [tokens, heads, dim], k_pool, v_pool, layer, meta: PrefillMetadata, scale, *,
+          sliding_window, logit_softcap)
   fused_decode(qkv [rows, ...], cos, sin, k_pool, v_pool, layer, slots, meta, num_heads,
-               scale) -> (out [rows, heads * dim], k_pool, v_pool): RoPE, KV write and decode
+               scale, *, sliding_window, logit_softcap)
+               -> (out [rows, heads * dim], k_pool, v_pool): RoPE, KV write and decode
                attention of the decode rows in one kernel (a batch-1 step is bound by kernel
                count, not bytes); qkv may also be float32 partial sums [parts, rows, ...] of
                the row, which the kernel adds up, and partials=True returns the output as
                its context splits' softmax states (see fused_decode_attention_pallas)
+
+The keyword options are a layer's static attention variants, None for off (and then the
+program is the one without them): `sliding_window` (int: a query at position p sees the keys
+at positions p - window < k <= p, Hugging Face's and vLLM's convention) and `logit_softcap`
+(float: Gemma 2's cap * tanh(logits / cap) on the scaled logits, before the mask); the exact
+conventions are in pallas_kernels/reference.py. Every backend here implements both. The
+persistent layer kernel (jinfer/model/layer_kernel.py) calls `attend` and `fused_decode`
+without them, so windowed or soft-capped layers must not be routed there.
 
 Backends (`get_attention_backend`): "reference" (jnp, with an XLA scatter for the KV write; the
 decode-specialised form for decodes, which is several times faster on XLA CPU; the default on
@@ -96,15 +107,18 @@ class AttentionBackend(NamedTuple):
 
 
 def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
-           meta: StepAttention, *, num_heads: int, scale: float):
+           meta: StepAttention, *, num_heads: int, scale: float,
+           sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None):
     """The attention sublayer after the QKV projection, over the step's packed row.
 
     qkv [T, (num_heads + 2 * kv_heads) * head_dim]; cos, sin [T, 1, head_dim // 2] (RoPE at each
     token's position) -> (output [T, num_heads * head_dim], k_pool, v_pool): RoPE on q and k,
     the tokens' K/V written into the pool, attention of the decode rows and of the prompt
     chunks, each by its backend function. With a fused decode function the decode rows go
-    through it whole (RoPE, write and attention in one kernel).
+    through it whole (RoPE, write and attention in one kernel). sliding_window and
+    logit_softcap (static, None: off) go to every attention function (module docstring).
     """
+    opts = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
     kv_heads, head_dim = k_pool.shape[3:]
     rows = meta.num_decode_tokens
     outputs = []
@@ -113,7 +127,7 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
                                                                             head_dim):
         out, k_pool, v_pool = backend.fused_decode(
             qkv[:rows], cos[:rows, 0], sin[:rows, 0], k_pool, v_pool, layer,
-            meta.slot_mapping[:rows], meta.decode, num_heads, scale)
+            meta.slot_mapping[:rows], meta.decode, num_heads, scale, **opts)
         outputs.append(out)
         first = rows
     if first < qkv.shape[0]:
@@ -124,38 +138,41 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
         k = apply_rope(k, cos[first:], sin[first:])
         k_pool, v_pool = backend.write_kv(k_pool, v_pool, layer, meta.slot_mapping[first:], k, v)
         if first < rows:
-            outputs.append(backend.decode(q[:rows], k_pool, v_pool, layer, meta.decode, scale))
+            outputs.append(backend.decode(q[:rows], k_pool, v_pool, layer, meta.decode, scale,
+                                          **opts))
         if meta.prefill is not None:
             outputs.append(backend.prefill(q[rows - first:], k_pool, v_pool, layer,
-                                           meta.prefill, scale))
+                                           meta.prefill, scale, **opts))
     out = outputs[0] if len(outputs) == 1 else jnp.concatenate(
         [o.reshape(o.shape[0], -1) for o in outputs], axis=0)
     return out.reshape(qkv.shape[0], num_heads * head_dim), k_pool, v_pool
 
 
-def _decode_reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+def _decode_reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float,
+                      **opts):
     out = paged_decode_attention(q[:, None], k_pool, v_pool, layer, meta.block_tables,
-                                 meta.positions, meta.context_lens, scale=scale)
+                                 meta.positions, meta.context_lens, scale=scale, **opts)
     return out[:, 0]
 
 
-def _decode_pallas(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+def _decode_pallas(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float, **opts):
     return paged_decode_attention_pallas(q, k_pool, v_pool, layer, meta.block_tables,
-                                         meta.context_lens, scale=scale)
+                                         meta.context_lens, scale=scale, **opts)
 
 
-def _decode_triton(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+def _decode_triton(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float, **opts):
     from pallas_kernels.triton_decode import paged_decode_attention_triton  # optional extra
     return paged_decode_attention_triton(q, k_pool, v_pool, layer, meta.block_tables,
-                                         meta.context_lens, scale=scale)
+                                         meta.context_lens, scale=scale, **opts)
 
 
 def _fused_decode_pallas(qkv, cos, sin, k_pool, v_pool, layer, slots,
                          meta: AttentionMetadata, num_heads: int, scale: float,
-                         partials: bool = False):
+                         partials: bool = False, **opts):
     return fused_decode_attention_pallas(qkv, cos, sin, k_pool, v_pool, layer, slots,
                                          meta.block_tables, meta.context_lens,
-                                         num_heads=num_heads, scale=scale, partials=partials)
+                                         num_heads=num_heads, scale=scale, partials=partials,
+                                         **opts)
 
 
 def _fused_decode_supported(block_size: int, head_dim: int) -> bool:
@@ -173,17 +190,17 @@ def _write_kv_xla(k_pool, v_pool, layer: int, slots, k, v):
             v_pool.at[layer, blocks, offsets].set(v.astype(v_pool.dtype)))
 
 
-def _prefill_reference(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float):
+def _prefill_reference(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float, **opts):
     """Unpacks to [rows, q_len], runs the plain reference, packs the result again."""
     heads, dim = q.shape[1:]
     att = meta.attention
     out = paged_attention_reference(q[meta.to_rows], k_pool, v_pool, layer, att.block_tables,
-                                    att.positions, att.context_lens, scale=scale)
+                                    att.positions, att.context_lens, scale=scale, **opts)
     return out.reshape(-1, heads, dim)[meta.to_tokens]
 
 
 def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: float, *,
-                    mosaic_min_tokens: int):
+                    mosaic_min_tokens: int, **opts):
     """The Mosaic GPU kernel (wgmma, TMA) on a Hopper GPU for steps of at least
     `mosaic_min_tokens` prompt tokens (KernelConfig.mosaic_prefill_min_tokens) where it takes
     the shapes; the Triton-lowered kernel otherwise (shorter steps, other GPUs, interpret mode
@@ -192,8 +209,8 @@ def _prefill_pallas(q, k_pool, v_pool, layer, meta: PrefillMetadata, scale: floa
     args = (q, k_pool, v_pool, layer, att.block_tables, meta.query_start_loc, att.context_lens)
     if (q.shape[0] >= mosaic_min_tokens and paged_prefill_mgpu.hopper_gpu()
             and paged_prefill_mgpu.supports(q, k_pool)):
-        return paged_prefill_mgpu.ragged_paged_attention_mgpu(*args, scale=scale)
-    return ragged_paged_attention_pallas(*args, scale=scale)
+        return paged_prefill_mgpu.ragged_paged_attention_mgpu(*args, scale=scale, **opts)
+    return ragged_paged_attention_pallas(*args, scale=scale, **opts)
 
 
 BACKENDS = ("pallas", "reference", "triton")

@@ -152,18 +152,12 @@ def _attention_block(config, layer, lp, h, kv, meta: StepAttention, backend, rop
         qkv = _norm_qk_heads(config, lp, qkv)
     out, k_pool, v_pool = attend(backend, qkv, *rope, kv.k, kv.v, layer, meta,
                                  num_heads=config.num_heads, scale=config.attention_scale,
-                                 **_attention_options(config, layer))
+                                 sliding_window=config.window(layer),
+                                 logit_softcap=config.attn_logit_softcap)
     out = out @ lp["wo"]
     if config.post_norms:
         out = rms_norm(out, lp["attn_post_norm"], config.rms_norm_eps)
     return h + out, KVCache(k=k_pool, v=v_pool)
-
-
-def _attention_options(config: ModelConfig, layer: int) -> dict:
-    """The layer's attention options beyond Llama's (static): its sliding window and the
-    attention logits' soft-cap."""
-    options = {"sliding_window": config.window(layer), "logit_softcap": config.attn_logit_softcap}
-    return {name: value for name, value in options.items() if value is not None}
 
 
 def _norm_qk_heads(config: ModelConfig, lp, qkv: jax.Array) -> jax.Array:

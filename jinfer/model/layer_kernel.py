@@ -12,14 +12,14 @@ context splits' softmax states, which the layer kernel merges as it reads them (
 less per layer). One grid-barrier counter goes through all the kernels (zeroed once per step,
 not by a memset before each kernel).
 
-`layer_kernel_tiling` says whether a model's layers fit the kernel's tiling; the runner asks it
-once and passes the tiling to `jinfer.model.llama.forward_hidden`.
+`layer_kernel_tiling` says whether a model's layers fit the kernel (Llama's layer, in a tiling
+its shapes split into); the runner asks it once and passes the tiling to
+`jinfer.model.decoder.forward_hidden`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import jax
@@ -34,9 +34,10 @@ from pallas_kernels.decode_layer_plan import TailShape, TailTiling, plan_tail
 
 
 def layer_kernel_tiling(config: ModelConfig, dtype, tiling: TailTiling) -> Optional[TailTiling]:
-    """`tiling` if the persistent layer kernel takes this model's layers in `dtype` (bf16, and
-    shapes the tiling splits evenly over its CTAs), else None (XLA runs the layers)."""
-    if jnp.dtype(dtype) != jnp.bfloat16:
+    """`tiling` if the persistent layer kernel takes this model's layers in `dtype` (Llama's
+    layer: no biases, q/k norms, windows, soft-caps or post norms; bf16; shapes the tiling
+    splits evenly over its CTAs), else None (XLA runs the layers)."""
+    if not config.llama_layers or jnp.dtype(dtype) != jnp.bfloat16:
         return None
     qkv_size = config.q_size + 2 * config.kv_size
     try:
@@ -53,7 +54,7 @@ def one_row_decode(params: dict, kv_cache: KVCache, h: jax.Array, meta: StepAtte
                    rope: tuple[jax.Array, jax.Array],
                    tiling: TailTiling) -> tuple[jax.Array, KVCache]:
     """The decoder stack over one decode row h [1, hidden] (the token's embedding) in the
-    layer kernels (module docstring): params in jinfer.model.llama's run layout, rope the
+    layer kernels (module docstring): params in jinfer.model.decoder's run layout, rope the
     step's (cos, sin) [1, 1, head_dim // 2]. Returns the final-normed row [1, hidden] and the
     updated pool."""
     layers, eps = params["layers"], config.rms_norm_eps
@@ -82,7 +83,7 @@ def _decode_row_attention(config, qkv, layer, kv_cache, meta, backend, rope):
     decode kernel: the partial sums go in as they are and the output comes back as its context
     splits (acc, max, sum) [splits, q_size] (the kernel adds the sums, the layer kernel merges
     the splits: two XLA kernels less per layer); else through `attend`, a bf16 row."""
-    scale = 1.0 / math.sqrt(config.head_dim)
+    scale = config.attention_scale
     if backend.fused_decode is not None and backend.fused_supports(kv_cache.block_size,
                                                                    config.head_dim):
         cos, sin = rope

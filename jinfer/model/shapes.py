@@ -1,10 +1,11 @@
 """Real model shapes with random weights, for benchmarking without downloading a checkpoint.
 
 `MODEL_SHAPES` holds the configs of published checkpoints (numbers from their config.json);
-`random_params` fills the loader's stacked layout (`jinfer.loader.hf.param_shapes`) with random
-values generated on the device, leaf by leaf and directly in the target dtype, so even an 8B
-model never passes through host memory. `config_to_hf_dict` gives the same shape to HF
-transformers (`LlamaConfig(**d)`), so a peer can be built on equal terms.
+`random_params` fills the loader's stacked layout (`jinfer.model.decoder.param_shapes`, with
+every weight the family's layers have) with random values generated on the device, leaf by leaf
+and directly in the target dtype, so even an 8B model never passes through host memory.
+`config_to_hf_dict` gives the same shape to HF transformers (`AutoConfig.for_model(**d)`), so a
+peer can be built on equal terms.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jinfer.model.config import ModelConfig, RopeScaling
-from jinfer.loader.hf import load_hf_config, numpy_dtype, param_shapes
+from jinfer.loader.hf import load_hf_config, numpy_dtype
+from jinfer.model.config import LinearRopeScaling, ModelConfig, RopeScaling
+from jinfer.model.decoder import param_shapes
+from jinfer.model.families import family_of
 
 # Numbers from each checkpoint's config.json on the Hugging Face Hub.
 MODEL_SHAPES: dict[str, ModelConfig] = {
@@ -43,6 +46,29 @@ MODEL_SHAPES: dict[str, ModelConfig] = {
         rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=8192),
         max_position_embeddings=131072, tie_word_embeddings=False),
+    # Qwen/Qwen3-8B: 8.19B parameters; per-head q/k norms, head_dim 128 of hidden 4096 / 32
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=40960, tie_word_embeddings=False, model_type="qwen3",
+        qk_norm=True),
+    # google/gemma-3-12b-it's text model: 11.8B parameters; five 1024-token sliding-window
+    # layers to one global, local RoPE base 1e4, global 1e6 with linear scaling 8
+    "gemma3-12b": ModelConfig(
+        vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_layers=48,
+        num_heads=16, num_kv_heads=8, head_dim=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        rope_scaling=LinearRopeScaling(factor=8.0), max_position_embeddings=131072,
+        tie_word_embeddings=True, model_type="gemma3_text", qk_norm=True, post_norms=True,
+        activation="gelu_tanh", embed_scale=math.sqrt(3840), query_pre_attn_scalar=256.0,
+        layer_windows=tuple(None if (i + 1) % 6 == 0 else 1024 for i in range(48)),
+        local_rope_theta=10000.0),
+    # mistralai/Mistral-7B-v0.1: 7.24B parameters; a 4096-token sliding window on every layer
+    # (v0.2 and later have none: Llama's layer with a 32768 vocabulary)
+    "mistral-7b": ModelConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=32768, tie_word_embeddings=False, model_type="mistral",
+        layer_windows=(4096,) * 32),
 }
 
 
@@ -78,7 +104,8 @@ def _random_leaf(key: jax.Array, shape: tuple[int, ...], dtype: Any, ones: bool)
 
 def random_params(config: ModelConfig, dtype: Any, seed: int = 0) -> dict:
     """Random device arrays in the loader's stacked layout (the keys and shapes of
-    `allocate_params`): normal * 0.02 for the matrices, ones for the norm weights.
+    `allocate_params`): normal * 0.02 for the matrices and biases, ones for the norm weights
+    (Gemma's too: its +1 is folded in at load).
 
     Each leaf is made by its own jitted call on the default device in `dtype`, so only one
     leaf's scratch is live at a time and nothing is built on the host. A leaf's values depend
@@ -100,29 +127,7 @@ def random_params(config: ModelConfig, dtype: Any, seed: int = 0) -> dict:
 
 
 def config_to_hf_dict(config: ModelConfig) -> dict:
-    """A LlamaConfig-style dict of `config` (`transformers.LlamaConfig(**d)` builds the same
-    shape; written as config.json it loads back through `jinfer.loader.load_hf_config`)."""
-    scaling = config.rope_scaling
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None if scaling is None else {
-            "rope_type": "llama3", "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position_embeddings},
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-    }
+    """`config` as its family's config.json (`transformers.AutoConfig.for_model(**d)` builds
+    the same shape; written as config.json it loads back through
+    `jinfer.loader.load_hf_config`)."""
+    return family_of(config).config_to_hf(config)

@@ -35,8 +35,8 @@ from jinfer.config import EngineConfig
 from jinfer.model import sampler as sampler_lib
 from jinfer.model.attention import AttentionMetadata, StepAttention, get_attention_backend
 from jinfer.model.config import ModelConfig
+from jinfer.model.decoder import compute_logits, forward_hidden
 from jinfer.model.kv_cache import PAD_BLOCK
-from jinfer.model.llama import compute_logits, forward_hidden
 from jinfer.runner import host_transfer
 from jinfer.runner.batch import StepInput, describe
 

@@ -1,6 +1,7 @@
-"""jinfer/model/llama.py against a dense NumPy Llama written from the architecture (float64,
-whole sequence at once, no pool): a tiny random model's prompt logits through the paged pool,
-prompt chunks after a cached prefix, and decode steps, on the CPU with the reference backend."""
+"""jinfer/model/decoder.py with Llama's layer against a dense NumPy Llama written from the
+architecture (float64, whole sequence at once, no pool): a tiny random model's prompt logits
+through the paged pool, prompt chunks after a cached prefix, and decode steps, on the CPU with
+the reference backend."""
 
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.loader.hf import param_shapes
 from jinfer.model.attention import (AttentionMetadata, PrefillMetadata, StepAttention,
                                     get_attention_backend)
 from jinfer.model.config import ModelConfig, RopeScaling
+from jinfer.model.decoder import compute_logits, forward_hidden, param_shapes, prepare_params
 from jinfer.model.kv_cache import init_kv_cache
 from jinfer.model.layers import rope_inv_freq
-from jinfer.model.llama import compute_logits, forward_hidden, prepare_params
 
 BLOCK = 4
 TABLE = np.array([5, 2, 7, 1, 3, 6], np.int32)  # the sequence's blocks: not contiguous
