@@ -56,7 +56,6 @@ class _Stream:
     queue: asyncio.Queue
     arrival: float
     num_prompt_tokens: int
-    scheduled: bool = False
     first_token_time: Optional[float] = None
     last_token_time: float = 0.0
     num_output_tokens: int = 0
@@ -89,6 +88,7 @@ class AsyncLLM:
         self.metrics = EngineMetrics(model_name)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._unscheduled: dict[str, _Stream] = {}  # of those, not yet scheduled (queue time)
         self._num_pending = 0  # requests added and not yet finished (event-loop side count)
         self._accepting = True
         self._stop = threading.Event()
@@ -217,6 +217,7 @@ class AsyncLLM:
                 stream.put(exc)
                 return
             self._streams[request_id] = stream
+            self._unscheduled[request_id] = stream
         elif kind == "abort":
             if command[1] in self._streams:
                 self.engine.abort(command[1])
@@ -244,13 +245,12 @@ class AsyncLLM:
 
     def _mark_scheduled(self, step_started: float) -> None:
         """Observes the queue time of requests whose first sequence left WAITING this step."""
-        for request_id, stream in self._streams.items():
-            if not stream.scheduled:
-                request = self.engine.requests.get(request_id)
-                if request is None or request.seqs[0].status is not SequenceStatus.WAITING:
-                    stream.scheduled = True
-                    self.metrics.request_queue_time.observe(step_started - stream.arrival)
-                    self.metrics.prompt_tokens.inc(stream.num_prompt_tokens)
+        for request_id, stream in list(self._unscheduled.items()):
+            request = self.engine.requests.get(request_id)
+            if request is None or request.seqs[0].status is not SequenceStatus.WAITING:
+                del self._unscheduled[request_id]
+                self.metrics.request_queue_time.observe(step_started - stream.arrival)
+                self.metrics.prompt_tokens.inc(stream.num_prompt_tokens)
 
     def _deliver(self, output: RequestOutput, now: float) -> None:
         stream = self._streams.get(output.request_id)
@@ -276,6 +276,7 @@ class AsyncLLM:
 
     def _finish(self, request_id: str, reason: str, now: float) -> None:
         stream = self._streams.pop(request_id, None)
+        self._unscheduled.pop(request_id, None)
         if stream is not None:
             self.metrics.request_success.inc(label=reason)
             self.metrics.e2e_request_latency.observe(now - stream.arrival)
