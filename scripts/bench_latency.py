@@ -81,10 +81,14 @@ def model_source(args, workdir: str) -> tuple[str, object]:
 
 
 def weight_bytes_read(config, itemsize: int) -> int:
-    """Bytes of weights a decode step reads: all of them, less an untied embedding table (a
-    step gathers only its batch's rows from it; a tied one is read whole as the LM head)."""
+    """Bytes of weights a batch-1 decode step reads: all of them, less an untied embedding
+    table (a step gathers only its batch's rows from it; a tied one is read whole as the LM
+    head), and, with experts, less those a token does not route to (it reads
+    num_experts_per_tok of num_experts per layer)."""
     untied_embed = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    return (num_params(config) - untied_embed) * itemsize
+    idle_experts = config.num_experts - config.num_experts_per_tok
+    idle = idle_experts * 3 * config.hidden_size * config.intermediate_size * config.num_layers
+    return (num_params(config) - untied_embed - idle) * itemsize
 
 
 def summary(times: list[float]) -> dict:

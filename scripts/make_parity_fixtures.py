@@ -24,6 +24,9 @@ tokens so short prompts already slide past them:
            1e4 on the windowed layers and 1e5 with linear scaling 2 on the global ones.
   phi3     fused qkv_proj / gate_up_proj, LongRoPE (original context 32 of 256, so prompts past
            32 tokens take the long factors), a 16-token sliding window, <|end|> turns.
+  mixtral  4 experts, 2 per token (renormalised), an 8-token sliding window, [INST] template.
+  qwen3_moe  q/k norms, 4 experts of 32, 2 per token (not renormalised: norm_topk_prob false),
+           ChatML.
 
 Weights are re-drawn after transformers' init (which uses std 0.02 and unit norms, making
 attention nearly uniform and RoPE errors invisible): linear layers ~ N(0, 1/fan_in), embeddings
@@ -49,7 +52,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("llama2", "llama3", "smollm2")  # LlamaForCausalLM (tests/test_parity_hf.py)
-OTHER_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")  # test_families.py
+OTHER_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral",
+                  "qwen3_moe")  # test_families.py
 ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
 
 # Text the tiny tokenizers are trained on (kept in this file: no network, no datasets).
@@ -130,6 +134,13 @@ FAMILY_SHAPES = {
                                               "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0,
                                                               12.0]},
                                 sliding_window=16, tie_word_embeddings=False)),
+    "mixtral": ("MixtralConfig", dict(_SMALL, num_hidden_layers=2, rms_norm_eps=1e-5,
+                                      rope_theta=10000.0, sliding_window=8, num_local_experts=4,
+                                      num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_SMALL, num_hidden_layers=2, head_dim=16,
+                                         rms_norm_eps=1e-6, rope_theta=10000.0, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=False, tie_word_embeddings=False)),
 }
 # Norm weights of (1 + w) norms are drawn around 0, the others around 1.
 ZERO_CENTRED_NORMS = ("gemma2", "gemma3")
@@ -254,6 +265,11 @@ def _qwen_tokenizer(folder):
     return build_chat_tokenizer(folder, QWEN_SPECIALS, CHATML_TEMPLATE, eos="<|im_end|>")
 
 
+def _mistral_tokenizer(folder):
+    return build_chat_tokenizer(folder, ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+                                MISTRAL_TEMPLATE, eos="</s>", bos="<s>", add_bos=True)
+
+
 def _gemma_tokenizer(folder):
     return build_chat_tokenizer(folder, GEMMA_SPECIALS, GEMMA_TEMPLATE, eos="<eos>", bos="<bos>",
                                 add_bos=True)
@@ -262,9 +278,7 @@ def _gemma_tokenizer(folder):
 TOKENIZER_BUILDERS = {
     "llama2": build_llama2_tokenizer, "llama3": build_llama3_tokenizer,
     "smollm2": build_smollm2_tokenizer, "qwen2": _qwen_tokenizer, "qwen3": _qwen_tokenizer,
-    "mistral": lambda folder: build_chat_tokenizer(
-        folder, ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], MISTRAL_TEMPLATE, eos="</s>",
-        bos="<s>", add_bos=True),
+    "mistral": _mistral_tokenizer, "mixtral": _mistral_tokenizer, "qwen3_moe": _qwen_tokenizer,
     "gemma2": _gemma_tokenizer, "gemma3": _gemma_tokenizer,
     "phi3": lambda folder: build_chat_tokenizer(
         folder, ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>",
@@ -289,8 +303,8 @@ def _randomize(model, seed: int, norm_centre: float = 1.0) -> None:
                 p.copy_(norm_centre + 0.1 * noise)
             elif "embed_tokens" in name:  # tied: small, so the output is not the input token
                 p.copy_(noise * (2 / math.sqrt(p.shape[1]) if tied else 0.5))
-            else:  # nn.Linear weight [out, in]
-                p.copy_(noise / math.sqrt(p.shape[1]))
+            else:  # nn.Linear weight [out, in] (experts stacked in front: [E, out, in])
+                p.copy_(noise / math.sqrt(p.shape[-1]))
 
 
 def build_model(family: str, folder: pathlib.Path, special: dict, seed: int = 0):

@@ -1,5 +1,6 @@
 """End-to-end parity with Hugging Face transformers for the decoder families beyond Llama: Qwen2,
-Qwen3, Mistral, Gemma 2, Gemma 3 and Phi-3 (jinfer.model.families).
+Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3, and the mixtures of experts Mixtral and Qwen3-MoE
+(jinfer.model.families).
 
 Each family's tiny random float32 checkpoint comes from `scripts/make_parity_fixtures.py` (its own
 transformers config class, every weight redrawn: norms, biases; windows of 8 or 16 tokens) and is
@@ -11,7 +12,8 @@ loaded by `jinfer.LLM` and by transformers (eager attention, CPU torch), then co
   second prompt shares two blocks with the first), checked by teacher forcing: one HF forward
   over prompt + continuation must pick jinfer's token at every step,
 - Phi-3's short LongRoPE factors where max_model_len stays within the original context,
-- Gemma 3 (windowed and global layers) under block sizes 1, 16 and 32,
+- Gemma 3 (windowed and global layers) and Mixtral (experts, every layer windowed) under block
+  sizes 1, 16 and 32,
 - the chat template and the end-of-turn token every family stops at.
 """
 
@@ -41,7 +43,8 @@ LOGPROB_ATOL = 1e-4    # per generated token, log-softmax of float32 logits
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
 CHAT = [{"role": "user", "content": "What is the sky made of? "}]
 END_OF_TURN = {"qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "mistral": "</s>",
-               "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "phi3": "<|end|>"}
+               "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "phi3": "<|end|>",
+               "mixtral": "</s>", "qwen3_moe": "<|im_end|>"}
 
 
 class Reference:
@@ -137,19 +140,22 @@ def test_greedy_with_chunked_prefill_and_prefix_caching_matches_hf(reference, ll
     16-token chunks and finds their shared blocks in the prefix cache."""
     tokens, logprobs = greedy(llm, reference.prompts, GREEDY)
     assert llm.stats()["prefix_cache_hit_rate"] > 0, llm.stats()
-    # Mistral and Phi-3 window every layer: their sequences release the blocks behind it.
-    assert llm.engine.block_manager.sliding_window == {"mistral": 8, "phi3": 16}.get(
-        reference.family)
+    # Mistral, Phi-3 and Mixtral window every layer: their sequences release the blocks behind
+    # it.
+    windows = {"mistral": 8, "phi3": 16, "mixtral": 8}
+    assert llm.engine.block_manager.sliding_window == windows.get(reference.family)
     worst = assert_hf_greedy_agrees(reference, reference.prompts, tokens, logprobs,
                                     "greedy, chunked prefill, prefix caching")
     print(f"\n{reference.family}: max generated-token logprob error vs HF {worst:.3g}")
 
 
 @pytest.mark.parametrize("block_size", [1, 32])
-def test_block_sizes_give_the_same_tokens(block_size, tmp_path_factory):
-    """Gemma 3 (8-token windows on two layers of three, global RoPE on the third): pages of 1
-    and 32 tokens give the tokens of pages of 16, which HF agrees with."""
-    ref = get_reference("gemma3", tmp_path_factory)
+@pytest.mark.parametrize("family", ["gemma3", "mixtral"])
+def test_block_sizes_give_the_same_tokens(family, block_size, tmp_path_factory):
+    """Gemma 3 (8-token windows on two layers of three, global RoPE on the third) and Mixtral
+    (experts; an 8-token window on every layer, whose blocks behind it are released): pages of
+    1 and 32 tokens give the tokens of pages of 16, which HF agrees with."""
+    ref = get_reference(family, tmp_path_factory)
     want, _ = greedy(get_llm(ref), ref.prompts, GREEDY)
     tokens, logprobs = greedy(make_llm(ref, block_size=block_size), ref.prompts, GREEDY)
     assert tokens == want

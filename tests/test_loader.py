@@ -513,7 +513,9 @@ def test_error_missing_shard(tmp_path):
 
 
 SUPPORTED_TYPES = ["'llama'", "'qwen2'", "'qwen3'", "'mistral'", "'gemma2'", "'gemma3_text'",
-                   "'phi3'"]
+                   "'phi3'", "'mixtral'", "'qwen3_moe'"]
+QWEN3_MOE = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+             "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
 
 
 @pytest.mark.parametrize("changes,words", [
@@ -535,6 +537,9 @@ SUPPORTED_TYPES = ["'llama'", "'qwen2'", "'qwen3'", "'mistral'", "'gemma2'", "'g
                           "partial_rotary_factor": 0.5}}, ["partial_rotary_factor"]),
     ({"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "layer_types": ["chunked"]},
      ["'chunked'", "sliding_attention"]),
+    ({**QWEN3_MOE, "mlp_only_layers": [0]}, ["mlp_only_layers=[0]", "unsupported"]),
+    ({**QWEN3_MOE, "decoder_sparse_step": 2}, ["decoder_sparse_step=2", "unsupported"]),
+    ({**QWEN3_MOE, "num_experts_per_tok": 5}, ["num_experts_per_tok", "between 1 and", "(4)"]),
 ])
 def test_error_unsupported_config(hf_folder, changes, words):
     edit_config(hf_folder, **changes)

@@ -78,6 +78,19 @@ def test_published_numbers():
     assert round(num_params(eight_b) / 1e9, 2) == 8.03
     assert round(num_params(smol) / 1e6) == 135
     assert kv_bytes_per_token(one_b, 2) == 32 * 1024  # 16 layers x K,V x 8 heads x 64 x 2 B
+    moe = MODEL_SHAPES["qwen3-30b-a3b"]
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.intermediate_size) == (128, 8, 768)
+    assert round(num_params(moe) / 1e9, 1) == 30.5
+    assert round(num_params(MODEL_SHAPES["mixtral-8x7b"]) / 1e9, 1) == 46.7
+
+
+def test_random_params_of_experts_have_the_loader_layout():
+    config = dataclasses.replace(SMALL, num_experts=4, num_experts_per_tok=2)
+    params = random_params(config, "float32", seed=0)
+    assert _shapes(params) == _shapes(allocate_params(config, np.dtype("float32")))
+    layers = params["layers"]
+    assert layers["w_gate"].shape == (2, 4, 32, 48) and layers["w_down"].shape == (2, 4, 48, 32)
+    assert layers["router_w"].shape == (2, 32, 4)
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_SHAPES))

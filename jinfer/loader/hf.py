@@ -208,9 +208,14 @@ def load_hf_weights(folder: str | os.PathLike, config: ModelConfig, dtype) -> di
     layer_tensors = family.layer_tensors(config)
     for i in range(config.num_layers):
         for key, tensor in layer_tensors.items():
+            tensor = Tensor(f"model.layers.{i}.{tensor.name}", tensor.rows)
             out = params["layers"][key][i]
-            _copy(files, Tensor(f"model.layers.{i}.{tensor.name}", tensor.rows), out,
-                  transpose=out.ndim == 2, add=family.norm_offset if key.endswith("norm") else 0)
+            if tensor.per_expert:  # [experts, in, out], one [out, in] tensor per expert
+                for expert in range(config.num_experts):
+                    _copy(files, tensor.of_expert(expert), out[expert], transpose=True)
+                continue
+            _copy(files, tensor, out, transpose=out.ndim == 2,
+                  add=family.norm_offset if key.endswith("norm") else 0)
     _copy(files, Tensor("model.norm.weight"), params["final_norm"], transpose=False,
           add=family.norm_offset)
     if not config.tie_word_embeddings:

@@ -87,6 +87,17 @@ class ModelConfig:
     # before it), or None for global attention. None: every layer global.
     layer_windows: Optional[tuple[Optional[int], ...]] = None
     local_rope_theta: Optional[float] = None  # RoPE base of the windowed layers (Gemma 3)
+    # Tensor parallelism (jinfer.runner.sharding): set only on the per-device config that the
+    # decoder runs with inside shard_map (num_heads, num_kv_heads, intermediate_size are then
+    # one device's); the mesh axis its collectives sum and gather over. None: one device.
+    tp_axis: Optional[str] = None
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is `num_experts` gated MLPs of
+    # intermediate_size each, of which a router picks `num_experts_per_tok` per token, their
+    # routing weights renormalised over those when `norm_topk_prob` (jinfer.model.moe).
+    # 0 experts: the dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -102,6 +113,9 @@ class ModelConfig:
             raise ValueError(f"LongRoPE needs head_dim // 2 = {self.head_dim // 2} short and "
                              f"long factors, got {len(scaling.short_factor)} and "
                              f"{len(scaling.long_factor)}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be between 1 and num_experts "
+                             f"({self.num_experts}), got {self.num_experts_per_tok}")
         if self.layer_windows is not None:
             if len(self.layer_windows) != self.num_layers:
                 raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for "
@@ -142,7 +156,8 @@ class ModelConfig:
         (jinfer.model.layer_kernel)."""
         return (not (self.qkv_bias or self.qk_norm or self.post_norms)
                 and self.activation == "silu" and self.layer_windows is None
-                and self.attn_logit_softcap is None and self.local_rope_theta is None)
+                and self.attn_logit_softcap is None and self.local_rope_theta is None
+                and not self.num_experts)
 
     def for_context(self, max_model_len: int) -> "ModelConfig":
         """This config for an engine whose sequences reach max_model_len tokens: LongRoPE

@@ -6,7 +6,8 @@ off this is Llama's layer, operation for operation):
   attention  RMSNorm -> QKV projection [+ bias] [-> per-head q/k RMSNorm] -> RoPE -> K/V write
              -> paged attention [in a sliding window] [with soft-capped logits] -> output
              projection [-> RMSNorm] -> residual add
-  MLP        RMSNorm -> gated MLP (SwiGLU or GeGLU) [-> RMSNorm] -> residual add
+  MLP        RMSNorm -> gated MLP (SwiGLU or GeGLU), or [the top-k of several experts' SwiGLU
+             MLPs, jinfer.model.moe] [-> RMSNorm] -> residual add
 
 around an embedding [times a scale] and a final RMSNorm -> logits [soft-capped]. Windowed
 layers may take RoPE of their own base. The families (jinfer.model.families) differ only in
@@ -38,6 +39,7 @@ from jinfer.model.kv_cache import KVCache
 from jinfer.model.layer_kernel import one_row_decode
 from jinfer.model.layers import (ACTIVATIONS, rms_norm, rope_attention_factor, rope_cos_sin,
                                  rope_inv_freq, soft_cap)
+from jinfer.model.moe import moe_mlp
 from pallas_kernels.decode_layer_plan import TailTiling
 
 # Run-layout weights fused from loader-layout ones (fewer, larger matmuls), concatenated along
@@ -70,8 +72,14 @@ def _attention_shapes(config: ModelConfig) -> dict:
 
 
 def _mlp_shapes(config: ModelConfig) -> dict:
-    d, f = config.hidden_size, config.intermediate_size
-    shapes = {"mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    """The gated MLP's weights; with experts, each with the expert axis in front and the
+    router's [hidden, experts] (fused like the dense ones: w_gate_up [E, hidden, 2 * I])."""
+    d, f, e = config.hidden_size, config.intermediate_size, config.num_experts
+    experts = (e,) if e else ()
+    shapes = {"mlp_norm": (d,), "w_gate": (*experts, d, f), "w_up": (*experts, d, f),
+              "w_down": (*experts, f, d)}
+    if e:
+        shapes["router_w"] = (d, e)
     if config.post_norms:
         shapes["mlp_post_norm"] = (d,)
     return shapes
@@ -117,7 +125,7 @@ def forward_hidden(
     run the layers as XLA matmuls.
     """
     global_rope, local_rope = _rope_tables(config, meta.positions)
-    h = params["embed"][token_ids]  # [T, hidden]
+    h = _embed(params["embed"], token_ids, config)  # [T, hidden]
     if config.embed_scale is not None:
         h = h * jnp.asarray(config.embed_scale, h.dtype)
     if layer_tiling is not None and meta.prefill is None and token_ids.shape[0] == 1:
@@ -154,7 +162,7 @@ def _attention_block(config, layer, lp, h, kv, meta: StepAttention, backend, rop
                                  num_heads=config.num_heads, scale=config.attention_scale,
                                  sliding_window=config.window(layer),
                                  logit_softcap=config.attn_logit_softcap)
-    out = out @ lp["wo"]
+    out = _tp_sum(out @ lp["wo"], config)
     if config.post_norms:
         out = rms_norm(out, lp["attn_post_norm"], config.rms_norm_eps)
     return h + out, KVCache(k=k_pool, v=v_pool)
@@ -173,15 +181,18 @@ def _norm_qk_heads(config: ModelConfig, lp, qkv: jax.Array) -> jax.Array:
 
 def _mlp_block(config, lp, h):
     """One layer's MLP sublayer over h [T, hidden]: norm -> MLP [-> norm] -> residual add."""
-    out = _mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps))
+    out = _tp_sum(_mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps)), config)
     if config.post_norms:
         out = rms_norm(out, lp["mlp_post_norm"], config.rms_norm_eps)
     return h + out
 
 
 def _mlp(config, lp, x):
-    """The gated MLP over the normed row x [T, hidden] -> [T, hidden]. A mixture-of-experts
-    layer is another function of the same signature, chosen here per layer."""
+    """The gated MLP over the normed row x [T, hidden] -> [T, hidden]: dense, or each token
+    through its top-k experts."""
+    if config.num_experts:
+        return moe_mlp(x, lp["router_w"], lp["w_gate_up"], lp["w_down"],
+                       config.num_experts_per_tok, config.norm_topk_prob)
     gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
     return (ACTIVATIONS[config.activation](gate) * up) @ lp["w_down"]
 
@@ -197,4 +208,30 @@ def compute_logits(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.
     logits = logits.astype(jnp.float32)
     if config.final_logit_softcap is not None:
         logits = soft_cap(logits, config.final_logit_softcap)
+    if config.tp_axis is not None:  # this device's slice of the (padded) vocabulary -> all
+        logits = jax.lax.all_gather(logits, config.tp_axis, axis=logits.ndim - 1,
+                                    tiled=True)[..., :config.vocab_size]
     return logits
+
+
+# Tensor parallelism (jinfer.runner.sharding): inside its shard_map, `config` is one device's
+# (its heads, its slice of the MLP and of the vocabulary) and names the mesh axis in `tp_axis`;
+# these are the only places the devices communicate. With tp_axis None they are no-ops.
+
+def _tp_sum(x: jax.Array, config: ModelConfig) -> jax.Array:
+    """x summed over the tensor-parallel devices: each holds the partial product of its heads'
+    (or its MLP slice's) rows of a row-split projection."""
+    return x if config.tp_axis is None else jax.lax.psum(x, config.tp_axis)
+
+
+def _embed(table: jax.Array, token_ids: jax.Array, config: ModelConfig) -> jax.Array:
+    """The rows of token_ids [T] in the embedding table -> [T, hidden]. Under tensor
+    parallelism each device holds a contiguous slice of the vocabulary's rows: it looks up the
+    tokens that fall in its slice, zeros for the others, and a psum assembles the rows."""
+    if config.tp_axis is None:
+        return table[token_ids]
+    rows = table.shape[0]
+    local = token_ids - jax.lax.axis_index(config.tp_axis) * rows
+    mine = (local >= 0) & (local < rows)
+    h = jnp.where(mine[:, None], table[jnp.where(mine, local, 0)], jnp.zeros((), table.dtype))
+    return jax.lax.psum(h, config.tp_axis)

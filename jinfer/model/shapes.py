@@ -69,6 +69,20 @@ MODEL_SHAPES: dict[str, ModelConfig] = {
         num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
         max_position_embeddings=32768, tie_word_embeddings=False, model_type="mistral",
         layer_windows=(4096,) * 32),
+    # Qwen/Qwen3-30B-A3B: 30.5B parameters, 3.3B active; 128 experts of 768, 8 per token
+    # (intermediate_size is each expert's), q/k norms, 4 KV heads of 128
+    "qwen3-30b-a3b": ModelConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=768, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=40960, tie_word_embeddings=False, model_type="qwen3_moe",
+        qk_norm=True, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
+    # mistralai/Mixtral-8x7B-v0.1: 46.7B parameters, 12.9B active; 8 experts of 14336, 2 per
+    # token (93 GB in bf16: an H200, not an H100)
+    "mixtral-8x7b": ModelConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        max_position_embeddings=32768, tie_word_embeddings=False, model_type="mixtral",
+        num_experts=8, num_experts_per_tok=2),
 }
 
 

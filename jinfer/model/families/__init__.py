@@ -11,13 +11,14 @@ from jinfer.model.families.common import Family, Tensor
 from jinfer.model.families.gemma import GEMMA2, GEMMA3
 from jinfer.model.families.llama import LLAMA
 from jinfer.model.families.mistral import MISTRAL
+from jinfer.model.families.moe import MIXTRAL, QWEN3_MOE
 from jinfer.model.families.phi3 import PHI3
 from jinfer.model.families.qwen import QWEN2, QWEN3
 
 __all__ = ["FAMILIES", "Family", "Tensor", "family_for_hf", "family_of", "supported"]
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, QWEN3, MISTRAL, GEMMA2,
-                                                        GEMMA3, PHI3)}
+                                                        GEMMA3, PHI3, MIXTRAL, QWEN3_MOE)}
 
 
 def supported() -> str:

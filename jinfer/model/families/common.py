@@ -21,10 +21,19 @@ SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' layer_typ
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """Where one of jinfer's weights lies in a Hugging Face checkpoint: a tensor's name (a
-    layer's relative to `model.layers.{i}.`), or a range of its rows (a fused projection)."""
+    layer's relative to `model.layers.{i}.`), or a range of its rows (a fused projection).
+    An expert-stacked weight ([experts, ...]) names one tensor per expert, the name holding
+    `{expert}` for its number."""
 
     name: str
     rows: Optional[tuple[int, int]] = None  # [start, stop) of the [out, in] tensor
+
+    @property
+    def per_expert(self) -> bool:
+        return "{expert}" in self.name
+
+    def of_expert(self, expert: int) -> "Tensor":
+        return dataclasses.replace(self, name=self.name.format(expert=expert))
 
 
 @dataclasses.dataclass(frozen=True)
