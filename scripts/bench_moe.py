@@ -1,0 +1,145 @@
+"""The mixture-of-experts MLP on the GPU (jinfer.model.moe.moe_mlp): its expert implementations
+against the bytes they must read and against a dense bound, per number of tokens.
+
+For each model shape (Qwen3-30B-A3B: hidden 2048, 128 experts of 768, 8 per token; Mixtral
+8x7B: hidden 4096, 8 experts of 14336, 2 per token) and each T (tokens in the step: the decode
+and prefill buckets), random bf16 inputs and weights, times one layer's MoE MLP:
+
+  ragged_dot   moe_mlp(impl="ragged_dot"): routing, sort, XLA's grouped matmul
+               (jax.lax.ragged_dot), combine. The engine's path.
+  gather       moe_mlp(impl="gather"): every (token, expert) pair's weights gathered, a batched
+               matvec; reads T * k expert matrices, so only small T.
+  dense        the matmuls alone, x repeated over its k slots against expert 0's weights: what
+               the layer would cost if grouping and routing were free (a bound for large T).
+
+Touched bytes: the distinct experts the step's routing picks (counted on the host from the same
+routing) x their three matrices; GB/s = touched bytes / time, next to the device copy bandwidth
+of the same run. At decode sizes the layer is bound by those bytes; a grouped matmul that reads
+each touched expert once is at the copy rate.
+
+Method (shared/benchmarking.md): a jitted lax.fori_loop of `iters` calls over `copies`
+separate weight sets (so consecutive calls do not find their experts in the 50 MB L2), compiled
+apart, median / min over --reps; every implementation's output is checked against
+moe_mlp_reference in float32 before it is timed.
+
+  python scripts/bench_moe.py --out bench_moe.json
+  python scripts/bench_moe.py --cpu-smoke --out /tmp/moe.json      # tiny, checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from jinfer.model.moe import moe_mlp, moe_mlp_reference, route  # noqa: E402
+from bench_common import copy_bandwidth, measure  # noqa: E402
+
+# name: (hidden, intermediate per expert, experts, experts per token, renormalise)
+SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "mixtral-8x7b": (4096, 14336, 8, 2, True)}
+TOKENS = (1, 2, 8, 64, 256, 2048)
+SMOKE_SHAPES = {"smoke": (64, 32, 8, 2, True)}
+SMOKE_TOKENS = (1, 8, 32)
+GATHER_MAX_PAIRS = 512   # gather reads T * k matrices: beyond this it is only slower
+MIN_WEIGHT_BYTES = 2 << 30  # weight sets cycled per loop (>> L2) where memory allows
+
+
+def make_weights(key, hidden, inter, experts, dtype):
+    k1, k2, k3 = jax.random.split(key, 3)
+    router = jax.random.normal(k1, (hidden, experts), dtype) * hidden ** -0.5
+    gate_up = jax.random.normal(k2, (experts, hidden, 2 * inter), dtype) * hidden ** -0.5
+    down = jax.random.normal(k3, (experts, inter, hidden), dtype) * inter ** -0.5
+    return router, gate_up, down
+
+
+def dense_bound(x, router, gate_up, down, top_k, norm):
+    """The matmuls alone: every token's k rows through expert 0."""
+    del router, norm
+    rows = jnp.repeat(x, top_k, axis=0)
+    g, u = jnp.split(rows @ gate_up[0], 2, axis=-1)
+    return ((jax.nn.silu(g) * u) @ down[0]).reshape(x.shape[0], top_k, -1).sum(1)
+
+
+def loop(fn, iters: int):
+    """iters calls of fn over the weight sets in turn (each set its own arrays, so no slicing
+    runs in the loop); returns (a sum that depends on every call, the last output)."""
+    @jax.jit
+    def run(x, weight_sets):
+        def body(i, carry):
+            acc, _ = carry
+            outs = [fn(x + acc.astype(x.dtype), *w) for w in weight_sets]
+            return acc + sum(o[0, 0].astype(jnp.float32) for o in outs) * 0, outs[-1]
+        init = (jnp.zeros((), jnp.float32), jnp.zeros_like(x))
+        return lax.fori_loop(0, max(1, iters // len(weight_sets)), body, init)
+    return run
+
+
+def touched_experts(x, router, top_k, norm) -> int:
+    _, ids = route(x @ router, top_k, norm)
+    return len(np.unique(np.asarray(ids)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--cpu-smoke", action="store_true")
+    args = parser.parse_args()
+    shapes = SMOKE_SHAPES if args.cpu_smoke else {s: SHAPES[s] for s in args.shapes}
+    tokens = SMOKE_TOKENS if args.cpu_smoke else args.tokens
+    iters, reps = (2, 1) if args.cpu_smoke else (args.iters, args.reps)
+    dtype = jnp.float32 if args.cpu_smoke else jnp.bfloat16
+    copy = copy_bandwidth((64 << 20) if args.cpu_smoke else (2 << 30), reps=max(reps, 3))
+    results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+               "copy": copy, "runs": []}
+    print(f"device {results['device']}, copy {copy['GBps']:.0f} GB/s (read + written)\n")
+    print("| shape | T | impl | us / call | touched experts | touched GB/s | vs copy |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (hidden, inter, experts, top_k, norm) in shapes.items():
+        expert_bytes = 3 * hidden * inter * jnp.dtype(dtype).itemsize
+        layer_bytes = experts * expert_bytes
+        copies = 1 if args.cpu_smoke else max(1, min(4, MIN_WEIGHT_BYTES // layer_bytes))
+        keys = jax.random.split(jax.random.key(0), copies + 1)
+        weight_sets = [make_weights(k, hidden, inter, experts, dtype) for k in keys[1:]]
+        for t in tokens:
+            x = jax.random.normal(jax.random.fold_in(keys[0], t), (t, hidden), dtype)
+            want = np.asarray(moe_mlp_reference(x, *weight_sets[0], top_k, norm), np.float32)
+            touched = touched_experts(x, weight_sets[0][0], top_k, norm)
+            impls = {"ragged_dot": functools.partial(moe_mlp, impl="ragged_dot"),
+                     "dense": dense_bound}
+            if t * top_k <= GATHER_MAX_PAIRS:
+                impls["gather"] = functools.partial(moe_mlp, impl="gather")
+            for impl, fn in impls.items():
+                call = lambda x, r, g, d, fn=fn: fn(x, r, g, d, top_k, norm)  # noqa: E731
+                if impl != "dense":
+                    got = np.asarray(call(x, *weight_sets[0]), np.float32)
+                    err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
+                    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+                    assert err < tol, f"{name} T={t} {impl}: relative error {err:.3g}"
+                calls = max(1, iters // copies) * copies
+                timing = measure(loop(call, calls), (x, weight_sets), calls, reps)
+                us = timing["median_us"]
+                gbps = touched * expert_bytes / (us * 1e-6) / 1e9
+                run = {"shape": name, "tokens": t, "impl": impl, "us": us,
+                       "min_us": timing["min_us"], "compile_s": timing["compile_s"],
+                       "touched_experts": touched, "touched_GBps": gbps,
+                       "copy_fraction": gbps / copy["GBps"]}
+                results["runs"].append(run)
+                print(f"| {name} | {t} | {impl} | {us:,.1f} | {touched} | {gbps:,.0f} | "
+                      f"{100 * run['copy_fraction']:.0f}% |", flush=True)
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
