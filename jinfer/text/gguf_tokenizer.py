@@ -1,7 +1,19 @@
 """The tokenizer stored in a GGUF file's metadata, rebuilt the way
-`transformers.integrations.gguf` does: `gpt2` is byte-level BPE from tokens + merges, split by the
-regex `tokenizer.ggml.pre` names; `llama` is the sentencepiece-style BPE of `jinfer.text.tokenizer`,
-with merges ordered by the token scores."""
+`transformers.integrations.gguf` does:
+
+* `gpt2` (Qwen, Llama 3, SmolLM2): byte-level BPE from tokens + merges, text split by the regex
+  its `tokenizer.ggml.pre` name stands for (Qwen2's splits digits one by one, Llama 3's in runs
+  of up to three).
+* `llama` (sentencepiece; Mistral, Llama 2, Gemma, Phi-3): the sentencepiece-style BPE of
+  `jinfer.text.tokenizer`, merges ordered by the token scores, with two architectures
+  (`general.architecture`) rebuilt as their own tokenizers are: Gemma (no dummy prefix, spaces
+  turned into "▁" by a normalizer, merges in file order since its scores do not follow
+  them, whitespace tokens stored as spaces respelled with "▁") and Phi-3 (the dummy prefix
+  and "▁" from a normalizer, no pre-tokenizer).
+
+Control tokens become special tokens and user-defined ones plain added tokens; BOS/EOS are added
+as `tokenizer.ggml.add_bos_token` / `add_eos_token` say; `tokenizer.chat_template` is the chat
+template."""
 
 from __future__ import annotations
 
@@ -10,20 +22,35 @@ import logging
 import os
 
 import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
 from jinfer.text.tokenizer import (Tokenizer, _add_named_special_tokens, _add_typed_tokens,
                               _sentencepiece_bpe, _set_post_processor, generate_merges)
 
 logger = logging.getLogger(__name__)
 
-# Llama 3's pre-tokenizer regex (transformers' `_LLAMA3_SPLIT`), used by the `pre` names below.
+# Split regexes of the byte-level vocabularies, by `tokenizer.ggml.pre` name (transformers'
+# GGUF_PRE_TOKENIZER_SPLITS; llama.cpp's llama-vocab.cpp has the same ones).
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_PRE_NAMES = frozenset({
-    "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx", "smaug-bpe"})
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                     "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+}
 _GPT2_PRE_NAMES = frozenset({"default", "gpt2", "gpt-2"})
+# Architectures whose sentencepiece (`llama`) vocabulary has a tokenizer of its own.
+_GEMMA_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
+_PHI3_ARCHS = frozenset({"phi3"})
 
 
 def load_gguf_tokenizer(path: str | os.PathLike, reader=None) -> Tokenizer:
@@ -39,7 +66,8 @@ def load_gguf_tokenizer(path: str | os.PathLike, reader=None) -> Tokenizer:
     if kind == "gpt2":
         backend = _gguf_byte_level(fields)
     elif kind == "llama":
-        backend = _gguf_sentencepiece(fields)
+        backend = _SENTENCEPIECE_BUILDERS.get(fields.get("architecture"), _gguf_sentencepiece)(
+            fields)
     else:
         raise ValueError(
             f"GGUF file {str(path)!r} has tokenizer model {kind!r} (tokenizer.ggml.model), which "
@@ -74,7 +102,7 @@ _GGUF_KEYS = {
     "tokenizer.ggml.padding_token_id": "padding_token_id",
     "tokenizer.ggml.add_bos_token": "add_bos_token", "tokenizer.ggml.add_eos_token": "add_eos_token",
     "tokenizer.ggml.add_space_prefix": "add_space_prefix",
-    "tokenizer.chat_template": "chat_template",
+    "tokenizer.chat_template": "chat_template", "general.architecture": "architecture",
 }
 
 
@@ -142,9 +170,9 @@ def _byte_level_pre_tokenizer(pre: str):
         return pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre in _LLAMA3_PRE_NAMES:
+    if pre in _SPLITS:
         return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre not in _GPT2_PRE_NAMES:
         logger.warning("Unknown GGUF pre-tokenizer %r; splitting text with the GPT-2 regex "
@@ -168,3 +196,39 @@ def _gguf_sentencepiece(fields: dict) -> tokenizers.Tokenizer:
     _add_typed_tokens(backend, tokens, fields.get("token_type", []))
     return backend
 
+
+def _gguf_gemma(fields: dict) -> tokenizers.Tokenizer:
+    """transformers' GemmaTokenizer backend from a Gemma `llama` vocabulary: spaces become
+    "\u2581" in a normalizer (no dummy prefix), byte-fallback BPE whose merges follow the file's
+    token order (Gemma's scores do not), and whitespace-only tokens the file stores as spaces
+    spelled with "\u2581" so the merges reach them."""
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in fields["tokens"]]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if fields.get("merges"):
+        merges = [tuple(m.split(" ")) for m in fields["merges"]]
+    else:
+        merges = generate_merges(vocab, {token: -i for i, token in enumerate(tokens)})
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=merges, fuse_unk=True, unk_token="<unk>", dropout=None,
+        byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+    _add_typed_tokens(backend, fields["tokens"], fields.get("token_type", []))
+    return backend
+
+
+def _gguf_phi3(fields: dict) -> tokenizers.Tokenizer:
+    """Phi-3's tokenizer from its `llama` vocabulary: the sentencepiece BPE, but the dummy prefix
+    and the "\u2581" for spaces come from a normalizer and there is no pre-tokenizer (so
+    "  hi" is "\u2581\u2581\u2581hi", as in Phi-3's own tokenizer.json)."""
+    backend = _gguf_sentencepiece({**fields, "add_space_prefix": True})
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
+    return backend
+
+
+_SENTENCEPIECE_BUILDERS = {**dict.fromkeys(_GEMMA_ARCHS, _gguf_gemma),
+                           **dict.fromkeys(_PHI3_ARCHS, _gguf_phi3)}
