@@ -69,6 +69,8 @@ class EngineConfig:
       preemption_grace_steps: a sequence that resumed after a preemption is not chosen as a
         victim again for this many steps while another sequence could give way.
       kernels: which kernel runs where (`KernelConfig`).
+      tensor_parallel_size: devices the model is split over (tensor parallelism over the first
+        N of `jax.devices()`, jinfer.runner.sharding); 1: one device, no mesh.
     """
 
     block_size: int = 16
@@ -85,10 +87,11 @@ class EngineConfig:
     mixed_batching: bool = True
     enable_prefix_caching: bool = True
     kernels: KernelConfig = KernelConfig()
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "num_scheduler_steps"):
+                     "num_scheduler_steps", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random Llama model folder (jinfer.testing), GPU skipping, and each
-pytest-xdist worker's share of GPU memory.
+"""Shared fixtures: a tiny random Llama model folder (jinfer.testing), GPU skipping, each
+pytest-xdist worker's share of GPU memory, and eight virtual CPU devices (tensor parallelism).
 
 Every JAX process takes 75% of each GPU's memory at its first use (XLA preallocates), so under
 `pytest -n N` on a GPU every worker but the first would fail to allocate. Each xdist worker
@@ -50,6 +50,14 @@ if _fraction is not None:
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{_fraction:.4g}"
     logger.info("xdist worker %s: XLA_PYTHON_CLIENT_MEM_FRACTION=%.4g",
                 os.environ["PYTEST_XDIST_WORKER"], _fraction)
+
+# Eight virtual CPU devices for the tensor-parallel tests (tests/test_tensor_parallel.py), set
+# before JAX starts its backends, for the whole session: one-device programs are unchanged (the
+# CPU time of tests/test_llm.py + test_steps.py measured equal with and without it, cold cache).
+# It adds CPU devices only; a GPU stays the default backend.
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}=8".strip()
 
 import jax  # noqa: E402  (after the memory fraction: XLA reads it at backend start)
 import pytest  # noqa: E402

@@ -24,6 +24,7 @@ from jinfer.model.decoder import prepare_params
 from jinfer.model.kv_cache import bytes_per_block
 from jinfer.runner import compilation_cache, memory
 from jinfer.runner.model_runner import ModelRunner
+from jinfer.runner.sharding import tensor_parallel
 from jinfer.runner.warmup import warm_up
 from jinfer.text.tokenizer import Tokenizer
 
@@ -57,7 +58,8 @@ class LLM:
         kv_cache_memory_bytes, gpu_memory_utilization, max_model_len, max_num_seqs,
         max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
         num_scheduler_steps, mixed_batching, kernel_config, enable_compilation_cache,
-        max_programs, shuffle_blocks_seed.
+        max_programs, shuffle_blocks_seed, tensor_parallel_size (the model split over the
+        first N devices of this host, jinfer.runner.sharding).
     """
 
     def __init__(self, model: Optional[str] = None, *, dtype: str = "auto",
@@ -74,7 +76,8 @@ class LLM:
             compilation_cache.enable()
         started = time.perf_counter()
         loaded = load_model(model, dtype, load_format, skip_tokenizer_init,
-                            seed=engine_kwargs.get("seed", 0))
+                            seed=engine_kwargs.get("seed", 0),
+                            tensor_parallel_size=engine_kwargs.get("tensor_parallel_size", 1))
         self._start(loaded.config, loaded.params, loaded.tokenizer, loaded.eos_token_ids,
                     **engine_kwargs)
         logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", loaded.source, dtype,
@@ -99,7 +102,9 @@ class LLM:
         if engine_kwargs.get("enable_compilation_cache", True):
             compilation_cache.enable()
         llm = cls.__new__(cls)
-        params = jax.device_put(_run_layout(params))
+        tp = tensor_parallel(model_config, engine_kwargs.get("tensor_parallel_size", 1))
+        params = _run_layout(params)
+        params = jax.device_put(params) if tp is None else tp.place_params(params)
         eos = () if tokenizer is None or tokenizer.eos_token_id is None else (
             tokenizer.eos_token_id,)
         llm._start(model_config, params, tokenizer, eos, **engine_kwargs)
@@ -114,7 +119,7 @@ class LLM:
                num_scheduler_steps: int = 8, mixed_batching: Optional[bool] = None,
                kernel_config: Optional[KernelConfig] = None,
                enable_compilation_cache: bool = True, max_programs: Optional[int] = None,
-               shuffle_blocks_seed: Optional[int] = None) -> None:
+               shuffle_blocks_seed: Optional[int] = None, tensor_parallel_size: int = 1) -> None:
         """Builds the engine one way: config -> pool size -> pool -> runner -> engine."""
         del enable_compilation_cache  # acted on by the constructors
         self.model_config, self.tokenizer = model_config, tokenizer
@@ -129,13 +134,14 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             num_scheduler_steps=num_scheduler_steps,
             mixed_batching=on_gpu if mixed_batching is None else mixed_batching,
-            kernels=kernel_config or KernelConfig())
+            kernels=kernel_config or KernelConfig(), tensor_parallel_size=tensor_parallel_size)
         # RoPE that depends on the longest context (LongRoPE's factor set) is fixed here.
         self.model_config = model_config = model_config.for_context(self.config.max_model_len)
+        self._tp = tensor_parallel(model_config, tensor_parallel_size)  # None: one device
         dtype = _weights_dtype(params)
         num_blocks = self._num_blocks(params, dtype)
         kv_cache = memory.allocate_kv_cache(model_config, num_blocks, block_size, dtype,
-                                            min_blocks=self._blocks_per_seq() + 1)
+                                            min_blocks=self._blocks_per_seq() + 1, tp=self._tp)
         runner = ModelRunner(model_config, self.config, params, kv_cache, max_programs)
         self.engine = LLMEngine(runner, tokenizer, self.config, self._eos_ids(eos_ids),
                                 kv_cache.num_blocks, shuffle_blocks_seed,
@@ -149,9 +155,12 @@ class LLM:
         """Pool size, counting block 0 (padding): num_kv_blocks, else kv_cache_memory_bytes,
         else what gpu_memory_utilization leaves after the weights and the largest steps'
         scratch (measured; GPU), else DEFAULT_CPU_KV_BYTES. Checks the pool holds one longest
-        sequence."""
+        sequence. Under tensor parallelism every budget is one device's, and so are the bytes
+        a block costs (its KV heads)."""
         config = self.config
-        per_block = bytes_per_block(self.model_config, config.block_size, dtype)
+        device_config = (self.model_config if self._tp is None
+                         else self._tp.shard_config(self.model_config))
+        per_block = bytes_per_block(device_config, config.block_size, dtype)
         needed = self._blocks_per_seq()
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -204,8 +213,11 @@ class LLM:
 
     def get_params(self) -> dict:
         """The weights the engine runs, on the device, in the run layout (per-layer dicts with
-        fused `wqkv` and `w_gate_up`): what `from_params` and `update_weights` take."""
-        return self.engine.runner.params
+        fused `wqkv` and `w_gate_up`): what `from_params` and `update_weights` take. Under
+        tensor parallelism the fused and vocabulary-padded weights are held re-laid per
+        device (jinfer.runner.sharding): those come back as copies in the ordinary layout."""
+        params = self.engine.runner.params
+        return params if self._tp is None else self._tp.unshard_params(params)
 
     def update_weights(self, params: dict) -> None:
         """Swaps in new weights of the same structure, shapes and dtypes as `get_params()` (or
@@ -217,13 +229,18 @@ class LLM:
                                "between generate calls (or abort them first)")
         new = _run_layout(params)
         current = self.engine.runner.params
+        if self._tp is not None:  # the ordinary layout's shapes, nothing computed
+            current = jax.eval_shape(self._tp.unshard_params, current)
         mismatch = _describe_mismatch(current, new)
         if mismatch is not None:
             raise ValueError(f"update_weights needs weights of the running model's structure, "
                              f"shapes and dtypes: {mismatch}; build a new LLM.from_params for "
                              f"another model or dtype")
-        shardings = jax.tree.map(lambda a: a.sharding, current)
-        self.engine.runner.update_params(jax.device_put(new, shardings))
+        if self._tp is not None:  # re-laid and placed as the running weights are
+            self.engine.runner.update_params(self._tp.place_params(new))
+        else:
+            shardings = jax.tree.map(lambda a: a.sharding, current)
+            self.engine.runner.update_params(jax.device_put(new, shardings))
         self.engine.block_manager.reset_prefix_cache()
 
     def prompt_logits(self, prompt_token_ids: Sequence[int]) -> np.ndarray:
@@ -371,7 +388,7 @@ ENGINE_KWARGS = ("block_size", "num_kv_blocks", "kv_cache_memory_bytes", "gpu_me
                  "max_model_len", "max_num_seqs", "max_num_batched_tokens", "seed",
                  "attention_backend", "enable_prefix_caching", "num_scheduler_steps",
                  "mixed_batching", "kernel_config", "enable_compilation_cache", "max_programs",
-                 "shuffle_blocks_seed")
+                 "shuffle_blocks_seed", "tensor_parallel_size")
 
 
 def _check_engine_kwargs(kwargs: dict) -> None:

@@ -26,10 +26,12 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init: bool = False,
-               *, seed: int = 0) -> LoadedModel:
+               *, seed: int = 0, tensor_parallel_size: int = 1) -> LoadedModel:
     """A model from a path (None: the default model), or random weights of its shape
     (load_format="dummy": a folder with config.json or a MODEL_SHAPES name), with the weights
-    on the device in the run layout."""
+    on the device in the run layout; with tensor_parallel_size > 1 in its sharded layout on the
+    first N devices, each receiving only its shards (jinfer.runner.sharding)."""
+    from jinfer.runner.sharding import tensor_parallel
     if load_format == "dummy":
         from jinfer.model.shapes import MODEL_SHAPES, random_params
         if isinstance(model, str) and model in MODEL_SHAPES:
@@ -40,7 +42,9 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
                 raise ValueError(f"load_format='dummy' needs a model folder with config.json or "
                                  f"one of {sorted(MODEL_SHAPES)}, got {model!r}")
             config = load_hf_config(folder)
-        params = prepare_params(random_params(config, dtype, seed))
+        tp = tensor_parallel(config, tensor_parallel_size)  # checked before any allocation
+        params = (prepare_params(random_params(config, dtype, seed)) if tp is None
+                  else tp.random_params(config, dtype, seed))
         has_tokenizer = folder is not None and any(
             (folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
         tokenizer = (load_tokenizer(folder) if has_tokenizer and not skip_tokenizer_init
@@ -49,9 +53,11 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
         return LoadedModel(config, params, tokenizer, tuple(eos), f"random weights of {model}")
     path = resolve_model_path(model)
     config, params, info = load_weights(path, dtype)
+    tp = tensor_parallel(config, tensor_parallel_size)
     tokenizer = None
     if not skip_tokenizer_init:
         tokenizer = (load_gguf_tokenizer(path, reader=info.get("gguf_reader"))
                      if info["format"] == "gguf" else load_tokenizer(path))
-    device_params = jax.device_put(prepare_params(params))
+    params = prepare_params(params)
+    device_params = jax.device_put(params) if tp is None else tp.place_params(params)
     return LoadedModel(config, device_params, tokenizer, tuple(info["eos_token_ids"]), str(path))

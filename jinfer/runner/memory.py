@@ -5,6 +5,11 @@ The pool takes what is left of the memory JAX may use once the weights and the s
 weights from the allocator's bytes in use, the scratch from XLA's buffer assignment of the
 compiled biggest prefill (max_num_batched_tokens tokens) and biggest decode (max_num_seqs rows
 at max_model_len).
+
+Under tensor parallelism every number is one device's: `gpu_memory_utilization` is a fraction of
+each device, the weights in use are that device's shard, XLA's scratch is per device, and a
+block costs the bytes of the device's KV heads (`bytes_per_block` of the per-device config), so
+the block count comes out the same on every device (jinfer.runner.sharding).
 """
 
 from __future__ import annotations
@@ -42,7 +47,10 @@ def step_temp_bytes(model_config, config, params, dtype) -> int:
     tiling = layer_tiling_for(model_config, config, dtype)
     builder = BatchBuilder(step_buckets(model_config, config, tiling))
     programs = StepPrograms(model_config, config, tiling, max_programs=None)
-    pool = jax.eval_shape(lambda: init_kv_cache(model_config, 2, config.block_size, dtype))
+    if programs.tp is None:
+        pool = jax.eval_shape(lambda: init_kv_cache(model_config, 2, config.block_size, dtype))
+    else:
+        pool = programs.tp.abstract_kv_cache(model_config, 2, config.block_size, dtype)
     block_size = config.block_size
     prefill_tokens = min(config.max_num_batched_tokens, config.max_model_len - 1)
     prefill = pad_block_items(1, prefill_tokens, prefill_tokens, block_size)
@@ -93,18 +101,21 @@ def blocks_for_utilization(temp_bytes: int, utilization: float, bytes_per_block:
 
 
 def allocate_kv_cache(model_config, num_blocks: int, block_size: int, dtype,
-                      min_blocks: int) -> KVCache:
-    """The KV pool, allocated now, as large as can actually be placed: where the device
+                      min_blocks: int, tp=None) -> KVCache:
+    """The KV pool, allocated now (`tp`, a TensorParallel: sharded over its KV heads, each
+    device allocating its own), as large as can actually be placed: where the device
     allocator cannot place `num_blocks` (its free memory may be split by holes that the
     weights' creation left, seen with the Llama-3-8B shape on an H100: 2 x 24 GiB failed where
     48 GiB were free in all), the pool shrinks by a tenth until it fits, down to `min_blocks`.
     An allocation that cannot succeed fails here, with what to change, rather than inside the
     first request's step."""
     wanted = num_blocks
+    init = init_kv_cache if tp is None else tp.init_kv_cache
+    if tp is not None:
+        model_config = tp.shard_config(model_config)  # one device's bytes in the messages
     while True:
         try:
-            kv_cache = jax.block_until_ready(
-                init_kv_cache(model_config, num_blocks, block_size, dtype))
+            kv_cache = jax.block_until_ready(init(model_config, num_blocks, block_size, dtype))
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

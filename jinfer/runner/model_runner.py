@@ -1,6 +1,8 @@
 """Owns the device state (weights, KV pool) and runs scheduled work on it: the batch step
 (`jinfer.runner.batch`) lays the rows out, the device step (`jinfer.runner.steps`) runs them.
-The pool is donated to every call and replaced by the one it returns."""
+The pool is donated to every call and replaced by the one it returns. Under tensor parallelism
+the weights and the pool are sharded over the devices' mesh (jinfer.runner.sharding) and every
+call runs on all of them; the host side is the same."""
 
 from __future__ import annotations
 
@@ -31,11 +33,11 @@ logger = logging.getLogger(__name__)
 def layer_tiling_for(model_config: ModelConfig, config: EngineConfig,
                      dtype) -> Optional[TailTiling]:
     """The layer kernel's tiling where one-row decode steps use it (KernelConfig's
-    decode_layer_kernel, the "pallas" backend, a Hopper GPU, shapes and dtype it takes), else
-    None."""
+    decode_layer_kernel, the "pallas" backend, a Hopper GPU, shapes and dtype it takes, one
+    device: it runs whole weights), else None."""
     wanted = config.kernels.decode_layer_kernel
-    if not wanted or config.attention_backend != "pallas" or (
-            wanted != "always" and not paged_prefill_mgpu.hopper_gpu()):
+    if (not wanted or config.attention_backend != "pallas" or config.tensor_parallel_size > 1
+            or (wanted != "always" and not paged_prefill_mgpu.hopper_gpu())):
         return None
     tiling = layer_kernel_tiling(model_config, dtype, config.kernels.layer_tiling)
     if tiling is None:
@@ -80,6 +82,7 @@ class ModelRunner:
         self.buckets = step_buckets(model_config, config, self.layer_tiling)
         self.batch = BatchBuilder(self.buckets)
         self.programs = StepPrograms(model_config, config, self.layer_tiling, max_programs)
+        self.tp = self.programs.tp  # jinfer.runner.sharding.TensorParallel, or None
 
     @property
     def num_compiles(self) -> int:

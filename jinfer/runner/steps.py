@@ -13,6 +13,10 @@ Three kinds of program (each compiled once per shape bucket and sampler flags):
   tok/s at batch 1 on an H100).
 - `logits`: every position's logits of one prompt (parity checks, scoring).
 
+Under tensor parallelism (`EngineConfig.tensor_parallel_size` > 1) the same programs run over
+the devices' mesh: the decoder stack and the LM head inside shard_map on each device's shard
+(jinfer.runner.sharding), everything else (sampler, scoring, the decode loop) replicated.
+
 The compile budget: a CPU process maps memory for every program it holds (about 600 maps per
 step program of the default model, measured, against the kernel's limit of 65,530), so `StepPrograms`
 counts the programs it has built and, past `max_programs`, drops them all (they reload from
@@ -39,6 +43,7 @@ from jinfer.model.decoder import compute_logits, forward_hidden
 from jinfer.model.kv_cache import PAD_BLOCK
 from jinfer.runner import host_transfer
 from jinfer.runner.batch import StepInput, describe
+from jinfer.runner.sharding import tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -58,29 +63,40 @@ DEFAULT_MAX_PROGRAMS = {"cpu": 80}
 PROMPT_LOGPROBS_ROWS = 256
 
 
+def _model(tp):
+    """(forward_hidden, compute_logits): jinfer.model.decoder's, or under tensor parallelism
+    (`tp`, a jinfer.runner.sharding.TensorParallel) the same run in shard_map on every
+    device's shard, with the replicated hidden states and full-vocabulary logits out."""
+    return (forward_hidden, compute_logits) if tp is None else (tp.forward_hidden,
+                                                                tp.compute_logits)
+
+
 def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, kernels, flags,
-          layer_tiling=None):
+          layer_tiling=None, tp=None):
     """One device step: decoder stack, logits at each row's last token, sampling; and, where
     the step input asks, the prompt tokens' scores. Returns (SamplerOutput [S], the scores
     [P] or None, the pool)."""
-    hidden, kv_cache = forward_hidden(
+    forward, logits_of = _model(tp)
+    hidden, kv_cache = forward(
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
         backend=get_attention_backend(attention_backend, kernels), layer_tiling=layer_tiling)
-    logits = compute_logits(params, hidden[step_input.logits_indices], config)  # [S, vocab]
+    logits = logits_of(params, hidden[step_input.logits_indices], config)  # [S, vocab]
     samples = sampler_lib.sample(logits, step_input.sampling, flags)
     prompt = step_input.prompt_logprobs
-    scores = None if prompt is None else _prompt_logprobs(params, hidden, prompt, config)
+    scores = None if prompt is None else _prompt_logprobs(params, hidden, prompt, config,
+                                                          logits_of)
     return samples, scores, kv_cache
 
 
-def _prompt_logprobs(params, hidden, prompt, config) -> sampler_lib.SamplerOutput:
+def _prompt_logprobs(params, hidden, prompt, config,
+                     logits_of=compute_logits) -> sampler_lib.SamplerOutput:
     """Each of the packed row's last P tokens (the prompt chunks and their padding) scores the
     token after it: its logprob, rank and the top-N under log_softmax of its logits (fields
     [P]), PROMPT_LOGPROBS_ROWS tokens at a time. hidden [T, hidden]; prompt: a
     PromptLogprobsInput."""
     def score_token(token):  # (hidden state [hidden], the token after it [])
         token_hidden, next_token = token
-        return sampler_lib.score(compute_logits(params, token_hidden, config), next_token,
+        return sampler_lib.score(logits_of(params, token_hidden, config), next_token,
                                  prompt.num_logprobs)
 
     prompt_hidden = hidden[hidden.shape[0] - prompt.next_tokens.shape[0]:]  # [P, hidden]
@@ -174,10 +190,12 @@ def _packed_decode_steps(params, kv_cache, buffer, token_ids, num_steps, *, layo
     return _decode_steps(params, kv_cache, step_input, num_steps, **kwargs)
 
 
-def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend, kernels):
-    hidden, kv_cache = forward_hidden(params, kv_cache, token_ids, attention, config=config,
-                                      backend=get_attention_backend(attention_backend, kernels))
-    return compute_logits(params, hidden, config), kv_cache
+def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_backend, kernels,
+                tp=None):
+    forward, logits_of = _model(tp)
+    hidden, kv_cache = forward(params, kv_cache, token_ids, attention, config=config,
+                               backend=get_attention_backend(attention_backend, kernels))
+    return logits_of(params, hidden, config), kv_cache
 
 
 @jax.jit
@@ -194,8 +212,9 @@ class StepPrograms:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, layer_tiling=None,
                  max_programs: Optional[int] = None):
         kernels = config.kernels
+        self.tp = tensor_parallel(model_config, config.tensor_parallel_size)  # None: one device
         static = dict(config=model_config, attention_backend=config.attention_backend,
-                      kernels=kernels)
+                      kernels=kernels, tp=self.tp)
         self._logits = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
         static = dict(static, layer_tiling=layer_tiling)  # used by one-row decode steps
         self._step = jax.jit(functools.partial(_packed_step, **static),

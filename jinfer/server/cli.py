@@ -50,6 +50,10 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    default=defaults.enable_prefix_caching)
     p.add_argument("--num-scheduler-steps", type=int, default=defaults.num_scheduler_steps)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int,
+                   default=defaults.tensor_parallel_size,
+                   help="split the model over this many devices of this host (tensor "
+                        "parallelism; the first N of jax.devices())")
     p.add_argument("--max-pending-requests", type=int, default=4096,
                    help="most unfinished requests at once; more get 503")
     p.add_argument("--max-n", type=int, default=64, help="largest `n` a request may ask for")
@@ -77,6 +81,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     for name in ("max_model_len", "num_kv_blocks"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if args.tensor_parallel_size != 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs
 
 
