@@ -63,6 +63,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny model and workload on the CPU, no HF: checks the script runs")
     p.add_argument("--out", help="JSON file for the results (required)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split jinfer's model over this many devices (the roofline is then "
+                        "one device's share of the bytes; HF runs on one device)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
 
@@ -234,7 +237,7 @@ def jinfer_latency(spec: dict) -> dict:
     llm = LLM(spec["model"], load_format="dummy", dtype=spec["dtype"], seed=0,
               max_model_len=spec["prompt_len"] + spec["output_len"], max_num_seqs=1,
               max_num_batched_tokens=max(512, spec["prompt_len"]), gpu_memory_utilization=0.9,
-              kernel_config=kernels,
+              kernel_config=kernels, tensor_parallel_size=spec["tensor_parallel_size"],
               num_scheduler_steps=spec["num_scheduler_steps"])
     load_s = time.perf_counter() - started
     prompts = iter(spec["prompts"])
@@ -303,11 +306,13 @@ def derive(r: dict, n: int) -> dict:
             "e2e_tok_s": n / tn}
 
 
-def roofline(config, dtype: str, bandwidth: float, batch: int, context: float) -> dict:
+def roofline(config, dtype: str, bandwidth: float, batch: int, context: float,
+             devices: int = 1) -> dict:
     """Tokens/s at batch `batch` if a decode step took only the time to stream its bytes (the
-    weights once, each sequence's K/V at `context`) at `bandwidth`."""
-    weights = weight_bytes_read(config, ITEMSIZE[dtype])
-    kv = batch * context * kv_bytes_per_token(config, ITEMSIZE[dtype])
+    weights once, each sequence's K/V at `context`) at `bandwidth`; over `devices` devices
+    (tensor parallelism) each streams 1/devices of them at that bandwidth."""
+    weights = weight_bytes_read(config, ITEMSIZE[dtype]) / devices
+    kv = batch * context * kv_bytes_per_token(config, ITEMSIZE[dtype]) / devices
     step_s = (weights + kv) / bandwidth
     return {"weight_bytes": weights, "kv_bytes": kv, "step_ms": 1e3 * step_s,
             "tok_s": batch / step_s}
@@ -373,7 +378,8 @@ def make_spec(args, model: str, config) -> dict:
             "prompts": prompts, "hf_config": config_to_hf_dict(config),
             "hf_compile": args.hf_compile, "decode_layer_kernel": not args.no_layer_kernel,
             "layer_stages": args.layer_stages,
-            "num_scheduler_steps": args.num_scheduler_steps}
+            "num_scheduler_steps": args.num_scheduler_steps,
+            "tensor_parallel_size": args.tensor_parallel_size}
 
 
 def main() -> int:
@@ -415,7 +421,7 @@ def main() -> int:
     # The best copy rate of the run: the bandwidth the device showed it can reach. (The median
     # moved with noise: 2,746 vs 2,870 GB/s best in one H100 run, which flattered the ratio.)
     results["roofline"] = roofline(config, args.dtype, results["jinfer"]["copy_Bps"]["max"],
-                                   1, context)
+                                   1, context, devices=args.tensor_parallel_size)
     results["spec"] = {k: v for k, v in spec.items() if k != "prompts"}
     results["num_params"] = num_params(config)
     print_latency_table(results, spec)

@@ -46,6 +46,13 @@ MODEL_SHAPES: dict[str, ModelConfig] = {
         rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=8192),
         max_position_embeddings=131072, tie_word_embeddings=False),
+    # meta-llama/Llama-3.1-70B: 70.6B parameters (141 GB in bf16: several GPUs)
+    "llama3-70b": ModelConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+        max_position_embeddings=131072, tie_word_embeddings=False),
     # Qwen/Qwen3-8B: 8.19B parameters; per-head q/k norms, head_dim 128 of hidden 4096 / 32
     "qwen3-8b": ModelConfig(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
