@@ -103,7 +103,7 @@ def test_hf_dict_loads_back_through_the_loader(name, tmp_path):
 
 def test_resolve_model_config_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="llama3-1b"):
-        resolve_model_config("llama3-70b")
+        resolve_model_config("llama3-405b")
     with pytest.raises(ValueError, match="config.json"):
         resolve_model_config(str(tmp_path))
 
