@@ -74,7 +74,7 @@ def _next_pow2(n: int) -> int:
 
 def _num_sms() -> int:
     """SM count of the default GPU, or the H100's when unknown (CPU, interpret mode)."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     count = getattr(device, "core_count", None) if device.platform == "gpu" else None
     return int(count) if count else DEFAULT_NUM_SMS
 

@@ -562,7 +562,7 @@ def _validate_mgpu(q, k_pool, plan: MgpuPlan) -> None:
 
 def hopper_gpu() -> bool:
     """The default device is a Hopper GPU (compute capability 9.x), where wgmma and TMA run."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     return device.platform == "gpu" and str(getattr(device, "compute_capability",
                                                     "")).startswith("9.")
 

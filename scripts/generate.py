@@ -6,6 +6,9 @@ Prompts are sent as chat messages (the chat template is applied) whenever the mo
 template: instruct models answer messages, and given raw text (--no-chat) they often end their
 turn before writing anything. Text streams to stdout as it is decoded; notes on how a completion
 ended (cut by --max-tokens, or a turn ended before any text) go to stderr.
+
+Several hosts: run the same command on every host with --coordinator-address, --num-processes
+and --process-id (jinfer.runner.multihost); process 0 prints, the others follow it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Optional, TextIO
 
 from jinfer import LLM, SamplingParams
 from jinfer.api.outputs import CompletionOutput
+from jinfer.runner import multihost
 
 # Printed (to stderr) when the model ends its turn before any text.
 EMPTY_TURN = ("(the model ended its turn before writing anything: try rephrasing the prompt, or "
@@ -49,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="devices to split the model over (default: 1, or under several "
+                        "processes every device of every process)")
+    p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="several hosts: process 0's address and a free port")
+    p.add_argument("--num-processes", type=int, default=1, help="several hosts: processes")
+    p.add_argument("--process-id", type=int, default=0,
+                   help="several hosts: this process's index (0 prints, the others follow)")
     p.add_argument("--verbose", "-v", action="store_true")
     return p.parse_args(argv)
 
@@ -63,11 +75,18 @@ def main(argv=None) -> int:
             min_p=args.min_p, repetition_penalty=args.repetition_penalty,
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
             seed=args.seed, stop=args.stop, max_tokens=args.max_tokens)
+        if args.num_processes != 1 or args.process_id != 0 or args.coordinator_address:
+            multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        tp = args.tensor_parallel_size or (
+            multihost.device_count() if multihost.process_count() > 1 else 1)
         llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                  block_size=args.block_size)
+                  block_size=args.block_size, tensor_parallel_size=tp)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not multihost.is_leader():
+        multihost.run_follower(llm)
+        return 0
     tokenizer = llm.get_tokenizer()
     chat = args.chat if args.chat is not None else tokenizer.chat_template is not None
     if chat:

@@ -22,7 +22,7 @@ from jinfer.model.attention import default_attention_backend, get_attention_back
 from jinfer.model.config import ModelConfig
 from jinfer.model.decoder import prepare_params
 from jinfer.model.kv_cache import bytes_per_block
-from jinfer.runner import compilation_cache, memory
+from jinfer.runner import compilation_cache, memory, multihost
 from jinfer.runner.model_runner import ModelRunner
 from jinfer.runner.sharding import tensor_parallel
 from jinfer.runner.warmup import warm_up
@@ -59,13 +59,15 @@ class LLM:
         max_num_batched_tokens, seed, attention_backend, enable_prefix_caching,
         num_scheduler_steps, mixed_batching, kernel_config, enable_compilation_cache,
         max_programs, shuffle_blocks_seed, tensor_parallel_size (the model split over the
-        first N devices of this host, jinfer.runner.sharding).
+        first N devices of this host, jinfer.runner.sharding; after
+        `jinfer.runner.multihost.initialize`, over every device of every process).
     """
 
     def __init__(self, model: Optional[str] = None, *, dtype: str = "auto",
                  load_format: str = "auto", skip_tokenizer_init: bool = False,
                  **engine_kwargs):
         _check_engine_kwargs(engine_kwargs)
+        multihost.check_tensor_parallel_size(engine_kwargs.get("tensor_parallel_size", 1))
         dtype = _resolve_dtype(dtype)
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={load_format!r} is not supported; choose 'auto' (read "
@@ -99,6 +101,7 @@ class LLM:
           **engine_kwargs: as for `LLM(...)`.
         """
         _check_engine_kwargs(engine_kwargs)
+        multihost.check_tensor_parallel_size(engine_kwargs.get("tensor_parallel_size", 1))
         if engine_kwargs.get("enable_compilation_cache", True):
             compilation_cache.enable()
         llm = cls.__new__(cls)
@@ -143,6 +146,8 @@ class LLM:
         kv_cache = memory.allocate_kv_cache(model_config, num_blocks, block_size, dtype,
                                             min_blocks=self._blocks_per_seq() + 1, tp=self._tp)
         runner = ModelRunner(model_config, self.config, params, kv_cache, max_programs)
+        # Several processes (jinfer.runner.multihost): process 0's device calls are mirrored.
+        runner = multihost.attach(runner)
         self.engine = LLMEngine(runner, tokenizer, self.config, self._eos_ids(eos_ids),
                                 kv_cache.num_blocks, shuffle_blocks_seed,
                                 sliding_window=model_config.kv_window)
@@ -170,6 +175,7 @@ class LLM:
             temp = memory.step_temp_bytes(self.model_config, config, params, dtype)
             num_blocks = 1 + memory.blocks_for_utilization(
                 temp, config.gpu_memory_utilization, per_block, needed)
+            num_blocks = multihost.min_over_processes(num_blocks)  # the same in every process
         else:
             num_blocks = 1 + DEFAULT_CPU_KV_BYTES // per_block
         if num_blocks - 1 < needed:
@@ -217,6 +223,7 @@ class LLM:
         tensor parallelism the fused and vocabulary-padded weights are held re-laid per
         device (jinfer.runner.sharding): those come back as copies in the ordinary layout."""
         params = self.engine.runner.params
+        multihost.check_single_process("get_params")
         return params if self._tp is None else self._tp.unshard_params(params)
 
     def update_weights(self, params: dict) -> None:
@@ -227,6 +234,7 @@ class LLM:
         if self.engine.has_unfinished_requests():
             raise RuntimeError("update_weights was called while requests are running; call it "
                                "between generate calls (or abort them first)")
+        multihost.check_single_process("update_weights")
         new = _run_layout(params)
         current = self.engine.runner.params
         if self._tp is not None:  # the ordinary layout's shapes, nothing computed

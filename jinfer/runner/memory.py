@@ -29,7 +29,7 @@ GiB = 2**30
 def device_memory() -> tuple[int, int] | None:
     """(bytes JAX may allocate, bytes in use) on the first device; None where the backend
     reports no allocator statistics (the CPU)."""
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     if not stats or "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
@@ -78,7 +78,7 @@ def blocks_for_utilization(temp_bytes: int, utilization: float, bytes_per_block:
                 "weights %.2f GiB + step scratch %.2f GiB -> %d blocks (%.2f GiB)",
                 utilization * limit / GiB, utilization, limit / GiB, in_use / GiB,
                 (used - in_use) / GiB, blocks, blocks * bytes_per_block / GiB)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if stats.get("pool_bytes", limit) < limit and blocks * bytes_per_block > limit // 4:
         # Seen on an H100: float32 pools of 2 x 26 GiB under a 53 GiB budget; the allocator
         # reserved 34 GiB for the first and had no room left for the second at the first step.

@@ -148,10 +148,18 @@ class ModelRunner:
         For parity tests and scoring: one sequence, prefilled in a single step into the blocks
         of its block table (which the caller owns).
         """
+        return self.run_prompt_logits(*self.prompt_logits_inputs(seq))
+
+    def prompt_logits_inputs(self, seq: Sequence) -> tuple:
+        """`prompt_logits`' host inputs: (token ids, StepAttention, prompt length)."""
         n = seq.num_prompt_tokens
         token_ids, positions, slots, meta, _ = self.batch._prefill_arrays(
             [ScheduledSequence(seq, n)])
-        attention = StepAttention(positions=positions, slot_mapping=slots, prefill=meta)
+        return token_ids, StepAttention(positions=positions, slot_mapping=slots,
+                                        prefill=meta), n
+
+    def run_prompt_logits(self, token_ids, attention: StepAttention, n: int) -> np.ndarray:
+        """`prompt_logits` on its host inputs (`prompt_logits_inputs`)."""
         logits, self.kv_cache = self.programs.logits(self.params, self.kv_cache, token_ids,
                                                      attention)
         return np.asarray(logits[:n])

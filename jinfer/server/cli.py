@@ -4,6 +4,11 @@ Flags follow `vllm serve`. The server binds loopback unless --host says otherwis
 step shapes its traffic needs before it reports ready, logs one line with its address, and on
 SIGTERM or Ctrl-C stops accepting requests, gives running ones --shutdown-timeout seconds,
 aborts the rest and exits.
+
+Several hosts (jinfer.runner.multihost): every host runs the same command with
+--coordinator-address (process 0's HOST:PORT), --num-processes and its own --process-id; process
+0 loads its shards and serves HTTP, the others load theirs and follow its device calls, and
+exit when it stops.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import uvicorn
 
 from jinfer.config import EngineConfig
+from jinfer.runner import multihost
 
 logger = logging.getLogger("jinfer.server")
 
@@ -50,10 +56,21 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    default=defaults.enable_prefix_caching)
     p.add_argument("--num-scheduler-steps", type=int, default=defaults.num_scheduler_steps)
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int,
-                   default=defaults.tensor_parallel_size,
-                   help="split the model over this many devices of this host (tensor "
-                        "parallelism; the first N of jax.devices())")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="split the model over this many devices (tensor parallelism; the "
+                        "first N of jax.devices()); default: 1, or under several processes "
+                        "every device of every process")
+    p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="several hosts: process 0's address and a free port, reachable from "
+                        "every host (the same on every host)")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="several hosts: how many processes (one per host) run this command")
+    p.add_argument("--process-id", type=int, default=0,
+                   help="several hosts: this process's index, 0 to --num-processes - 1; "
+                        "process 0 serves HTTP, the others follow it")
+    p.add_argument("--heartbeat-timeout", type=int, default=30,
+                   help="several hosts: seconds without a heartbeat after which a process "
+                        "counts as dead and the others stop")
     p.add_argument("--max-pending-requests", type=int, default=4096,
                    help="most unfinished requests at once; more get 503")
     p.add_argument("--max-n", type=int, default=64, help="largest `n` a request may ask for")
@@ -81,23 +98,49 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     for name in ("max_model_len", "num_kv_blocks"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    if args.tensor_parallel_size != 1:
+    if args.tensor_parallel_size not in (None, 1):
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     return kwargs
 
 
 def serve(args: argparse.Namespace) -> int:
-    from jinfer.api.async_llm import AsyncLLM
     from jinfer.api.llm import LLM
-    from jinfer.server.app import ServerLimits, build_app
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.num_processes != 1 or args.process_id != 0 or args.coordinator_address:
+        try:
+            join(args)
+        except ValueError as e:
+            logger.error("could not join the other processes: %s", e)
+            return 2
     try:
         llm = LLM(args.model, **engine_kwargs(args))
     except (ValueError, FileNotFoundError, TypeError) as e:
         logger.error("could not load the model: %s", e)
         return 2
+    if not multihost.is_leader():  # process 0 serves; this one makes its device calls too
+        multihost.run_follower(llm)
+        return 0
+    try:
+        return _serve(llm, args)
+    finally:
+        multihost.stop_followers(llm)
+
+
+def join(args: argparse.Namespace) -> None:
+    """Joins the other processes (--coordinator-address, --num-processes, --process-id); the
+    model then spans every device of every process unless -tp says otherwise."""
+    multihost.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                         heartbeat_timeout_s=args.heartbeat_timeout)
+    if args.tensor_parallel_size is None and multihost.process_count() > 1:
+        args.tensor_parallel_size = multihost.device_count()
+
+
+def _serve(llm, args: argparse.Namespace) -> int:
+    from jinfer.api.async_llm import AsyncLLM
+    from jinfer.server.app import ServerLimits, build_app
+
     name = args.served_model_name or _model_name(args.model)
     if args.warmup:
         warm_up(llm, args.warmup_max_context or min(llm.config.max_model_len, 2048))
@@ -108,17 +151,28 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout,
                             access_log=args.log_level == "debug")
-    server = _Server(config, name)
+    # Under several processes the others stop once the engine has, and all leave together
+    # (uvicorn re-raises SIGTERM after its shutdown: nothing after serve() would run).
+    server = _Server(config, name, on_shutdown=multihost.shutdown)
     asyncio.run(server.serve())
     return 0
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, logging one line with the address once it listens."""
+    """uvicorn's server, logging one line with the address once it listens; `on_shutdown`
+    runs after its shutdown (the app's, which stops the engine, included)."""
 
-    def __init__(self, config: uvicorn.Config, model_name: str):
+    def __init__(self, config: uvicorn.Config, model_name: str, on_shutdown=None):
         super().__init__(config)
         self.model_name = model_name
+        self.on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets=None):
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if self.on_shutdown is not None:
+                self.on_shutdown()
 
     async def startup(self, sockets=None):
         await super().startup(sockets)
