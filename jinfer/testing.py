@@ -1,5 +1,6 @@
 """Tiny random models for tests and benchmarks: a Llama folder (config.json, model.safetensors,
-tokenizer.json with ChatML special tokens) written with NumPy alone, no torch and no download."""
+tokenizer.json with ChatML special tokens) written with NumPy alone, no torch and no download;
+and spread-out random weights of any ModelConfig (`spread_params`)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,22 @@ def write_tiny_llama(folder: pathlib.Path, *, seed: int = 0, tie: bool = True,
         "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": tie,
         "eos_token_id": 2, "bos_token_id": 1, "torch_dtype": "float32"}))
     return folder
+
+
+def spread_params(config, seed: int = 0) -> dict:
+    """Loader-layout float32 NumPy weights of `config` (jinfer.model.decoder.param_shapes) whose
+    logits are spread out (no near-ties for greedy decoding), the same for a seed in every
+    process: norms 1 + N(0, 0.1^2), embeddings and LM head N(0, 0.5^2), the rest N(0, 0.15^2)."""
+    from jinfer.model.decoder import param_shapes
+    rng = np.random.default_rng(seed)
+
+    def leaf(name, shape):
+        if name.endswith("norm"):
+            return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        scale = 0.5 if name in ("embed", "lm_head") else 0.15
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    sizes = param_shapes(config)
+    params = {name: leaf(name, s) for name, s in sizes.items() if name != "layers"}
+    params["layers"] = {name: leaf(name, s) for name, s in sizes["layers"].items()}
+    return params

@@ -27,8 +27,8 @@ import numpy as np
 
 from jinfer import LLM, SamplingParams
 from jinfer.model.config import ModelConfig
-from jinfer.model.decoder import param_shapes
 from jinfer.runner.warmup import greedy_rows, pad_block_items
+from jinfer.testing import spread_params
 
 CONFIG = ModelConfig(vocab_size=250, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=8, num_kv_heads=2, head_dim=8, max_position_embeddings=128)
@@ -42,23 +42,6 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 HEARTBEAT_S = 5       # the kill test: process 0 must fail within this (plus slack)
 RUN_TIMEOUT_S = 240   # any subprocess: past this the test fails instead of hanging
 SCRIPT = pathlib.Path(__file__).resolve()
-
-
-def random_params(config: ModelConfig, seed: int = 0) -> dict:
-    """Loader-layout NumPy weights with spread-out logits (no near-ties for greedy), the same
-    in every process."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(name, shape):
-        if name.endswith("norm"):
-            return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        scale = 0.5 if name in ("embed", "lm_head") else 0.15
-        return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-    sizes = param_shapes(config)
-    params = {name: leaf(name, s) for name, s in sizes.items() if name != "layers"}
-    params["layers"] = {name: leaf(name, s) for name, s in sizes["layers"].items()}
-    return params
 
 
 def workload(llm: LLM) -> dict:
@@ -96,7 +79,7 @@ def worker(port: int, num_processes: int, process_id: int, mode: str, out: str) 
     multihost.initialize(f"127.0.0.1:{port}", num_processes, process_id,
                          heartbeat_timeout_s=HEARTBEAT_S if mode == "kill" else 30,
                          init_timeout_s=60)
-    llm = LLM.from_params(CONFIG, random_params(CONFIG), tensor_parallel_size=jax.device_count(),
+    llm = LLM.from_params(CONFIG, spread_params(CONFIG), tensor_parallel_size=jax.device_count(),
                           **ENGINE)
     if not multihost.is_leader():
         multihost.run_follower(llm)
@@ -182,7 +165,7 @@ def two_process_run(tmp_path_factory):
     at TP=1, computed here while they run). Both processes must exit 0."""
     tmp = tmp_path_factory.mktemp("multihost")
     with Processes(tmp, [2, 2], "workload") as run:
-        want = workload(LLM.from_params(CONFIG, random_params(CONFIG), **ENGINE))
+        want = workload(LLM.from_params(CONFIG, spread_params(CONFIG), **ENGINE))
         for pid in (0, 1):
             assert run.wait(pid) == 0, f"process {pid} failed:\n{run.log(pid)}"
         assert run.out(1).read_text() == "stopped"

@@ -24,9 +24,10 @@ import pytest
 from jinfer import LLM, SamplingParams
 from jinfer.model.config import ModelConfig
 from jinfer.model import shapes
-from jinfer.model.decoder import param_shapes, prepare_params
+from jinfer.model.decoder import prepare_params
 from jinfer.model.shapes import config_to_hf_dict
 from jinfer.server import cli
+from jinfer.testing import spread_params
 from parity_support import assert_pool_whole, relative_errors
 
 DEVICES = len(jax.devices())
@@ -58,23 +59,7 @@ def tp_sizes(sizes=WORKLOAD_SIZES):
     return [pytest.param(n, marks=needs_devices(n), id=f"tp{n}") for n in sizes]
 
 
-def random_params(config: ModelConfig, seed: int = 0) -> dict:
-    """Loader-layout NumPy weights with spread-out logits (no near-ties for greedy)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(name, shape):
-        if name.endswith("norm"):
-            return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        scale = 0.5 if name in ("embed", "lm_head") else 0.15
-        return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-    sizes = param_shapes(config)
-    params = {name: leaf(name, s) for name, s in sizes.items() if name != "layers"}
-    params["layers"] = {name: leaf(name, s) for name, s in sizes["layers"].items()}
-    return params
-
-
-PARAMS = random_params(CONFIG)
+PARAMS = spread_params(CONFIG)
 PREFIX = [int(t) for t in np.random.default_rng(1).integers(3, 250, 16)]
 TAILS = [[int(t) for t in np.random.default_rng(2 + i).integers(3, 250, 1 + 2 * i)]
          for i in range(4)]
@@ -269,7 +254,7 @@ def test_windowed_and_moe_models_at_tp2(config):
     weights), and experts (each expert's intermediate axis split), at TP=2 against TP=1: the
     logits of a prompt of 39 tokens, past the window, prefilled in 16-token chunks through the
     paged pool."""
-    params = random_params(config, seed=3)
+    params = spread_params(config, seed=3)
     prompt = PROMPTS[3] + PROMPTS[0][:16]
     want, got = (LLM.from_params(config, params, tensor_parallel_size=n, **ENGINE)
                  .prompt_logits(prompt) for n in (1, 2))
