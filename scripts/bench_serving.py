@@ -506,7 +506,8 @@ def engine_options(args) -> dict:
                "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens,
                "enable_prefix_caching": args.enable_prefix_caching,
-               "gpu_memory_utilization": args.gpu_memory_utilization}
+               "gpu_memory_utilization": args.gpu_memory_utilization,
+               "tensor_parallel_size": args.tensor_parallel_size}
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -750,6 +751,8 @@ def parse_args(argv=None):
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="the server's and the offline ceiling's tensor parallelism")
     g.add_argument("--server-args", default="",
                    help="more flags for the server, one string (not given to the offline run)")
     g.add_argument("--server-timeout", type=float, default=900.0,
