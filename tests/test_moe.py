@@ -159,6 +159,28 @@ def test_moe_mlp_matches_transformers_block(family, norm):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+def test_padding_rows_add_no_experts():
+    """Rows marked not valid (a step's padding) take row 0's experts with zero weight: the
+    valid rows' outputs are unchanged, the padding rows' are zero, and the step touches only
+    the valid rows' experts."""
+    num_tokens, num_experts, top_k = 6, 8, 2
+    args = grid_inputs(num_tokens, num_experts, top_k, seed=4)
+    valid = jnp.asarray([True, True, False, False, False, False])
+    logits = args[0] @ args[1]
+    weights, ids = route(logits, top_k, True, valid)
+    all_weights, all_ids = route(logits, top_k, True)
+    np.testing.assert_array_equal(np.asarray(ids[2:]), np.repeat(np.asarray(ids[:1]), 4, 0))
+    np.testing.assert_array_equal(np.asarray(weights[2:]), 0)
+    np.testing.assert_array_equal(np.asarray(ids[:2]), np.asarray(all_ids[:2]))
+    assert set(np.asarray(ids).ravel()) == set(np.asarray(all_ids[:2]).ravel())
+    assert set(np.asarray(all_ids).ravel()) - set(np.asarray(all_ids[:2]).ravel()), \
+        "the padding rows' own routing should pick other experts (else this proves nothing)"
+    got = fast_jit(lambda *a: moe_mlp(*a, top_k, True, valid=valid))(*args)
+    want = fast_jit(moe_mlp_reference, static_argnums=(4, 5))(*args, top_k, True)
+    np.testing.assert_allclose(np.asarray(got[:2]), np.asarray(want[:2]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[2:]), 0)
+
+
 def test_one_program_for_every_routing():
     """Same shapes, different routings (so different group sizes): one compiled program."""
     step = fast_jit(lambda *args: moe_mlp(*args, 2, True))  # a fresh function: its own cache

@@ -35,7 +35,7 @@ import numpy as np
 
 from jinfer.model.attention import AttentionBackend, StepAttention, attend
 from jinfer.model.config import ModelConfig
-from jinfer.model.kv_cache import KVCache
+from jinfer.model.kv_cache import PAD_BLOCK, KVCache
 from jinfer.model.layer_kernel import one_row_decode
 from jinfer.model.layers import (ACTIVATIONS, rms_norm, rope_attention_factor, rope_cos_sin,
                                  rope_inv_freq, soft_cap)
@@ -132,11 +132,14 @@ def forward_hidden(
         assert config.llama_layers, "the layer kernel runs Llama's layer only"
         return one_row_decode(params, kv_cache, h, meta, config=config, backend=backend,
                               rope=global_rope, tiling=layer_tiling)
+    # Mixture of experts: the step's padding rows (they write into the pad block) are routed
+    # with no experts of their own (jinfer.model.moe.moe_mlp's `valid`).
+    valid = (meta.slot_mapping // kv_cache.k.shape[2] != PAD_BLOCK) if config.num_experts else None
     for layer, lp in enumerate(params["layers"]):
         rope = global_rope if config.window(layer) is None else local_rope
         with jax.named_scope(f"layer_{layer}"):
             h, kv_cache = _attention_block(config, layer, lp, h, kv_cache, meta, backend, rope)
-            h = _mlp_block(config, lp, h)
+            h = _mlp_block(config, lp, h, valid)
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
 
 
@@ -179,20 +182,22 @@ def _norm_qk_heads(config: ModelConfig, lp, qkv: jax.Array) -> jax.Array:
     return jnp.concatenate([q, k, v], axis=1).reshape(qkv.shape)
 
 
-def _mlp_block(config, lp, h):
-    """One layer's MLP sublayer over h [T, hidden]: norm -> MLP [-> norm] -> residual add."""
-    out = _tp_sum(_mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps)), config)
+def _mlp_block(config, lp, h, valid=None):
+    """One layer's MLP sublayer over h [T, hidden]: norm -> MLP [-> norm] -> residual add.
+    valid [T] (experts only): which rows are tokens, not padding."""
+    out = _tp_sum(_mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps), valid),
+                  config)
     if config.post_norms:
         out = rms_norm(out, lp["mlp_post_norm"], config.rms_norm_eps)
     return h + out
 
 
-def _mlp(config, lp, x):
+def _mlp(config, lp, x, valid=None):
     """The gated MLP over the normed row x [T, hidden] -> [T, hidden]: dense, or each token
     through its top-k experts."""
     if config.num_experts:
         return moe_mlp(x, lp["router_w"], lp["w_gate_up"], lp["w_down"],
-                       config.num_experts_per_tok, config.norm_topk_prob)
+                       config.num_experts_per_tok, config.norm_topk_prob, valid=valid)
     gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
     return (ACTIVATIONS[config.activation](gate) * up) @ lp["w_down"]
 

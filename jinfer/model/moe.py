@@ -47,12 +47,14 @@ hidden 2048, I 768, E 128, k 8; T in {1, 8, 64, 256, 2048}, the decode and prefi
   - decode is bound by the weight bytes of the experts touched (<= min(E, T * k) of them): the
     time against those bytes / HBM bandwidth says whether a grouped matmul reads each touched
     expert once; and the cost of the routing, argsort and gathers next to the matmuls;
-  - padding rows of a bucket are routed like tokens, and they can touch extra experts.
+  - padding rows of a bucket take row 0's experts (moe_mlp's `valid`, from the pad-block
+    slots), so they touch no extra experts; the bucket's extra rows still cost their matmul
+    rows.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +67,10 @@ def route(
     router_logits: jax.Array,  # [T, E]
     top_k: int,
     norm_topk_prob: bool,
+    valid: Optional[jax.Array] = None,  # [T] bool, see moe_mlp
 ) -> tuple[jax.Array, jax.Array]:
-    """-> (weights [T, top_k] float32, expert_ids [T, top_k] int32), best first.
+    """-> (weights [T, top_k] float32, expert_ids [T, top_k] int32), best first; rows not
+    `valid` get row 0's experts and zero weights.
 
     As transformers does it (MixtralTopKRouter, Qwen3MoeTopKRouter): softmax over all experts in
     float32, the top k probabilities, divided by their sum when `norm_topk_prob` (always for
@@ -77,7 +81,11 @@ def route(
     weights, expert_ids = jax.lax.top_k(probs, top_k)
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, expert_ids.astype(jnp.int32)
+    expert_ids = expert_ids.astype(jnp.int32)
+    if valid is not None:
+        expert_ids = jnp.where(valid[:, None], expert_ids, expert_ids[:1])
+        weights = jnp.where(valid[:, None], weights, 0.0)
+    return weights, expert_ids
 
 
 def moe_mlp(
@@ -88,14 +96,19 @@ def moe_mlp(
     top_k: int,
     norm_topk_prob: bool,
     impl: ExpertImpl = "ragged_dot",
+    valid: Optional[jax.Array] = None,  # [T] bool: False for the step's padding rows
 ) -> jax.Array:
     """The sparse MoE MLP (no residual): each token through its top_k experts' SwiGLU, weighted
     by the routing weights -> [T, hidden] in x's dtype. top_k, norm_topk_prob and impl are
-    static under jit; see the module docstring for the steps and `impl`."""
+    static under jit; see the module docstring for the steps and `impl`.
+
+    `valid`: padding rows (False) take row 0's experts with zero weight (their output is 0), so
+    they add no expert of their own to the step's weight reads: a batch-1 decode step padded
+    to two rows reads top_k experts per layer, not up to 2 * top_k. Row 0 must be valid."""
     num_tokens, hidden = x.shape
     num_experts = w_gate_up.shape[0]
     with jax.named_scope("route"):
-        weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob)
+        weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob, valid)
         pair_experts = expert_ids.reshape(-1)  # [T * k]; pair p is token p // k, slot p % k
         order = jnp.argsort(pair_experts, stable=True)  # [T * k] pairs grouped by expert
         group_sizes = jnp.bincount(pair_experts, length=num_experts).astype(jnp.int32)  # [E]
