@@ -20,7 +20,8 @@ if [[ $what == tests || $what == all ]]; then
          tests/test_kv_write.py tests/test_triton_decode.py tests/test_attention.py
          tests/test_engine.py tests/test_lookahead.py tests/test_llm_engine.py tests/test_scheduler.py tests/test_batch_invariance.py
          tests/test_beam_search.py tests/test_host_transfer.py tests/test_decode_layer_mgpu.py
-         tests/test_layer_kernel.py)
+         tests/test_layer_kernel.py tests/test_families.py tests/test_moe.py
+         tests/test_decoder.py tests/test_tensor_parallel.py)
   python -m pytest -q "${workers[@]}" -rfEs -m "not big_memory" "${files[@]}" \
       > "$out/pytest_gpu.log" 2>&1 || status=1
   tail -n 25 "$out/pytest_gpu.log"
@@ -50,6 +51,7 @@ if [[ $what == bench || $what == all ]]; then
       > "$out/bench_throughput.md" 2>&1 || status=1
   python scripts/bench_startup.py --model-shape smollm2-135m --out "$out/bench_startup.json" \
       > "$out/bench_startup.md" 2>&1 || status=1
+  python scripts/bench_moe.py --out "$out/bench_moe.json" > "$out/bench_moe.md" 2>&1 || status=1
   python scripts/bench_layer_mgpu.py --out "$out/bench_layer_mgpu.json" \
       > "$out/bench_layer_mgpu.md" 2>&1 || status=1
   python scripts/profile_decode.py --model-shape llama3-1b --batch 1 \
