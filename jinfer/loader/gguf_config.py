@@ -57,6 +57,7 @@ import numpy as np
 from jinfer.model.config import ModelConfig, RopeScaling
 from jinfer.model.families import Tensor, family_for_hf
 from jinfer.model.families.common import FULL, SLIDING
+from jinfer.model.layers import llama3_scaled
 
 _REQUIRED = object()
 
@@ -361,14 +362,10 @@ def _rope_scaling(f: GGUFFile, theta: float, head_dim: int) -> dict:
 
 
 def _llama3_factors(s: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
-    """llama.cpp's rope_freqs for Llama 3 scaling (convert_hf_to_gguf.py), [head_dim // 2]."""
+    """llama.cpp's rope_freqs for Llama 3 scaling (convert_hf_to_gguf.py), [head_dim // 2]:
+    how much the scaling divides each inverse frequency by."""
     inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
-    orig = s.original_max_position_embeddings
-    smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    mid = 1 / ((1 - smooth) / s.factor + smooth)
-    return np.where(wavelen < orig / s.high_freq_factor, 1.0,
-                    np.where(wavelen > orig / s.low_freq_factor, s.factor, mid))
+    return inv_freq / llama3_scaled(inv_freq, s)
 
 
 def rope_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int,

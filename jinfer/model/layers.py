@@ -47,11 +47,11 @@ def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
     elif isinstance(scaling, LongRopeScaling):
         inv_freq = inv_freq / np.asarray(scaling.factors, np.float64)
     elif isinstance(scaling, RopeScaling):
-        inv_freq = _llama3_scaled(inv_freq, scaling)
+        inv_freq = llama3_scaled(inv_freq, scaling)
     return inv_freq.astype(np.float32)
 
 
-def _llama3_scaled(inv_freq: np.ndarray, scaling: RopeScaling) -> np.ndarray:
+def llama3_scaled(inv_freq: np.ndarray, scaling: RopeScaling) -> np.ndarray:
     """Llama 3's long-context scaling: wavelengths above original_max / low_freq_factor are
     stretched by `factor`, those below original_max / high_freq_factor kept, those between
     interpolated."""
