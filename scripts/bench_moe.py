@@ -48,7 +48,7 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "mixtral-8x7b": (4096, 143
 TOKENS = (1, 2, 8, 64, 256, 2048)
 SMOKE_SHAPES = {"smoke": (64, 32, 8, 2, True)}
 SMOKE_TOKENS = (1, 8, 32)
-GATHER_MAX_PAIRS = 512   # gather reads T * k matrices: beyond this it is only slower
+GATHER_MAX_BYTES = 4 << 30  # gather materialises T * k expert matrices: beyond this only slower
 MIN_WEIGHT_BYTES = 2 << 30  # weight sets cycled per loop (>> L2) where memory allows
 
 
@@ -118,7 +118,7 @@ def main() -> None:
             touched = touched_experts(x, weight_sets[0][0], top_k, norm)
             impls = {"ragged_dot": functools.partial(moe_mlp, impl="ragged_dot"),
                      "dense": dense_bound}
-            if t * top_k <= GATHER_MAX_PAIRS:
+            if t * top_k * expert_bytes <= GATHER_MAX_BYTES:
                 impls["gather"] = functools.partial(moe_mlp, impl="gather")
             for impl, fn in impls.items():
                 call = lambda x, r, g, d, fn=fn: fn(x, r, g, d, top_k, norm)  # noqa: E731

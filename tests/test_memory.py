@@ -107,8 +107,8 @@ def test_gpu_llama3_8b_shape_loads_at_the_default_utilization():
     pool takes what the weights leave, is placed, and generates (on an 80 GB H100 this failed
     with a fragmented allocator before the pool was sized from what can be placed)."""
     limit, _ = memory.device_memory()
-    if limit < 60 * GiB:
-        pytest.skip(f"needs a GPU with at least 60 GiB for JAX, this one gives {limit / GiB:.0f}")
+    if limit < 45 * GiB:  # 16 GB of weights + the > 20 GiB pool asserted below + scratch
+        pytest.skip(f"needs a GPU with at least 45 GiB for JAX, this one gives {limit / GiB:.0f}")
     llm = LLM("llama3-8b", load_format="dummy", dtype="bfloat16",
               enable_compilation_cache=False)
     stats = llm.stats()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -313,11 +314,14 @@ class LLM:
                sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
         """Yields the text of one completion as it is decoded (deltas; stop strings held back)."""
         emitted = 0
-        for output in self.stream_outputs(prompt, sampling_params):
-            text = output.outputs[0].text
-            if len(text) > emitted:
-                yield text[emitted:]
-                emitted = len(text)
+        # Closed explicitly: closing this generator aborts the request now, not whenever the
+        # garbage collector finalises the inner one.
+        with contextlib.closing(self.stream_outputs(prompt, sampling_params)) as outputs:
+            for output in outputs:
+                text = output.outputs[0].text
+                if len(text) > emitted:
+                    yield text[emitted:]
+                    emitted = len(text)
 
     def stream_outputs(self, prompt: Union[str, Sequence[int]],
                        sampling_params: Optional[SamplingParams] = None
