@@ -30,12 +30,18 @@ class KernelConfig:
       unroll_max_rows: multi-step decode calls of at most this many rows run their steps as
         straight-line code instead of a loop (on an H100 at batch 1: 956.5 vs 937.8 tok/s, no
         per-step graph launch); None: 2 on GPU, 0 elsewhere (the CPU has no launches to save).
+      moe_impl: how mixture-of-experts layers run their experts (jinfer.model.moe): "pallas"
+        (the grouped-matmul kernel, pallas_kernels/grouped_matmul.py), "ragged_dot" (XLA's
+        jax.lax.ragged_dot), "gather", or "auto" (gather for steps of few tokens, else
+        ragged_dot, as measured on an H100); None: "auto" on GPU, "ragged_dot" elsewhere. The
+        kernel is opt-in until it has been compiled and measured on a GPU.
     """
 
     decode_layer_kernel: Union[bool, str] = True
     layer_tiling: TailTiling = TailTiling(stages=4)
     mosaic_prefill_min_tokens: int = 1024
     unroll_max_rows: Optional[int] = None
+    moe_impl: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,9 @@ class EngineConfig:
       kernels: which kernel runs where (`KernelConfig`).
       tensor_parallel_size: devices the model is split over (tensor parallelism over the first
         N of `jax.devices()`, jinfer.runner.sharding); 1: one device, no mesh.
+      enable_expert_parallel: under tensor parallelism, split a mixture-of-experts model's
+        experts by expert (each device whole experts) instead of each expert's intermediate
+        dimension; dense models ignore it (jinfer.runner.sharding).
     """
 
     block_size: int = 16
@@ -88,6 +97,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernels: KernelConfig = KernelConfig()
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
 
     def __post_init__(self):
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",

@@ -5,8 +5,13 @@ For each model shape (Qwen3-30B-A3B: hidden 2048, 128 experts of 768, 8 per toke
 8x7B: hidden 4096, 8 experts of 14336, 2 per token) and each T (tokens in the step: the decode
 and prefill buckets), random bf16 inputs and weights, times one layer's MoE MLP:
 
-  ragged_dot   moe_mlp(impl="ragged_dot"): routing, sort, XLA's grouped matmul
-               (jax.lax.ragged_dot), combine. The engine's path.
+  pallas       moe_mlp(impl="pallas"): routing, sort, the grouped-matmul kernel
+               (pallas_kernels/grouped_matmul.py: only the experts with rows are read), combine.
+               The engine's path on GPU.
+  ragged_dot   moe_mlp(impl="ragged_dot"): the same around XLA's grouped matmul
+               (jax.lax.ragged_dot).
+  ragged_dot_triton  the same with JAX's opt-in Pallas Triton lowering of ragged_dot
+               (jax_ragged_dot_use_gpu_pallas_triton_lowering).
   gather       moe_mlp(impl="gather"): every (token, expert) pair's weights gathered, a batched
                matvec; reads T * k expert matrices, so only small T.
   dense        the matmuls alone, x repeated over its k slots against expert 0's weights: what
@@ -20,7 +25,8 @@ each touched expert once is at the copy rate.
 Method (shared/benchmarking.md): a jitted lax.fori_loop of `iters` calls over `copies`
 separate weight sets (so consecutive calls do not find their experts in the 50 MB L2), compiled
 apart, median / min over --reps; every implementation's output is checked against
-moe_mlp_reference in float32 before it is timed.
+moe_mlp_reference in float32 before it is timed; one that fails to compile or to match is
+reported (its error in the JSON) and the run goes on.
 
   python scripts/bench_moe.py --out bench_moe.json
   python scripts/bench_moe.py --cpu-smoke --out /tmp/moe.json      # tiny, checks the script
@@ -49,7 +55,10 @@ TOKENS = (1, 2, 8, 64, 256, 2048)
 SMOKE_SHAPES = {"smoke": (64, 32, 8, 2, True)}
 SMOKE_TOKENS = (1, 8, 32)
 GATHER_MAX_BYTES = 4 << 30  # gather materialises T * k expert matrices: beyond this only slower
-MIN_WEIGHT_BYTES = 2 << 30  # weight sets cycled per loop (>> L2) where memory allows
+MIN_WEIGHT_BYTES = 2 << 30
+IMPLS = {"ragged_dot_triton": "ragged_dot"}  # bench name -> moe_mlp impl
+ALL_IMPLS = ("pallas", "ragged_dot", "ragged_dot_triton", "gather", "dense")
+TRITON_FLAG = "jax_ragged_dot_use_gpu_pallas_triton_lowering"  # weight sets cycled per loop (>> L2) where memory allows
 
 
 def make_weights(key, hidden, inter, experts, dtype):
@@ -92,6 +101,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--impls", nargs="+", default=list(ALL_IMPLS), choices=ALL_IMPLS)
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cpu-smoke", action="store_true")
@@ -116,19 +126,32 @@ def main() -> None:
             x = jax.random.normal(jax.random.fold_in(keys[0], t), (t, hidden), dtype)
             want = np.asarray(moe_mlp_reference(x, *weight_sets[0], top_k, norm), np.float32)
             touched = touched_experts(x, weight_sets[0][0], top_k, norm)
-            impls = {"ragged_dot": functools.partial(moe_mlp, impl="ragged_dot"),
-                     "dense": dense_bound}
-            if t * top_k * expert_bytes <= GATHER_MAX_BYTES:
+            impls = {impl: functools.partial(moe_mlp, impl=IMPLS.get(impl, impl))
+                     for impl in args.impls if impl not in ("dense", "gather")}
+            if "dense" in args.impls:
+                impls["dense"] = dense_bound
+            if "gather" in args.impls and t * top_k * expert_bytes <= GATHER_MAX_BYTES:
                 impls["gather"] = functools.partial(moe_mlp, impl="gather")
             for impl, fn in impls.items():
                 call = lambda x, r, g, d, fn=fn: fn(x, r, g, d, top_k, norm)  # noqa: E731
-                if impl != "dense":
-                    got = np.asarray(call(x, *weight_sets[0]), np.float32)
-                    err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
-                    tol = 1e-5 if dtype == jnp.float32 else 3e-2
-                    assert err < tol, f"{name} T={t} {impl}: relative error {err:.3g}"
                 calls = max(1, iters // copies) * copies
-                timing = measure(loop(call, calls), (x, weight_sets), calls, reps)
+                jax.config.update(TRITON_FLAG, impl == "ragged_dot_triton")
+                try:
+                    if impl != "dense":
+                        got = np.asarray(jax.jit(call)(x, *weight_sets[0]), np.float32)
+                        err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
+                        tol = 1e-5 if dtype == jnp.float32 else 3e-2
+                        assert err < tol, f"{name} T={t} {impl}: relative error {err:.3g}"
+                    timing = measure(loop(call, calls), (x, weight_sets), calls, reps)
+                except Exception as e:  # noqa: BLE001 (reported, the others still run)
+                    results["runs"].append({"shape": name, "tokens": t, "impl": impl,
+                                            "error": f"{type(e).__name__}: {e}"[:2000]})
+                    print(f"| {name} | {t} | {impl} | failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:150] if str(e) else ''} | | | |",
+                          flush=True)
+                    continue
+                finally:
+                    jax.config.update(TRITON_FLAG, False)
                 us = timing["median_us"]
                 gbps = touched * expert_bytes / (us * 1e-6) / 1e9
                 run = {"shape": name, "tokens": t, "impl": impl, "us": us,

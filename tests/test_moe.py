@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.model.moe import moe_mlp, moe_mlp_reference, route, stack_experts
+from jinfer.model.moe import expert_impl, moe_mlp, moe_mlp_reference, route, stack_experts
 
 STARVED = (1, -1)  # experts the router never picks in the grid (one inside, the last)
 # Compiling (a program per shape) is most of this file's time: on the CPU, without the fusion
@@ -89,7 +89,7 @@ def test_route_matches_transformers(family, norm, top_k):
         np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
 
 
-def grid_inputs(num_tokens, num_experts, top_k, hidden=16, inter=24, seed=0):
+def grid_inputs(num_tokens, num_experts, top_k, hidden=16, inter=32, seed=0):
     """Random float32 layer inputs whose router never picks the STARVED experts: x's first
     feature is 1 and their router column has -100 there."""
     rng = np.random.default_rng(seed)
@@ -111,10 +111,12 @@ def top_experts(args, top_k: int) -> np.ndarray:
 @functools.partial(fast_jit, static_argnums=4)
 def grid_outputs(x, router_w, w_gate_up, w_down, top_k):
     """{(impl, norm_topk_prob): moe_mlp} and {norm_topk_prob: moe_mlp_reference}, in one
-    compiled program per grid point (op by op, each op of each shape compiles on its own)."""
+    compiled program per grid point (op by op, each op of each shape compiles on its own).
+    impl "pallas" is the grouped-matmul kernel (interpret mode on the CPU)."""
     args = (x, router_w, w_gate_up, w_down, top_k)
     got = {(impl, norm): moe_mlp(*args, norm, impl=impl)
-           for impl, norm in [("ragged_dot", True), ("ragged_dot", False), ("gather", True)]}
+           for impl, norm in [("ragged_dot", True), ("ragged_dot", False), ("gather", True),
+                              ("pallas", True)]}
     return got, {norm: moe_mlp_reference(*args, norm) for norm in (True, False)}
 
 
@@ -206,3 +208,56 @@ def test_stack_experts_layout():
     np.testing.assert_allclose(w_down[2].T, down[2])
     with pytest.raises(ValueError, match="per expert"):
         stack_experts(list(gate), list(up), list(down[:3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 2, 9, 64, 333])
+@pytest.mark.parametrize("impl", ["pallas", "ragged_dot", "gather"])
+def test_gpu_moe_mlp_bfloat16_engine_shapes(impl, num_tokens):
+    """Each implementation compiled on the GPU, bf16, 64 experts of 256 (8 per token, hidden
+    512: Qwen3-MoE's proportions), against the float32 reference of the same inputs."""
+    if impl == "gather" and num_tokens > 64:
+        pytest.skip("gather reads T * k expert matrices: a decode-size path")
+    args = grid_inputs(num_tokens, 64, 8, hidden=512, inter=256, seed=num_tokens)
+    args = tuple(a.astype(jnp.bfloat16) for a in args)
+    got = jax.jit(moe_mlp, static_argnums=(4, 5, 6))(*args, 8, True, impl)
+    want = jax.jit(moe_mlp_reference, static_argnums=(4, 5))(
+        *(a.astype(jnp.float32) for a in args), 8, True)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "gather", "pallas"])
+def test_expert_slices_add_up_to_the_layer(impl):
+    """Expert parallelism's contract: moe_mlp over a slice of the experts (expert_offset, the
+    slice's weights) gives that slice's part; the parts of the 4 two-expert slices sum to the
+    whole layer. A traced offset (as under shard_map) compiles one program for every slice."""
+    args = grid_inputs(19, 8, 2, seed=5)
+    x, router_w, w_gate_up, w_down = args
+    want = moe_mlp_reference(*args, 2, True)
+    part = fast_jit(lambda gu, d, offset: moe_mlp(x, router_w, gu, d, 2, True, impl=impl,
+                                                  expert_offset=offset))
+    parts = [part(w_gate_up[e:e + 2], w_down[e:e + 2], jnp.int32(e)) for e in range(0, 8, 2)]
+    np.testing.assert_allclose(np.asarray(sum(parts)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(parts[0]), np.asarray(want), atol=1e-3)
+    assert part._cache_size() == 1
+
+
+def test_auto_gathers_for_few_pairs_else_ragged_dot():
+    """impl="auto" (the GPU default): a step of few (token, expert) pairs (at most a quarter of
+    the experts) gathers its experts' weights, a larger one runs ragged_dot; both match the
+    reference."""
+    for tokens, grouped in ((1, False), (17, True)):
+        args = grid_inputs(tokens, 8, 2, seed=tokens)
+        fn = lambda *a: moe_mlp(*a, 2, True, impl="auto")  # noqa: E731
+        assert ("ragged_dot" in str(jax.make_jaxpr(fn)(*args))) == grouped
+        np.testing.assert_allclose(np.asarray(fast_jit(fn)(*args)),
+                                   np.asarray(moe_mlp_reference(*args, 2, True)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_expert_impl_choice():
+    assert expert_impl(None) == ("auto" if jax.default_backend() == "gpu" else "ragged_dot")
+    assert expert_impl("pallas") == "pallas"
+    with pytest.raises(ValueError, match="moe_impl='dense' is not available.*ragged_dot"):
+        expert_impl("dense")

@@ -277,3 +277,62 @@ def test_dummy_weights_are_made_sharded(tmp_path):
     np.testing.assert_allclose(np.asarray(wqkv),
                                llm.engine.runner.tp.to_layout("wqkv", np.asarray(want)),
                                rtol=1e-6, atol=1e-7)
+
+
+def moe_engine(n: int, expert_parallel: bool) -> LLM:
+    key = ("moe", n, expert_parallel)
+    if key not in _ENGINES:
+        _ENGINES[key] = LLM.from_params(MOE, spread_params(MOE, seed=3), tensor_parallel_size=n,
+                                        enable_expert_parallel=expert_parallel, **ENGINE)
+    return _ENGINES[key]
+
+
+@needs_devices(4)
+def test_expert_parallel_gives_tp1_tokens_and_holds_whole_experts():
+    """enable_expert_parallel at TP=4 (one of the 4 experts per device, KV heads shared): the
+    workload's greedy tokens (chunked prefill, prefix caching, n > 1, preemption) and a
+    prompt's logits are TP=1's; each device holds one whole expert, the router whole."""
+    one, ep = moe_engine(1, False), moe_engine(4, True)
+    prompt = PROMPTS[3] + PROMPTS[0][:16]
+    assert relative_errors(ep.prompt_logits(prompt), one.prompt_logits(prompt)).max() \
+        < LOGITS_RTOL
+    outputs = [llm.generate(prompt_token_ids=PROMPTS, sampling_params=workload_params(),
+                            use_tqdm=False) for llm in (one, ep)]
+    for want, got in zip(*outputs):
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+    assert ep.stats()["num_preemptions"] > 0
+    assert_pool_whole(ep)
+    layer = ep.engine.runner.params["layers"][0]
+    for name, shape in (("w_gate_up", (1, MOE.hidden_size, 2 * MOE.intermediate_size)),
+                        ("w_down", (1, MOE.intermediate_size, MOE.hidden_size))):
+        shards = layer[name].addressable_shards
+        assert len(shards) == 4 and all(s.data.shape == shape for s in shards), name
+        assert sorted(s.index[0].start for s in shards) == [0, 1, 2, 3]
+    assert all(s.data.shape == layer["router_w"].shape
+               for s in layer["router_w"].addressable_shards)
+    # get_params gives back the ordinary layout
+    for a, b in zip(jax.tree.leaves(one.get_params()), jax.tree.leaves(ep.get_params())):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@needs_devices(2)
+def test_expert_parallel_at_tp2_and_its_sizes():
+    """TP=2 with expert parallelism (two experts a device) gives TP=1's prompt logits; a size
+    that does not divide the experts is refused naming them; dense models ignore the option;
+    the server flag reaches the engine."""
+    prompt = PROMPTS[3] + PROMPTS[0][:16]
+    want = moe_engine(1, False).prompt_logits(prompt)
+    got = LLM.from_params(MOE, spread_params(MOE, seed=3), tensor_parallel_size=2,
+                          enable_expert_parallel=True, **ENGINE).prompt_logits(prompt)
+    assert relative_errors(got, want).max() < LOGITS_RTOL
+    if DEVICES >= 8:
+        with pytest.raises(ValueError, match=r"tensor_parallel_size=8 does not work.*"
+                                             r"its 4 experts \(expert parallelism\)"):
+            LLM.from_params(MOE, spread_params(MOE), tensor_parallel_size=8,
+                            enable_expert_parallel=True, **ENGINE)
+    dense = LLM.from_params(CONFIG, PARAMS, tensor_parallel_size=2,
+                            enable_expert_parallel=True, **ENGINE)
+    assert not dense.engine.runner.tp.expert_parallel
+    args = cli.add_server_args(cli.argparse.ArgumentParser()).parse_args(
+        ["-tp", "2", "--enable-expert-parallel"])
+    assert cli.engine_kwargs(args)["enable_expert_parallel"] is True

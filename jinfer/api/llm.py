@@ -61,7 +61,8 @@ class LLM:
         num_scheduler_steps, mixed_batching, kernel_config, enable_compilation_cache,
         max_programs, shuffle_blocks_seed, tensor_parallel_size (the model split over the
         first N devices of this host, jinfer.runner.sharding; after
-        `jinfer.runner.multihost.initialize`, over every device of every process).
+        `jinfer.runner.multihost.initialize`, over every device of every process),
+        enable_expert_parallel (a mixture-of-experts model's experts split by expert).
     """
 
     def __init__(self, model: Optional[str] = None, *, dtype: str = "auto",
@@ -80,7 +81,9 @@ class LLM:
         started = time.perf_counter()
         loaded = load_model(model, dtype, load_format, skip_tokenizer_init,
                             seed=engine_kwargs.get("seed", 0),
-                            tensor_parallel_size=engine_kwargs.get("tensor_parallel_size", 1))
+                            tensor_parallel_size=engine_kwargs.get("tensor_parallel_size", 1),
+                            enable_expert_parallel=engine_kwargs.get("enable_expert_parallel",
+                                                                     False))
         self._start(loaded.config, loaded.params, loaded.tokenizer, loaded.eos_token_ids,
                     **engine_kwargs)
         logger.info("loaded %s (%s) in %.2f s: %d KV blocks of %d tokens", loaded.source, dtype,
@@ -106,7 +109,8 @@ class LLM:
         if engine_kwargs.get("enable_compilation_cache", True):
             compilation_cache.enable()
         llm = cls.__new__(cls)
-        tp = tensor_parallel(model_config, engine_kwargs.get("tensor_parallel_size", 1))
+        tp = tensor_parallel(model_config, engine_kwargs.get("tensor_parallel_size", 1),
+                             engine_kwargs.get("enable_expert_parallel", False))
         params = _run_layout(params)
         params = jax.device_put(params) if tp is None else tp.place_params(params)
         eos = () if tokenizer is None or tokenizer.eos_token_id is None else (
@@ -123,7 +127,8 @@ class LLM:
                num_scheduler_steps: int = 8, mixed_batching: Optional[bool] = None,
                kernel_config: Optional[KernelConfig] = None,
                enable_compilation_cache: bool = True, max_programs: Optional[int] = None,
-               shuffle_blocks_seed: Optional[int] = None, tensor_parallel_size: int = 1) -> None:
+               shuffle_blocks_seed: Optional[int] = None, tensor_parallel_size: int = 1,
+               enable_expert_parallel: bool = False) -> None:
         """Builds the engine one way: config -> pool size -> pool -> runner -> engine."""
         del enable_compilation_cache  # acted on by the constructors
         self.model_config, self.tokenizer = model_config, tokenizer
@@ -138,10 +143,12 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             num_scheduler_steps=num_scheduler_steps,
             mixed_batching=on_gpu if mixed_batching is None else mixed_batching,
-            kernels=kernel_config or KernelConfig(), tensor_parallel_size=tensor_parallel_size)
+            kernels=kernel_config or KernelConfig(), tensor_parallel_size=tensor_parallel_size,
+            enable_expert_parallel=enable_expert_parallel)
         # RoPE that depends on the longest context (LongRoPE's factor set) is fixed here.
         self.model_config = model_config = model_config.for_context(self.config.max_model_len)
-        self._tp = tensor_parallel(model_config, tensor_parallel_size)  # None: one device
+        self._tp = tensor_parallel(model_config, tensor_parallel_size,  # None: one device
+                                   enable_expert_parallel)
         dtype = _weights_dtype(params)
         num_blocks = self._num_blocks(params, dtype)
         kv_cache = memory.allocate_kv_cache(model_config, num_blocks, block_size, dtype,
@@ -400,7 +407,7 @@ ENGINE_KWARGS = ("block_size", "num_kv_blocks", "kv_cache_memory_bytes", "gpu_me
                  "max_model_len", "max_num_seqs", "max_num_batched_tokens", "seed",
                  "attention_backend", "enable_prefix_caching", "num_scheduler_steps",
                  "mixed_batching", "kernel_config", "enable_compilation_cache", "max_programs",
-                 "shuffle_blocks_seed", "tensor_parallel_size")
+                 "shuffle_blocks_seed", "tensor_parallel_size", "enable_expert_parallel")
 
 
 def _check_engine_kwargs(kwargs: dict) -> None:

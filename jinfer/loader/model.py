@@ -26,7 +26,8 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init: bool = False,
-               *, seed: int = 0, tensor_parallel_size: int = 1) -> LoadedModel:
+               *, seed: int = 0, tensor_parallel_size: int = 1,
+               enable_expert_parallel: bool = False) -> LoadedModel:
     """A model from a path (None: the default model), or random weights of its shape
     (load_format="dummy": a folder with config.json or a MODEL_SHAPES name), with the weights
     on the device in the run layout; with tensor_parallel_size > 1 in its sharded layout on the
@@ -42,7 +43,8 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
                 raise ValueError(f"load_format='dummy' needs a model folder with config.json or "
                                  f"one of {sorted(MODEL_SHAPES)}, got {model!r}")
             config = load_hf_config(folder)
-        tp = tensor_parallel(config, tensor_parallel_size)  # checked before any allocation
+        # checked before any allocation
+        tp = tensor_parallel(config, tensor_parallel_size, enable_expert_parallel)
         params = (prepare_params(random_params(config, dtype, seed)) if tp is None
                   else tp.random_params(config, dtype, seed))
         has_tokenizer = folder is not None and any(
@@ -53,7 +55,7 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
         return LoadedModel(config, params, tokenizer, tuple(eos), f"random weights of {model}")
     path = resolve_model_path(model)
     config, params, info = load_weights(path, dtype)
-    tp = tensor_parallel(config, tensor_parallel_size)
+    tp = tensor_parallel(config, tensor_parallel_size, enable_expert_parallel)
     tokenizer = None
     if not skip_tokenizer_init:
         tokenizer = (load_gguf_tokenizer(path, reader=info.get("gguf_reader"))

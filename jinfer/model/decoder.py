@@ -115,6 +115,7 @@ def forward_hidden(
     config: ModelConfig,
     backend: AttentionBackend,
     layer_tiling: Optional[TailTiling] = None,
+    moe_impl: str = "ragged_dot",
 ) -> tuple[jax.Array, KVCache]:
     """Runs the decoder stack over one packed row of tokens (decode rows, then prompt chunks);
     returns the final-normed hidden states [T, hidden] and the updated pool.
@@ -122,7 +123,8 @@ def forward_hidden(
     `layer_tiling` (see jinfer.model.layer_kernel.layer_kernel_tiling, None unless the layers
     are Llama's): a decode-only step of one row runs each layer's projections after attention
     in the persistent layer kernel, with that tiling (`one_row_decode`); other steps, and None,
-    run the layers as XLA matmuls.
+    run the layers as XLA matmuls. `moe_impl`: how expert layers run their experts
+    (jinfer.model.moe.moe_mlp's impl).
     """
     global_rope, local_rope = _rope_tables(config, meta.positions)
     h = _embed(params["embed"], token_ids, config)  # [T, hidden]
@@ -139,7 +141,7 @@ def forward_hidden(
         rope = global_rope if config.window(layer) is None else local_rope
         with jax.named_scope(f"layer_{layer}"):
             h, kv_cache = _attention_block(config, layer, lp, h, kv_cache, meta, backend, rope)
-            h = _mlp_block(config, lp, h, valid)
+            h = _mlp_block(config, lp, h, valid, moe_impl)
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
 
 
@@ -182,22 +184,29 @@ def _norm_qk_heads(config: ModelConfig, lp, qkv: jax.Array) -> jax.Array:
     return jnp.concatenate([q, k, v], axis=1).reshape(qkv.shape)
 
 
-def _mlp_block(config, lp, h, valid=None):
+def _mlp_block(config, lp, h, valid=None, moe_impl="ragged_dot"):
     """One layer's MLP sublayer over h [T, hidden]: norm -> MLP [-> norm] -> residual add.
-    valid [T] (experts only): which rows are tokens, not padding."""
-    out = _tp_sum(_mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps), valid),
-                  config)
+    valid [T] and moe_impl (experts only): which rows are tokens, not padding; the experts'
+    implementation."""
+    out = _tp_sum(_mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps), valid,
+                       moe_impl), config)
     if config.post_norms:
         out = rms_norm(out, lp["mlp_post_norm"], config.rms_norm_eps)
     return h + out
 
 
-def _mlp(config, lp, x, valid=None):
+def _mlp(config, lp, x, valid=None, moe_impl="ragged_dot"):
     """The gated MLP over the normed row x [T, hidden] -> [T, hidden]: dense, or each token
     through its top-k experts."""
     if config.num_experts:
+        # Expert parallelism (jinfer.runner.sharding): this device holds a slice of the
+        # experts, the device index's slice.
+        num_local = lp["w_gate_up"].shape[0]
+        offset = (0 if num_local == config.num_experts
+                  else jax.lax.axis_index(config.tp_axis) * num_local)
         return moe_mlp(x, lp["router_w"], lp["w_gate_up"], lp["w_down"],
-                       config.num_experts_per_tok, config.norm_topk_prob, valid=valid)
+                       config.num_experts_per_tok, config.norm_topk_prob, impl=moe_impl,
+                       valid=valid, expert_offset=offset)
     gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
     return (ACTIVATIONS[config.activation](gate) * up) @ lp["w_down"]
 

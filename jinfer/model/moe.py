@@ -6,8 +6,11 @@ Per layer, over the step's packed row x [T, hidden]:
                token and their weights (renormalised over the k, or not: `norm_topk_prob`).
   2. group     the T * k (token, expert) pairs sorted by expert (a stable argsort), the token
                rows gathered in that order, and each expert's row count (`group_sizes` [E]).
-  3. experts   SwiGLU through each pair's expert: two `jax.lax.ragged_dot` calls, each one
-               grouped matmul over the sorted rows (rows of group e meet expert e's weights).
+  3. experts   SwiGLU through each pair's expert: two grouped matmuls over the sorted rows
+               (rows of group e meet expert e's weights), by `impl`: "pallas" (the kernel of
+               pallas_kernels/grouped_matmul.py), "ragged_dot" (`jax.lax.ragged_dot`) or
+               "gather" (each pair's expert weights gathered, a batched matvec); "auto":
+               gather for few pairs, else ragged_dot (GATHER_MAX_PAIRS_PER_EXPERT).
   4. combine   each pair's output gathered back to (token, slot) order, times its routing
                weight, summed over the k slots in float32.
 
@@ -27,29 +30,23 @@ transformers >= 5 holds the same weights stacked in memory (`experts.gate_up_pro
 [E, 2 * I, hidden], `experts.down_proj` [E, hidden, I]): ours are those with the last two axes
 swapped.
 
-`jax.lax.ragged_dot` (the same code in JAX 0.10.2 and 0.11.1):
+`jax.lax.ragged_dot` (the same code in JAX 0.10.2 and 0.11):
   - CPU: lowered by expanding the rows to [E, T * k, hidden] (masked by group) and contracting
     over experts too, so it costs E dense matmuls over all T * k rows: measured on this CPU
     (float32, m rows x 1024 x 1024), 7.4x a single matmul of the same rows at E = 8 and 77x at
-    E = 64. Fine for tests; a CPU-served MoE model wants `impl="gather"` for small T or another
-    lowering.
-  - GPU: lowered to `chlo.ragged_dot` for XLA's GPU compiler; an opt-in Pallas Triton lowering
-    exists (`jax_ragged_dot_use_gpu_pallas_triton_lowering`), and JAX ships a Mosaic GPU
-    (Hopper wgmma) grouped matmul, `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot`.
+    E = 64. Fine for tests; a CPU-served MoE model wants `impl="gather"` for small T.
+  - GPU (XLA's chlo.ragged_dot), measured on an H100 with scripts/bench_moe.py (BENCHMARKS.md,
+    2026-12-07): it costs about what every expert costs, whatever the routing. Qwen3-30B-A3B's
+    layer (128 experts of 768, 8 per token): 439 us for one token (the 8 touched experts are
+    75 MB: 27 us at the copy rate; "gather" took 77 us), 27.5 ms for 2048 tokens (one dense
+    matmul of the same rows: 0.3 ms). Mixtral-8x7B's: 0.94 ms for one token (2 experts), 14.3 ms
+    for 2048 tokens (dense: 2.3 ms). So the GPU wants a grouped matmul that reads only the
+    experts with rows, tile by tile: "pallas". It is written and tested in interpret mode; it
+    becomes the GPU default once compiled and measured on the GPU (KernelConfig.moe_impl;
+    until then the GPU default is "auto": gather at decode sizes, where it measured faster).
 
-What the GPU must measure (bfloat16, Mixtral-8x7B: hidden 4096, I 14336, E 8, k 2; Qwen3-30B-A3B:
-hidden 2048, I 768, E 128, k 8; T in {1, 8, 64, 256, 2048}, the decode and prefill buckets):
-  - `impl="ragged_dot"` (XLA's chlo.ragged_dot) against `impl="gather"` (every pair's expert
-    weights gathered, a batched matvec: reads T * k weight matrices, so only small T) and against
-    a dense bound (x @ w_gate_up[0] over T * k rows: the matmul if grouping were free);
-  - the Mosaic GPU `ragged_dot_mgpu.ragged_dot` (block_m/n/k, max_concurrent_steps, grid_block_n
-    swept) and the Triton lowering flag, in place of `jax.lax.ragged_dot` in `_expert_swiglu`;
-  - decode is bound by the weight bytes of the experts touched (<= min(E, T * k) of them): the
-    time against those bytes / HBM bandwidth says whether a grouped matmul reads each touched
-    expert once; and the cost of the routing, argsort and gathers next to the matmuls;
-  - padding rows of a bucket take row 0's experts (moe_mlp's `valid`, from the pad-block
-    slots), so they touch no extra experts; the bucket's extra rows still cost their matmul
-    rows.
+Padding rows of a bucket take row 0's experts (moe_mlp's `valid`, from the pad-block slots), so
+they touch no extra experts; the bucket's extra rows still cost their matmul rows.
 """
 
 from __future__ import annotations
@@ -60,7 +57,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ExpertImpl = Literal["ragged_dot", "gather"]
+from pallas_kernels.grouped_matmul import grouped_matmul, supported
+
+ExpertImpl = Literal["auto", "pallas", "ragged_dot", "gather"]
+EXPERT_IMPLS = ("auto", "pallas", "ragged_dot", "gather")
+# "auto" gathers where the step's (token, expert) pairs are at most this fraction of the
+# experts, else runs ragged_dot: on the H100, gather beat ragged_dot at every measured point
+# with pairs <= E / 4 (Qwen3-30B-A3B at 1 and 2 tokens: 77 vs 439 us, 90 vs 451 us; Mixtral at
+# 1 token: 745 vs 938 us) and lost where pairs reached E / 2 for Mixtral (2 tokens: 1470 vs
+# 962 us); Qwen3-30B-A3B at 8 tokens (E / 2) still gathered faster (224 vs 500 us).
+GATHER_MAX_PAIRS_PER_EXPERT = 0.25
+
+
+def expert_impl(name: Optional[str] = None) -> str:
+    """KernelConfig.moe_impl resolved: the name given (one of EXPERT_IMPLS), or for None
+    "auto" on GPU (gather at decode sizes, else ragged_dot: GATHER_MAX_PAIRS_PER_EXPERT) and
+    "ragged_dot" elsewhere. (The grouped-matmul kernel, "pallas", is opt-in until it has run
+    on a GPU: written and tested in interpret mode, not yet compiled by Triton.)"""
+    if name is None:
+        return "auto" if jax.default_backend() == "gpu" else "ragged_dot"
+    if name not in EXPERT_IMPLS:
+        raise ValueError(f"moe_impl={name!r} is not available; choose one of "
+                         f"{', '.join(EXPERT_IMPLS)} (or None for the device's default)")
+    return name
 
 
 def route(
@@ -97,6 +116,7 @@ def moe_mlp(
     norm_topk_prob: bool,
     impl: ExpertImpl = "ragged_dot",
     valid: Optional[jax.Array] = None,  # [T] bool: False for the step's padding rows
+    expert_offset=0,  # int or int32 scalar: the first of the experts w_* hold (see below)
 ) -> jax.Array:
     """The sparse MoE MLP (no residual): each token through its top_k experts' SwiGLU, weighted
     by the routing weights -> [T, hidden] in x's dtype. top_k, norm_topk_prob and impl are
@@ -104,17 +124,31 @@ def moe_mlp(
 
     `valid`: padding rows (False) take row 0's experts with zero weight (their output is 0), so
     they add no expert of their own to the step's weight reads: a batch-1 decode step padded
-    to two rows reads top_k experts per layer, not up to 2 * top_k. Row 0 must be valid."""
+    to two rows reads top_k experts per layer, not up to 2 * top_k. Row 0 must be valid.
+
+    Expert parallelism: w_gate_up / w_down may hold a slice of the router's experts, experts
+    expert_offset .. expert_offset + w_gate_up.shape[0] - 1 (a device's share); every token is
+    routed over all of them, and only the pairs of this slice's experts contribute (the others'
+    rows sort last, past the groups, and come out zero): the output is this slice's part of
+    the sum, and the slices' outputs add up to the whole layer's."""
     num_tokens, hidden = x.shape
-    num_experts = w_gate_up.shape[0]
+    num_local = w_gate_up.shape[0]
     with jax.named_scope("route"):
         weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob, valid)
         pair_experts = expert_ids.reshape(-1)  # [T * k]; pair p is token p // k, slot p % k
+        if num_local < router_w.shape[1]:  # a slice: other experts' pairs sort last, as `num_local`
+            pair_experts = pair_experts - expert_offset
+            pair_experts = jnp.where((pair_experts >= 0) & (pair_experts < num_local),
+                                     pair_experts, num_local)
         order = jnp.argsort(pair_experts, stable=True)  # [T * k] pairs grouped by expert
-        group_sizes = jnp.bincount(pair_experts, length=num_experts).astype(jnp.int32)  # [E]
+        group_sizes = jnp.bincount(pair_experts, length=num_local).astype(jnp.int32)  # [El]
     rows = x[order // top_k]  # [T * k, hidden]
+    if impl == "auto":  # static: the bucket's shape
+        impl = ("gather" if rows.shape[0] <= GATHER_MAX_PAIRS_PER_EXPERT * num_local
+                else "ragged_dot")
     with jax.named_scope("experts"):
-        out = _expert_swiglu(rows, w_gate_up, w_down, group_sizes, pair_experts[order], impl)
+        row_experts = jnp.minimum(pair_experts[order], num_local - 1)  # gather: in range
+        out = _expert_swiglu(rows, w_gate_up, w_down, group_sizes, row_experts, impl)
     with jax.named_scope("combine"):
         inverse = jnp.zeros_like(order).at[order].set(  # [T * k] sorted position of each pair
             jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
@@ -126,15 +160,22 @@ def moe_mlp(
 def _expert_swiglu(rows, w_gate_up, w_down, group_sizes, row_experts, impl: ExpertImpl):
     """rows [R, hidden] sorted by expert (group_sizes [E] rows each; row_experts [R] the same
     as ids) -> silu(gate) * up -> down, each row through its expert: [R, hidden]."""
-    if impl == "ragged_dot":
+    if impl == "pallas" and supported(rows.shape, w_gate_up.shape) and supported(
+            (rows.shape[0], w_down.shape[1]), w_down.shape):
+        gate_up = grouped_matmul(rows, w_gate_up, group_sizes)  # [R, 2 * I]
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
+    if impl in ("pallas", "ragged_dot"):  # pallas: shapes the kernel does not take
         gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes)  # [R, 2 * I]
         gate, up = jnp.split(gate_up, 2, axis=-1)
         return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
-    if impl == "gather":
+    if impl == "gather":  # rows past the groups (other devices' experts) zeroed
         gate_up = jnp.einsum("rh,rhi->ri", rows, w_gate_up[row_experts])
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        return jnp.einsum("ri,rih->rh", jax.nn.silu(gate) * up, w_down[row_experts])
-    raise ValueError(f"impl must be 'ragged_dot' or 'gather', got {impl!r}")
+        out = jnp.einsum("ri,rih->rh", jax.nn.silu(gate) * up, w_down[row_experts])
+        grouped = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)
+        return jnp.where(grouped[:, None], out, jnp.zeros((), out.dtype))
+    raise ValueError(f"impl must be one of {', '.join(EXPERT_IMPLS)}, got {impl!r}")
 
 
 def moe_mlp_reference(

@@ -41,11 +41,24 @@ The run layout under TP (global arrays, each with a NamedSharding over "tp"; `pa
   MoE: router_w [hidden, E]               replicated (every device routes every token alike)
        w_gate_up [E, hidden, 2 I]         each expert's columns, re-laid as the dense ones
        w_down [E, I, hidden]              each expert's rows
-MoE layers are sharded over each expert's intermediate dimension, not by expert (expert
-parallelism): every device holds every expert's 1/N slice, routes all tokens the same way and
-runs the unchanged `moe_mlp` on its slices; the combine is linear, so the MLP's one psum sums
-it exactly as for a dense MLP. No load imbalance, no all-to-all, E need not divide by N (the
-trade-off: each device runs every expert's grouped matmul on 1/N of its width).
+MoE layers are sharded, by default, over each expert's intermediate dimension, not by expert:
+every device holds every expert's 1/N slice, routes all tokens the same way and runs the
+unchanged `moe_mlp` on its slices; the combine is linear, so the MLP's one psum sums it exactly
+as for a dense MLP. No load imbalance, no all-to-all, E need not divide by N (the trade-off:
+each device runs every expert's grouped matmul on 1/N of its width). This is vLLM's default
+too, and the better one for decode latency: a batch-1 token's k experts are read by all N
+devices at 1/N each, where split by expert they may all sit on one device.
+
+Expert parallelism (`enable_expert_parallel=True`, vLLM's `--enable-expert-parallel`; E must
+divide by N): device i holds whole experts i * E/N .. (i + 1) * E/N - 1,
+  w_gate_up [E, hidden, 2 I], w_down [E, I, hidden]   split over the expert axis, not re-laid
+and, inside the shard_map, routes every token over all E experts (the router is replicated)
+and runs `moe_mlp` on its own experts' pairs only (`expert_offset`: the other pairs' rows come
+out zero); the same one psum per MLP then adds the devices' parts. The tokens are replicated
+on every device under TP, so no all-to-all is needed: each device reads only its experts'
+weights and computes only its experts' pairs. Wider grouped matmuls per expert (whole I), at
+the price of load imbalance when the routing favours one device's experts. Dense models ignore
+the option.
 
 KV heads: where N exceeds the model's KV heads (Kl = max(1, K / N)), devices share them as vLLM
 does: device i holds KV head i * K // N (N must be a multiple of K), its copy of wk / wv
@@ -91,8 +104,14 @@ BY_COLUMNS = frozenset({"wqkv", "bqkv", "w_gate_up", "lm_head"})  # the last axi
 BY_ROWS = frozenset({"wo", "w_down", "embed"})                     # the second to last axis
 
 
-def param_spec(name: str, ndim: int) -> P:
-    """The PartitionSpec of the run-layout weight `name` of rank `ndim` (module docstring)."""
+EXPERT_WEIGHTS = frozenset({"w_gate_up", "w_down"})  # [E, ...] in mixture-of-experts layers
+
+
+def param_spec(name: str, ndim: int, expert_parallel: bool = False) -> P:
+    """The PartitionSpec of the run-layout weight `name` of rank `ndim` (module docstring);
+    with `expert_parallel`, experts' weights (rank 3) are split by expert."""
+    if expert_parallel and name in EXPERT_WEIGHTS and ndim == 3:
+        return P(AXIS, None, None)
     if name in REPLICATED:
         return P()
     if name in BY_COLUMNS:
@@ -106,51 +125,65 @@ def param_spec(name: str, ndim: int) -> P:
 KV_SPEC = P(None, None, None, AXIS, None)  # [layers, blocks, block_size, kv_heads, head_dim]
 
 
-def _fits(config: ModelConfig, n: int) -> bool:
+def _expert_parallel(config: ModelConfig, expert_parallel: bool) -> bool:
+    """Whether the experts are split by expert: asked for, and the model has experts (dense
+    models ignore the option, as vLLM's --enable-expert-parallel does)."""
+    return bool(expert_parallel and config.num_experts)
+
+
+def _fits(config: ModelConfig, n: int, expert_parallel: bool = False) -> bool:
     kv = config.num_kv_heads
-    return (config.num_heads % n == 0 and (kv % n == 0 or n % kv == 0)
-            and config.intermediate_size % n == 0)
+    split = (config.num_experts if _expert_parallel(config, expert_parallel)
+             else config.intermediate_size)
+    return config.num_heads % n == 0 and (kv % n == 0 or n % kv == 0) and split % n == 0
 
 
-def valid_sizes(config: ModelConfig, num_devices: int) -> list[int]:
+def valid_sizes(config: ModelConfig, num_devices: int, expert_parallel: bool = False
+                ) -> list[int]:
     """The tensor_parallel_size values this model takes on `num_devices` devices: those that
-    divide its attention heads and its (expert) intermediate size, and that its KV heads divide
-    or are a multiple of."""
-    return [n for n in range(1, num_devices + 1) if _fits(config, n)]
+    divide its attention heads and its (expert) intermediate size (with expert parallelism:
+    its number of experts), and that its KV heads divide or are a multiple of."""
+    return [n for n in range(1, num_devices + 1) if _fits(config, n, expert_parallel)]
 
 
-def check_size(config: ModelConfig, n: int) -> None:
+def check_size(config: ModelConfig, n: int, expert_parallel: bool = False) -> None:
     """ValueError, listing the sizes that work, unless `n` devices can run this model."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {n!r}")
     devices = jax.devices()
-    if n <= len(devices) and _fits(config, n):
+    if n <= len(devices) and _fits(config, n, expert_parallel):
         return
-    works = ", ".join(map(str, valid_sizes(config, len(devices))))
+    works = ", ".join(map(str, valid_sizes(config, len(devices), expert_parallel)))
     if n > len(devices):
         why = (f"this host has only {len(devices)} {devices[0].platform.upper()} "
                f"device{'s' if len(devices) > 1 else ''}")
     else:
-        why = (f"it must divide the model's {config.num_heads} attention heads and its "
-               f"intermediate size {config.intermediate_size}, and its {config.num_kv_heads} "
-               f"KV heads must be a multiple of it or divide it")
+        split = (f"its {config.num_experts} experts (expert parallelism)"
+                 if _expert_parallel(config, expert_parallel)
+                 else f"its intermediate size {config.intermediate_size}")
+        why = (f"it must divide the model's {config.num_heads} attention heads and {split}, "
+               f"and its {config.num_kv_heads} KV heads must be a multiple of it or divide it")
     raise ValueError(f"tensor_parallel_size={n} does not work: {why}; on this host the model "
                      f"runs with tensor_parallel_size one of {works}")
 
 
-def tensor_parallel(config: ModelConfig, size: int) -> Optional["TensorParallel"]:
+def tensor_parallel(config: ModelConfig, size: int, expert_parallel: bool = False
+                    ) -> Optional["TensorParallel"]:
     """The TensorParallel of this model's shapes over the first `size` devices (checked:
-    `check_size`), or None for size 1 (the one-device code path)."""
+    `check_size`), or None for size 1 (the one-device code path). `expert_parallel`: split a
+    mixture-of-experts model's experts by expert (module docstring)."""
     if size == 1:
         return None
-    check_size(config, size)
+    check_size(config, size, expert_parallel)
     return _tensor_parallel(size, config.num_heads, config.num_kv_heads, config.head_dim,
-                            config.intermediate_size, config.vocab_size)
+                            config.intermediate_size, config.vocab_size,
+                            _expert_parallel(config, expert_parallel))
 
 
 @functools.lru_cache(maxsize=None)
-def _tensor_parallel(size, heads, kv_heads, head_dim, intermediate, vocab) -> "TensorParallel":
-    return TensorParallel(size, heads, kv_heads, head_dim, intermediate, vocab)
+def _tensor_parallel(size, heads, kv_heads, head_dim, intermediate, vocab,
+                     expert_parallel) -> "TensorParallel":
+    return TensorParallel(size, heads, kv_heads, head_dim, intermediate, vocab, expert_parallel)
 
 
 class TensorParallel:
@@ -159,8 +192,8 @@ class TensorParallel:
     wrappers of the decoder that the step programs call."""
 
     def __init__(self, size: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
-                 vocab: int):
-        self.size = size
+                 vocab: int, expert_parallel: bool = False):
+        self.size, self.expert_parallel = size, expert_parallel
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.intermediate, self.vocab = intermediate, vocab
         self.mesh = Mesh(np.array(jax.devices()[:size]), (AXIS,))
@@ -173,10 +206,11 @@ class TensorParallel:
     # -- per-device config and the re-layout ------------------------------------------------
     def shard_config(self, config: ModelConfig) -> ModelConfig:
         """`config` as one device runs it inside the shard_map: its heads, KV heads and MLP
-        slice, and the mesh axis that turns on the decoder's collectives."""
+        slice (with expert parallelism: whole experts, the router's number of them), and the
+        mesh axis that turns on the decoder's collectives."""
+        inter = self.intermediate if self.expert_parallel else self.intermediate // self.size
         return dataclasses.replace(config, num_heads=self.local_heads,
-                                   num_kv_heads=self.local_kv_heads,
-                                   intermediate_size=self.intermediate // self.size,
+                                   num_kv_heads=self.local_kv_heads, intermediate_size=inter,
                                    tp_axis=AXIS)
 
     def kv_head_ids(self) -> np.ndarray:
@@ -201,14 +235,19 @@ class TensorParallel:
         gate = np.arange(self.intermediate).reshape(self.size, -1)
         return np.concatenate([gate, gate + self.intermediate], axis=1).reshape(-1)
 
-    def _columns(self, name: str) -> Optional[np.ndarray]:
+    def _columns(self, name: str, ndim: int) -> Optional[np.ndarray]:
+        if name == "w_gate_up" and ndim == 3 and self.expert_parallel:
+            return None  # whole experts: no column split
         return {"wqkv": self._qkv_columns, "bqkv": self._qkv_columns,
                 "w_gate_up": self._gate_up_columns}.get(name)
+
+    def spec(self, name: str, ndim: int) -> P:
+        return param_spec(name, ndim, self.expert_parallel)
 
     def to_layout(self, name: str, x):
         """An ordinary run-layout weight (NumPy or jax) -> its TP layout (same kind)."""
         xp = np if isinstance(x, np.ndarray) else jnp
-        columns = self._columns(name)
+        columns = self._columns(name, np.ndim(x))
         if columns is not None:
             return xp.take(x, columns, axis=-1)
         pad = self.padded_vocab - self.vocab
@@ -221,7 +260,7 @@ class TensorParallel:
     def from_layout(self, name: str, x):
         """A TP-layout weight -> the ordinary run layout (the first copy of a shared KV
         head)."""
-        columns = self._columns(name)
+        columns = self._columns(name, np.ndim(x))
         if columns is not None:
             first = np.unique(columns, return_index=True)[1]
             return jnp.take(x, first, axis=-1)
@@ -231,15 +270,15 @@ class TensorParallel:
             return x[:, :self.vocab]
         return x
 
-    def _relaid(self, name: str) -> bool:
-        return self._columns(name) is not None or (
+    def _relaid(self, name: str, ndim: int) -> bool:
+        return self._columns(name, ndim) is not None or (
             self.padded_vocab != self.vocab and name in ("embed", "lm_head"))
 
     # -- the weights --------------------------------------------------------------------------
     def param_specs(self, params: dict):
         """The PartitionSpec of every leaf of TP-layout params (any pytree of named leaves)."""
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: param_spec(_leaf_name(path), len(x.shape)), params)
+            lambda path, x: self.spec(_leaf_name(path), len(x.shape)), params)
 
     def param_shardings(self, params: dict):
         return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec),
@@ -251,8 +290,8 @@ class TensorParallel:
         slice only); a device array is re-laid by a jit whose output is sharded."""
         def place(path, x):
             name = _leaf_name(path)
-            sharding = NamedSharding(self.mesh, param_spec(name, np.ndim(x)))
-            if isinstance(x, np.ndarray) or not self._relaid(name):
+            sharding = NamedSharding(self.mesh, self.spec(name, np.ndim(x)))
+            if isinstance(x, np.ndarray) or not self._relaid(name, np.ndim(x)):
                 return jax.device_put(self.to_layout(name, x), sharding)
             key = ("to", name, sharding.spec)
             if key not in self._jits:
@@ -266,7 +305,7 @@ class TensorParallel:
         weights copied back on the devices, the others as they are."""
         def back(path, x):
             name = _leaf_name(path)
-            if not self._relaid(name):
+            if not self._relaid(name, np.ndim(x)):
                 return x
             key = ("from", name)
             if key not in self._jits:
@@ -321,13 +360,14 @@ class TensorParallel:
 
     # -- the decoder, per device ----------------------------------------------------------------
     def forward_hidden(self, params: dict, kv_cache: KVCache, token_ids, meta, *,
-                       config: ModelConfig, backend, layer_tiling=None):
+                       config: ModelConfig, backend, layer_tiling=None,
+                       moe_impl: str = "ragged_dot"):
         """decoder.forward_hidden on every device's shard (module docstring): the final-normed
         hidden states [T, hidden] (replicated) and the pool (sharded)."""
         assert layer_tiling is None, "the layer kernel runs whole weights: not under TP"
         kv_specs = KVCache(k=KV_SPEC, v=KV_SPEC)
         fn = functools.partial(decoder.forward_hidden, config=self.shard_config(config),
-                               backend=backend)
+                               backend=backend, moe_impl=moe_impl)
         return jax.shard_map(fn, mesh=self.mesh,
                              in_specs=(self.param_specs(params), kv_specs, P(), P()),
                              out_specs=(P(), kv_specs), check_vma=False)(

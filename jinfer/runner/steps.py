@@ -41,6 +41,7 @@ from jinfer.model.attention import AttentionMetadata, StepAttention, get_attenti
 from jinfer.model.config import ModelConfig
 from jinfer.model.decoder import compute_logits, forward_hidden
 from jinfer.model.kv_cache import PAD_BLOCK
+from jinfer.model.moe import expert_impl
 from jinfer.runner import host_transfer
 from jinfer.runner.batch import StepInput, describe
 from jinfer.runner.sharding import tensor_parallel
@@ -79,7 +80,8 @@ def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend,
     forward, logits_of = _model(tp)
     hidden, kv_cache = forward(
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
-        backend=get_attention_backend(attention_backend, kernels), layer_tiling=layer_tiling)
+        backend=get_attention_backend(attention_backend, kernels), layer_tiling=layer_tiling,
+        moe_impl=expert_impl(kernels.moe_impl))
     logits = logits_of(params, hidden[step_input.logits_indices], config)  # [S, vocab]
     samples = sampler_lib.sample(logits, step_input.sampling, flags)
     prompt = step_input.prompt_logprobs
@@ -194,7 +196,8 @@ def _all_logits(params, kv_cache, token_ids, attention, *, config, attention_bac
                 tp=None):
     forward, logits_of = _model(tp)
     hidden, kv_cache = forward(params, kv_cache, token_ids, attention, config=config,
-                               backend=get_attention_backend(attention_backend, kernels))
+                               backend=get_attention_backend(attention_backend, kernels),
+                               moe_impl=expert_impl(kernels.moe_impl))
     return logits_of(params, hidden, config), kv_cache
 
 
@@ -212,7 +215,8 @@ class StepPrograms:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, layer_tiling=None,
                  max_programs: Optional[int] = None):
         kernels = config.kernels
-        self.tp = tensor_parallel(model_config, config.tensor_parallel_size)  # None: one device
+        self.tp = tensor_parallel(model_config, config.tensor_parallel_size,  # None: one device
+                                  config.enable_expert_parallel)
         static = dict(config=model_config, attention_backend=config.attention_backend,
                       kernels=kernels, tp=self.tp)
         self._logits = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))

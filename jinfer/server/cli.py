@@ -60,6 +60,10 @@ def add_server_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="split the model over this many devices (tensor parallelism; the "
                         "first N of jax.devices()); default: 1, or under several processes "
                         "every device of every process")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size > 1, split a mixture-of-experts model's "
+                        "experts by expert (each device whole experts) instead of splitting "
+                        "every expert's intermediate dimension")
     p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                    help="several hosts: process 0's address and a free port, reachable from "
                         "every host (the same on every host)")
@@ -100,6 +104,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
             kwargs[name] = getattr(args, name)
     if args.tensor_parallel_size not in (None, 1):
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.enable_expert_parallel:
+        kwargs["enable_expert_parallel"] = True
     return kwargs
 
 
