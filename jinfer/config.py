@@ -30,6 +30,11 @@ class KernelConfig:
       unroll_max_rows: multi-step decode calls of at most this many rows run their steps as
         straight-line code instead of a loop (on an H100 at batch 1: 956.5 vs 937.8 tok/s, no
         per-step graph launch); None: 2 on GPU, 0 elsewhere (the CPU has no launches to save).
+      decode_loop: how multi-step decode calls of more rows loop over their steps
+        (jinfer.runner.steps): "scan" (a static step count, one program per count) or "while"
+        (a dynamic trip count, one program for every count); None: "scan" on GPU (there a
+        dynamic while loop waits for the host each step; offline throughput on an H100 fell
+        from 36,087 to 26,851 tok/s after the engine moved to "while"), "while" elsewhere.
       moe_impl: how mixture-of-experts layers run their experts (jinfer.model.moe): "pallas"
         (the grouped-matmul kernel, pallas_kernels/grouped_matmul.py), "ragged_dot" (XLA's
         jax.lax.ragged_dot), "gather", or "auto" (gather for steps of few tokens, else
@@ -41,7 +46,13 @@ class KernelConfig:
     layer_tiling: TailTiling = TailTiling(stages=4)
     mosaic_prefill_min_tokens: int = 1024
     unroll_max_rows: Optional[int] = None
+    decode_loop: Optional[str] = None
     moe_impl: Optional[str] = None
+
+    def __post_init__(self):
+        if self.decode_loop not in (None, "scan", "while"):
+            raise ValueError(f"decode_loop must be 'scan', 'while' or None (the device's "
+                             f"default), got {self.decode_loop!r}")
 
 
 @dataclasses.dataclass(frozen=True)

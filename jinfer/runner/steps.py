@@ -7,10 +7,19 @@ Three kinds of program (each compiled once per shape bucket and sampler flags):
   logprobs is a variant of its own (its StepInput's `prompt_logprobs`, part of the layout)
   that also scores every prompt token on the device; only [P, top-N] comes back.
 - `decode_steps`: up to `num_scheduler_steps` decode steps in one call, each step's samples
-  the next one's inputs. The step count is an argument (a loop with a dynamic trip count), so
-  one program serves every count; calls of at most `unroll_max_rows` rows (GPU) run their
-  steps unrolled instead, one program per count (no per-step graph launch: 956.5 vs 937.8
-  tok/s at batch 1 on an H100).
+  the next one's inputs. How the steps loop (KernelConfig.decode_loop, `StepPrograms.loop`):
+    "while"     the step count is an argument (a while loop with a dynamic trip count): one
+                program serves every count. The CPU default (compiles are its bottleneck).
+    "scan"      the count is static (a scan of that length): one program per count (8, 4, 2,
+                1). The GPU default: XLA:GPU decides each iteration of a dynamic-count while
+                loop on the host (the predicate is copied back and the stream waits). Offline
+                throughput on the H100 was 36,087 output tok/s with static counts (session 11)
+                and 26,851 after the engine moved to "while" (session 17; BENCHMARKS.md), in
+                the same 147 engine steps, while batch 1 (unrolled) kept its speed: the loop
+                is the suspect, "scan" restores what was measured; not yet re-measured.
+    "unrolled"  calls of at most `unroll_max_rows` rows (GPU) run their steps as straight-line
+                code, one program per count (no per-step graph launch: 956.5 vs 937.8 tok/s
+                at batch 1 on an H100).
 - `logits`: every position's logits of one prompt (parity checks, scoring).
 
 Under tensor parallelism (`EngineConfig.tensor_parallel_size` > 1) the same programs run over
@@ -107,15 +116,15 @@ def _prompt_logprobs(params, hidden, prompt, config,
 
 
 def _decode_steps(params, kv_cache, step_input: StepInput, num_steps, *, max_steps: int,
-                  unroll: bool, flags, **static):
+                  loop: str, flags, **static):
     """Decode steps in one call: each step's sampled tokens are the next step's inputs,
     positions and context lengths advance on device, the slots come from the block tables (the
     host reserved them beforehand), and each step's samples join the rows' output tokens
     (penalties read them; min_tokens bans lapse by step count): the sampler sees exactly what
     single steps would show it.
 
-    `num_steps` [] int32 steps run, at most `max_steps`; with `unroll` (static) exactly
-    `max_steps` run as straight-line code. Returns (SamplerOutput fields [max_steps, S], rows
+    `num_steps` [] int32 steps run, at most `max_steps`, with loop (static) "while"; with
+    "scan" or "unrolled" exactly `max_steps` run (a scan, or straight-line code). Returns (SamplerOutput fields [max_steps, S], rows
     past `num_steps` zero; the pool; the last step's sampled tokens [rows], the input of a
     call that continues these rows)."""
     meta = step_input.attention.decode
@@ -141,9 +150,10 @@ def _decode_steps(params, kv_cache, step_input: StepInput, num_steps, *, max_ste
 
     init = (kv_cache, step_input.token_ids, step_input.attention.positions, meta.context_lens,
             step_input.sampling)
-    if unroll:
+    if loop in ("scan", "unrolled"):
         (kv_cache, last_tokens, *_), outs = jax.lax.scan(
-            lambda carry, _: one_step(*carry), init, None, length=max_steps, unroll=True)
+            lambda carry, _: one_step(*carry), init, None, length=max_steps,
+            unroll=loop == "unrolled")
     else:
         buffers = _output_buffers(max_steps, step_input.logits_indices.shape[0], flags)
         kv_cache, last_tokens, outs = _loop(one_step, init, num_steps, buffers)
@@ -225,12 +235,14 @@ class StepPrograms:
                              static_argnames=("layout", "flags"), donate_argnums=(1,),
                              compiler_options=STEP_COMPILER_OPTIONS)
         self._decode_steps = jax.jit(functools.partial(_packed_decode_steps, **static),
-                                     static_argnames=("layout", "flags", "max_steps", "unroll"),
+                                     static_argnames=("layout", "flags", "max_steps", "loop"),
                                      donate_argnums=(1,), compiler_options=STEP_COMPILER_OPTIONS)
         self.max_steps = config.num_scheduler_steps
+        on_gpu = jax.default_backend() == "gpu"
         self.unroll_max_rows = kernels.unroll_max_rows
         if self.unroll_max_rows is None:
-            self.unroll_max_rows = 2 if jax.default_backend() == "gpu" else 0
+            self.unroll_max_rows = 2 if on_gpu else 0
+        self.decode_loop = kernels.decode_loop or ("scan" if on_gpu else "while")
         self.max_programs = (DEFAULT_MAX_PROGRAMS.get(jax.default_backend())
                              if max_programs is None else max_programs)
         self._programs: set = set()  # keys of the programs held now
@@ -254,14 +266,19 @@ class StepPrograms:
         steps >= num_steps, the pool, the last sampled tokens [rows])."""
         assert 1 <= num_steps <= self.max_steps, num_steps
         buffer, layout = host_transfer.pack(step_input)
-        unroll = step_input.token_ids.shape[0] <= self.unroll_max_rows
-        max_steps = num_steps if unroll else self.max_steps
+        loop = self.loop(step_input.token_ids.shape[0])
+        max_steps = self.max_steps if loop == "while" else num_steps
         tokens = step_input.token_ids if token_ids is None else token_ids
-        what = f"{num_steps} decode steps" if unroll else f"up to {max_steps} decode steps"
-        with self._counted(("decode_steps", layout, flags, max_steps, unroll), step_input, what):
+        what = (f"up to {max_steps} decode steps" if loop == "while"
+                else f"{num_steps} decode steps ({loop})")
+        with self._counted(("decode_steps", layout, flags, max_steps, loop), step_input, what):
             return self._decode_steps(params, kv_cache, buffer, tokens, jnp.int32(num_steps),
                                       layout=layout, flags=flags, max_steps=max_steps,
-                                      unroll=unroll)
+                                      loop=loop)
+
+    def loop(self, rows: int) -> str:
+        """How a decode-steps call of `rows` rows loops (module docstring)."""
+        return "unrolled" if rows <= self.unroll_max_rows else self.decode_loop
 
     def logits(self, params, kv_cache, token_ids, attention):
         """Every position's float32 logits [T, vocab] and the pool."""
@@ -277,10 +294,10 @@ class StepPrograms:
     def lower_decode_steps(self, params, kv_cache, step_input: StepInput, flags):
         """The decode-steps program lowered for `step_input`'s shapes (its longest loop)."""
         buffer, layout = host_transfer.pack(step_input)
-        unroll = step_input.token_ids.shape[0] <= self.unroll_max_rows
         return self._decode_steps.lower(params, kv_cache, buffer, step_input.token_ids,
                                         jnp.int32(self.max_steps), layout=layout, flags=flags,
-                                        max_steps=self.max_steps, unroll=unroll)
+                                        max_steps=self.max_steps,
+                                        loop=self.loop(step_input.token_ids.shape[0]))
 
     @property
     def num_programs(self) -> int:

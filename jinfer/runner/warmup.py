@@ -56,8 +56,9 @@ def _buckets(first: int, last: int, bucket) -> list[int]:
 def warm_up(runner, max_context: int) -> dict:
     """Runs, on the pad block, for each sampler variant of WARMUP_PARAMS: the prefill of one
     prompt for every packed token bucket up to max_num_batched_tokens, and the decode program for every batch bucket up to max_num_seqs
-    and every block-table width up to max_context tokens (one program for every step count; on
-    GPU, calls of at most `unroll_max_rows` rows have one per step count, and each is built).
+    and every block-table width up to max_context tokens (with the "while" decode loop, one
+    program for every step count; unrolled calls and the "scan" loop, the GPU's, have one per
+    step count, and each is built: jinfer.runner.steps).
     Returns {"programs": programs built, "seconds": time taken}."""
     config, block_size = runner.config, runner.block_size
     started, before = time.perf_counter(), runner.num_compiles
@@ -71,12 +72,12 @@ def warm_up(runner, max_context: int) -> dict:
             items = pad_block_items(1, tokens, tokens, block_size, params)
             runner.execute(*runner.prepare([], items, greedy_rows(items), 0))
         for rows in _buckets(1, config.max_num_seqs, buckets.decode_rows):
-            unrolled = rows <= runner.programs.unroll_max_rows
+            per_count = runner.programs.loop(rows) != "while"
             for width in widths:
                 items = pad_block_items(rows, min(width * block_size, max_context), 1,
                                         block_size, params)
                 step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
-                for num_steps in (step_counts if unrolled else [1]):
+                for num_steps in (step_counts if per_count else [1]):
                     runner.execute_decode_steps(step_input, flags, num_steps)
     result = {"programs": runner.num_compiles - before, "seconds": time.perf_counter() - started}
     logger.info("warm-up: built %d step programs (prompts up to %d tokens, batches up to %d, "
