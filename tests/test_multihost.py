@@ -4,7 +4,8 @@ random Llama (8 query and 2 KV heads) at tensor_parallel_size=2 over both, proce
 engine and process 1 following its device calls. Their greedy tokens, logprobs and prompt
 logits over one workload (chunked prefill, prefix caching, n > 1 with copy-on-write, multi-step
 decode with lookahead, preemption; then warm-up's synchronous calls) equal one process's at
-TP=1, and process 1 exits cleanly when process 0 is done. A process count that differs from the
+TP=1, as do get_params (gathered from both) and update_weights (process 0's weights to both),
+and process 1 exits cleanly when process 0 is done. A process count that differs from the
 coordinator's is refused on both sides with both values; a follower killed mid-run makes
 process 0 fail within the heartbeat timeout; bad arguments are refused before joining.
 
@@ -60,13 +61,33 @@ def workload(llm: LLM) -> dict:
     step = runner.execute(*runner.prepare([], items, greedy_rows(items), 0))[0].tokens
     items = pad_block_items(1, 17, 1, ENGINE["block_size"])
     steps = runner.execute_decode_steps(*runner.prepare(items, [], greedy_rows(items), 0), 3)
-    return {"tokens": [[list(c.token_ids) for c in o.outputs] for o in outputs],
+    new_programs = llm.stats()["num_compiles"] - compiles - 1  # 1: prompt logits
+    weights = weights_round_trip(llm)
+    return {**weights, "tokens": [[list(c.token_ids) for c in o.outputs] for o in outputs],
             "logprobs": [[c.cumulative_logprob for c in o.outputs] for o in outputs],
             "logits": logits.tolist(), "preemptions": stats["num_preemptions"],
             "pad_block": [step.tolist(), steps.tokens.tolist()],
-            "new_programs": llm.stats()["num_compiles"] - compiles - 1,  # 1: prompt logits
+            "new_programs": new_programs,
             "prefix_hit_rate": stats["prefix_cache_hit_rate"],
             "calls_ahead": stats["num_calls_ahead"], "whole": llm.engine.block_manager.is_whole()}
+
+
+def weights_round_trip(llm: LLM) -> dict:
+    """get_params, then update_weights with 1.5x the weights: a greedy completion with them,
+    one after restoring the originals (the prefix cache dropped each time), and a checksum of
+    what get_params gave (host arrays under several processes)."""
+    import jax
+    original = llm.get_params()
+    checksum = float(sum(np.abs(np.asarray(w, np.float64)).sum()
+                         for w in jax.tree.leaves(original)))
+    greedy = SamplingParams(max_tokens=6, **GREEDY)
+    completions = []
+    for params in (jax.tree.map(lambda w: np.asarray(w) * 1.5, original), original):
+        llm.update_weights(params)
+        out = llm.generate(prompt_token_ids=PROMPTS[3:4], sampling_params=greedy,
+                           use_tqdm=False)
+        completions.append(list(out[0].outputs[0].token_ids))
+    return {"params_checksum": checksum, "updated_tokens": completions}
 
 
 # -- the processes' program --------------------------------------------------------------------
@@ -182,6 +203,11 @@ def test_two_processes_give_one_process_tokens_logprobs_and_logits(two_process_r
     # the workload took the engine's paths: preemption, prefix cache, lookahead
     assert got["whole"] and got["preemptions"] > 0 and got["prefix_hit_rate"] > 0
     assert got["calls_ahead"] > 0
+    # get_params gathers every process's shards; update_weights reaches every process
+    assert got["params_checksum"] == pytest.approx(want["params_checksum"], rel=1e-6)
+    assert got["updated_tokens"] == want["updated_tokens"]
+    assert got["updated_tokens"][0] != got["updated_tokens"][1]
+    assert got["updated_tokens"][1] == got["tokens"][3][0][:6]  # the originals restored
 
 
 def test_a_process_count_unlike_the_coordinators_is_refused(tmp_path):

@@ -229,20 +229,23 @@ class LLM:
         """The weights the engine runs, on the device, in the run layout (per-layer dicts with
         fused `wqkv` and `w_gate_up`): what `from_params` and `update_weights` take. Under
         tensor parallelism the fused and vocabulary-padded weights are held re-laid per
-        device (jinfer.runner.sharding): those come back as copies in the ordinary layout."""
+        device (jinfer.runner.sharding): those come back as copies in the ordinary layout.
+        Under several processes (jinfer.runner.multihost), on process 0: host NumPy arrays,
+        gathered from every process's devices."""
+        if multihost.several():  # every process takes part; host arrays come back
+            return self.engine.runner.gather_params()
         params = self.engine.runner.params
-        multihost.check_single_process("get_params")
         return params if self._tp is None else self._tp.unshard_params(params)
 
     def update_weights(self, params: dict) -> None:
         """Swaps in new weights of the same structure, shapes and dtypes as `get_params()` (or
         the loaders' stacked layout of them), with no recompile: the compiled steps take them
         as they are. The prefix cache is dropped (its K/V came from the old weights). Call it
-        between generate calls."""
+        between generate calls. Under several processes, on process 0: the weights go from
+        its host to every process, one weight at a time (jinfer.runner.multihost)."""
         if self.engine.has_unfinished_requests():
             raise RuntimeError("update_weights was called while requests are running; call it "
                                "between generate calls (or abort them first)")
-        multihost.check_single_process("update_weights")
         new = _run_layout(params)
         current = self.engine.runner.params
         if self._tp is not None:  # the ordinary layout's shapes, nothing computed
@@ -252,7 +255,10 @@ class LLM:
             raise ValueError(f"update_weights needs weights of the running model's structure, "
                              f"shapes and dtypes: {mismatch}; build a new LLM.from_params for "
                              f"another model or dtype")
-        if self._tp is not None:  # re-laid and placed as the running weights are
+        if multihost.several():  # process 0's host arrays to every process, leaf by leaf
+            self.engine.runner.scatter_params(
+                [np.asarray(jax.device_get(leaf)) for leaf in jax.tree.leaves(new)])
+        elif self._tp is not None:  # re-laid and placed as the running weights are
             self.engine.runner.update_params(self._tp.place_params(new))
         else:
             shardings = jax.tree.map(lambda a: a.sharding, current)

@@ -142,6 +142,36 @@ class ModelRunner:
         caller): the compiled programs take them as they are."""
         self.params = params
 
+    def gather_params(self) -> dict:
+        """The weights in the ordinary run layout as host NumPy arrays, each leaf gathered
+        from the devices of every process (under several processes every process calls this,
+        jinfer.runner.multihost)."""
+        from jax.experimental import multihost_utils
+        tp = self.programs.tp
+        params = self.params if tp is None else tp.unshard_params(self.params)
+        return jax.tree.map(
+            lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+
+    def scatter_params(self, leaves: Optional[list]) -> None:
+        """New weights from process 0's host: `leaves` (the ordinary run layout's leaves in
+        tree order, NumPy; None on the other processes) broadcast leaf by leaf, then placed as
+        the running weights are, each process its shards (every process calls this under
+        several processes, jinfer.runner.multihost). One leaf at a time is whole on a host."""
+        from jax.experimental import multihost_utils
+        tp = self.programs.tp
+        structure = self.params if tp is None else jax.eval_shape(tp.unshard_params,
+                                                                  self.params)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(structure)
+        placed = []
+        for i, (path, spec) in enumerate(flat):
+            value = (leaves[i] if leaves is not None
+                     else np.zeros(spec.shape, jnp.dtype(spec.dtype)))
+            if jax.process_count() > 1:
+                value = np.asarray(multihost_utils.broadcast_one_to_all(value))
+            placed.append(jax.device_put(value, spec.sharding) if tp is None
+                          else tp.place_host_leaf(path, value))
+        self.update_params(jax.tree_util.tree_unflatten(treedef, placed))
+
     def prompt_logits(self, seq: Sequence) -> np.ndarray:
         """Logits at every prompt position [len, vocab], computed through the paged pool.
 

@@ -17,6 +17,11 @@ jax.device_count()). Then:
                 decoder's collectives span the processes) until process 0 stops them
                 (`stop_followers`, also at its exit).
 
+`LLM.get_params` and `LLM.update_weights` on process 0 are such calls too (`gather_params`,
+`scatter_params`): every process gathers each weight from the devices of all (host NumPy
+arrays come back on process 0), or takes each new weight from process 0's host by a broadcast
+(`multihost_utils.broadcast_one_to_all`, one leaf at a time) and places its own shards.
+
 The calls travel through jax.distributed's key-value store (the coordination service that
 `jax.distributed.initialize` starts in process 0; its client is `jax._src.distributed.
 global_state.client`, which JAX's own multihost_utils uses: JAX 0.10 has no public name for
@@ -86,7 +91,8 @@ KEY = "jinfer/multihost"
 _join_timeout_s = DEFAULT_INIT_TIMEOUT_S  # also how long building an LLM waits for the others
 # The device methods of ModelRunner that every process runs (LeaderRunner mirrors them).
 DEVICE_METHODS = ("execute", "launch_step", "launch_decode_steps", "execute_decode_steps",
-                  "copy_blocks", "prompt_logits", "run_prompt_logits", "update_params")
+                  "copy_blocks", "prompt_logits", "run_prompt_logits", "update_params",
+                  "gather_params", "scatter_params")
 
 
 class MultihostError(RuntimeError):
@@ -245,13 +251,6 @@ def check_tensor_parallel_size(size) -> None:
             f"with several processes the model is split over every device of every process, "
             f"so tensor_parallel_size must be jax.device_count() = {jax.device_count()} "
             f"({jax.local_device_count()} in this process)")
-
-
-def check_single_process(what: str) -> None:
-    if several():
-        raise MultihostError(f"{what} is not supported across several processes (yet): every "
-                             f"process would have to take part; build the LLM with the weights "
-                             f"instead (LLM.from_params in every process)")
 
 
 def min_over_processes(value: int) -> int:
@@ -455,7 +454,20 @@ class LeaderRunner:
             return _with_tokens(step_input, token_ids)
 
     def update_params(self, params) -> None:
-        check_single_process("update_weights")
+        raise MultihostError("under several processes new weights go through scatter_params "
+                             "(LLM.update_weights), which every process takes part in")
+
+    def gather_params(self) -> dict:
+        """The weights as host NumPy arrays, gathered with the other processes."""
+        return self._call("gather_params")
+
+    def scatter_params(self, leaves: list) -> None:
+        """New weights from this process's host arrays, broadcast to the other processes
+        (they take part with None) and placed by each."""
+        with self._lock:
+            self._channel.send(("scatter_params", (None,)))
+            with _across_processes(self._channel):
+                self.runner.scatter_params(leaves)
 
     def stop(self) -> None:
         """Ends the followers' loops (once); this runner runs no more calls."""

@@ -300,6 +300,15 @@ class TensorParallel:
             return self._jits[key](x)
         return jax.tree_util.tree_map_with_path(place, params)
 
+    def place_host_leaf(self, path, value: np.ndarray) -> jax.Array:
+        """One ordinary-layout weight held whole on the host of every process (the same
+        values) -> its TP layout on the mesh, each process placing only its devices' shards
+        (also where the mesh spans several processes)."""
+        name = _leaf_name(path)
+        value = self.to_layout(name, value)
+        sharding = NamedSharding(self.mesh, self.spec(name, value.ndim))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
     def unshard_params(self, params: dict) -> dict:
         """TP-layout params -> the ordinary run layout (what get_params returns): the re-laid
         weights copied back on the devices, the others as they are."""
