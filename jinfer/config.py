@@ -36,10 +36,11 @@ class KernelConfig:
         dynamic while loop waits for the host each step; offline throughput on an H100 fell
         from 36,087 to 26,851 tok/s after the engine moved to "while"), "while" elsewhere.
       moe_impl: how mixture-of-experts layers run their experts (jinfer.model.moe): "pallas"
-        (the grouped-matmul kernel, pallas_kernels/grouped_matmul.py), "ragged_dot" (XLA's
+        (the grouped-matmul kernel, pallas_kernels/grouped_matmul.py), "pallas_mgpu" (its
+        Mosaic GPU twin, grouped_matmul_mgpu.py, Hopper, bf16 / f16), "ragged_dot" (XLA's
         jax.lax.ragged_dot), "gather", or "auto" (gather for steps of few tokens, else
         ragged_dot, as measured on an H100); None: "auto" on GPU, "ragged_dot" elsewhere. The
-        kernel is opt-in until it has been compiled and measured on a GPU.
+        kernels are opt-in until they have been compiled and measured on a GPU.
     """
 
     decode_layer_kernel: Union[bool, str] = True

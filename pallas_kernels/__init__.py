@@ -5,7 +5,8 @@ The Pallas kernels (Triton lowering on GPU, Mosaic GPU on Hopper, interpret mode
 behind `jinfer.model.attention`: paged_decode, fused_decode, paged_prefill, paged_prefill_mgpu,
 kv_write, triton_decode. The batch-1 layer kernel (decode_layer_mgpu, with its planner
 decode_layer_plan and body decode_layer_body) runs behind `jinfer.model.layer_kernel`. The
-mixture-of-experts grouped matmul (grouped_matmul) runs behind `jinfer.model.moe`.
+mixture-of-experts grouped matmuls (grouped_matmul, Triton lowering; grouped_matmul_mgpu,
+Mosaic GPU) run behind `jinfer.model.moe`.
 
 The package imports nothing itself, so that the pure-Python planner imports without JAX.
 """

@@ -8,6 +8,7 @@ and prefill buckets), random bf16 inputs and weights, times one layer's MoE MLP:
   pallas       moe_mlp(impl="pallas"): routing, sort, the grouped-matmul kernel
                (pallas_kernels/grouped_matmul.py: only the experts with rows are read), combine.
                The engine's path on GPU.
+  pallas_mgpu  the same with the Mosaic GPU kernel (pallas_kernels/grouped_matmul_mgpu.py).
   ragged_dot   moe_mlp(impl="ragged_dot"): the same around XLA's grouped matmul
                (jax.lax.ragged_dot).
   ragged_dot_triton  the same with JAX's opt-in Pallas Triton lowering of ragged_dot
@@ -57,7 +58,7 @@ SMOKE_TOKENS = (1, 8, 32)
 GATHER_MAX_BYTES = 4 << 30  # gather materialises T * k expert matrices: beyond this only slower
 MIN_WEIGHT_BYTES = 2 << 30
 IMPLS = {"ragged_dot_triton": "ragged_dot"}  # bench name -> moe_mlp impl
-ALL_IMPLS = ("pallas", "ragged_dot", "ragged_dot_triton", "gather", "dense")
+ALL_IMPLS = ("pallas", "pallas_mgpu", "ragged_dot", "ragged_dot_triton", "gather", "dense")
 TRITON_FLAG = "jax_ragged_dot_use_gpu_pallas_triton_lowering"  # weight sets cycled per loop (>> L2) where memory allows
 
 

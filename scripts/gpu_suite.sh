@@ -21,7 +21,8 @@ if [[ $what == tests || $what == all ]]; then
          tests/test_engine.py tests/test_lookahead.py tests/test_llm_engine.py tests/test_scheduler.py tests/test_batch_invariance.py
          tests/test_beam_search.py tests/test_host_transfer.py tests/test_decode_layer_mgpu.py
          tests/test_layer_kernel.py tests/test_families.py tests/test_moe.py
-         tests/test_decoder.py tests/test_tensor_parallel.py tests/test_grouped_matmul.py)
+         tests/test_decoder.py tests/test_tensor_parallel.py tests/test_grouped_matmul.py
+         tests/test_grouped_matmul_mgpu.py)
   python -m pytest -q "${workers[@]}" -rfEs -m "not big_memory" "${files[@]}" \
       > "$out/pytest_gpu.log" 2>&1 || status=1
   tail -n 25 "$out/pytest_gpu.log"

@@ -261,3 +261,19 @@ def test_expert_impl_choice():
     assert expert_impl("pallas") == "pallas"
     with pytest.raises(ValueError, match="moe_impl='dense' is not available.*ragged_dot"):
         expert_impl("dense")
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_mgpu"])
+def test_kernels_in_bfloat16(impl):
+    """The grouped-matmul kernels in bf16 (the Mosaic GPU one takes bf16 / f16 only; in its
+    interpreter on the CPU) against the float32 reference, with starved experts and a decode
+    step's shape."""
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    for tokens in (1, 33):
+        args = grid_inputs(tokens, 8, 2, hidden=128, inter=64, seed=tokens)
+        args = tuple(a.astype(jnp.bfloat16) for a in args)
+        got = jax.jit(moe_mlp, static_argnums=(4, 5, 6))(*args, 2, True, impl)
+        want = moe_mlp_reference(*(a.astype(jnp.float32) for a in args), 2, True)
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want),
+                                   atol=2e-2 * scale)

@@ -8,7 +8,9 @@ Per layer, over the step's packed row x [T, hidden]:
                rows gathered in that order, and each expert's row count (`group_sizes` [E]).
   3. experts   SwiGLU through each pair's expert: two grouped matmuls over the sorted rows
                (rows of group e meet expert e's weights), by `impl`: "pallas" (the kernel of
-               pallas_kernels/grouped_matmul.py), "ragged_dot" (`jax.lax.ragged_dot`) or
+               pallas_kernels/grouped_matmul.py, Triton-lowered), "pallas_mgpu" (its Mosaic
+               GPU twin, grouped_matmul_mgpu.py: bf16 / f16; else "pallas"), "ragged_dot"
+               (`jax.lax.ragged_dot`) or
                "gather" (each pair's expert weights gathered, a batched matvec); "auto":
                gather for few pairs, else ragged_dot (GATHER_MAX_PAIRS_PER_EXPERT).
   4. combine   each pair's output gathered back to (token, slot) order, times its routing
@@ -41,9 +43,10 @@ swapped.
     75 MB: 27 us at the copy rate; "gather" took 77 us), 27.5 ms for 2048 tokens (one dense
     matmul of the same rows: 0.3 ms). Mixtral-8x7B's: 0.94 ms for one token (2 experts), 14.3 ms
     for 2048 tokens (dense: 2.3 ms). So the GPU wants a grouped matmul that reads only the
-    experts with rows, tile by tile: "pallas". It is written and tested in interpret mode; it
-    becomes the GPU default once compiled and measured on the GPU (KernelConfig.moe_impl;
-    until then the GPU default is "auto": gather at decode sizes, where it measured faster).
+    experts with rows, tile by tile: "pallas" / "pallas_mgpu". Both are written and tested in
+    interpret mode; the faster becomes the GPU default once compiled and measured on the GPU
+    (KernelConfig.moe_impl; until then the GPU default is "auto": gather at decode sizes, where
+    it measured faster).
 
 Padding rows of a bucket take row 0's experts (moe_mlp's `valid`, from the pad-block slots), so
 they touch no extra experts; the bucket's extra rows still cost their matmul rows.
@@ -58,9 +61,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.grouped_matmul import grouped_matmul, supported
+from pallas_kernels.grouped_matmul_mgpu import grouped_matmul_mgpu
+from pallas_kernels.grouped_matmul_mgpu import supported as mgpu_supported
 
-ExpertImpl = Literal["auto", "pallas", "ragged_dot", "gather"]
-EXPERT_IMPLS = ("auto", "pallas", "ragged_dot", "gather")
+ExpertImpl = Literal["auto", "pallas", "pallas_mgpu", "ragged_dot", "gather"]
+EXPERT_IMPLS = ("auto", "pallas", "pallas_mgpu", "ragged_dot", "gather")
 # "auto" gathers where the step's (token, expert) pairs are at most this fraction of the
 # experts, else runs ragged_dot: on the H100, gather beat ragged_dot at every measured point
 # with pairs <= E / 4 (Qwen3-30B-A3B at 1 and 2 tokens: 77 vs 439 us, 90 vs 451 us; Mixtral at
@@ -72,8 +77,8 @@ GATHER_MAX_PAIRS_PER_EXPERT = 0.25
 def expert_impl(name: Optional[str] = None) -> str:
     """KernelConfig.moe_impl resolved: the name given (one of EXPERT_IMPLS), or for None
     "auto" on GPU (gather at decode sizes, else ragged_dot: GATHER_MAX_PAIRS_PER_EXPERT) and
-    "ragged_dot" elsewhere. (The grouped-matmul kernel, "pallas", is opt-in until it has run
-    on a GPU: written and tested in interpret mode, not yet compiled by Triton.)"""
+    "ragged_dot" elsewhere. (The grouped-matmul kernels, "pallas" and "pallas_mgpu", are
+    opt-in until they have run on a GPU: written and tested in interpret mode only.)"""
     if name is None:
         return "auto" if jax.default_backend() == "gpu" else "ragged_dot"
     if name not in EXPERT_IMPLS:
@@ -160,12 +165,17 @@ def moe_mlp(
 def _expert_swiglu(rows, w_gate_up, w_down, group_sizes, row_experts, impl: ExpertImpl):
     """rows [R, hidden] sorted by expert (group_sizes [E] rows each; row_experts [R] the same
     as ids) -> silu(gate) * up -> down, each row through its expert: [R, hidden]."""
-    if impl == "pallas" and supported(rows.shape, w_gate_up.shape) and supported(
-            (rows.shape[0], w_down.shape[1]), w_down.shape):
+    if impl == "pallas_mgpu" and mgpu_supported(rows.shape, w_gate_up.shape, rows.dtype) and (
+            mgpu_supported((rows.shape[0], w_down.shape[1]), w_down.shape, rows.dtype)):
+        gate_up = grouped_matmul_mgpu(rows, w_gate_up, group_sizes)  # [R, 2 * I]
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        return grouped_matmul_mgpu(jax.nn.silu(gate) * up, w_down, group_sizes)
+    if impl in ("pallas", "pallas_mgpu") and supported(rows.shape, w_gate_up.shape) and (
+            supported((rows.shape[0], w_down.shape[1]), w_down.shape)):
         gate_up = grouped_matmul(rows, w_gate_up, group_sizes)  # [R, 2 * I]
         gate, up = jnp.split(gate_up, 2, axis=-1)
         return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
-    if impl in ("pallas", "ragged_dot"):  # pallas: shapes the kernel does not take
+    if impl in ("pallas", "pallas_mgpu", "ragged_dot"):  # kernels: shapes they do not take
         gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes)  # [R, 2 * I]
         gate, up = jnp.split(gate_up, 2, axis=-1)
         return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
