@@ -10,9 +10,9 @@ Per layer, over the step's packed row x [T, hidden]:
                (rows of group e meet expert e's weights), by `impl`: "pallas" (the kernel of
                pallas_kernels/grouped_matmul.py, Triton-lowered), "pallas_mgpu" (its Mosaic
                GPU twin, grouped_matmul_mgpu.py: bf16 / f16; else "pallas"), "ragged_dot"
-               (`jax.lax.ragged_dot`) or
-               "gather" (each pair's expert weights gathered, a batched matvec); "auto":
-               gather for few pairs, else ragged_dot (GATHER_MAX_PAIRS_PER_EXPERT).
+               (`jax.lax.ragged_dot`), "gather" (each pair's expert weights gathered, a
+               batched matvec), or "auto" (gather for few pairs, else ragged_dot:
+               GATHER_MAX_PAIRS_PER_EXPERT).
   4. combine   each pair's output gathered back to (token, slot) order, times its routing
                weight, summed over the k slots in float32.
 
@@ -141,7 +141,7 @@ def moe_mlp(
     with jax.named_scope("route"):
         weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob, valid)
         pair_experts = expert_ids.reshape(-1)  # [T * k]; pair p is token p // k, slot p % k
-        if num_local < router_w.shape[1]:  # a slice: other experts' pairs sort last, as `num_local`
+        if num_local < router_w.shape[1]:  # a slice: other experts' pairs sort last
             pair_experts = pair_experts - expert_offset
             pair_experts = jnp.where((pair_experts >= 0) & (pair_experts < num_local),
                                      pair_experts, num_local)
@@ -165,26 +165,27 @@ def moe_mlp(
 def _expert_swiglu(rows, w_gate_up, w_down, group_sizes, row_experts, impl: ExpertImpl):
     """rows [R, hidden] sorted by expert (group_sizes [E] rows each; row_experts [R] the same
     as ids) -> silu(gate) * up -> down, each row through its expert: [R, hidden]."""
-    if impl == "pallas_mgpu" and mgpu_supported(rows.shape, w_gate_up.shape, rows.dtype) and (
-            mgpu_supported((rows.shape[0], w_down.shape[1]), w_down.shape, rows.dtype)):
-        gate_up = grouped_matmul_mgpu(rows, w_gate_up, group_sizes)  # [R, 2 * I]
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        return grouped_matmul_mgpu(jax.nn.silu(gate) * up, w_down, group_sizes)
-    if impl in ("pallas", "pallas_mgpu") and supported(rows.shape, w_gate_up.shape) and (
-            supported((rows.shape[0], w_down.shape[1]), w_down.shape)):
-        gate_up = grouped_matmul(rows, w_gate_up, group_sizes)  # [R, 2 * I]
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
-    if impl in ("pallas", "pallas_mgpu", "ragged_dot"):  # kernels: shapes they do not take
-        gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes)  # [R, 2 * I]
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
-    if impl == "gather":  # rows past the groups (other devices' experts) zeroed
-        gate_up = jnp.einsum("rh,rhi->ri", rows, w_gate_up[row_experts])
+    if impl == "gather":
+        gate_up = jnp.einsum("rh,rhi->ri", rows, w_gate_up[row_experts])  # [R, 2 * I]
         gate, up = jnp.split(gate_up, 2, axis=-1)
         out = jnp.einsum("ri,rih->rh", jax.nn.silu(gate) * up, w_down[row_experts])
-        grouped = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)
+        grouped = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)  # others: other devices'
         return jnp.where(grouped[:, None], out, jnp.zeros((), out.dtype))
+    matmul = _grouped_matmul(impl, rows, w_gate_up, w_down)
+    gate, up = jnp.split(matmul(rows, w_gate_up, group_sizes), 2, axis=-1)  # [R, I] each
+    return matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
+
+
+def _grouped_matmul(impl: ExpertImpl, rows, w_gate_up, w_down):
+    """The grouped matmul (x [R, K], w [G, K, N], group_sizes [G]) -> [R, N] that `impl` names,
+    where it takes both of the layer's matmuls; else jax.lax.ragged_dot."""
+    layer = [(rows.shape, w_gate_up.shape), ((rows.shape[0], w_down.shape[1]), w_down.shape)]
+    if impl == "pallas_mgpu" and all(mgpu_supported(x, w, rows.dtype) for x, w in layer):
+        return grouped_matmul_mgpu
+    if impl in ("pallas", "pallas_mgpu") and all(supported(x, w) for x, w in layer):
+        return grouped_matmul
+    if impl in ("pallas", "pallas_mgpu", "ragged_dot"):
+        return jax.lax.ragged_dot
     raise ValueError(f"impl must be one of {', '.join(EXPERT_IMPLS)}, got {impl!r}")
 
 
