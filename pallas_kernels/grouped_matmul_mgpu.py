@@ -9,15 +9,17 @@ the design this one shares; `grouped_matmul_reference` is the oracle):
 Narrower in what it takes: bf16 / f16, K a multiple of block_k and N of block_n (64 / 128 by
 default); `supported` says, and the caller falls back to the Triton kernel otherwise.
 
-Built on JAX's `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` (a persistent kernel over the
-SMs: per output tile a pipelined K loop of TMA copies into shared memory and wgmma into a
-register accumulator, then a ladder of power-of-two TMA stores for the tile's rows), with one
-change that matters at decode sizes: the work list. JAX's kernel walks every (row block, group)
+Built on JAX's `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` (per output tile a pipelined
+K loop of TMA copies into shared memory and wgmma into a register accumulator, then a ladder of
+power-of-two TMA stores for the tile's rows), with one change that matters at decode sizes: the
+work list. JAX's kernel walks every (row block, group)
 pair its unrolled loop over the groups can map a tile to, so a group with no rows whose boundary
 falls inside a row block still runs its K loop and reads its matrix (a decode step of 8 rows
 over 128 experts reads nearly all of them). Here the tiles are `grouped_matmul.tile_map`'s
 (group, row block) pairs of groups that have rows, computed before the kernel; tiles past their
-count, and so every expert without rows, do nothing.
+count, and so every expert without rows, do nothing. One CTA a (tile, column block), not JAX's
+persistent loop over the SMs: the empty tiles end at once, and the grid needs no loop API that
+changed across JAX versions.
 
 Rows: the tile's row block is block_m (64, one warpgroup's wgmma M) rows of x, padded to a
 multiple of block_m; only the tile's own rows [first, end) are stored. Rows past the groups are
@@ -56,13 +58,11 @@ def grouped_matmul_mgpu(
     block_n: int = 128,
     block_k: int = 64,
     max_concurrent_steps: int = 4,
-    num_sms: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:              # [R, N] in x's dtype
     """x's rows of group g times w[g] (module docstring), accumulated in float32. block_n /
     block_k: the output tile's width and the K step (dividing N and K); max_concurrent_steps:
-    the K pipeline's depth; num_sms: the persistent grid (default: the device's SM count, 132
-    on an H100 SXM); interpret defaults to True on a CPU backend."""
+    the K pipeline's depth; interpret defaults to True on a CPU backend."""
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"want x [R, K] and w [G, K, N], got {x.shape} and {w.shape}")
     if group_sizes.shape != (w.shape[0],):
@@ -76,11 +76,19 @@ def grouped_matmul_mgpu(
                          f"N={w.shape[2]}; use grouped_matmul (the Triton kernel) instead")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    if num_sms is None:
-        num_sms = (getattr(jax.devices()[0], "core_count", None) or 132) if not interpret else 4
     return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), block_n=block_n,
                            block_k=block_k, max_concurrent_steps=max_concurrent_steps,
-                           num_sms=int(num_sms), interpret=bool(interpret))
+                           interpret=bool(interpret))
+
+
+def _pipeline_specs(plgpu, blocks):
+    """emit_pipeline's in_specs, each slot released one step late (so a wgmma may still read
+    it): `delay_release` is a BlockSpec field in newer JAX and an emit_pipeline argument in
+    older; -> (specs, extra emit_pipeline arguments)."""
+    try:
+        return [plgpu.BlockSpec(shape, index, delay_release=1) for shape, index in blocks], {}
+    except TypeError:
+        return [plgpu.BlockSpec(shape, index) for shape, index in blocks], {"delay_release": 1}
 
 
 def _interpret_params():
@@ -92,9 +100,8 @@ def _interpret_params():
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "max_concurrent_steps",
-                                             "num_sms", "interpret"))
-def _grouped_matmul(x, w, group_sizes, *, block_n, block_k, max_concurrent_steps, num_sms,
-                    interpret):
+                                             "interpret"))
+def _grouped_matmul(x, w, group_sizes, *, block_n, block_k, max_concurrent_steps, interpret):
     from jax.experimental.pallas import mosaic_gpu as plgpu
     num_rows, k = x.shape
     num_groups, _, n = w.shape
@@ -107,60 +114,58 @@ def _grouped_matmul(x, w, group_sizes, *, block_n, block_k, max_concurrent_steps
     grid_n = n // block_n
 
     def body(group_gmem, block_gmem, first_gmem, end_gmem, x_gmem, w_gmem, o_gmem):
-        @plgpu.nd_loop((tiles * grid_n,), collective_axes="sm")
-        def _(loop_info):
-            index = loop_info.index[0]
-            t, j = index % tiles, index // tiles  # tiles fastest: a group's tiles share w
-            tile_first, tile_end = first_gmem[t], end_gmem[t]
+        t, j = lax.axis_index("tile"), lax.axis_index("col")
+        tile_first, tile_end = first_gmem[t], end_gmem[t]
 
-            @pl.when(tile_end > tile_first)
-            def _():
-                g, b = group_gmem[t], block_gmem[t]
+        @pl.when(tile_end > tile_first)  # tiles past the count (no rows): nothing to do
+        def _():
+            g, b = group_gmem[t], block_gmem[t]
 
-                def acc_scope(acc_ref):
-                    plgpu.emit_pipeline(
-                        lambda _, x_smem, w_smem: plgpu.wgmma(acc_ref, x_smem, w_smem),
-                        grid=(k // block_k,),
-                        in_specs=[plgpu.BlockSpec((block_m, block_k), lambda kk: (b, kk),
-                                                  delay_release=1),
-                                  plgpu.BlockSpec((block_k, block_n), lambda kk: (kk, j),
-                                                  delay_release=1)],
-                        max_concurrent_steps=max_concurrent_steps,
-                    )(x_gmem, w_gmem.at[g])
-                    return acc_ref[...]
+            def acc_scope(acc_ref):
+                specs, options = _pipeline_specs(plgpu, [
+                    ((block_m, block_k), lambda kk: (b, kk)),
+                    ((block_k, block_n), lambda kk: (kk, j))])
+                plgpu.emit_pipeline(
+                    lambda _, x_smem, w_smem: plgpu.wgmma(acc_ref, x_smem, w_smem),
+                    grid=(k // block_k,), in_specs=specs,
+                    max_concurrent_steps=max_concurrent_steps, **options,
+                )(x_gmem, w_gmem.at[g])
+                return acc_ref[...]
 
-                acc = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)))
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)))
 
-                @functools.partial(pl.run_scoped,
-                                   o_smem=plgpu.SMEM((block_m, block_n), dtype=o_gmem.dtype))
-                def _(o_smem):
-                    o_smem[...] = acc.astype(o_smem.dtype)
-                    plgpu.commit_smem()
-                    # The tile's rows [first, end) of its block, by a ladder of power-of-two
-                    # TMA stores (a store's shape is static; the row count is not).
-                    row = tile_first - b * block_m
-                    size = tile_end - tile_first
-                    remaining = block_m
-                    while remaining > 0:
-                        rows = 1 << int(math.log2(remaining))
-                        remaining //= 2
+            @functools.partial(pl.run_scoped,
+                               o_smem=plgpu.SMEM((block_m, block_n), dtype=o_gmem.dtype))
+            def _(o_smem):
+                o_smem[...] = acc.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                # The tile's rows [first, end) of its block, by a ladder of power-of-two TMA
+                # stores (a store's shape is static; the row count is not).
+                row = tile_first - b * block_m
+                size = tile_end - tile_first
+                remaining = block_m
+                while remaining > 0:
+                    rows = 1 << int(math.log2(remaining))
+                    remaining //= 2
 
-                        @pl.when(size & rows != 0)
-                        def _(row=row, rows=rows):
-                            plgpu.copy_smem_to_gmem(
-                                o_smem.at[pl.ds(row, rows)],
-                                o_gmem.at[pl.ds(b * block_m + row, rows),
-                                          pl.ds(j * block_n, block_n)])
+                    @pl.when(size & rows != 0)
+                    def _(row=row, rows=rows):
+                        plgpu.copy_smem_to_gmem(
+                            o_smem.at[pl.ds(row, rows)],
+                            o_gmem.at[pl.ds(b * block_m + row, rows),
+                                      pl.ds(j * block_n, block_n)])
 
-                        row = row + (size & rows)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    row = row + (size & rows)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    # Grid (tile, column block), tiles fastest: a group's row tiles run side by side and share
+    # its [K, block_n] column slab in L2.
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((padded, n), x.dtype), grid=(num_sms,),
-        grid_names=("sm",),
+        body, out_type=jax.ShapeDtypeStruct((padded, n), x.dtype), grid=(tiles, grid_n),
+        grid_names=("tile", "col"),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **({"interpret": _interpret_params()} if interpret else {}))
+        interpret=_interpret_params() if interpret else None)
     out = kernel(group, block, first, end, x, w)[:num_rows]
     grouped = jnp.arange(num_rows)[:, None] < jnp.sum(group_sizes)
     return jnp.where(grouped, out, jnp.zeros((), out.dtype))  # rows past the groups: no tile
