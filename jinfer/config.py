@@ -39,8 +39,8 @@ class KernelConfig:
         (the grouped-matmul kernel, pallas_kernels/grouped_matmul.py), "pallas_mgpu" (its
         Mosaic GPU twin, grouped_matmul_mgpu.py, Hopper, bf16 / f16), "ragged_dot" (XLA's
         jax.lax.ragged_dot), "gather", or "auto" (gather for steps of few tokens, else
-        ragged_dot, as measured on an H100); None: "auto" on GPU, "ragged_dot" elsewhere. The
-        kernels are opt-in until they have been compiled and measured on a GPU.
+        ragged_dot, as measured on an H100 and the CPU); None: "auto". The kernels are opt-in
+        until they have been compiled and measured on a GPU.
     """
 
     decode_layer_kernel: Union[bool, str] = True

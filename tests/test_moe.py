@@ -257,7 +257,7 @@ def test_auto_gathers_for_few_pairs_else_ragged_dot():
 
 
 def test_expert_impl_choice():
-    assert expert_impl(None) == ("auto" if jax.default_backend() == "gpu" else "ragged_dot")
+    assert expert_impl(None) == "auto"
     assert expert_impl("pallas") == "pallas"
     with pytest.raises(ValueError, match="moe_impl='dense' is not available.*ragged_dot"):
         expert_impl("dense")

@@ -36,7 +36,7 @@ swapped.
   - CPU: lowered by expanding the rows to [E, T * k, hidden] (masked by group) and contracting
     over experts too, so it costs E dense matmuls over all T * k rows: measured on this CPU
     (float32, m rows x 1024 x 1024), 7.4x a single matmul of the same rows at E = 8 and 77x at
-    E = 64. Fine for tests; a CPU-served MoE model wants `impl="gather"` for small T.
+    E = 64; "auto" gathers instead at decode sizes (GATHER_MAX_PAIRS_PER_EXPERT).
   - GPU (XLA's chlo.ragged_dot), measured on an H100 with scripts/bench_moe.py (BENCHMARKS.md,
     2026-12-07): it costs about what every expert costs, whatever the routing. Qwen3-30B-A3B's
     layer (128 experts of 768, 8 per token): 439 us for one token (the 8 touched experts are
@@ -70,17 +70,19 @@ EXPERT_IMPLS = ("auto", "pallas", "pallas_mgpu", "ragged_dot", "gather")
 # experts, else runs ragged_dot: on the H100, gather beat ragged_dot at every measured point
 # with pairs <= E / 4 (Qwen3-30B-A3B at 1 and 2 tokens: 77 vs 439 us, 90 vs 451 us; Mixtral at
 # 1 token: 745 vs 938 us) and lost where pairs reached E / 2 for Mixtral (2 tokens: 1470 vs
-# 962 us); Qwen3-30B-A3B at 8 tokens (E / 2) still gathered faster (224 vs 500 us).
+# 962 us); Qwen3-30B-A3B at 8 tokens (E / 2) still gathered faster (224 vs 500 us). On the
+# 2-core CPU (float32, hidden 1024, 64 experts of 512, 8 per token): 21.5 vs 202 ms at 1 token,
+# 51.6 vs 212 at 2 (E / 4), 157 vs 255 at 8 (E), 593 vs 504 at 32 (4 E).
 GATHER_MAX_PAIRS_PER_EXPERT = 0.25
 
 
 def expert_impl(name: Optional[str] = None) -> str:
     """KernelConfig.moe_impl resolved: the name given (one of EXPERT_IMPLS), or for None
-    "auto" on GPU (gather at decode sizes, else ragged_dot: GATHER_MAX_PAIRS_PER_EXPERT) and
-    "ragged_dot" elsewhere. (The grouped-matmul kernels, "pallas" and "pallas_mgpu", are
-    opt-in until they have run on a GPU: written and tested in interpret mode only.)"""
+    "auto" (gather at decode sizes, else ragged_dot: GATHER_MAX_PAIRS_PER_EXPERT), on GPU and
+    CPU alike. (The grouped-matmul kernels, "pallas" and "pallas_mgpu", are opt-in until they
+    have run on a GPU: written and tested in interpret mode only.)"""
     if name is None:
-        return "auto" if jax.default_backend() == "gpu" else "ragged_dot"
+        return "auto"
     if name not in EXPERT_IMPLS:
         raise ValueError(f"moe_impl={name!r} is not available; choose one of "
                          f"{', '.join(EXPERT_IMPLS)} (or None for the device's default)")
