@@ -65,6 +65,18 @@ def _tile(dim: int, cap: int = 128) -> int | None:
     return next((t for t in TILE_SIZES if t <= cap and dim % t == 0), None)
 
 
+def check_operands(x, w, group_sizes) -> None:
+    """ValueError unless x [R, K], w [G, K, N] of one dtype and group_sizes [G] (both kernels'
+    contract)."""
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"want x [R, K] and w [G, K, N], got {x.shape} and {w.shape}")
+    if group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"group_sizes must be [{w.shape[0]}] (one per group), got "
+                         f"{group_sizes.shape}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x and w must have one dtype, got {x.dtype} and {w.dtype}")
+
+
 def default_block_m(num_rows: int, num_groups: int) -> int:
     """16 .. 64 by the average rows per group (a power of two): small groups (decode) waste
     little of a 16-row tile, large ones (prefill) amortise each column slab over 64 rows."""
@@ -143,13 +155,7 @@ def grouped_matmul(
     exactly, no TF32). block_m / block_n / block_k override the tile (block_m a power of two
     >= 16; block_n, block_k dividing N, K); interpret defaults to True on a CPU backend;
     num_warps / num_stages tune the Triton compile."""
-    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"want x [R, K] and w [G, K, N], got {x.shape} and {w.shape}")
-    if group_sizes.shape != (w.shape[0],):
-        raise ValueError(f"group_sizes must be [{w.shape[0]}] (one per group), got "
-                         f"{group_sizes.shape}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"x and w must have one dtype, got {x.dtype} and {w.dtype}")
+    check_operands(x, w, group_sizes)
     num_rows, k = x.shape
     num_groups, _, n = w.shape
     block_n = block_n or _tile(n)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.grouped_matmul import num_tiles, tile_map
+from pallas_kernels.grouped_matmul import check_operands, num_tiles, tile_map
 
 BLOCK_M = 64  # one warpgroup's wgmma M
 
@@ -64,13 +64,7 @@ def grouped_matmul_mgpu(
     """x's rows of group g times w[g] (module docstring), accumulated in float32. block_n /
     block_k: the output tile's width and the K step (dividing N and K); max_concurrent_steps:
     the K pipeline's depth; interpret defaults to True on a CPU backend."""
-    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"want x [R, K] and w [G, K, N], got {x.shape} and {w.shape}")
-    if group_sizes.shape != (w.shape[0],):
-        raise ValueError(f"group_sizes must be [{w.shape[0]}] (one per group), got "
-                         f"{group_sizes.shape}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"x and w must have one dtype, got {x.dtype} and {w.dtype}")
+    check_operands(x, w, group_sizes)
     if not supported(x.shape, w.shape, x.dtype, block_n, block_k):
         raise ValueError(f"the Mosaic GPU grouped matmul takes bf16 / f16 with K a multiple of "
                          f"{block_k} and N of {block_n}, got {x.dtype}, K={w.shape[1]}, "

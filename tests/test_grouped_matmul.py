@@ -37,12 +37,15 @@ def layout(rng, rows: int, groups: int, kind: str) -> np.ndarray:
     return sizes.astype(np.int32)
 
 
-def check(seed, rows, k, n, groups, kind, dtype, *, interpret=None, **kwargs):
+def check(seed, rows, k, n, groups, kind, dtype, *, interpret=None, kernel=grouped_matmul,
+          **kwargs):
+    """`kernel` (a grouped matmul's signature) on a random case against ragged_dot in float32,
+    rows past the groups exact zeros."""
     rng = np.random.default_rng(seed)
     sizes = layout(rng, rows, groups, kind)
     x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
     w = jnp.asarray(rng.standard_normal((groups, k, n)) * k ** -0.5, dtype)
-    got = grouped_matmul(x, w, jnp.asarray(sizes), interpret=interpret, **kwargs)
+    got = kernel(x, w, jnp.asarray(sizes), interpret=interpret, **kwargs)
     want = grouped_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32),
                                     jnp.asarray(sizes))
     assert got.shape == (rows, n) and got.dtype == dtype

@@ -5,33 +5,18 @@ the CPU; compiled on a Hopper GPU (gpu-marked)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 
-from pallas_kernels.grouped_matmul import grouped_matmul_reference  # noqa: E402
 from pallas_kernels.grouped_matmul_mgpu import grouped_matmul_mgpu, supported  # noqa: E402
 from pallas_kernels.paged_prefill_mgpu import hopper_gpu  # noqa: E402
-from test_grouped_matmul import layout  # noqa: E402
+from test_grouped_matmul import check as check_kernel  # noqa: E402
 
-TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
-
-
-def check(seed, rows, k, n, groups, kind, dtype, *, interpret=None, **kwargs):
-    rng = np.random.default_rng(seed)
-    sizes = layout(rng, rows, groups, kind)
-    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
-    w = jnp.asarray(rng.standard_normal((groups, k, n)) * k ** -0.5, dtype)
-    got = grouped_matmul_mgpu(x, w, jnp.asarray(sizes), interpret=interpret, **kwargs)
-    want = grouped_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32),
-                                    jnp.asarray(sizes))
-    assert got.shape == (rows, n) and got.dtype == dtype
-    tol = TOLERANCE[dtype]
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=tol,
-                               rtol=tol, err_msg=f"sizes {sizes.tolist()}")
-    assert (np.asarray(got[sizes.sum():]) == 0).all()
+check = functools.partial(check_kernel, kernel=grouped_matmul_mgpu)
 
 
 # (rows, K, N, groups, kind, dtype, kwargs)
