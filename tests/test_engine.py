@@ -154,6 +154,13 @@ def test_abort_mid_generation_frees_blocks(llm):
     stream.close()
     assert_pool_whole(llm)
     assert not llm.engine.has_unfinished_requests()
+    # The text stream closed after its first delta (or, where the model gave no text at all,
+    # after the request finished): the same, through LLM.stream's inner stream.
+    text = llm.stream(PROMPTS[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    next(text, None)
+    text.close()
+    assert_pool_whole(llm)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_chat_applies_template(llm):
