@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 
+from jinfer.model.moe import EXPERT_IMPLS
 from jinfer.model.shapes import (MODEL_SHAPES, config_to_hf_dict, kv_bytes_per_token,
                                  num_params, resolve_model_config)
 
@@ -66,6 +67,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split jinfer's model over this many devices (the roofline is then "
                         "one device's share of the bytes; HF runs on one device)")
+    p.add_argument("--moe-impl", default=None, choices=EXPERT_IMPLS,
+                   help="how expert layers run their experts (KernelConfig.moe_impl; default: "
+                        "the device's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
 
@@ -230,7 +234,8 @@ def jinfer_latency(spec: dict) -> dict:
     tiling = KernelConfig().layer_tiling
     if spec.get("layer_stages") is not None:
         tiling = dataclasses.replace(tiling, stages=spec["layer_stages"])
-    kernels = KernelConfig(decode_layer_kernel=spec["decode_layer_kernel"], layer_tiling=tiling)
+    kernels = KernelConfig(decode_layer_kernel=spec["decode_layer_kernel"], layer_tiling=tiling,
+                           moe_impl=spec["moe_impl"])
     watch = CompileWatch()
     bandwidth = copy_bandwidth(spec["copy_bytes"])
     started = time.perf_counter()
@@ -379,7 +384,7 @@ def make_spec(args, model: str, config) -> dict:
             "hf_compile": args.hf_compile, "decode_layer_kernel": not args.no_layer_kernel,
             "layer_stages": args.layer_stages,
             "num_scheduler_steps": args.num_scheduler_steps,
-            "tensor_parallel_size": args.tensor_parallel_size}
+            "tensor_parallel_size": args.tensor_parallel_size, "moe_impl": args.moe_impl}
 
 
 def main() -> int:

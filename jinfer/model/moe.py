@@ -211,6 +211,20 @@ def moe_mlp_reference(
     return jnp.einsum("te,eth->th", dense_weights, out).astype(x.dtype)
 
 
+def clear_routes(router_logits, top_k: int, rel: float = 2.0 ** -6) -> np.ndarray:
+    """[T] bool, for checks against moe_mlp_reference in bf16: the tokens whose top_k experts
+    cannot change when their router logits are rounded differently (the k-th and (k+1)-th
+    float32 logits further apart than `rel` of the k-th, a few bf16 ulps). A jitted step may
+    round x @ router_w apart from the reference's op (a fused dot's float32 output, say), and
+    a near-tie then picks another expert: a different token output, not an error of the
+    experts' matmuls."""
+    logits = np.sort(np.asarray(router_logits, np.float32), axis=-1)[:, ::-1]
+    if top_k >= logits.shape[-1]:  # every expert picked: nothing to flip
+        return np.ones(logits.shape[0], bool)
+    kth, next_ = logits[:, top_k - 1], logits[:, top_k]
+    return kth - next_ > rel * np.maximum(np.abs(kth), 1.0)
+
+
 def stack_experts(
     gate: Sequence[np.ndarray],  # E x [I, hidden]: w1 (Mixtral), gate_proj (Qwen3-MoE)
     up: Sequence[np.ndarray],  # E x [I, hidden]: w3, up_proj
