@@ -223,7 +223,7 @@ def test_clear_routes_flags_near_ties():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 2, 9, 64, 333])
-@pytest.mark.parametrize("impl", ["pallas", "ragged_dot", "gather"])
+@pytest.mark.parametrize("impl", ["auto", "pallas", "pallas_mgpu", "ragged_dot", "gather"])
 def test_gpu_moe_mlp_bfloat16_engine_shapes(impl, num_tokens):
     """Each implementation compiled on the GPU, bf16, 64 experts of 256 (8 per token, hidden
     512: Qwen3-MoE's proportions), against the float32 reference of the same inputs."""

@@ -13,8 +13,10 @@ import pytest
 
 from jinfer.model.config import LinearRopeScaling, ModelConfig, RopeScaling
 from jinfer.loader.hf import allocate_params, load_hf_config, numpy_dtype
+from jinfer.model.decoder import prepare_params
 from jinfer.model.shapes import (MODEL_SHAPES, config_to_hf_dict, kv_bytes_per_token,
-                                 num_params, random_params, resolve_model_config)
+                                 num_params, random_params, random_run_params,
+                                 resolve_model_config)
 
 HAS_HF = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 needs_hf = pytest.mark.skipif(not HAS_HF, reason="needs torch and transformers")
@@ -50,6 +52,18 @@ def test_random_params_values():
     other = random_params(SMALL, "float32", seed=1)["layers"]["w_gate"]
     np.testing.assert_array_equal(w_gate, again)
     assert not np.array_equal(w_gate, other)
+
+
+@pytest.mark.parametrize("config", [
+    SMALL, dataclasses.replace(SMALL, num_experts=4, num_experts_per_tok=2, qkv_bias=True)])
+def test_random_run_params_are_random_params_in_the_run_layout(config):
+    """The dummy load's layer-at-a-time maker gives prepare_params(random_params(...)) exactly:
+    the same values, fused the same way, whichever route a model is made by."""
+    want = prepare_params(random_params(config, "float32", seed=3))
+    got = random_run_params(config, "float32", seed=3)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_random_params_rejects_unknown_dtype():

@@ -34,7 +34,7 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
     first N devices, each receiving only its shards (jinfer.runner.sharding)."""
     from jinfer.runner.sharding import tensor_parallel
     if load_format == "dummy":
-        from jinfer.model.shapes import MODEL_SHAPES, random_params
+        from jinfer.model.shapes import MODEL_SHAPES, random_run_params
         if isinstance(model, str) and model in MODEL_SHAPES:
             config, folder = MODEL_SHAPES[model], None
         else:
@@ -45,7 +45,7 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
             config = load_hf_config(folder)
         # checked before any allocation
         tp = tensor_parallel(config, tensor_parallel_size, enable_expert_parallel)
-        params = (prepare_params(random_params(config, dtype, seed)) if tp is None
+        params = (random_run_params(config, dtype, seed) if tp is None
                   else tp.random_params(config, dtype, seed))
         has_tokenizer = folder is not None and any(
             (folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))

@@ -94,16 +94,21 @@ def prepare_params(params: dict) -> dict:
     device.
     """
     stacked = params["layers"]
-    xp = jnp if isinstance(stacked["wq"], jax.Array) else np
-    fused_parts = {part for parts in FUSED.values() for part in parts}
-    layers = []
-    for i in range(len(stacked["wq"])):
-        layer = {name: w[i] for name, w in stacked.items() if name not in fused_parts}
-        for fused, parts in FUSED.items():
-            if parts[0] in stacked:
-                layer[fused] = xp.concatenate([stacked[part][i] for part in parts], -1)
-        layers.append(layer)
+    layers = [fuse_layer({name: w[i] for name, w in stacked.items()})
+              for i in range(len(stacked["wq"]))]
     return {**params, "layers": layers}
+
+
+def fuse_layer(layer: dict) -> dict:
+    """One layer's loader-layout weights -> its run layout: the parts of each FUSED weight
+    concatenated on their last axis (on device for device arrays, else in NumPy)."""
+    xp = jnp if isinstance(layer["wq"], jax.Array) else np
+    fused_parts = {part for parts in FUSED.values() for part in parts}
+    out = {name: w for name, w in layer.items() if name not in fused_parts}
+    for fused, parts in FUSED.items():
+        if parts[0] in layer:
+            out[fused] = xp.concatenate([layer[part] for part in parts], -1)
+    return out
 
 
 def forward_hidden(

@@ -43,10 +43,14 @@ swapped.
     75 MB: 27 us at the copy rate; "gather" took 77 us), 27.5 ms for 2048 tokens (one dense
     matmul of the same rows: 0.3 ms). Mixtral-8x7B's: 0.94 ms for one token (2 experts), 14.3 ms
     for 2048 tokens (dense: 2.3 ms). So the GPU wants a grouped matmul that reads only the
-    experts with rows, tile by tile: "pallas" / "pallas_mgpu". Both are written and tested in
-    interpret mode; the faster becomes the GPU default once compiled and measured on the GPU
-    (KernelConfig.moe_impl; until then the GPU default is "auto": gather at decode sizes, where
-    it measured faster).
+    experts with rows, tile by tile: the two kernels. Measured the same way (2026-12-07, session
+    18; 1 / 8 / 64 / 256 / 2048 tokens): Qwen3-30B-A3B "pallas_mgpu" 143 / 267 / 482 / 539 /
+    925 us, "pallas" 202 / 272 / 509 / 608 / 1,318 us, ragged_dot 439 / 510 / 959 / 3,548 /
+    27,585 us; Mixtral-8x7B "pallas_mgpu" 320 / 873 / 1,098 / 1,648 / 7,275 us, "pallas" 314 /
+    879 / 1,128 / 1,283 / 5,063 us, ragged_dot 930 / 949 / 996 / 1,881 / 14,420 us. "auto" on a
+    GPU is therefore the Mosaic GPU kernel on Hopper (the Triton one elsewhere): best for the
+    many small experts of Qwen3-MoE at every size and level at decode sizes for Mixtral,
+    whose prefill of 256+ tokens runs 1.3-1.4x faster with "pallas".
 
 Padding rows of a bucket take row 0's experts (moe_mlp's `valid`, from the pad-block slots), so
 they touch no extra experts; the bucket's extra rows still cost their matmul rows.
@@ -63,30 +67,37 @@ import numpy as np
 from pallas_kernels.grouped_matmul import grouped_matmul, supported
 from pallas_kernels.grouped_matmul_mgpu import grouped_matmul_mgpu
 from pallas_kernels.grouped_matmul_mgpu import supported as mgpu_supported
+from pallas_kernels.paged_prefill_mgpu import hopper_gpu
 
 ExpertImpl = Literal["auto", "pallas", "pallas_mgpu", "ragged_dot", "gather"]
 EXPERT_IMPLS = ("auto", "pallas", "pallas_mgpu", "ragged_dot", "gather")
-# "auto" gathers where the step's (token, expert) pairs are at most this fraction of the
-# experts, else runs ragged_dot: on the H100, gather beat ragged_dot at every measured point
-# with pairs <= E / 4 (Qwen3-30B-A3B at 1 and 2 tokens: 77 vs 439 us, 90 vs 451 us; Mixtral at
-# 1 token: 745 vs 938 us) and lost where pairs reached E / 2 for Mixtral (2 tokens: 1470 vs
-# 962 us); Qwen3-30B-A3B at 8 tokens (E / 2) still gathered faster (224 vs 500 us). On the
-# 2-core CPU (float32, hidden 1024, 64 experts of 512, 8 per token): 21.5 vs 202 ms at 1 token,
-# 51.6 vs 212 at 2 (E / 4), 157 vs 255 at 8 (E), 593 vs 504 at 32 (4 E).
+# "auto" on the CPU gathers where the step's (token, expert) pairs are at most this fraction of
+# the experts, else runs ragged_dot (on a GPU it runs the grouped-matmul kernel: see above). On
+# the 2-core CPU (float32, hidden 1024, 64 experts of 512, 8 per token), gather vs ragged_dot:
+# 21.5 vs 202 ms at 1 token, 51.6 vs 212 at 2 (E / 4), 157 vs 255 at 8 (E), 593 vs 504 at 32
+# (4 E).
 GATHER_MAX_PAIRS_PER_EXPERT = 0.25
 
 
 def expert_impl(name: Optional[str] = None) -> str:
     """KernelConfig.moe_impl resolved: the name given (one of EXPERT_IMPLS), or for None
-    "auto" (gather at decode sizes, else ragged_dot: GATHER_MAX_PAIRS_PER_EXPERT), on GPU and
-    CPU alike. (The grouped-matmul kernels, "pallas" and "pallas_mgpu", are opt-in until they
-    have run on a GPU: written and tested in interpret mode only.)"""
+    "auto" (the device's choice, made when the step is traced: `auto_impl`)."""
     if name is None:
         return "auto"
     if name not in EXPERT_IMPLS:
         raise ValueError(f"moe_impl={name!r} is not available; choose one of "
                          f"{', '.join(EXPERT_IMPLS)} (or None for the device's default)")
     return name
+
+
+def auto_impl(num_pairs: int, num_experts: int) -> str:
+    """What "auto" runs for a step of num_pairs (token, expert) pairs over num_experts experts
+    (static: the bucket's shape): on a Hopper GPU the Mosaic GPU kernel, on another GPU the
+    Triton-lowered one; on the CPU gather at decode sizes, else ragged_dot. Measured: the
+    module docstring."""
+    if jax.default_backend() == "gpu":
+        return "pallas_mgpu" if hopper_gpu() else "pallas"
+    return "gather" if num_pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts else "ragged_dot"
 
 
 def route(
@@ -151,8 +162,7 @@ def moe_mlp(
         group_sizes = jnp.bincount(pair_experts, length=num_local).astype(jnp.int32)  # [El]
     rows = x[order // top_k]  # [T * k, hidden]
     if impl == "auto":  # static: the bucket's shape
-        impl = ("gather" if rows.shape[0] <= GATHER_MAX_PAIRS_PER_EXPERT * num_local
-                else "ragged_dot")
+        impl = auto_impl(rows.shape[0], num_local)
     with jax.named_scope("experts"):
         row_experts = jnp.minimum(pair_experts[order], num_local - 1)  # gather: in range
         out = _expert_swiglu(rows, w_gate_up, w_down, group_sizes, row_experts, impl)

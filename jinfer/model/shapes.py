@@ -3,7 +3,8 @@
 `MODEL_SHAPES` holds the configs of published checkpoints (numbers from their config.json);
 `random_params` fills the loader's stacked layout (`jinfer.model.decoder.param_shapes`, with
 every weight the family's layers have) with random values generated on the device, leaf by leaf
-and directly in the target dtype, so even an 8B model never passes through host memory.
+and directly in the target dtype, so no model passes through host memory; `random_run_params`
+makes the same values in the run layout, a layer at a time, for models near the device's size.
 `config_to_hf_dict` gives the same shape to HF transformers (`AutoConfig.for_model(**d)`), so a
 peer can be built on equal terms.
 """
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 
 from jinfer.loader.hf import load_hf_config, numpy_dtype
 from jinfer.model.config import LinearRopeScaling, ModelConfig, RopeScaling
-from jinfer.model.decoder import param_shapes
+from jinfer.model.decoder import fuse_layer, param_shapes
 from jinfer.model.families import family_of
 
 # Numbers from each checkpoint's config.json on the Hugging Face Hub.
@@ -128,23 +129,48 @@ def random_params(config: ModelConfig, dtype: Any, seed: int = 0) -> dict:
     `allocate_params`): normal * 0.02 for the matrices and biases, ones for the norm weights
     (Gemma's too: its +1 is folded in at load).
 
-    Each leaf is made by its own jitted call on the default device in `dtype`, so only one
-    leaf's scratch is live at a time and nothing is built on the host. A leaf's values depend
-    only on (seed, its name, its shape). `lm_head` is present only when the embeddings are
-    untied.
+    Values depend only on (seed, the leaf's name, its shape) and, for a layer's weight, the
+    layer: each layer's slice is made by its own jitted call in `dtype` (the same values
+    `random_run_params` gives), nothing is built on the host. `lm_head` is present only when
+    the embeddings are untied. Stacking holds a leaf twice for a moment: for models too big for
+    that, `random_run_params`.
     """
-    dtype = numpy_dtype(dtype)
-    key = jax.random.key(seed)
-
-    def leaf(name: str, shape: tuple[int, ...]) -> jax.Array:
-        leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
-        return _random_leaf(leaf_key, tuple(shape), dtype, name.endswith("norm"))
-
+    dtype, key = numpy_dtype(dtype), jax.random.key(seed)
     shapes = param_shapes(config)
-    params = {name: leaf(name, shape) for name, shape in shapes.items() if name != "layers"}
-    params["layers"] = {name: leaf(f"layers.{name}", shape)
-                        for name, shape in shapes["layers"].items()}
+    params = {name: _leaf(key, name, shape, dtype) for name, shape in shapes.items()
+              if name != "layers"}
+    params["layers"] = {
+        name: jnp.stack([_layer_leaf(key, name, i, shape[1:], dtype) for i in range(shape[0])])
+        for name, shape in shapes["layers"].items()}
     return params
+
+
+def random_run_params(config: ModelConfig, dtype: Any, seed: int = 0) -> dict:
+    """`random_params` (the same values) made straight in the run layout
+    (`jinfer.model.decoder.prepare_params`: a dict per layer, Q/K/V and gate/up fused), one
+    layer's leaf at a time: the device holds the weights and one layer-leaf's scratch, so a
+    model whose weights fit loads (Qwen3-30B-A3B's stacked experts are 36 GiB a name)."""
+    dtype, key = numpy_dtype(dtype), jax.random.key(seed)
+    shapes = param_shapes(config)
+    params = {name: _leaf(key, name, shape, dtype) for name, shape in shapes.items()
+              if name != "layers"}
+    params["layers"] = [
+        fuse_layer({name: _layer_leaf(key, name, i, shape[1:], dtype)
+                    for name, shape in shapes["layers"].items()})
+        for i in range(config.num_layers)]
+    return params
+
+
+def _leaf(key: jax.Array, name: str, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
+    return _random_leaf(leaf_key, tuple(shape), dtype, name.endswith("norm"))
+
+
+def _layer_leaf(key: jax.Array, name: str, layer: int, shape: tuple[int, ...],
+                dtype: Any) -> jax.Array:
+    leaf_key = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(f"layers.{name}".encode())),
+                                  layer)
+    return _random_leaf(leaf_key, tuple(shape), dtype, name.endswith("norm"))
 
 
 def config_to_hf_dict(config: ModelConfig) -> dict:

@@ -327,10 +327,10 @@ class TensorParallel:
         mesh by one jitted program per weight name with sharded outputs (every layer's leaf of
         that name at once; XLA drops the other names' work): the weights never pass through
         one device whole, and the scratch live at a time is one name's."""
-        from jinfer.model.shapes import random_params
+        from jinfer.model.shapes import random_run_params
 
         def make():
-            run = decoder.prepare_params(random_params(config, dtype, seed))
+            run = random_run_params(config, dtype, seed)
             return jax.tree_util.tree_map_with_path(
                 lambda path, x: self.to_layout(_leaf_name(path), x), run)
 
