@@ -29,7 +29,9 @@ class KernelConfig:
         per call is tens of us (1 x 1024: 49 vs 76 us; 1 x 8192: 1.16 vs 1.67 ms).
       unroll_max_rows: multi-step decode calls of at most this many rows run their steps as
         straight-line code instead of a loop (on an H100 at batch 1: 956.5 vs 937.8 tok/s, no
-        per-step graph launch); None: 2 on GPU, 0 elsewhere (the CPU has no launches to save).
+        per-step graph launch); None: 2 on GPU for models of at most 4B parameters, else 0
+        (jinfer.runner.steps.default_unroll_max_rows: the unrolled program's compile grows with
+        layers x steps; the CPU has no launches to save).
       decode_loop: how multi-step decode calls of more rows loop over their steps
         (jinfer.runner.steps): "scan" (a static step count, one program per count) or "while"
         (a dynamic trip count, one program for every count); None: "scan" on GPU (there a

@@ -36,7 +36,7 @@ def test_kernel_config_defaults_are_the_measured_choices():
     assert kernels.decode_layer_kernel is True
     assert kernels.layer_tiling.stages == 4
     assert kernels.mosaic_prefill_min_tokens == 1024
-    assert kernels.unroll_max_rows is None  # per backend: 2 on GPU, 0 on CPU
+    assert kernels.unroll_max_rows is None  # 2 on GPU for models up to 4B parameters, else 0
 
 
 def test_model_config_checks_grouped_query_heads():

@@ -119,3 +119,29 @@ def test_gpu_llama3_8b_shape_loads_at_the_default_utilization():
                                                       ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
     assert llm.engine.block_manager.is_whole()
+
+
+def test_one_decode_step_sizes_the_scratch_of_longer_calls(tiny_model_dir):
+    """The pool is sized from a one-step decode program (step_temp_bytes: an unrolled 8-step
+    program of a large model is slow to compile); the 8-step program's scratch is within a few
+    percent of it, unrolled (the larger case) as well."""
+    from jinfer.config import KernelConfig
+    from jinfer.model.kv_cache import init_kv_cache
+    from jinfer.runner.batch import BatchBuilder
+    from jinfer.runner.model_runner import layer_tiling_for, step_buckets
+    from jinfer.runner.steps import StepPrograms
+    from jinfer.runner.warmup import greedy_rows, pad_block_items
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256, max_num_seqs=8,
+              enable_compilation_cache=False, kernel_config=KernelConfig(unroll_max_rows=8))
+    model_config, config = llm.model_config, llm.config
+    tiling = layer_tiling_for(model_config, config, jnp.float32)
+    programs = StepPrograms(model_config, config, tiling, max_programs=None)
+    pool = jax.eval_shape(lambda: init_kv_cache(model_config, 2, config.block_size, jnp.float32))
+    items = pad_block_items(8, config.max_model_len, 1, config.block_size)
+    step_input, flags = BatchBuilder(step_buckets(model_config, config, tiling)).prepare(
+        items, [], greedy_rows(items), 0)
+    assert programs.loop(8) == "unrolled"
+    one, eight = (programs.lower_decode_steps(llm.get_params(), pool, step_input, flags,
+                                              num_steps=n).compile().memory_analysis()
+                  .temp_size_in_bytes for n in (1, 8))
+    assert 0 < one and eight <= 1.05 * one

@@ -128,3 +128,13 @@ def test_prompt_logprobs_are_scored_a_few_rows_at_a_time(tiny_model_dir, monkeyp
     ref = np.asarray(jax.nn.log_softmax(llm.prompt_logits(ids), axis=-1))
     got = [entry[token].logprob for token, entry in zip(ids[1:], entries[1:])]
     np.testing.assert_allclose(got, ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-5)
+
+
+def test_unrolling_by_default_only_for_small_models_on_gpu():
+    """KernelConfig.unroll_max_rows=None: 2 on GPU up to UNROLL_MAX_PARAMS parameters (the
+    unrolled program's compile grows with layers x steps), 0 past it and on the CPU."""
+    from jinfer.model.shapes import MODEL_SHAPES
+    assert steps.default_unroll_max_rows(MODEL_SHAPES["llama3-1b"], on_gpu=True) == 2
+    assert steps.default_unroll_max_rows(MODEL_SHAPES["qwen3-8b"], on_gpu=True) == 0
+    assert steps.default_unroll_max_rows(MODEL_SHAPES["qwen3-30b-a3b"], on_gpu=True) == 0
+    assert steps.default_unroll_max_rows(MODEL_SHAPES["llama3-1b"], on_gpu=False) == 0

@@ -27,6 +27,7 @@ of one row of a Llama-layered model can run the stack in the persistent layer ke
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -45,6 +46,13 @@ from pallas_kernels.decode_layer_plan import TailTiling
 # Run-layout weights fused from loader-layout ones (fewer, larger matmuls), concatenated along
 # their output axis.
 FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def num_params(config: ModelConfig) -> int:
+    """Parameters of the model (the tied embedding counted once)."""
+    shapes = param_shapes(config)
+    layers = shapes.pop("layers")
+    return sum(math.prod(s) for s in [*shapes.values(), *layers.values()])
 
 
 def param_shapes(config: ModelConfig) -> dict:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jinfer.loader.hf import load_hf_config, numpy_dtype
 from jinfer.model.config import LinearRopeScaling, ModelConfig, RopeScaling
-from jinfer.model.decoder import fuse_layer, param_shapes
+from jinfer.model.decoder import fuse_layer, num_params, param_shapes  # noqa: F401 (num_params: re-exported)
 from jinfer.model.families import family_of
 
 # Numbers from each checkpoint's config.json on the Hugging Face Hub.
@@ -103,13 +103,6 @@ def resolve_model_config(name_or_folder: str | os.PathLike) -> ModelConfig:
         raise ValueError(f"{name_or_folder!r} is neither a model shape "
                          f"({', '.join(MODEL_SHAPES)}) nor a folder holding a config.json")
     return load_hf_config(path)
-
-
-def num_params(config: ModelConfig) -> int:
-    """Parameters of the model (the tied embedding counted once)."""
-    shapes = param_shapes(config)
-    layers = shapes.pop("layers")
-    return sum(math.prod(s) for s in [*shapes.values(), *layers.values()])
 
 
 def kv_bytes_per_token(config: ModelConfig, itemsize: int) -> int:

@@ -48,7 +48,7 @@ from jinfer.config import EngineConfig
 from jinfer.model import sampler as sampler_lib
 from jinfer.model.attention import AttentionMetadata, StepAttention, get_attention_backend
 from jinfer.model.config import ModelConfig
-from jinfer.model.decoder import compute_logits, forward_hidden
+from jinfer.model.decoder import compute_logits, forward_hidden, num_params
 from jinfer.model.kv_cache import PAD_BLOCK
 from jinfer.model.moe import expert_impl
 from jinfer.runner import host_transfer
@@ -66,6 +66,8 @@ STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 # the default model's step programs on the CPU, under the kernel's 65,530; warm-up's defaults
 # build 64 (39,145 maps measured after them).
 DEFAULT_MAX_PROGRAMS = {"cpu": 80}
+# default_unroll_max_rows: models up to this many parameters unroll batch-1 decode steps on GPU
+UNROLL_MAX_PARAMS = 4 * 10**9
 
 
 # Prompt tokens `_prompt_logprobs` scores at a time: the scratch is their [rows, vocab] logits
@@ -217,6 +219,19 @@ def _replace_head(buffer, head):
     return jax.lax.dynamic_update_slice(buffer, head.astype(buffer.dtype), (0,))
 
 
+def default_unroll_max_rows(model_config: ModelConfig, on_gpu: bool) -> int:
+    """KernelConfig.unroll_max_rows=None: 2 on GPU for models of at most
+    UNROLL_MAX_PARAMS parameters, else 0. Unrolling saves the loop's per-step graph launch
+    (Llama-3.2-1B at batch 1 on an H100: 956.5 vs 937.8 tok/s, a 1-ms step), while the
+    program grows with layers x steps: the 8-step program of Qwen3-8B took 18.9 s to compile
+    (one step: 2.9 s), and Qwen3-30B-A3B's pool sizing, which compiled its 8-step program and a
+    13.7-s prefill, took 122 s; a larger model's longer step makes the launches a smaller
+    share. The CPU has no launches to save."""
+    if not on_gpu:
+        return 0
+    return 2 if num_params(model_config) <= UNROLL_MAX_PARAMS else 0
+
+
 class StepPrograms:
     """The jitted step functions of one model and engine configuration, and the programs
     compiled from them: each new program is counted and logged; past `max_programs` all are
@@ -241,7 +256,7 @@ class StepPrograms:
         on_gpu = jax.default_backend() == "gpu"
         self.unroll_max_rows = kernels.unroll_max_rows
         if self.unroll_max_rows is None:
-            self.unroll_max_rows = 2 if on_gpu else 0
+            self.unroll_max_rows = default_unroll_max_rows(model_config, on_gpu)
         self.decode_loop = kernels.decode_loop or ("scan" if on_gpu else "while")
         self.max_programs = (DEFAULT_MAX_PROGRAMS.get(jax.default_backend())
                              if max_programs is None else max_programs)
@@ -291,12 +306,15 @@ class StepPrograms:
         buffer, layout = host_transfer.pack(step_input)
         return self._step.lower(params, kv_cache, buffer, layout=layout, flags=flags)
 
-    def lower_decode_steps(self, params, kv_cache, step_input: StepInput, flags):
-        """The decode-steps program lowered for `step_input`'s shapes (its longest loop)."""
+    def lower_decode_steps(self, params, kv_cache, step_input: StepInput, flags,
+                           num_steps: Optional[int] = None):
+        """The decode-steps program lowered for `step_input`'s shapes, of num_steps steps
+        (default: its longest loop)."""
         buffer, layout = host_transfer.pack(step_input)
+        num_steps = num_steps or self.max_steps
         return self._decode_steps.lower(params, kv_cache, buffer, step_input.token_ids,
-                                        jnp.int32(self.max_steps), layout=layout, flags=flags,
-                                        max_steps=self.max_steps,
+                                        jnp.int32(num_steps), layout=layout, flags=flags,
+                                        max_steps=num_steps,
                                         loop=self.loop(step_input.token_ids.shape[0]))
 
     @property
