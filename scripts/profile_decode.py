@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import logging
+import os
 import pathlib
 import sys
 import tempfile
@@ -113,6 +114,8 @@ def main() -> int:
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--no-layer-kernel", action="store_true",
                    help="KernelConfig(decode_layer_kernel=False): XLA's matmuls at batch 1 on Hopper")
+    p.add_argument("--moe-impl", default=None,
+                   help="KernelConfig.moe_impl for expert layers (default: the device's)")
     p.add_argument("--top", type=int, default=30, help="kernels listed")
     p.add_argument("--cpu", action="store_true", help="profile the CPU backend's ops instead")
     p.add_argument("--sequence", type=int, default=0,
@@ -120,8 +123,13 @@ def main() -> int:
                         "traced generate (name, duration, idle gap before): one step's kernels "
                         "in order")
     p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="LLM's gpu_memory_utilization (raise it for models over a third of the "
+                        "device; the script lets JAX take 90%% of the GPU)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # JAX takes 75% of the GPU by default: too little for Qwen3-30B-A3B's 57 GiB on an H100
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
     import jax
     if args.cpu:
@@ -134,11 +142,12 @@ def main() -> int:
     kwargs = dict(load_format="dummy", dtype=args.dtype, seed=0, max_num_seqs=args.batch,
                   max_model_len=args.prompt_len + args.tokens,
                   num_scheduler_steps=args.num_scheduler_steps,
-                  kernel_config=KernelConfig(decode_layer_kernel=not args.no_layer_kernel))
+                  kernel_config=KernelConfig(decode_layer_kernel=not args.no_layer_kernel,
+                                              moe_impl=args.moe_impl))
     if args.attention_backend:
         kwargs["attention_backend"] = args.attention_backend
     if not args.cpu:
-        kwargs["gpu_memory_utilization"] = 0.5
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     llm = LLM(args.model_shape, **kwargs)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
