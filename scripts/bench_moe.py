@@ -32,6 +32,12 @@ rounding of the router logits can change: moe.clear_routes); one that fails to c
 reported (its error in the JSON) and the run goes on.
 
   python scripts/bench_moe.py --out bench_moe.json
+  python scripts/bench_moe.py --kernels --tokens 1 8 256 --out k.json  # + the kernels alone
+
+--kernels also times the layer's two grouped matmuls alone (the rows sorted by the routing, as
+moe_mlp makes them) for each tile configuration of KERNEL_CONFIGS, checked against ragged_dot:
+the kernels' share of the layer (the rest is routing, sort, gathers and combine) and the best
+tile per shape and size.
   python scripts/bench_moe.py --cpu-smoke --out /tmp/moe.json      # tiny, checks the script
 """
 
@@ -49,7 +55,10 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from jinfer.model.moe import clear_routes, moe_mlp, moe_mlp_reference, route  # noqa: E402
+from jinfer.model.moe import (clear_routes, group_pairs, moe_mlp, moe_mlp_reference,  # noqa: E402
+                              route)
+from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference  # noqa: E402
+from pallas_kernels.grouped_matmul_mgpu import grouped_matmul_mgpu  # noqa: E402
 from bench_common import copy_bandwidth, measure  # noqa: E402
 
 # name: (hidden, intermediate per expert, experts, experts per token, renormalise)
@@ -63,6 +72,16 @@ IMPLS = {"ragged_dot_triton": "ragged_dot"}  # bench name -> moe_mlp impl
 ALL_IMPLS = ("pallas", "pallas_mgpu", "ragged_dot", "ragged_dot_triton", "gather", "dense")
 # jax 0.11.2 has the flag but not its module (jax._src.lax.pallas_lowerings): opt-in only
 DEFAULT_IMPLS = tuple(i for i in ALL_IMPLS if i != "ragged_dot_triton")
+# --kernels: the tile configurations tried per kernel ({} = the kernel's defaults: Triton
+# block_n / block_k 128, 3 stages, 4-8 warps; Mosaic GPU block_n 128, block_k 64, 4 steps in
+# flight)
+KERNEL_CONFIGS = {
+    "pallas": ({}, {"block_n": 64}, {"block_k": 64}, {"num_stages": 4}, {"num_stages": 5},
+               {"num_warps": 4}, {"block_n": 64, "num_stages": 4}),
+    "pallas_mgpu": ({}, {"block_n": 64}, {"block_k": 128}, {"max_concurrent_steps": 2},
+                    {"max_concurrent_steps": 6}, {"block_n": 64, "max_concurrent_steps": 6}),
+}
+KERNELS = {"pallas": grouped_matmul, "pallas_mgpu": grouped_matmul_mgpu}
 TRITON_FLAG = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
 
 
@@ -110,6 +129,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time the two grouped matmuls alone per tile configuration")
     args = parser.parse_args()
     shapes = SMOKE_SHAPES if args.cpu_smoke else {s: SHAPES[s] for s in args.shapes}
     tokens = SMOKE_TOKENS if args.cpu_smoke else args.tokens
@@ -172,7 +193,71 @@ def main() -> None:
                 results["runs"].append(run)
                 print(f"| {name} | {t} | {impl} | {us:,.1f} | {touched} | {gbps:,.0f} | "
                       f"{100 * run['copy_fraction']:.0f}% |", flush=True)
+    if args.kernels:
+        results["kernels"] = kernel_sweep(shapes, tokens, iters, reps, dtype, copy, results)
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def kernel_sweep(shapes, tokens, iters, reps, dtype, copy, results) -> list:
+    """The layer's two grouped matmuls (gate/up, then down after SwiGLU) alone, per kernel and
+    tile configuration; `rest_us`: the layer's moe_mlp time (same impl, this run) less the
+    kernels' at their defaults."""
+    layer_us = {(r["shape"], r["tokens"], r["impl"]): r["us"] for r in results["runs"]
+                if "us" in r}
+    runs = []
+    print("\n| shape | T | kernel | config | us / layer (2 matmuls) | touched GB/s | vs copy | "
+          "rest of the layer us |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (hidden, inter, experts, top_k, norm) in shapes.items():
+        expert_bytes = 3 * hidden * inter * jnp.dtype(dtype).itemsize
+        copies = max(1, min(4, MIN_WEIGHT_BYTES // (experts * expert_bytes)))
+        keys = jax.random.split(jax.random.key(0), copies + 1)
+        weight_sets = [make_weights(k, hidden, inter, experts, dtype) for k in keys[1:]]
+        for t in tokens:
+            x = jax.random.normal(jax.random.fold_in(keys[0], t), (t, hidden), dtype)
+            _, ids = route(x @ weight_sets[0][0], top_k, norm)
+            order, group_sizes, _ = group_pairs(ids, experts)
+            rows = x[order // top_k]
+            touched = int(np.count_nonzero(np.asarray(group_sizes)))
+            want = np.asarray(swiglu(grouped_matmul_reference, rows, *weight_sets[0][1:],
+                                     group_sizes), np.float32)
+            for kernel, configs in KERNEL_CONFIGS.items():
+                for config in configs:
+                    matmul = functools.partial(KERNELS[kernel], **config)
+                    call = lambda r, router, gu, d, mm=matmul: swiglu(  # noqa: E731
+                        mm, r, gu, d, group_sizes)
+                    calls = max(1, iters // copies) * copies
+                    label = ", ".join(f"{k}={v}" for k, v in config.items()) or "default"
+                    run = {"shape": name, "tokens": t, "kernel": kernel, "config": config}
+                    try:
+                        got = np.asarray(jax.jit(call)(rows, *weight_sets[0]), np.float32)
+                        err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
+                        tol = 1e-5 if dtype == jnp.float32 else 3e-2
+                        assert err < tol, f"relative error {err:.3g}"
+                        timing = measure(loop(call, calls), (rows, weight_sets), calls, reps)
+                    except Exception as e:  # noqa: BLE001 (reported, the others still run)
+                        runs.append({**run, "error": f"{type(e).__name__}: {e}"[:2000]})
+                        print(f"| {name} | {t} | {kernel} | {label} | failed: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:120]} | | | |",
+                              flush=True)
+                        continue
+                    us = timing["median_us"]
+                    gbps = touched * expert_bytes / (us * 1e-6) / 1e9
+                    layer = layer_us.get((name, t, kernel))
+                    rest = layer - us if layer is not None and not config else None
+                    runs.append({**run, "us": us, "min_us": timing["min_us"],
+                                 "touched_experts": touched, "touched_GBps": gbps,
+                                 "copy_fraction": gbps / copy["GBps"], "rest_us": rest})
+                    print(f"| {name} | {t} | {kernel} | {label} | {us:,.1f} | {gbps:,.0f} | "
+                          f"{100 * gbps / copy['GBps']:.0f}% | "
+                          f"{'' if rest is None else f'{rest:,.1f}'} |", flush=True)
+    return runs
+
+
+def swiglu(matmul, rows, w_gate_up, w_down, group_sizes):
+    """The experts' SwiGLU over rows sorted by expert, with `matmul` as the grouped matmul."""
+    gate, up = jnp.split(matmul(rows, w_gate_up, group_sizes), 2, axis=-1)
+    return matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
 
 
 if __name__ == "__main__":

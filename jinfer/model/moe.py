@@ -153,13 +153,8 @@ def moe_mlp(
     num_local = w_gate_up.shape[0]
     with jax.named_scope("route"):
         weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob, valid)
-        pair_experts = expert_ids.reshape(-1)  # [T * k]; pair p is token p // k, slot p % k
-        if num_local < router_w.shape[1]:  # a slice: other experts' pairs sort last
-            pair_experts = pair_experts - expert_offset
-            pair_experts = jnp.where((pair_experts >= 0) & (pair_experts < num_local),
-                                     pair_experts, num_local)
-        order = jnp.argsort(pair_experts, stable=True)  # [T * k] pairs grouped by expert
-        group_sizes = jnp.bincount(pair_experts, length=num_local).astype(jnp.int32)  # [El]
+        order, group_sizes, pair_experts = group_pairs(expert_ids, num_local, expert_offset,
+                                                       all_experts=router_w.shape[1])
     rows = x[order // top_k]  # [T * k, hidden]
     if impl == "auto":  # static: the bucket's shape
         impl = auto_impl(rows.shape[0], num_local)
@@ -172,6 +167,22 @@ def moe_mlp(
         per_slot = out[inverse].reshape(num_tokens, top_k, hidden).astype(jnp.float32)
         combined = jnp.einsum("tkh,tk->th", per_slot, weights)
     return combined.astype(x.dtype)
+
+
+def group_pairs(expert_ids: jax.Array, num_local: int, expert_offset=0,
+                all_experts: Optional[int] = None):
+    """expert_ids [T, k] -> (order [T * k]: the (token, slot) pairs sorted by expert, stably;
+    pair p is token p // k, slot p % k; group_sizes [num_local] int32: pairs per expert;
+    pair_experts [T * k]: each pair's expert among the num_local from expert_offset, or
+    num_local for another slice's expert, so those pairs sort last, past the groups)."""
+    pair_experts = expert_ids.reshape(-1)
+    if num_local < (all_experts or num_local):  # a slice: other experts' pairs sort last
+        pair_experts = pair_experts - expert_offset
+        pair_experts = jnp.where((pair_experts >= 0) & (pair_experts < num_local),
+                                 pair_experts, num_local)
+    order = jnp.argsort(pair_experts, stable=True)
+    group_sizes = jnp.bincount(pair_experts, length=num_local).astype(jnp.int32)
+    return order, group_sizes, pair_experts
 
 
 def _expert_swiglu(rows, w_gate_up, w_down, group_sizes, row_experts, impl: ExpertImpl):
