@@ -101,8 +101,9 @@ def tile_map(group_sizes: jax.Array, num_rows: int, block_m: int, tiles: int):
     tile_ends = jnp.cumsum(count)
     t = jnp.arange(tiles, dtype=jnp.int32)
     # The group of tile t: the first whose tiles end past t (empty groups end where the one
-    # before them does, so they are never picked).
-    group = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"),
+    # before them does, so they are never picked). One fused compare-and-count: the default
+    # binary search is a while loop, which XLA:GPU steps through from the host.
+    group = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right", method="compare_all"),
                         sizes.shape[0] - 1).astype(jnp.int32)
     real = t < tile_ends[-1]
     block = first_block[group] + t - (tile_ends[group] - count[group])

@@ -194,7 +194,8 @@ def ragged_paged_attention_reference(
     out = paged_attention_reference(q[rows], k_pool, v_pool, layer, block_tables, positions,
                                     context_lens, scale=scale, sliding_window=sliding_window,
                                     logit_softcap=logit_softcap)  # [num_seqs, num_tokens, ...]
-    seq = jnp.searchsorted(ends, i, side="right")  # the sequence owning packed row i
+    # the sequence owning packed row i (compare_all: no while loop)
+    seq = jnp.searchsorted(ends, i, side="right", method="compare_all")
     live = seq < starts.shape[0]
     seq = jnp.minimum(seq, starts.shape[0] - 1)
     packed = out[seq, jnp.clip(i - starts[seq], 0, num_tokens - 1)]

@@ -73,6 +73,15 @@ def test_matches_ragged_dot(rows, k, n, groups, kind, dtype, kwargs):
     check(rows, rows, k, n, groups, kind, dtype, **kwargs)
 
 
+def test_tile_map_has_no_loop():
+    """The tile map runs before every grouped matmul of every MoE layer: it lowers to straight
+    fused ops, no while loop (jnp.searchsorted's default binary search is one, and XLA:GPU
+    steps through a while loop from the host)."""
+    lowered = jax.jit(tile_map, static_argnums=(1, 2, 3)).lower(
+        jnp.zeros(128, jnp.int32), 16, 16, num_tiles(16, 128, 16))
+    assert "while" not in lowered.as_text()
+
+
 @pytest.mark.parametrize("rows,groups,block_m", [(8, 8, 16), (100, 3, 32), (1000, 128, 16),
                                                  (16384, 128, 64), (5, 12, 16)])
 def test_tile_map_covers_each_grouped_row_once(rows, groups, block_m):
