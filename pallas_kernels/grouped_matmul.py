@@ -65,14 +65,20 @@ def _tile(dim: int, cap: int = 128) -> int | None:
     return next((t for t in TILE_SIZES if t <= cap and dim % t == 0), None)
 
 
-def check_operands(x, w, group_sizes) -> None:
-    """ValueError unless x [R, K], w [G, K, N] of one dtype and group_sizes [G] (both kernels'
-    contract)."""
+def check_operands(x, w, group_sizes, row_groups=None) -> None:
+    """ValueError unless x [R, K], w [G, K, N] of one dtype and exactly one of group_sizes [G]
+    and row_groups [R] (both kernels' contract)."""
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"want x [R, K] and w [G, K, N], got {x.shape} and {w.shape}")
-    if group_sizes.shape != (w.shape[0],):
+    if (group_sizes is None) == (row_groups is None):
+        raise ValueError("pass group_sizes (rows sorted by group) or row_groups (each row's "
+                         "group), not both or neither")
+    if group_sizes is not None and group_sizes.shape != (w.shape[0],):
         raise ValueError(f"group_sizes must be [{w.shape[0]}] (one per group), got "
                          f"{group_sizes.shape}")
+    if row_groups is not None and row_groups.shape != (x.shape[0],):
+        raise ValueError(f"row_groups must be [{x.shape[0]}] (one per row of x), got "
+                         f"{row_groups.shape}")
     if x.dtype != w.dtype:
         raise ValueError(f"x and w must have one dtype, got {x.dtype} and {w.dtype}")
 
@@ -114,6 +120,26 @@ def tile_map(group_sizes: jax.Array, num_rows: int, block_m: int, tiles: int):
             jnp.where(real, first, zero), jnp.where(real, end, zero))
 
 
+def row_tiles(row_groups: jax.Array, num_groups: int, block_m: int):
+    """row_groups [R] -> the tile map (group, block, first row, end row), each [R] int32, of
+    one tile per row: row r is tile r of its own group, inside row block r // block_m; a row
+    whose group is outside [0, num_groups) has an empty tile (no work, its output stays
+    zero). For a decode step's few (token, expert) rows: no sort and no group sizes needed."""
+    groups = row_groups.astype(jnp.int32)
+    rows = jnp.arange(groups.shape[0], dtype=jnp.int32)
+    live = (groups >= 0) & (groups < num_groups)
+    zero = jnp.zeros_like(rows)
+    return (jnp.where(live, groups, zero), rows // block_m, jnp.where(live, rows, zero),
+            jnp.where(live, rows + 1, zero))
+
+
+def tiles_of(group_sizes, row_groups, num_rows: int, num_groups: int, block_m: int):
+    """The tile map of either operand form (see grouped_matmul) -> (group, block, first, end)."""
+    if row_groups is not None:
+        return row_tiles(row_groups, num_groups, block_m)
+    return tile_map(group_sizes, num_rows, block_m, num_tiles(num_rows, num_groups, block_m))
+
+
 def _kernel(group_ref, block_ref, first_ref, end_ref, x_ref, w_ref, zeros_ref, o_ref, *,
             block_m: int, block_n: int, block_k: int, steps: int, precision):
     del zeros_ref  # the output's initial zeros (aliased)
@@ -141,10 +167,11 @@ def _kernel(group_ref, block_ref, first_ref, end_ref, x_ref, w_ref, zeros_ref, o
 
 
 def grouped_matmul(
-    x: jax.Array,            # [R, K] rows sorted by group
+    x: jax.Array,            # [R, K] rows sorted by group (or in any order with row_groups)
     w: jax.Array,            # [G, K, N]
-    group_sizes: jax.Array,  # [G] int: rows of each group, in order; sum <= R
+    group_sizes: jax.Array | None = None,  # [G] int: rows of each group, in order; sum <= R
     *,
+    row_groups: jax.Array | None = None,   # [R] int: instead, each row's own group
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -153,15 +180,18 @@ def grouped_matmul(
     num_stages: int | None = None,
 ) -> jax.Array:              # [R, N] in x's dtype
     """x's rows of group g times w[g] (module docstring), accumulated in float32 (float32 inputs
-    exactly, no TF32). block_m / block_n / block_k override the tile (block_m a power of two
-    >= 16; block_n, block_k dividing N, K); interpret defaults to True on a CPU backend;
-    num_warps / num_stages tune the Triton compile."""
-    check_operands(x, w, group_sizes)
+    exactly, no TF32). The groups come as group_sizes (rows sorted by group) or as row_groups
+    (each row its own tile, `row_tiles`; a group outside [0, G) gives a zero row): the same
+    products. block_m / block_n / block_k override the tile (block_m a power of two >= 16;
+    block_n, block_k dividing N, K); interpret defaults to True on a CPU backend; num_warps /
+    num_stages tune the Triton compile."""
+    check_operands(x, w, group_sizes, row_groups)
     num_rows, k = x.shape
     num_groups, _, n = w.shape
     block_n = block_n or _tile(n)
     block_k = block_k or _tile(k)
-    block_m = block_m or default_block_m(num_rows, num_groups)
+    block_m = block_m or (16 if row_groups is not None
+                          else default_block_m(num_rows, num_groups))
     if block_n is None or block_k is None or n % block_n or k % block_k:
         raise ValueError(f"K={k} and N={n} must be multiples of 16 (of block_k / block_n if "
                          "given); use grouped_matmul_reference otherwise")
@@ -169,22 +199,22 @@ def grouped_matmul(
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), block_m=block_m,
-                           block_n=block_n, block_k=block_k, interpret=bool(interpret),
-                           num_warps=num_warps, num_stages=num_stages)
+    meta = tiles_of(group_sizes, row_groups, num_rows, num_groups, block_m)
+    return _grouped_matmul(x, w, *meta, block_m=block_m, block_n=block_n, block_k=block_k,
+                           interpret=bool(interpret), num_warps=num_warps,
+                           num_stages=num_stages)
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret",
                                              "num_warps", "num_stages"))
-def _grouped_matmul(x, w, group_sizes, *, block_m, block_n, block_k, interpret, num_warps,
-                    num_stages):
+def _grouped_matmul(x, w, group, block, first, end, *, block_m, block_n, block_k, interpret,
+                    num_warps, num_stages):
     num_rows, k = x.shape
-    num_groups, _, n = w.shape
-    tiles = num_tiles(num_rows, num_groups, block_m)
+    n = w.shape[2]
     padded = pl.cdiv(num_rows, block_m) * block_m  # every tile's block lies inside the rows
     if padded > num_rows:
         x = jnp.pad(x, ((0, padded - num_rows), (0, 0)))
-    meta = tile_map(group_sizes, num_rows, block_m, tiles)
+    meta = (group, block, first, end)
     out_shape = jax.ShapeDtypeStruct((padded, n), x.dtype)
     operands = (*meta, x, w, jnp.zeros((padded, n), x.dtype))
     whole = lambda a: pl.BlockSpec(a.shape, lambda t, j: (0,) * len(a.shape))  # noqa: E731
@@ -192,7 +222,7 @@ def _grouped_matmul(x, w, group_sizes, *, block_m, block_n, block_k, interpret, 
     kernel = functools.partial(_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
                                steps=k // block_k, precision=precision)
     out = pl.pallas_call(
-        kernel, grid=(tiles, n // block_n), in_specs=[whole(a) for a in operands],
+        kernel, grid=(group.shape[0], n // block_n), in_specs=[whole(a) for a in operands],
         out_specs=whole(out_shape), out_shape=out_shape, interpret=interpret,
         input_output_aliases={len(operands) - 1: 0},
         compiler_params=_triton_params(num_warps, num_stages, block_m, block_n),

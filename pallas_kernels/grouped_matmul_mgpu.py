@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.grouped_matmul import check_operands, num_tiles, tile_map
+from pallas_kernels.grouped_matmul import check_operands, tiles_of
 
 BLOCK_M = 64  # one warpgroup's wgmma M
 
@@ -52,28 +52,35 @@ def supported(x_shape, w_shape, dtype, block_n: int = 128, block_k: int = 64) ->
 
 
 def grouped_matmul_mgpu(
-    x: jax.Array,            # [R, K] rows sorted by group
+    x: jax.Array,            # [R, K] rows sorted by group (or in any order with row_groups)
     w: jax.Array,            # [G, K, N]
-    group_sizes: jax.Array,  # [G] int: rows of each group, in order; sum <= R
+    group_sizes: jax.Array | None = None,  # [G] int: rows of each group, in order; sum <= R
     *,
+    row_groups: jax.Array | None = None,   # [R] int: instead, each row's own group
     block_n: int = 128,
     block_k: int = 64,
     max_concurrent_steps: int = 4,
     interpret: bool | None = None,
 ) -> jax.Array:              # [R, N] in x's dtype
-    """x's rows of group g times w[g] (module docstring), accumulated in float32. block_n /
-    block_k: the output tile's width and the K step (dividing N and K); max_concurrent_steps:
-    the K pipeline's depth; interpret defaults to True on a CPU backend."""
-    check_operands(x, w, group_sizes)
+    """x's rows of group g times w[g] (module docstring), accumulated in float32; the groups
+    as group_sizes or row_groups, as `grouped_matmul` takes them. block_n / block_k: the
+    output tile's width and the K step (dividing N and K); max_concurrent_steps: the K
+    pipeline's depth; interpret defaults to True on a CPU backend."""
+    check_operands(x, w, group_sizes, row_groups)
     if not supported(x.shape, w.shape, x.dtype, block_n, block_k):
         raise ValueError(f"the Mosaic GPU grouped matmul takes bf16 / f16 with K a multiple of "
                          f"{block_k} and N of {block_n}, got {x.dtype}, K={w.shape[1]}, "
                          f"N={w.shape[2]}; use grouped_matmul (the Triton kernel) instead")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), block_n=block_n,
-                           block_k=block_k, max_concurrent_steps=max_concurrent_steps,
-                           interpret=bool(interpret))
+    num_rows, num_groups = x.shape[0], w.shape[0]
+    meta = tiles_of(group_sizes, row_groups, num_rows, num_groups, BLOCK_M)
+    if row_groups is None:  # the rows past the groups belong to no tile
+        covered = jnp.arange(num_rows) < jnp.sum(group_sizes)
+    else:  # a row is its own tile
+        covered = meta[3] > meta[2]
+    return _grouped_matmul(x, w, *meta, covered, block_n=block_n, block_k=block_k,
+                           max_concurrent_steps=max_concurrent_steps, interpret=bool(interpret))
 
 
 def _pipeline_specs(plgpu, blocks):
@@ -96,16 +103,16 @@ def _interpret_params():
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "max_concurrent_steps",
                                              "interpret"))
-def _grouped_matmul(x, w, group_sizes, *, block_n, block_k, max_concurrent_steps, interpret):
+def _grouped_matmul(x, w, group, block, first, end, covered, *, block_n, block_k,
+                    max_concurrent_steps, interpret):
     from jax.experimental.pallas import mosaic_gpu as plgpu
     num_rows, k = x.shape
-    num_groups, _, n = w.shape
+    n = w.shape[2]
     block_m = BLOCK_M
-    tiles = num_tiles(num_rows, num_groups, block_m)
+    tiles = group.shape[0]
     padded = pl.cdiv(num_rows, block_m) * block_m
     if padded > num_rows:
         x = jnp.pad(x, ((0, padded - num_rows), (0, 0)))
-    group, block, first, end = tile_map(group_sizes, num_rows, block_m, tiles)
     grid_n = n // block_n
 
     def body(group_gmem, block_gmem, first_gmem, end_gmem, x_gmem, w_gmem, o_gmem):
@@ -162,5 +169,4 @@ def _grouped_matmul(x, w, group_sizes, *, block_n, block_k, max_concurrent_steps
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params() if interpret else None)
     out = kernel(group, block, first, end, x, w)[:num_rows]
-    grouped = jnp.arange(num_rows)[:, None] < jnp.sum(group_sizes)
-    return jnp.where(grouped, out, jnp.zeros((), out.dtype))  # rows past the groups: no tile
+    return jnp.where(covered[:, None], out, jnp.zeros((), out.dtype))  # no tile: no write

@@ -7,8 +7,12 @@ and prefill buckets), random bf16 inputs and weights, times one layer's MoE MLP:
 
   pallas       moe_mlp(impl="pallas"): routing, sort, the grouped-matmul kernel
                (pallas_kernels/grouped_matmul.py: only the experts with rows are read), combine.
-               The engine's path on GPU.
-  pallas_mgpu  the same with the Mosaic GPU kernel (pallas_kernels/grouped_matmul_mgpu.py).
+  pallas_mgpu  the same with the Mosaic GPU kernel (pallas_kernels/grouped_matmul_mgpu.py):
+               the engine's path on Hopper ("auto").
+  pallas_pairs, pallas_mgpu_pairs  the kernels by (token, expert) pair, unsorted (no sort,
+               group sizes or gathers around them; an expert read once per pair that picks
+               it): for decode sizes (as gather, run where T * k expert matrices are at
+               most GATHER_MAX_BYTES).
   ragged_dot   moe_mlp(impl="ragged_dot"): the same around XLA's grouped matmul
                (jax.lax.ragged_dot).
   ragged_dot_triton  the same with JAX's opt-in Pallas Triton lowering of ragged_dot
@@ -66,10 +70,11 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "mixtral-8x7b": (4096, 143
 TOKENS = (1, 2, 8, 64, 256, 2048)
 SMOKE_SHAPES = {"smoke": (64, 32, 8, 2, True)}
 SMOKE_TOKENS = (1, 8, 32)
-GATHER_MAX_BYTES = 4 << 30  # gather materialises T * k expert matrices: beyond this only slower
+GATHER_MAX_BYTES = 4 << 30  # gather / by-pair impls read T * k expert matrices: beyond, only slower
 MIN_WEIGHT_BYTES = 2 << 30  # weight sets cycled per loop (>> L2) where memory allows
 IMPLS = {"ragged_dot_triton": "ragged_dot"}  # bench name -> moe_mlp impl
-ALL_IMPLS = ("pallas", "pallas_mgpu", "ragged_dot", "ragged_dot_triton", "gather", "dense")
+ALL_IMPLS = ("pallas", "pallas_mgpu", "pallas_pairs", "pallas_mgpu_pairs", "ragged_dot",
+             "ragged_dot_triton", "gather", "dense")
 # jax 0.11.2 has the flag but not its module (jax._src.lax.pallas_lowerings): opt-in only
 DEFAULT_IMPLS = tuple(i for i in ALL_IMPLS if i != "ragged_dot_triton")
 # --kernels: the tile configurations tried per kernel ({} = the kernel's defaults: Triton
@@ -156,12 +161,12 @@ def main() -> None:
             clear = clear_routes(x.astype(jnp.float32) @ weight_sets[0][0].astype(jnp.float32),
                                  top_k)
             touched = touched_experts(x, weight_sets[0][0], top_k, norm)
+            per_pair = ("gather", "pallas_pairs", "pallas_mgpu_pairs")  # read T * k experts
             impls = {impl: functools.partial(moe_mlp, impl=IMPLS.get(impl, impl))
-                     for impl in args.impls if impl not in ("dense", "gather")}
+                     for impl in args.impls if impl != "dense" and (
+                         impl not in per_pair or t * top_k * expert_bytes <= GATHER_MAX_BYTES)}
             if "dense" in args.impls:
                 impls["dense"] = dense_bound
-            if "gather" in args.impls and t * top_k * expert_bytes <= GATHER_MAX_BYTES:
-                impls["gather"] = functools.partial(moe_mlp, impl="gather")
             for impl, fn in impls.items():
                 call = lambda x, r, g, d, fn=fn: fn(x, r, g, d, top_k, norm)  # noqa: E731
                 calls = max(1, iters // copies) * copies

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_matmul import (default_block_m, grouped_matmul,
-                                           grouped_matmul_reference, num_tiles, supported,
-                                           tile_map)
+                                           grouped_matmul_reference, num_tiles, row_tiles,
+                                           supported, tile_map)
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
@@ -53,6 +53,43 @@ def check(seed, rows, k, n, groups, kind, dtype, *, interpret=None, kernel=group
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=tol,
                                rtol=tol, err_msg=f"sizes {sizes.tolist()}")
     assert (np.asarray(got[sizes.sum():]) == 0).all()  # rows past the groups
+
+
+def check_row_groups(seed, rows, k, n, groups, dtype, *, interpret=None, kernel=grouped_matmul,
+                     **kwargs):
+    """`kernel` with row_groups (rows in any order, each its own group; some outside [0, G),
+    as a decode step's padding rows and another slice's experts are) against each row times
+    its group's matrix in float32; rows of no group exact zeros."""
+    rng = np.random.default_rng(seed)
+    row_groups = rng.integers(-1, groups + 1, rows).astype(np.int32)  # -1 and G: no group
+    row_groups[0] = rng.integers(groups)
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((groups, k, n)) * k ** -0.5, dtype)
+    got = kernel(x, w, row_groups=jnp.asarray(row_groups), interpret=interpret, **kwargs)
+    live = (row_groups >= 0) & (row_groups < groups)
+    x32, w32 = np.asarray(x, np.float32), np.asarray(w, np.float32)
+    want = np.stack([x32[r] @ w32[g] if ok else np.zeros(n, np.float32)
+                     for r, (g, ok) in enumerate(zip(row_groups, live))])
+    assert got.shape == (rows, n) and got.dtype == dtype
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol, rtol=tol,
+                               err_msg=f"row groups {row_groups.tolist()}")
+    assert (np.asarray(got)[~live] == 0).all()
+
+
+@pytest.mark.parametrize("rows,k,n,groups,dtype,kwargs", [
+    (16, 64, 32, 8, jnp.float32, {}), (5, 32, 48, 3, jnp.float32, {"block_m": 32}),
+    (40, 32, 16, 64, jnp.bfloat16, {})])
+def test_row_groups_match_each_rows_matrix(rows, k, n, groups, dtype, kwargs):
+    check_row_groups(rows, rows, k, n, groups, dtype, **kwargs)
+
+
+def test_row_tiles_one_tile_per_row():
+    group, block, first, end = map(np.asarray, row_tiles(jnp.asarray([3, -1, 0, 8, 7]), 8, 16))
+    np.testing.assert_array_equal(group, [3, 0, 0, 0, 7])
+    np.testing.assert_array_equal(block, [0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(first, [0, 0, 2, 0, 4])
+    np.testing.assert_array_equal(end, [1, 0, 3, 0, 5])  # rows 1 and 3 (no group): empty
 
 
 # (rows, K, N, groups, kind, dtype, kwargs): each layout, each block_m, several tile widths.
@@ -140,6 +177,12 @@ def test_bad_input_says_what_is_wrong():
         grouped_matmul(x, w, jnp.zeros((4,), jnp.int32), block_m=24)
     with pytest.raises(ValueError, match="one dtype"):
         grouped_matmul(x, w.astype(jnp.bfloat16), jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="not both or neither"):
+        grouped_matmul(x, w)
+    with pytest.raises(ValueError, match="not both or neither"):
+        grouped_matmul(x, w, jnp.zeros((4,), jnp.int32), row_groups=jnp.zeros(8, jnp.int32))
+    with pytest.raises(ValueError, match="one per row of x"):
+        grouped_matmul(x, w, row_groups=jnp.zeros(7, jnp.int32))
     assert not supported((8, 24), (4, 24, 16)) and supported((8, 32), (4, 32, 16))
 
 
@@ -166,6 +209,13 @@ def test_gpu_matches_ragged_dot(rows, k, n, groups, kind, dtype):
                                     {"block_n": 64, "num_warps": 4}, {"num_stages": 2}])
 def test_gpu_tile_variants(kwargs):
     check(5, 700, 1024, 512, 16, "random", jnp.bfloat16, interpret=False, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,k,n,groups", [(16, 2048, 1536, 128), (16, 768, 2048, 128),
+                                             (4, 4096, 14336, 8), (64, 2048, 1536, 128)])
+def test_gpu_row_groups(rows, k, n, groups):
+    check_row_groups(rows + k, rows, k, n, groups, jnp.bfloat16, interpret=False)
 
 
 @pytest.mark.gpu

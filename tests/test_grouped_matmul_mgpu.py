@@ -15,8 +15,10 @@ pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 from pallas_kernels.grouped_matmul_mgpu import grouped_matmul_mgpu, supported  # noqa: E402
 from pallas_kernels.paged_prefill_mgpu import hopper_gpu  # noqa: E402
 from test_grouped_matmul import check as check_kernel  # noqa: E402
+from test_grouped_matmul import check_row_groups as check_rows_kernel  # noqa: E402
 
 check = functools.partial(check_kernel, kernel=grouped_matmul_mgpu)
+check_row_groups = functools.partial(check_rows_kernel, kernel=grouped_matmul_mgpu)
 
 
 # (rows, K, N, groups, kind, dtype, kwargs)
@@ -31,6 +33,11 @@ CPU_CASES = [
 @pytest.mark.parametrize("rows,k,n,groups,kind,dtype,kwargs", CPU_CASES)
 def test_interpret_matches_ragged_dot(rows, k, n, groups, kind, dtype, kwargs):
     check(rows, rows, k, n, groups, kind, dtype, interpret=True, **kwargs)
+
+
+@pytest.mark.parametrize("rows,k,n,groups", [(16, 128, 128, 8), (70, 64, 256, 5)])
+def test_interpret_row_groups(rows, k, n, groups):
+    check_row_groups(rows, rows, k, n, groups, jnp.bfloat16, interpret=True)
 
 
 def test_bad_input_says_what_is_wrong():
@@ -58,3 +65,12 @@ def test_gpu_matches_ragged_dot(rows, k, n, groups, kind):
     if not hopper_gpu():
         pytest.skip("Mosaic GPU's wgmma needs a Hopper GPU")
     check(rows + n, rows, k, n, groups, kind, jnp.bfloat16, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,k,n,groups", [(16, 2048, 1536, 128), (16, 768, 2048, 128),
+                                             (4, 4096, 14336, 8), (64, 2048, 1536, 128)])
+def test_gpu_row_groups(rows, k, n, groups):
+    if not hopper_gpu():
+        pytest.skip("Mosaic GPU's wgmma needs a Hopper GPU")
+    check_row_groups(rows + k, rows, k, n, groups, jnp.bfloat16, interpret=False)

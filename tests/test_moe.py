@@ -113,11 +113,12 @@ def top_experts(args, top_k: int) -> np.ndarray:
 def grid_outputs(x, router_w, w_gate_up, w_down, top_k):
     """{(impl, norm_topk_prob): moe_mlp} and {norm_topk_prob: moe_mlp_reference}, in one
     compiled program per grid point (op by op, each op of each shape compiles on its own).
-    impl "pallas" is the grouped-matmul kernel (interpret mode on the CPU)."""
+    impl "pallas" is the grouped-matmul kernel (interpret mode on the CPU), "pallas_pairs" the
+    same by (token, expert) pair, unsorted."""
     args = (x, router_w, w_gate_up, w_down, top_k)
     got = {(impl, norm): moe_mlp(*args, norm, impl=impl)
            for impl, norm in [("ragged_dot", True), ("ragged_dot", False), ("gather", True),
-                              ("pallas", True)]}
+                              ("pallas", True), ("pallas_pairs", True)]}
     return got, {norm: moe_mlp_reference(*args, norm) for norm in (True, False)}
 
 
@@ -162,10 +163,11 @@ def test_moe_mlp_matches_transformers_block(family, norm):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_padding_rows_add_no_experts():
-    """Rows marked not valid (a step's padding) take row 0's experts with zero weight: the
-    valid rows' outputs are unchanged, the padding rows' are zero, and the step touches only
-    the valid rows' experts."""
+@pytest.mark.parametrize("impl", ["ragged_dot", "pallas_pairs"])
+def test_padding_rows_add_no_experts(impl):
+    """Rows marked not valid (a step's padding) take row 0's experts with zero weight (by
+    pair: no tile at all): the valid rows' outputs are unchanged, the padding rows' are zero,
+    and the step touches only the valid rows' experts."""
     num_tokens, num_experts, top_k = 6, 8, 2
     args = grid_inputs(num_tokens, num_experts, top_k, seed=4)
     valid = jnp.asarray([True, True, False, False, False, False])
@@ -178,7 +180,7 @@ def test_padding_rows_add_no_experts():
     assert set(np.asarray(ids).ravel()) == set(np.asarray(all_ids[:2]).ravel())
     assert set(np.asarray(all_ids).ravel()) - set(np.asarray(all_ids[:2]).ravel()), \
         "the padding rows' own routing should pick other experts (else this proves nothing)"
-    got = fast_jit(lambda *a: moe_mlp(*a, top_k, True, valid=valid))(*args)
+    got = fast_jit(lambda *a: moe_mlp(*a, top_k, True, impl=impl, valid=valid))(*args)
     want = fast_jit(moe_mlp_reference, static_argnums=(4, 5))(*args, top_k, True)
     np.testing.assert_allclose(np.asarray(got[:2]), np.asarray(want[:2]), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(got[2:]), 0)
@@ -223,7 +225,8 @@ def test_clear_routes_flags_near_ties():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 2, 9, 64, 333])
-@pytest.mark.parametrize("impl", ["auto", "pallas", "pallas_mgpu", "ragged_dot", "gather"])
+@pytest.mark.parametrize("impl", ["auto", "pallas", "pallas_mgpu", "pallas_pairs",
+                                  "pallas_mgpu_pairs", "ragged_dot", "gather"])
 def test_gpu_moe_mlp_bfloat16_engine_shapes(impl, num_tokens):
     """Each implementation compiled on the GPU, bf16, 64 experts of 256 (8 per token, hidden
     512: Qwen3-MoE's proportions), against the float32 reference of the same inputs."""
@@ -243,7 +246,7 @@ def test_gpu_moe_mlp_bfloat16_engine_shapes(impl, num_tokens):
                                atol=2e-2 * scale)
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "gather", "pallas"])
+@pytest.mark.parametrize("impl", ["ragged_dot", "gather", "pallas", "pallas_pairs"])
 def test_expert_slices_add_up_to_the_layer(impl):
     """Expert parallelism's contract: moe_mlp over a slice of the experts (expert_offset, the
     slice's weights) gives that slice's part; the parts of the 4 two-expert slices sum to the
@@ -260,7 +263,7 @@ def test_expert_slices_add_up_to_the_layer(impl):
 
 
 def test_auto_gathers_for_few_pairs_else_ragged_dot():
-    """impl="auto" (the GPU default): a step of few (token, expert) pairs (at most a quarter of
+    """impl="auto" on the CPU: a step of few (token, expert) pairs (at most a quarter of
     the experts) gathers its experts' weights, a larger one runs ragged_dot; both match the
     reference."""
     for tokens, grouped in ((1, False), (17, True)):
@@ -279,7 +282,7 @@ def test_expert_impl_choice():
         expert_impl("dense")
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas_mgpu"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas_mgpu", "pallas_pairs", "pallas_mgpu_pairs"])
 def test_kernels_in_bfloat16(impl):
     """The grouped-matmul kernels in bf16 (the Mosaic GPU one takes bf16 / f16 only; in its
     interpreter on the CPU) against the float32 reference, with starved experts and a decode

@@ -11,8 +11,11 @@ Per layer, over the step's packed row x [T, hidden]:
                pallas_kernels/grouped_matmul.py, Triton-lowered), "pallas_mgpu" (its Mosaic
                GPU twin, grouped_matmul_mgpu.py: bf16 / f16; else "pallas"), "ragged_dot"
                (`jax.lax.ragged_dot`), "gather" (each pair's expert weights gathered, a
-               batched matvec), or "auto" (gather for few pairs, else ragged_dot:
-               GATHER_MAX_PAIRS_PER_EXPERT).
+               batched matvec), or "auto" (the device's choice: `auto_impl`).
+               "pallas_pairs" / "pallas_mgpu_pairs" skip steps 2 and 4's sorting: each pair is
+               its own row and tile, in token order (the kernels' row_groups), for steps of
+               few tokens, where the sort, the group sizes and the gathers around the kernels
+               are a launch each and an expert picked by two tokens is read twice.
   4. combine   each pair's output gathered back to (token, slot) order, times its routing
                weight, summed over the k slots in float32.
 
@@ -58,6 +61,7 @@ they touch no extra experts; the bucket's extra rows still cost their matmul row
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Optional, Sequence
 
 import jax
@@ -69,8 +73,12 @@ from pallas_kernels.grouped_matmul_mgpu import grouped_matmul_mgpu
 from pallas_kernels.grouped_matmul_mgpu import supported as mgpu_supported
 from pallas_kernels.paged_prefill_mgpu import hopper_gpu
 
-ExpertImpl = Literal["auto", "pallas", "pallas_mgpu", "ragged_dot", "gather"]
-EXPERT_IMPLS = ("auto", "pallas", "pallas_mgpu", "ragged_dot", "gather")
+ExpertImpl = Literal["auto", "pallas", "pallas_mgpu", "pallas_pairs", "pallas_mgpu_pairs",
+                     "ragged_dot", "gather"]
+EXPERT_IMPLS = ("auto", "pallas", "pallas_mgpu", "pallas_pairs", "pallas_mgpu_pairs",
+                "ragged_dot", "gather")
+# the kernels run by (token, expert) pair, unsorted (moe_mlp): impl -> the kernel's impl
+PAIR_IMPLS = {"pallas_pairs": "pallas", "pallas_mgpu_pairs": "pallas_mgpu"}
 # "auto" on the CPU gathers where the step's (token, expert) pairs are at most this fraction of
 # the experts, else runs ragged_dot (on a GPU it runs the grouped-matmul kernel: see above). On
 # the 2-core CPU (float32, hidden 1024, 64 experts of 512, 8 per token), gather vs ragged_dot:
@@ -153,6 +161,12 @@ def moe_mlp(
     num_local = w_gate_up.shape[0]
     with jax.named_scope("route"):
         weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob, valid)
+    if impl in PAIR_IMPLS and _grouped_matmul(PAIR_IMPLS[impl], x, w_gate_up,
+                                              w_down) is not jax.lax.ragged_dot:
+        return _moe_by_pairs(x, weights, expert_ids, w_gate_up, w_down, PAIR_IMPLS[impl],
+                             valid, expert_offset)
+    impl = "ragged_dot" if impl in PAIR_IMPLS else impl  # shapes no kernel takes
+    with jax.named_scope("route"):
         order, group_sizes, pair_experts = group_pairs(expert_ids, num_local, expert_offset,
                                                        all_experts=router_w.shape[1])
     rows = x[order // top_k]  # [T * k, hidden]
@@ -167,6 +181,29 @@ def moe_mlp(
         per_slot = out[inverse].reshape(num_tokens, top_k, hidden).astype(jnp.float32)
         combined = jnp.einsum("tkh,tk->th", per_slot, weights)
     return combined.astype(x.dtype)
+
+
+def _moe_by_pairs(x, weights, expert_ids, w_gate_up, w_down, kernel_impl, valid,
+                  expert_offset):
+    """moe_mlp's experts and combine with each (token, slot) pair as its own row and tile, in
+    token order (the kernels' row_groups): no sort, no group sizes, no gathers to and from
+    the sorted order, at the price of reading an expert once per pair that picks it (the
+    impls "pallas_pairs" / "pallas_mgpu_pairs", for steps of few tokens). Pairs of padding
+    rows and of other slices' experts have no tile and give zeros."""
+    num_tokens, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    with jax.named_scope("experts"):
+        pair_experts = expert_ids.reshape(-1) - expert_offset  # out of range: another slice's
+        if valid is not None:
+            pair_experts = jnp.where(jnp.repeat(valid, top_k), pair_experts, -1)
+        rows = jnp.repeat(x, top_k, axis=0)  # [T * k, hidden]: pair p is token p // k
+        matmul = functools.partial(_grouped_matmul(kernel_impl, rows, w_gate_up, w_down),
+                                   row_groups=pair_experts)
+        gate, up = jnp.split(matmul(rows, w_gate_up), 2, axis=-1)
+        out = matmul(jax.nn.silu(gate) * up, w_down)
+    with jax.named_scope("combine"):
+        per_slot = out.reshape(num_tokens, top_k, hidden).astype(jnp.float32)
+        return jnp.einsum("tkh,tk->th", per_slot, weights).astype(x.dtype)
 
 
 def group_pairs(expert_ids: jax.Array, num_local: int, expert_offset=0,
