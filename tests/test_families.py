@@ -162,6 +162,20 @@ def test_block_sizes_give_the_same_tokens(family, block_size, tmp_path_factory):
     assert_hf_greedy_agrees(ref, ref.prompts, tokens, logprobs, f"block size {block_size}")
 
 
+@pytest.mark.parametrize("impl", ["pallas", "pallas_pairs"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_expert_kernels_in_the_engine_match_hf(family, impl, tmp_path_factory):
+    """The grouped-matmul kernels (interpret mode on the CPU), sorted by expert and by pair,
+    in the whole engine: prompt logits and greedy tokens as HF gives them (the default on the
+    CPU gathers or runs ragged_dot)."""
+    from jinfer.config import KernelConfig
+    ref = get_reference(family, tmp_path_factory)
+    llm = make_llm(ref, kernel_config=KernelConfig(moe_impl=impl))
+    assert_logits_match(llm, ref.prompts, ref.logits, f"{family}, moe_impl={impl}")
+    tokens, logprobs = greedy(llm, ref.prompts, GREEDY)
+    assert_hf_greedy_agrees(ref, ref.prompts, tokens, logprobs, f"moe_impl={impl}")
+
+
 def test_phi3_short_factors_within_the_original_context(tmp_path_factory):
     """max_model_len up to LongRoPE's original context (32): the short factors, which HF
     takes for sequences that short."""
