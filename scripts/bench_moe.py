@@ -32,8 +32,8 @@ Method (shared/benchmarking.md): a jitted lax.fori_loop of `iters` calls over `c
 separate weight sets (so consecutive calls do not find their experts in the 50 MB L2), compiled
 apart, median / min over --reps; every implementation's output is checked against
 moe_mlp_reference in float32 before it is timed (on the tokens whose top-k experts no bf16
-rounding of the router logits can change: moe.clear_routes); one that fails to compile or to match is
-reported (its error in the JSON) and the run goes on.
+rounding of the router logits can change: moe.clear_routes); one that fails to compile or
+to match is reported (its error in the JSON) and the run goes on.
 
   python scripts/bench_moe.py --out bench_moe.json
   python scripts/bench_moe.py --kernels --tokens 1 8 256 --out k.json  # + the kernels alone

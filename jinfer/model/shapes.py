@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from jinfer.loader.hf import load_hf_config, numpy_dtype
 from jinfer.model.config import LinearRopeScaling, ModelConfig, RopeScaling
-from jinfer.model.decoder import fuse_layer, num_params, param_shapes  # noqa: F401 (num_params: re-exported)
+from jinfer.model.decoder import (fuse_layer, num_params,  # noqa: F401 (num_params re-exported)
+                                  param_shapes)
 from jinfer.model.families import family_of
 
 # Numbers from each checkpoint's config.json on the Hugging Face Hub.
