@@ -145,3 +145,14 @@ def test_one_decode_step_sizes_the_scratch_of_longer_calls(tiny_model_dir):
                                               num_steps=n).compile().memory_analysis()
                   .temp_size_in_bytes for n in (1, 8))
     assert 0 < one and eight <= 1.05 * one
+
+
+@pytest.mark.parametrize("load_format", ["auto", "dummy"])
+def test_weights_that_do_not_fit_are_refused_before_loading(tiny_model_dir, monkeypatch,
+                                                            load_format):
+    """Weights larger than what JAX may allocate on the device (JAX takes 75% of a GPU unless
+    told otherwise) are refused before any is placed, with what to change."""
+    fake_device(monkeypatch, limit=2**16, in_use=0)  # the tiny model's weights: ~1 MB
+    with pytest.raises(ValueError, match=r"weights do not fit.*XLA_PYTHON_CLIENT_MEM_FRACTION.*"
+                                         r"tensor_parallel_size"):
+        LLM(str(tiny_model_dir), load_format=load_format, enable_compilation_cache=False)

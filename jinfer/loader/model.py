@@ -32,6 +32,7 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
     (load_format="dummy": a folder with config.json or a MODEL_SHAPES name), with the weights
     on the device in the run layout; with tensor_parallel_size > 1 in its sharded layout on the
     first N devices, each receiving only its shards (jinfer.runner.sharding)."""
+    from jinfer.runner.memory import check_weights_fit
     from jinfer.runner.sharding import tensor_parallel
     if load_format == "dummy":
         from jinfer.model.shapes import MODEL_SHAPES, random_run_params
@@ -45,6 +46,7 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
             config = load_hf_config(folder)
         # checked before any allocation
         tp = tensor_parallel(config, tensor_parallel_size, enable_expert_parallel)
+        check_weights_fit(config, DTYPES[dtype], tensor_parallel_size)
         params = (random_run_params(config, dtype, seed) if tp is None
                   else tp.random_params(config, dtype, seed))
         has_tokenizer = folder is not None and any(
@@ -56,6 +58,7 @@ def load_model(model, dtype: str, load_format: str = "auto", skip_tokenizer_init
     path = resolve_model_path(model)
     config, params, info = load_weights(path, dtype)
     tp = tensor_parallel(config, tensor_parallel_size, enable_expert_parallel)
+    check_weights_fit(config, DTYPES[dtype], tensor_parallel_size)
     tokenizer = None
     if not skip_tokenizer_init:
         tokenizer = (load_gguf_tokenizer(path, reader=info.get("gguf_reader"))
