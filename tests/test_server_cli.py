@@ -47,3 +47,15 @@ def test_warm_up_adds_a_burst_of_mixed_requests_where_no_cap_applies(tiny_model_
     cli.warm_up(llm, max_context=64)
     assert calls == [64, 64] and llm.stats()["num_compiles"] > 0  # the burst ran
     assert llm.engine.block_manager.is_whole()
+
+
+def test_server_claims_the_gpu_unless_told_otherwise():
+    """`jinfer serve` lets JAX take 95% of each GPU (not JAX's default 75%), so
+    --gpu-memory-utilization is nearly a fraction of the device as in vLLM; a fraction the
+    user set is kept."""
+    environ = {}
+    cli.claim_device_memory(environ)
+    assert environ == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
+    environ = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+    cli.claim_device_memory(environ)
+    assert environ == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}

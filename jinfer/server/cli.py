@@ -109,11 +109,25 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+# JAX's share of each GPU for the server process, unless XLA_PYTHON_CLIENT_MEM_FRACTION says:
+# the server owns its GPUs, so --gpu-memory-utilization is (nearly) a fraction of the whole
+# device, as in vLLM, and not of JAX's default 75% (a little is left to CUDA's own buffers).
+SERVER_JAX_MEMORY_FRACTION = "0.95"
+
+
+def claim_device_memory(environ=os.environ) -> None:
+    """Sets XLA_PYTHON_CLIENT_MEM_FRACTION to SERVER_JAX_MEMORY_FRACTION where it is unset;
+    before the first device use, when JAX reads it."""
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in environ:
+        environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = SERVER_JAX_MEMORY_FRACTION
+
+
 def serve(args: argparse.Namespace) -> int:
     from jinfer.api.llm import LLM
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    claim_device_memory()
     if args.num_processes != 1 or args.process_id != 0 or args.coordinator_address:
         try:
             join(args)
