@@ -19,6 +19,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_TEST_MEMORY_FRACTION = "0.15"
+
+
 class RemoteServer:
     """Starts the server with `args`, waits until /health answers, and stops it with SIGTERM.
 
@@ -30,6 +33,11 @@ class RemoteServer:
         self.api_key = api_key
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("JINFER_API_KEY", None)
+        if not any(env.get(name) for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                              "XLA_CLIENT_MEM_FRACTION")):
+            # on a GPU the test process may hold JAX's 75% already: the server takes a share
+            # beside it (not the 95% it claims when it owns the GPU); the tests' models are tiny
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = SERVER_TEST_MEMORY_FRACTION
         cmd = [sys.executable, "-m", "jinfer.server", *args, "--port", str(self.port)]
         if api_key:
             cmd += ["--api-key", api_key]

@@ -56,6 +56,7 @@ def test_server_claims_the_gpu_unless_told_otherwise():
     environ = {}
     cli.claim_device_memory(environ)
     assert environ == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
-    environ = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
-    cli.claim_device_memory(environ)
-    assert environ == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+    for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION"):
+        environ = {name: "0.5"}
+        cli.claim_device_memory(environ)
+        assert environ == {name: "0.5"}

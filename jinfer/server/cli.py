@@ -116,9 +116,11 @@ SERVER_JAX_MEMORY_FRACTION = "0.95"
 
 
 def claim_device_memory(environ=os.environ) -> None:
-    """Sets XLA_PYTHON_CLIENT_MEM_FRACTION to SERVER_JAX_MEMORY_FRACTION where it is unset;
-    before the first device use, when JAX reads it."""
-    if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in environ:
+    """Sets XLA_PYTHON_CLIENT_MEM_FRACTION to SERVER_JAX_MEMORY_FRACTION where neither it nor
+    its other name XLA_CLIENT_MEM_FRACTION is set; before the first device use, when JAX
+    reads it."""
+    if not any(name in environ for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                             "XLA_CLIENT_MEM_FRACTION")):
         environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = SERVER_JAX_MEMORY_FRACTION
 
 
