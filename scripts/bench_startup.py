@@ -10,6 +10,11 @@ compiles and is written); runs 2.. find it filled (the warm start issue 5 asks u
   python scripts/bench_startup.py --out startup.json            # the default model (GGUF)
   python scripts/bench_startup.py --model-shape smollm2-135m --out startup.json   # random
       weights of its shape (on the GPU machine, where the default model's file is not present)
+  python scripts/bench_startup.py --serve --model-shape llama3-1b --dtype bfloat16 --out s.json
+
+--serve times `jinfer serve` instead (python -m jinfer.server, its warm-up on): process start
+to GET /health answering (ready, the step shapes compiled), then one completion request of 16
+tokens at batch 1 (its time says whether the batch-1 fast path was ready), then SIGTERM.
 """
 
 from __future__ import annotations
@@ -63,6 +68,59 @@ def run_child(spec: dict, cache_dir: str) -> dict:
     return {**json.loads(line[len("RESULT "):]), "process_wall_s": wall}
 
 
+def run_server(spec: dict, cache_dir: str) -> dict:
+    """A `jinfer serve` process: seconds from spawn to /health, the first request's seconds
+    and tokens, and the seconds SIGTERM took to end it."""
+    import signal
+    import socket
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    model = spec["model_shape"] or spec["model"]
+    cmd = [sys.executable, "-m", "jinfer.server", *([model] if model else []),
+           "--port", str(port), "--dtype", spec["dtype"],
+           "--max-model-len", str(spec["max_model_len"])]
+    if spec["model_shape"]:
+        cmd += ["--load-format", "dummy"]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "JINFER_CACHE_DIR": cache_dir}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)
+        ready = time.perf_counter() - started
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as reply:
+            name = json.loads(reply.read())["data"][0]["id"]
+        body = json.dumps({"model": name, "prompt": list(range(1, 17)), "max_tokens": 16,
+                           "temperature": 0, "ignore_eos": True}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        sent = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            usage = json.loads(reply.read())["usage"]
+        first_request = time.perf_counter() - sent
+    finally:
+        stopping = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"ready_s": ready, "first_request_s": first_request,
+            "completion_tokens": usage["completion_tokens"],
+            "shutdown_s": time.perf_counter() - stopping}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M)")
@@ -71,18 +129,32 @@ def main() -> int:
     p.add_argument("--dtype", default="auto", help="as generate.py's default")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--warm-runs", type=int, default=2)
+    p.add_argument("--serve", action="store_true",
+                   help="time `jinfer serve` to ready and its first request instead")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     spec = {"model": args.model, "model_shape": args.model_shape, "dtype": args.dtype,
             "max_model_len": args.max_model_len}
+    run = run_server if args.serve else run_child
     with tempfile.TemporaryDirectory() as cache_dir:
-        cold = run_child(spec, cache_dir)
-        warm = [run_child(spec, cache_dir) for _ in range(args.warm_runs)]
+        cold = run(spec, cache_dir)
+        warm = [run(spec, cache_dir) for _ in range(args.warm_runs)]
     import jax  # after the children: the parent holds no device memory while they run
     result = {"spec": spec, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "cold": cold, "warm": warm}
     label = args.model_shape and f"{args.model_shape} (random weights)" or (
         args.model or "SmolLM2-135M-Instruct GGUF")
+    if args.serve:
+        print(f"\njinfer serve {label}, {args.dtype}, on {result['device']}: process start -> "
+              "ready (/health), then one 16-token request")
+        print("| run | ready s | first request s | tokens | SIGTERM to exit s |")
+        print("|---|---|---|---|---|")
+        for name, r in [("cold cache", cold)] + [(f"warm {i + 1}", r) for i, r in enumerate(warm)]:
+            print(f"| {name} | {r['ready_s']:.2f} | {r['first_request_s']:.3f} | "
+                  f"{r['completion_tokens']} | {r['shutdown_s']:.2f} |")
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        return 0
     print(f"\n{label}, {args.dtype}, on {result['device']}: process start -> first token")
     print("| run | import s | LLM() s | first token s | process wall s |\n|---|---|---|---|---|")
     for name, r in [("cold cache", cold)] + [(f"warm {i + 1}", r) for i, r in enumerate(warm)]:
