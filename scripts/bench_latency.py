@@ -70,6 +70,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-impl", default=None, choices=EXPERT_IMPLS,
                    help="how expert layers run their experts (KernelConfig.moe_impl; default: "
                         "the device's)")
+    p.add_argument("--decode-loop", default=None, choices=["scan", "while"],
+                   help="how multi-step decode calls loop (KernelConfig.decode_loop; default: "
+                        "the device's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
 
@@ -235,7 +238,7 @@ def jinfer_latency(spec: dict) -> dict:
     if spec.get("layer_stages") is not None:
         tiling = dataclasses.replace(tiling, stages=spec["layer_stages"])
     kernels = KernelConfig(decode_layer_kernel=spec["decode_layer_kernel"], layer_tiling=tiling,
-                           moe_impl=spec["moe_impl"])
+                           moe_impl=spec["moe_impl"], decode_loop=spec["decode_loop"])
     watch = CompileWatch()
     bandwidth = copy_bandwidth(spec["copy_bytes"])
     started = time.perf_counter()
@@ -384,7 +387,8 @@ def make_spec(args, model: str, config) -> dict:
             "hf_compile": args.hf_compile, "decode_layer_kernel": not args.no_layer_kernel,
             "layer_stages": args.layer_stages,
             "num_scheduler_steps": args.num_scheduler_steps,
-            "tensor_parallel_size": args.tensor_parallel_size, "moe_impl": args.moe_impl}
+            "tensor_parallel_size": args.tensor_parallel_size, "moe_impl": args.moe_impl,
+            "decode_loop": args.decode_loop}
 
 
 def main() -> int:

@@ -94,7 +94,8 @@ def jinfer_throughput(spec: dict) -> dict:
               max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"],
               max_num_batched_tokens=spec["max_num_batched_tokens"], gpu_memory_utilization=0.9,
               tensor_parallel_size=spec["tensor_parallel_size"],
-              kernel_config=KernelConfig(moe_impl=spec["moe_impl"]))
+              kernel_config=KernelConfig(moe_impl=spec["moe_impl"],
+                                         decode_loop=spec["decode_loop"]))
     load_s = time.perf_counter() - started
 
     warmup_s = timed_generate(llm, spec["warm_prompts"], spec["warm_output_lens"],
@@ -236,6 +237,7 @@ def make_spec(args, model: str, config) -> dict:
             "sweep": [b for b in sweep if b != max_num_seqs],
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "tensor_parallel_size": args.tensor_parallel_size, "moe_impl": args.moe_impl,
+            "decode_loop": args.decode_loop,
             "copy_bytes": (64 << 20) if args.cpu_smoke else 2 * GiB,
             "hf_batch_sizes": args.hf_batch_sizes,
             "hf_time_budget_s": 0.0 if args.quick else args.hf_time_budget,
