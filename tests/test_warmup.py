@@ -4,6 +4,7 @@ after which a default generate compiles nothing."""
 from __future__ import annotations
 
 from jinfer import LLM, SamplingParams
+from jinfer.runner.warmup import context_within_budget, warmup_program_count
 
 
 def test_default_warmup_is_bounded_and_covers_a_generate(tiny_model_dir):
@@ -12,6 +13,7 @@ def test_default_warmup_is_bounded_and_covers_a_generate(tiny_model_dir):
     # Greedy and default sampling, each: 11 one-prompt prefill buckets (16..512 tokens) and 7
     # batch buckets x 3 block-table widths (CPU: 128, 256 and 512 tokens).
     assert result["programs"] == 2 * (11 + 7 * 3)
+    assert warmup_program_count(llm.engine.runner, 512) == result["programs"]  # counted ahead
     assert llm.stats()["num_compiles"] == result["programs"]
     llm.generate(["Why is the sky blue?"], SamplingParams(temperature=0, max_tokens=40),
                  use_tqdm=False)
@@ -40,3 +42,14 @@ def test_scan_warmup_builds_every_step_count_and_covers_the_tails(tiny_model_dir
     llm.generate(["a", "b", "c"], params, use_tqdm=False)  # one-token prompts, as above
     assert llm.stats()["num_compiles"] == result["programs"]
     assert llm.engine.block_manager.is_whole()
+
+
+def test_a_capped_process_warms_what_its_budget_holds(tiny_model_dir):
+    """The server's warm-up context on a capped process (the CPU's 80 programs): the largest
+    of 2048, 1024, ... tokens whose programs fit the budget, counted without compiling."""
+    llm = LLM(str(tiny_model_dir), enable_compilation_cache=False, max_model_len=2048)
+    runner = llm.engine.runner
+    assert warmup_program_count(runner, 2048) == 2 * (11 + 7 * 5)  # widths 128 .. 2048: 92
+    assert context_within_budget(runner, 2048, 64) == 512  # 1024 would be 2 * (11 + 7 * 4)
+    assert context_within_budget(runner, 2048, 100) == 2048
+    assert runner.num_compiles == 0

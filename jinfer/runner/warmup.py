@@ -63,28 +63,55 @@ def warm_up(runner, max_context: int) -> dict:
     config, block_size = runner.config, runner.block_size
     started, before = time.perf_counter(), runner.num_compiles
     max_context = min(max_context, config.max_model_len)
-    buckets = runner.buckets
-    widths = _buckets(1, -(-max_context // block_size), buckets.blocks)
-    step_counts = [1, *decode_steps_buckets(config.num_scheduler_steps)]
-    for params in WARMUP_PARAMS:
-        for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context - 1),
-                               packed_tokens_bucket):
-            items = pad_block_items(1, tokens, tokens, block_size, params)
+    for params, prefill_tokens, decode in warmup_shapes(runner, max_context):
+        if prefill_tokens:
+            items = pad_block_items(1, prefill_tokens, prefill_tokens, block_size, params)
             runner.execute(*runner.prepare([], items, greedy_rows(items), 0))
-        for rows in _buckets(1, config.max_num_seqs, buckets.decode_rows):
-            per_count = runner.programs.loop(rows) != "while"
-            for width in widths:
-                items = pad_block_items(rows, min(width * block_size, max_context), 1,
-                                        block_size, params)
-                step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
-                for num_steps in (step_counts if per_count else [1]):
-                    runner.execute_decode_steps(step_input, flags, num_steps)
+            continue
+        rows, tokens, step_counts = decode
+        items = pad_block_items(rows, tokens, 1, block_size, params)
+        step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
+        for num_steps in step_counts:
+            runner.execute_decode_steps(step_input, flags, num_steps)
     result = {"programs": runner.num_compiles - before, "seconds": time.perf_counter() - started}
     logger.info("warm-up: built %d step programs (prompts up to %d tokens, batches up to %d, "
                 "contexts up to %d) in %.1f s", result["programs"],
                 config.max_num_batched_tokens, config.max_num_seqs, max_context,
                 result["seconds"])
     return result
+
+
+def warmup_shapes(runner, max_context: int):
+    """What warm_up runs, in order: (params, prompt tokens, None) for a prefill, (params, 0,
+    (rows, context tokens, step counts)) for a decode shape and the step counts built of it."""
+    config, block_size, buckets = runner.config, runner.block_size, runner.buckets
+    max_context = min(max_context, config.max_model_len)
+    widths = _buckets(1, -(-max_context // block_size), buckets.blocks)
+    step_counts = [1, *decode_steps_buckets(config.num_scheduler_steps)]
+    for params in WARMUP_PARAMS:
+        for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context - 1),
+                               packed_tokens_bucket):
+            yield params, tokens, None
+        for rows in _buckets(1, config.max_num_seqs, buckets.decode_rows):
+            counts = step_counts if runner.programs.loop(rows) != "while" else [1]
+            for width in widths:
+                yield params, 0, (rows, min(width * block_size, max_context), counts)
+
+
+def context_within_budget(runner, max_context: int, budget: int) -> int:
+    """The largest of max_context, max_context / 2, ... (down to one block) whose warm-up
+    builds at most `budget` programs: warming past a capped process's compile budget would
+    drop the programs it just built (jinfer.runner.steps)."""
+    while (max_context > runner.block_size
+           and warmup_program_count(runner, max_context) > budget):
+        max_context //= 2
+    return max_context
+
+
+def warmup_program_count(runner, max_context: int) -> int:
+    """The programs warm_up(runner, max_context) builds in a process that has none yet."""
+    return sum(1 if prefill else len(decode[2])
+               for _, prefill, decode in warmup_shapes(runner, max_context))
 
 
 def greedy_rows(items: list[ScheduledSequence]) -> list[SamplingRow]:

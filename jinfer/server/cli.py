@@ -204,6 +204,10 @@ class _Server(uvicorn.Server):
                         self.config.host, port)
 
 
+# Of a capped process's program budget (the CPU's), the share the start-up warm-up may fill.
+WARMUP_SHARE_OF_BUDGET = 0.8
+
+
 def warm_up(llm, max_context: int) -> None:
     """Compiles what the first requests would otherwise wait for: `LLM.warmup`'s shapes (one
     prompt per prefill, every decode batch), then, where no program cap applies (GPU), a burst
@@ -211,10 +215,18 @@ def warm_up(llm, max_context: int) -> None:
     multi-prompt prefills a server's traffic runs). A capped process (the CPU's compile budget)
     skips the burst: dropping the programs at the cap would drop the warm ones too."""
     from jinfer.api.sampling_params import SamplingParams
+    from jinfer.runner.warmup import context_within_budget
 
-    llm.warmup(max_context=max_context)
     runner = llm.engine.runner
-    if runner.programs.max_programs is not None:
+    cap = runner.programs.max_programs
+    if cap is not None:  # a capped process: warm what fits, leaving room for traffic's shapes
+        wanted, max_context = max_context, context_within_budget(
+            runner, max_context, int(WARMUP_SHARE_OF_BUDGET * cap))
+        if max_context < wanted:
+            logger.info("warm-up: contexts up to %d tokens (not %d): the process holds at most "
+                        "%d programs", max_context, wanted, cap)
+    llm.warmup(max_context=max_context)
+    if cap is not None:
         return
     started, before = time.perf_counter(), runner.num_compiles
     config = llm.config
