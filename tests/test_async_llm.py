@@ -148,3 +148,40 @@ def test_shutdown_aborts_what_is_left_and_refuses_new_requests(llm, monkeypatch)
 
     asyncio.run(main())
     assert llm.engine.block_manager.is_whole()
+
+
+def test_idle_work_runs_between_requests_and_a_failure_ends_it_only(llm, offline_texts):
+    """Idle work (the server's background warm-up) runs on the engine thread while no request
+    is there, one item at a time; requests are served meanwhile with their offline text; an
+    item that raises ends the idle work, not the engine."""
+    import threading
+    ran, gate = [], threading.Event()
+
+    def slow():  # holds the engine thread until the test's request is queued
+        gate.wait(5)
+        ran.append("slow")
+
+    def fail():
+        ran.append("fail")
+        raise RuntimeError("idle work broke")
+
+    work = [lambda: ran.append("first"), slow, fail, lambda: ran.append("never")]
+    engine = AsyncLLM(llm, idle_work=work)
+
+    async def main():
+        stream = _final(engine, PROMPTS[0])
+        task = asyncio.ensure_future(stream)
+        await asyncio.sleep(0.2)
+        gate.set()  # the request waits for at most the item that is running
+        return await task
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].outputs[0].text == offline_texts[0]
+    deadline = time.monotonic() + 5
+    while "fail" not in ran and time.monotonic() < deadline:
+        time.sleep(0.01)
+    again = asyncio.run(_final(engine, PROMPTS[1]))  # the engine serves on after the failure
+    assert again[-1].outputs[0].text == offline_texts[1]
+    assert ran == ["first", "slow", "fail"]
+    asyncio.run(engine.shutdown(timeout=1))
+    assert llm.engine.block_manager.is_whole()

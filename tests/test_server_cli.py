@@ -35,17 +35,28 @@ def test_the_api_key_comes_from_the_environment(monkeypatch):
     assert args.api_key == "from-env" and args.model is None
 
 
-def test_warm_up_adds_a_burst_of_mixed_requests_where_no_cap_applies(tiny_model_dir,
-                                                                     monkeypatch):
+def test_warm_up_readies_batch_one_and_leaves_the_rest_for_idle_time(tiny_model_dir):
+    """Before ready: the prefills and the one-sequence decodes; the other batches (and, with
+    no program cap, as on a GPU, a burst of mixed requests) come back as idle work, which
+    compiles them when run; the pool stays whole."""
+    from jinfer.runner.warmup import warmup_shapes
     llm = LLM(str(tiny_model_dir), num_kv_blocks=64, max_model_len=128, max_num_seqs=2,
               max_num_batched_tokens=16, enable_compilation_cache=False)
-    calls = []
-    monkeypatch.setattr(llm, "warmup", lambda max_context: calls.append(max_context))
-    cli.warm_up(llm, max_context=64)  # capped (the CPU's budget): warmup() alone
-    assert calls == [64] and llm.stats()["num_compiles"] == 0
-    llm.engine.runner.programs.max_programs = None  # as on a GPU
-    cli.warm_up(llm, max_context=64)
-    assert calls == [64, 64] and llm.stats()["num_compiles"] > 0  # the burst ran
+    runner = llm.engine.runner
+    shapes = warmup_shapes(runner, 64)
+    first = sum(s.num_programs for s in shapes if s.rows <= 1)
+    later = cli.warm_up(llm, max_context=64)  # capped (the CPU's budget): no burst
+    assert runner.num_compiles == first
+    assert len(later) == sum(s.rows > 1 for s in shapes) + 1  # + the closing log line
+    for work in later:
+        work()
+    assert runner.num_compiles == sum(s.num_programs for s in shapes)
+    runner.programs.max_programs = None  # as on a GPU
+    later = cli.warm_up(llm, max_context=64)
+    before = runner.num_compiles
+    for work in later:
+        work()
+    assert runner.num_compiles > before  # the burst's mixed steps
     assert llm.engine.block_manager.is_whole()
 
 

@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import AsyncIterator, Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from jinfer.api.llm import LLM
 from jinfer.api.outputs import RequestOutput
@@ -76,10 +76,14 @@ class AsyncLLM:
       model_name: the `model_name` label of the metrics.
       max_pending_requests: most unfinished requests at once; `generate` refuses more with
         ValueError (the server answers 503). None: no limit.
+      idle_work: callables the engine thread runs one at a time while it has no request (the
+        server's background warm-up); a request that arrives meanwhile waits for at most the
+        one running. One that raises is logged and ends the idle work; serving goes on.
     """
 
     def __init__(self, llm: LLM, model_name: str = "jinfer",
-                 max_pending_requests: Optional[int] = None):
+                 max_pending_requests: Optional[int] = None,
+                 idle_work: Iterable[Callable[[], object]] = ()):
         self.llm = llm
         self.engine = llm.engine
         self.tokenizer = llm.tokenizer
@@ -92,6 +96,7 @@ class AsyncLLM:
         self._num_pending = 0  # requests added and not yet finished (event-loop side count)
         self._accepting = True
         self._stop = threading.Event()
+        self._idle_work: Optional[Iterator[Callable[[], object]]] = iter(idle_work)
         self._thread = threading.Thread(target=self._run, name="jinfer-engine", daemon=True)
         self._thread.start()
 
@@ -177,13 +182,29 @@ class AsyncLLM:
     def _run(self) -> None:
         while not (self._stop.is_set() and not self.engine.has_unfinished_requests()):
             try:
-                self._apply_commands(block=not self.engine.has_unfinished_requests())
+                idle = self._idle_work is not None
+                self._apply_commands(block=not (idle or self.engine.has_unfinished_requests()))
                 if self.engine.has_unfinished_requests():
                     self._step()
+                elif idle:
+                    self._run_idle_work()
             except Exception as exc:  # the device call or the host loop failed
                 logger.exception("engine step failed; failing the requests it held")
                 self._fail_all(EngineError(f"the engine failed while running this request: "
                                            f"{type(exc).__name__}: {exc}"))
+
+    def _run_idle_work(self) -> None:
+        """Runs the next idle-work item; past the last (or a failed one), idles no more."""
+        try:
+            work = next(self._idle_work)
+        except StopIteration:
+            self._idle_work = None
+            return
+        try:
+            work()
+        except Exception:  # noqa: BLE001 (the work is optional: serving goes on)
+            logger.exception("idle work failed; no more of it runs")
+            self._idle_work = None
 
     def _step(self) -> None:
         started = time.monotonic()

@@ -12,8 +12,10 @@ StepBuckets.reuse_larger_prefill).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from typing import Optional, Sequence
 
 from jinfer.model.kv_cache import PAD_BLOCK
 from jinfer.model.sampler import SamplingRow
@@ -53,26 +55,49 @@ def _buckets(first: int, last: int, bucket) -> list[int]:
     return values
 
 
-def warm_up(runner, max_context: int) -> dict:
-    """Runs, on the pad block, for each sampler variant of WARMUP_PARAMS: the prefill of one
-    prompt for every packed token bucket up to max_num_batched_tokens, and the decode program for every batch bucket up to max_num_seqs
-    and every block-table width up to max_context tokens (with the "while" decode loop, one
-    program for every step count; unrolled calls and the "scan" loop, the GPU's, have one per
-    step count, and each is built: jinfer.runner.steps).
+@dataclasses.dataclass(frozen=True)
+class WarmupShape:
+    """One shape warm-up builds: the prefill of one prompt of `prompt_tokens` tokens, or (when
+    that is 0) a decode of `rows` rows at `context` tokens, once per step count of
+    `step_counts` (each its own program); with sampler variant `params`."""
+
+    params: SamplingParams
+    prompt_tokens: int = 0
+    rows: int = 0
+    context: int = 0
+    step_counts: tuple[int, ...] = ()
+
+    @property
+    def num_programs(self) -> int:
+        return 1 if self.prompt_tokens else len(self.step_counts)
+
+    def run(self, runner) -> None:
+        """Runs the shape's steps on the pad block (compiling them where new)."""
+        block_size = runner.block_size
+        if self.prompt_tokens:
+            items = pad_block_items(1, self.prompt_tokens, self.prompt_tokens, block_size,
+                                    self.params)
+            runner.execute(*runner.prepare([], items, greedy_rows(items), 0))
+            return
+        items = pad_block_items(self.rows, self.context, 1, block_size, self.params)
+        step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
+        for num_steps in self.step_counts:
+            runner.execute_decode_steps(step_input, flags, num_steps)
+
+
+def warm_up(runner, max_context: int, shapes: Optional[Sequence[WarmupShape]] = None) -> dict:
+    """Runs, on the pad block, `shapes` (default: every one of `warmup_shapes(runner,
+    max_context)`): for each sampler variant of WARMUP_PARAMS, the prefill of one prompt for
+    every packed token bucket up to max_num_batched_tokens, and the decode program for every
+    batch bucket up to max_num_seqs and every block-table width up to max_context tokens (with
+    the "while" decode loop, one program for every step count; unrolled calls and the "scan"
+    loop, the GPU's, have one per step count, and each is built: jinfer.runner.steps).
     Returns {"programs": programs built, "seconds": time taken}."""
-    config, block_size = runner.config, runner.block_size
+    config = runner.config
     started, before = time.perf_counter(), runner.num_compiles
     max_context = min(max_context, config.max_model_len)
-    for params, prefill_tokens, decode in warmup_shapes(runner, max_context):
-        if prefill_tokens:
-            items = pad_block_items(1, prefill_tokens, prefill_tokens, block_size, params)
-            runner.execute(*runner.prepare([], items, greedy_rows(items), 0))
-            continue
-        rows, tokens, step_counts = decode
-        items = pad_block_items(rows, tokens, 1, block_size, params)
-        step_input, flags = runner.prepare(items, [], greedy_rows(items), 0)
-        for num_steps in step_counts:
-            runner.execute_decode_steps(step_input, flags, num_steps)
+    for shape in warmup_shapes(runner, max_context) if shapes is None else shapes:
+        shape.run(runner)
     result = {"programs": runner.num_compiles - before, "seconds": time.perf_counter() - started}
     logger.info("warm-up: built %d step programs (prompts up to %d tokens, batches up to %d, "
                 "contexts up to %d) in %.1f s", result["programs"],
@@ -81,21 +106,22 @@ def warm_up(runner, max_context: int) -> dict:
     return result
 
 
-def warmup_shapes(runner, max_context: int):
-    """What warm_up runs, in order: (params, prompt tokens, None) for a prefill, (params, 0,
-    (rows, context tokens, step counts)) for a decode shape and the step counts built of it."""
+def warmup_shapes(runner, max_context: int) -> list[WarmupShape]:
+    """The shapes warm_up builds, in order (see warm_up)."""
     config, block_size, buckets = runner.config, runner.block_size, runner.buckets
     max_context = min(max_context, config.max_model_len)
     widths = _buckets(1, -(-max_context // block_size), buckets.blocks)
-    step_counts = [1, *decode_steps_buckets(config.num_scheduler_steps)]
+    step_counts = (1, *decode_steps_buckets(config.num_scheduler_steps))
+    shapes = []
     for params in WARMUP_PARAMS:
-        for tokens in _buckets(1, min(config.max_num_batched_tokens, max_context - 1),
-                               packed_tokens_bucket):
-            yield params, tokens, None
+        shapes += [WarmupShape(params, prompt_tokens=tokens) for tokens in _buckets(
+            1, min(config.max_num_batched_tokens, max_context - 1), packed_tokens_bucket)]
         for rows in _buckets(1, config.max_num_seqs, buckets.decode_rows):
-            counts = step_counts if runner.programs.loop(rows) != "while" else [1]
-            for width in widths:
-                yield params, 0, (rows, min(width * block_size, max_context), counts)
+            counts = step_counts if runner.programs.loop(rows) != "while" else (1,)
+            shapes += [WarmupShape(params, rows=rows, step_counts=counts,
+                                   context=min(width * block_size, max_context))
+                       for width in widths]
+    return shapes
 
 
 def context_within_budget(runner, max_context: int, budget: int) -> int:
@@ -110,8 +136,7 @@ def context_within_budget(runner, max_context: int, budget: int) -> int:
 
 def warmup_program_count(runner, max_context: int) -> int:
     """The programs warm_up(runner, max_context) builds in a process that has none yet."""
-    return sum(1 if prefill else len(decode[2])
-               for _, prefill, decode in warmup_shapes(runner, max_context))
+    return sum(shape.num_programs for shape in warmup_shapes(runner, max_context))
 
 
 def greedy_rows(items: list[ScheduledSequence]) -> list[SamplingRow]:

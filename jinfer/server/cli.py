@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -164,9 +165,10 @@ def _serve(llm, args: argparse.Namespace) -> int:
     from jinfer.server.app import ServerLimits, build_app
 
     name = args.served_model_name or _model_name(args.model)
-    if args.warmup:
-        warm_up(llm, args.warmup_max_context or min(llm.config.max_model_len, 2048))
-    async_llm = AsyncLLM(llm, model_name=name, max_pending_requests=args.max_pending_requests)
+    background = (warm_up(llm, args.warmup_max_context or min(llm.config.max_model_len, 2048))
+                  if args.warmup else [])
+    async_llm = AsyncLLM(llm, model_name=name, max_pending_requests=args.max_pending_requests,
+                         idle_work=background)
     limits = ServerLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes)
     app = build_app(async_llm, name, api_key=args.api_key, limits=limits,
                     shutdown_timeout=args.shutdown_timeout)
@@ -208,14 +210,16 @@ class _Server(uvicorn.Server):
 WARMUP_SHARE_OF_BUDGET = 0.8
 
 
-def warm_up(llm, max_context: int) -> None:
-    """Compiles what the first requests would otherwise wait for: `LLM.warmup`'s shapes (one
-    prompt per prefill, every decode batch), then, where no program cap applies (GPU), a burst
-    of requests of mixed lengths (prompts arriving while others decode: the mixed steps and
-    multi-prompt prefills a server's traffic runs). A capped process (the CPU's compile budget)
-    skips the burst: dropping the programs at the cap would drop the warm ones too."""
-    from jinfer.api.sampling_params import SamplingParams
-    from jinfer.runner.warmup import context_within_budget
+def warm_up(llm, max_context: int) -> list:
+    """Compiles what the first requests would otherwise wait for, in two parts. Before the
+    server reports ready: the one-prompt prefills and the decode of one sequence (the batch-1
+    path) of `LLM.warmup`'s shapes. Returned, for the engine thread to run while it has no
+    request (AsyncLLM's idle_work): the other decode batches, then, where no program cap
+    applies (GPU), a burst of requests of mixed lengths (prompts arriving while others decode:
+    the mixed steps and multi-prompt prefills a server's traffic runs). A capped process (the
+    CPU's compile budget) warms contexts that fit its budget and skips the burst: dropping the
+    programs at the cap would drop the warm ones too."""
+    from jinfer.runner.warmup import context_within_budget, warm_up as warm_shapes, warmup_shapes
 
     runner = llm.engine.runner
     cap = runner.programs.max_programs
@@ -225,9 +229,27 @@ def warm_up(llm, max_context: int) -> None:
         if max_context < wanted:
             logger.info("warm-up: contexts up to %d tokens (not %d): the process holds at most "
                         "%d programs", max_context, wanted, cap)
-    llm.warmup(max_context=max_context)
-    if cap is not None:
-        return
+    shapes = warmup_shapes(runner, max_context)
+    first = [shape for shape in shapes if shape.rows <= 1]
+    warm_shapes(runner, max_context, first)
+    later = [functools.partial(shape.run, runner) for shape in shapes if shape.rows > 1]
+    if cap is None:
+        later.append(functools.partial(_warm_up_burst, llm, max_context))
+    started = time.perf_counter()
+
+    def done():
+        logger.info("background warm-up done: %d step programs in this process, %.1f s after "
+                    "ready", runner.num_compiles, time.perf_counter() - started)
+
+    later.append(done)
+    return later
+
+
+def _warm_up_burst(llm, max_context: int) -> None:
+    """A burst of requests of mixed lengths through the engine (on its thread)."""
+    from jinfer.api.sampling_params import SamplingParams
+
+    runner = llm.engine.runner
     started, before = time.perf_counter(), runner.num_compiles
     config = llm.config
     longest = max(16, min(2 * config.max_num_batched_tokens, max_context // 2))
