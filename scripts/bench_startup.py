@@ -144,26 +144,24 @@ def main() -> int:
               "cold": cold, "warm": warm}
     label = args.model_shape and f"{args.model_shape} (random weights)" or (
         args.model or "SmolLM2-135M-Instruct GGUF")
+    runs = [("cold cache", cold)] + [(f"warm {i + 1}", r) for i, r in enumerate(warm)]
     if args.serve:
         print(f"\njinfer serve {label}, {args.dtype}, on {result['device']}: process start -> "
               "ready (/health), then one 16-token request")
-        print("| run | ready s | first request s | tokens | SIGTERM to exit s |")
-        print("|---|---|---|---|---|")
-        for name, r in [("cold cache", cold)] + [(f"warm {i + 1}", r) for i, r in enumerate(warm)]:
-            print(f"| {name} | {r['ready_s']:.2f} | {r['first_request_s']:.3f} | "
-                  f"{r['completion_tokens']} | {r['shutdown_s']:.2f} |")
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        return 0
-    print(f"\n{label}, {args.dtype}, on {result['device']}: process start -> first token")
-    print("| run | import s | LLM() s | first token s | process wall s |\n|---|---|---|---|---|")
-    for name, r in [("cold cache", cold)] + [(f"warm {i + 1}", r) for i, r in enumerate(warm)]:
-        print(f"| {name} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['first_token_s']:.2f} "
-              f"| {r['process_wall_s']:.2f} |")
+        columns = ("ready s", "first request s", "tokens", "SIGTERM to exit s")
+        cells = lambda r: (f"{r['ready_s']:.2f}", f"{r['first_request_s']:.3f}",  # noqa: E731
+                           str(r["completion_tokens"]), f"{r['shutdown_s']:.2f}")
+    else:
+        print(f"\n{label}, {args.dtype}, on {result['device']}: process start -> first token")
+        columns = ("import s", "LLM() s", "first token s", "process wall s")
+        cells = lambda r: (f"{r['import_s']:.2f}", f"{r['load_s']:.2f}",  # noqa: E731
+                           f"{r['first_token_s']:.2f}", f"{r['process_wall_s']:.2f}")
+    print("| run | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    for name, r in runs:
+        print(f"| {name} | " + " | ".join(cells(r)) + " |")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
