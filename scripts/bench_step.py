@@ -19,9 +19,8 @@ import numpy as np
 from jinfer.model.attention import default_attention_backend
 from jinfer.config import EngineConfig
 from jinfer.model.kv_cache import init_kv_cache
-from jinfer.model.decoder import prepare_params
 from jinfer.model.sampler import SamplingRow
-from jinfer.model.shapes import MODEL_SHAPES, random_params
+from jinfer.model.shapes import MODEL_SHAPES, random_run_params
 from jinfer.runner.model_runner import ModelRunner
 from jinfer.api.sampling_params import SamplingParams
 from jinfer.engine.scheduler import ScheduledSequence
@@ -84,7 +83,7 @@ def main() -> int:
     engine_config = EngineConfig(max_model_len=max(args.context, args.prefill) * 2,
                                  max_num_seqs=max(args.batch),
                                  attention_backend=args.attention_backend)
-    params = prepare_params(random_params(config, args.dtype))  # made and fused on device
+    params = random_run_params(config, args.dtype)  # made and fused on device, a layer at a time
     pool = init_kv_cache(config, num_blocks, engine_config.block_size, DTYPES[args.dtype])
     runner = ModelRunner(config, engine_config, params, pool)
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(runner.params))
