@@ -12,15 +12,15 @@ default); `supported` says, and the caller falls back to the Triton kernel other
 Built on JAX's `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` (per output tile a pipelined
 K loop of TMA copies into shared memory and wgmma into a register accumulator, then a ladder of
 power-of-two TMA stores for the tile's rows), with one change that matters at decode sizes: the
-work list. JAX's kernel walks every (row block, group)
-pair its unrolled loop over the groups can map a tile to, so a group with no rows whose boundary
-falls inside a row block still runs its K loop and reads its matrix, and so does every tile
-past the real ones (as group 0): by its code, a decode step of 8 rows over 128 experts runs 128
-tiles, most of them reading an expert without rows (not measured here). Here the tiles are `grouped_matmul.tile_map`'s
-(group, row block) pairs of groups that have rows, computed before the kernel; tiles past their
-count, and so every expert without rows, do nothing. One CTA a (tile, column block), not JAX's
-persistent loop over the SMs: the empty tiles end at once, and the grid needs no loop API that
-changed across JAX versions.
+work list. JAX's kernel walks every (row block, group) pair its unrolled loop over the groups
+can map a tile to, so a group with no rows whose boundary falls inside a row block still runs
+its K loop and reads its matrix, and so does every tile past the real ones (as group 0): by its
+code, a decode step of 8 rows over 128 experts runs 128 tiles, most of them reading an expert
+without rows (not measured here). Here the tiles are `grouped_matmul.tile_map`'s (group, row
+block) pairs of groups that have rows (or `row_tiles`' one per row), computed before the
+kernel; tiles past their count, and so every expert without rows, do nothing. One CTA a
+(tile, column block), not JAX's persistent loop over the SMs: the empty tiles end at once, and
+the grid needs no loop API that changed across JAX versions.
 
 Rows: the tile's row block is block_m (64, one warpgroup's wgmma M) rows of x, padded to a
 multiple of block_m; only the tile's own rows [first, end) are stored. Rows past the groups are

@@ -13,10 +13,9 @@ Three kinds of program (each compiled once per shape bucket and sampler flags):
     "scan"      the count is static (a scan of that length): one program per count (8, 4, 2,
                 1). The GPU default: XLA:GPU decides each iteration of a dynamic-count while
                 loop on the host (the predicate is copied back and the stream waits). Offline
-                throughput on the H100 was 36,087 output tok/s with static counts (session 11)
-                and 26,851 after the engine moved to "while" (session 17; BENCHMARKS.md), in
-                the same 147 engine steps, while batch 1 (unrolled) kept its speed: the loop
-                is the suspect, "scan" restores what was measured; not yet re-measured.
+                throughput on the H100 was 36,087 output tok/s with static counts (session 11),
+                26,851 after the engine moved to "while" (session 17), in the same 147 engine
+                steps, and 37,096 with "scan" (session 18; BENCHMARKS.md).
     "unrolled"  calls of at most `unroll_max_rows` rows (GPU) run their steps as straight-line
                 code, one program per count (no per-step graph launch: 956.5 vs 937.8 tok/s
                 at batch 1 on an H100).
@@ -126,9 +125,9 @@ def _decode_steps(params, kv_cache, step_input: StepInput, num_steps, *, max_ste
     single steps would show it.
 
     `num_steps` [] int32 steps run, at most `max_steps`, with loop (static) "while"; with
-    "scan" or "unrolled" exactly `max_steps` run (a scan, or straight-line code). Returns (SamplerOutput fields [max_steps, S], rows
-    past `num_steps` zero; the pool; the last step's sampled tokens [rows], the input of a
-    call that continues these rows)."""
+    "scan" or "unrolled" exactly `max_steps` run (a scan, or straight-line code). Returns
+    (SamplerOutput fields [max_steps, S], rows past `num_steps` zero; the pool; the last
+    step's sampled tokens [rows], the input of a call that continues these rows)."""
     meta = step_input.attention.decode
     tables, block_size = meta.block_tables, kv_cache.block_size  # [rows, width]
     live = meta.context_lens > 0  # [rows]; padding rows stay empty and write to the pad block
