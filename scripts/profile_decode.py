@@ -4,9 +4,12 @@
 Random weights of a real model's shape (jinfer.model.shapes), greedy, ignore_eos. After a warm-up
 generate of the same shape, one generate runs under the profiler; the trace's device events are
 grouped by kernel name and reported per decoded token: how many kernels a token launches, how long
-they run, how much of the wall time the GPU sits idle, and the kernels that cost the most.
+they run, how much of the wall time the GPU sits idle, and the kernels that cost the most; and
+per model scope (the named scopes on each kernel's op_name: attention, mlp and a mixture of
+experts' route / experts / combine, all_reduce under tensor parallelism, lm_head, sampler).
 
   python scripts/profile_decode.py --model-shape llama3-1b --batch 1 --out prof.json
+  python scripts/profile_decode.py --model-shape llama3-8b -tp 2 --out prof.json  # all_reduce
   python scripts/profile_decode.py --model-shape smollm2-135m --batch 1 --cpu   # the CPU's ops
   XLA_FLAGS=--xla_dump_to=/tmp/hlo python scripts/profile_decode.py ...         # and the HLO
 """
@@ -30,11 +33,11 @@ from bench_common import device_events  # noqa: E402
 
 
 def trace_events(trace_dir: str, device_prefix: str):
-    """(device events, host events): (name, start_ns, duration_ns) of every event on the device
-    planes' stream lines, and of the host plane's driver-API and XLA runtime events (kernel
+    """(device events, host events): (name, start_ns, duration_ns, stats) of every event on
+    the device planes' stream lines, and (name, start_ns, duration_ns) of the host plane's driver-API and XLA runtime events (kernel
     launches, graph launches, copies, synchronisation, thunk execution); none with --cpu,
     where the host's XLA plane is the device plane."""
-    device = [e[:3] for e in device_events(trace_dir, device_prefix)]
+    device = device_events(trace_dir, device_prefix)
     host = [e[:3] for e in device_events(trace_dir, "/host")
             if not device_prefix.startswith("/host")
             and (e[0].startswith("cu") or "Thunk" in e[0] or "CommandBuffer" in e[0])]
@@ -48,7 +51,7 @@ def idle_gaps(events) -> list[list[float]]:
     """[upper bound us, count, total ms] of the idle gaps between consecutive device events."""
     bins = [[bound, 0, 0.0] for bound in GAP_BINS_US]
     end = None
-    for _, start, duration in sorted(events, key=lambda e: e[1]):
+    for _, start, duration, *_ in sorted(events, key=lambda e: e[1]):
         if end is not None and start > end:
             gap_us = (start - end) / 1e3
             row = next(b for b in bins if gap_us < b[0])
@@ -62,7 +65,7 @@ def long_gaps(events, min_us: float = 100.0, limit: int = 20) -> list[dict]:
     """The idle gaps of at least min_us: when (ms from the first event), how long, and the
     kernels on either side (where the device waits on the host)."""
     found, end, last, first = [], None, None, None
-    for name, start, duration in sorted(events, key=lambda e: e[1]):
+    for name, start, duration, *_ in sorted(events, key=lambda e: e[1]):
         first = start if first is None else first
         if end is not None and (start - end) / 1e3 >= min_us:
             found.append({"at_ms": (end - first) / 1e6, "us": (start - end) / 1e3,
@@ -78,7 +81,8 @@ def event_sequence(events, count: int) -> list[list]:
     ordered = sorted(events, key=lambda e: e[1])
     start = max(1, len(ordered) // 2 - count // 2)
     rows = []
-    for prev, (name, begin, duration) in zip(ordered[start - 1:], ordered[start:start + count]):
+    for prev, (name, begin, duration, *_) in zip(ordered[start - 1:],
+                                                 ordered[start:start + count]):
         rows.append([name, duration / 1e3, (begin - prev[1] - prev[2]) / 1e3])
     return rows
 
@@ -86,16 +90,40 @@ def event_sequence(events, count: int) -> list[list]:
 def per_name(events) -> list[list]:
     """[name, count, total us] per distinct event name, costliest first."""
     totals = collections.defaultdict(lambda: [0, 0.0])
-    for name, _, duration in events:
+    for name, _, duration, *_ in events:
         totals[name][0] += 1
         totals[name][1] += duration / 1e3
+    return sorted(([n, c, t] for n, (c, t) in totals.items()), key=lambda r: -r[2])
+
+
+# The model's named scopes (jinfer.model.decoder, moe, runner.steps), innermost last.
+SCOPES = ("attention", "mlp", "route", "experts", "combine", "all_reduce", "lm_head", "sampler")
+
+
+def scope_of(op_name: str) -> str:
+    """The model scopes on a kernel's op_name path ("jit(f)/.../layer_3/mlp/experts/dot" ->
+    "mlp/experts"); "other" for an op outside them (embedding, the step loop's own ops), "no
+    op name" for an event the profiler gave none (copies; kernels it could not map)."""
+    if not op_name:
+        return "no op name"
+    return "/".join(part for part in op_name.split("/") if part in SCOPES) or "other"
+
+
+def per_scope(events) -> list[list]:
+    """[scope, kernel count, total us] per model scope (`scope_of` each event's `tf_op`
+    stat: the op_name XLA gives its kernels), costliest first."""
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for event in events:
+        row = totals[scope_of(str(event[3].get("tf_op", "")))]
+        row[0] += 1
+        row[1] += event[2] / 1e3
     return sorted(([n, c, t] for n, (c, t) in totals.items()), key=lambda r: -r[2])
 
 
 def busy_ns(events) -> float:
     """Length of the union of the events' intervals."""
     total, end = 0.0, -1.0
-    for _, start, duration in sorted(events, key=lambda e: e[1]):
+    for _, start, duration, *_ in sorted(events, key=lambda e: e[1]):
         stop = start + duration
         if stop > end:
             total += stop - max(start, end)
@@ -122,6 +150,9 @@ def main() -> int:
                    help="also list this many consecutive device events from the middle of the "
                         "traced generate (name, duration, idle gap before): one step's kernels "
                         "in order")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="LLM's tensor_parallel_size; the tables are then device 0's kernels "
+                        "(the all_reduce scope: the collectives' share of a step)")
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                    help="LLM's gpu_memory_utilization (raise it for models over a third of the "
@@ -144,6 +175,8 @@ def main() -> int:
                   num_scheduler_steps=args.num_scheduler_steps,
                   kernel_config=KernelConfig(decode_layer_kernel=not args.no_layer_kernel,
                                               moe_impl=args.moe_impl))
+    if args.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     if args.attention_backend:
         kwargs["attention_backend"] = args.attention_backend
     if not args.cpu:
@@ -170,7 +203,9 @@ def main() -> int:
     t_first = min(prefill_only() for _ in range(3))
     decode_tok_s = args.batch * (args.tokens - 1) / (t_full - t_first)
 
-    prefix = "/host:CPU" if args.cpu else "/device:GPU"
+    # under tensor parallelism every device runs the same kernels: device 0's stand for all
+    prefix = "/host:CPU" if args.cpu else (
+        "/device:GPU:0" if args.tensor_parallel_size > 1 else "/device:GPU")
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         started = time.perf_counter()
@@ -184,20 +219,21 @@ def main() -> int:
 
     kernels = per_name(events)
     tokens = args.tokens  # steps: one prefill + (tokens - 1) decodes
-    span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
+    span = max(e[1] + e[2] for e in events) - min(e[1] for e in events)
     busy = busy_ns(events)
     kernel_ns = 1e3 * sum(row[2] for row in kernels)
     gaps = idle_gaps(events)
     result = {
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "model_shape": args.model_shape, "batch": args.batch, "prompt_len": args.prompt_len,
+        "model_shape": args.model_shape, "tensor_parallel_size": args.tensor_parallel_size,
+        "batch": args.batch, "prompt_len": args.prompt_len,
         "tokens": args.tokens, "num_scheduler_steps": args.num_scheduler_steps,
         "decode_tok_s": decode_tok_s, "decode_ms_per_step": 1e3 * (t_full - t_first) / (
             args.tokens - 1),
         "traced_wall_ms": wall_ns / 1e6, "device_span_ms": span / 1e6,
         "device_busy_ms": busy / 1e6, "kernel_ms": kernel_ns / 1e6,
         "kernels": len(events), "kernels_per_token": len(events) / tokens,
-        "top": kernels[:args.top], "idle_gaps": gaps, "long_gaps": long_gaps(events),
+        "top": kernels[:args.top], "scopes": per_scope(events), "idle_gaps": gaps, "long_gaps": long_gaps(events),
         "host": per_name(host_events)[:args.top],
         "sequence": event_sequence(events, args.sequence),
     }
@@ -211,6 +247,10 @@ def main() -> int:
     for name, count, total_us in result["top"]:
         print(f"| {name[:90]} | {count} | {count / tokens:.1f} | {total_us / 1e3:.2f} | "
               f"{total_us / count:.1f} | {100 * total_us * 1e3 / kernel_ns:.1f}% |")
+    print("\n| model scope | kernels per token | us per token | share |\n|---|---|---|---|")
+    for scope, count, total_us in result["scopes"]:
+        print(f"| {scope} | {count / tokens:.1f} | {total_us / tokens:,.1f} | "
+              f"{100 * total_us * 1e3 / kernel_ns:.1f}% |")
     print("\nidle gaps between device events: " + ", ".join(
         f"<{bound:g} us: {count} ({total:.1f} ms)" for bound, count, total in gaps))
     for gap in result["long_gaps"]:

@@ -29,3 +29,21 @@ def test_idle_gaps_fall_into_their_bins():
 
 def test_per_name_totals_costliest_first():
     assert profile_decode.per_name(EVENTS) == [["a", 3, 3.0], ["c", 1, 2.0], ["b", 1, 1.0]]
+
+
+def test_scope_of_names_the_model_scopes_on_the_op_path():
+    scope_of = profile_decode.scope_of
+    assert scope_of("jit(f)/while/body/layer_3/mlp/experts/dot_general") == "mlp/experts"
+    assert scope_of("jit(f)/layer_0/attention/all_reduce/psum") == "attention/all_reduce"
+    assert scope_of("jit(f)/lm_head/dot_general") == "lm_head"
+    assert scope_of("jit(f)/while/body/gather") == "other"
+    assert scope_of("") == "no op name"
+
+
+def test_per_scope_sums_each_scope_costliest_first():
+    events = [("k1", 0, 3000, {"tf_op": "jit(f)/layer_0/mlp/route/top_k"}),
+              ("k2", 0, 1000, {"tf_op": "jit(f)/layer_1/mlp/route/softmax"}),
+              ("k3", 0, 5000, {"tf_op": "jit(f)/layer_0/attention/dot"}),
+              ("memcpy", 0, 500, {})]
+    assert profile_decode.per_scope(events) == [
+        ["attention", 1, 5.0], ["mlp/route", 2, 4.0], ["no op name", 1, 0.5]]

@@ -153,8 +153,11 @@ def forward_hidden(
     for layer, lp in enumerate(params["layers"]):
         rope = global_rope if config.window(layer) is None else local_rope
         with jax.named_scope(f"layer_{layer}"):
-            h, kv_cache = _attention_block(config, layer, lp, h, kv_cache, meta, backend, rope)
-            h = _mlp_block(config, lp, h, valid, moe_impl)
+            with jax.named_scope("attention"):
+                h, kv_cache = _attention_block(config, layer, lp, h, kv_cache, meta, backend,
+                                               rope)
+            with jax.named_scope("mlp"):
+                h = _mlp_block(config, lp, h, valid, moe_impl)
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
 
 
@@ -248,7 +251,10 @@ def compute_logits(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.
 def _tp_sum(x: jax.Array, config: ModelConfig) -> jax.Array:
     """x summed over the tensor-parallel devices: each holds the partial product of its heads'
     (or its MLP slice's) rows of a row-split projection."""
-    return x if config.tp_axis is None else jax.lax.psum(x, config.tp_axis)
+    if config.tp_axis is None:
+        return x
+    with jax.named_scope("all_reduce"):
+        return jax.lax.psum(x, config.tp_axis)
 
 
 def _embed(table: jax.Array, token_ids: jax.Array, config: ModelConfig) -> jax.Array:

@@ -92,8 +92,10 @@ def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend,
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
         backend=get_attention_backend(attention_backend, kernels), layer_tiling=layer_tiling,
         moe_impl=expert_impl(kernels.moe_impl))
-    logits = logits_of(params, hidden[step_input.logits_indices], config)  # [S, vocab]
-    samples = sampler_lib.sample(logits, step_input.sampling, flags)
+    with jax.named_scope("lm_head"):
+        logits = logits_of(params, hidden[step_input.logits_indices], config)  # [S, vocab]
+    with jax.named_scope("sampler"):
+        samples = sampler_lib.sample(logits, step_input.sampling, flags)
     prompt = step_input.prompt_logprobs
     scores = None if prompt is None else _prompt_logprobs(params, hidden, prompt, config,
                                                           logits_of)
