@@ -2,8 +2,8 @@
 as one grouped matmul, and a dense reference for tests.
 
 Per layer, over the step's packed row x [T, hidden]:
-  1. route     logits = x @ router_w [T, E]; softmax in float32; the top k experts of each
-               token and their weights (renormalised over the k, or not: `norm_topk_prob`).
+  1. route     logits = x @ router_w [T, E]; the top k experts of each token and their
+               softmax weights in float32 (renormalised over the k, or not: `norm_topk_prob`).
   2. group     the T * k (token, expert) pairs sorted by expert (a stable argsort), the token
                rows gathered in that order, and each expert's row count (`group_sizes` [E]).
   3. experts   SwiGLU through each pair's expert: two grouped matmuls over the sorted rows
@@ -117,15 +117,20 @@ def route(
     """-> (weights [T, top_k] float32, expert_ids [T, top_k] int32), best first; rows not
     `valid` get row 0's experts and zero weights.
 
-    As transformers does it (MixtralTopKRouter, Qwen3MoeTopKRouter): softmax over all experts in
-    float32, the top k probabilities, divided by their sum when `norm_topk_prob` (always for
-    Mixtral, the config's flag for Qwen3-MoE). Qwen3-MoE then rounds the weights to the logits'
-    dtype; they stay float32 here (the combine runs in float32).
+    transformers' routing (MixtralTopKRouter, Qwen3MoeTopKRouter: softmax over all experts in
+    float32, the top k probabilities, divided by their sum when `norm_topk_prob`: always for
+    Mixtral, the config's flag for Qwen3-MoE; `moe_mlp_reference` writes it so) in fewer ops:
+    the top k of the float32 logits (the softmax keeps their order), then the softmax of those
+    k alone (= the k probabilities over their sum), or without norm_topk_prob each exp(logit -
+    logsumexp over all experts). Qwen3-MoE then rounds the weights to the logits' dtype; they
+    stay float32 here (the combine runs in float32).
     """
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    weights, expert_ids = jax.lax.top_k(probs, top_k)
+    logits = router_logits.astype(jnp.float32)
+    top_logits, expert_ids = jax.lax.top_k(logits, top_k)
     if norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        weights = jax.nn.softmax(top_logits, axis=-1)
+    else:
+        weights = jnp.exp(top_logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
     expert_ids = expert_ids.astype(jnp.int32)
     if valid is not None:
         expert_ids = jnp.where(valid[:, None], expert_ids, expert_ids[:1])
@@ -260,7 +265,10 @@ def moe_mlp_reference(
     """moe_mlp written the plain way, for tests: every token through every expert, in float32,
     summed with a dense [T, E] weight matrix that is zero outside each token's top k."""
     num_experts = w_gate_up.shape[0]
-    weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob)
+    probs = jax.nn.softmax((x @ router_w).astype(jnp.float32), axis=-1)  # transformers' order
+    weights, expert_ids = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     dense_weights = jnp.einsum("tk,tke->te", weights,
                                jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32))
     x32 = x.astype(jnp.float32)
