@@ -369,8 +369,9 @@ def make_spec(args, model: str, config) -> dict:
     import numpy as np
     if args.cpu_smoke:
         prompt_len, output_len, reps_first, reps_full = 16, 8, 3, 2
-    elif args.quick:
-        prompt_len, output_len, reps_first, reps_full = args.prompt_len, 64, 3, 2
+    elif args.quick:  # 1 + 64 new tokens: the prefill's, then 8 calls of 8 decode steps (one
+        # decode program to build, where 64 tokens took four: 8 x 7 + 4 + 2 + 1)
+        prompt_len, output_len, reps_first, reps_full = args.prompt_len, 65, 3, 2
     else:
         prompt_len, output_len = args.prompt_len, args.output_len
         reps_first, reps_full = 5, 3
