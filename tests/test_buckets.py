@@ -9,16 +9,16 @@ from jinfer.runner.buckets import (StepBuckets, copies_bucket, decode_steps_buck
 
 
 @pytest.mark.parametrize("wanted,limit,expected", [
-    (100, 8, 8), (8, 8, 8), (7, 8, 4), (4, 8, 4), (3, 8, 2), (2, 8, 2), (1, 8, 1), (0, 8, 1),
-    (5, 6, 4), (6, 6, 6)])
+    (100, 8, 8), (8, 8, 8), (7, 8, 1), (4, 8, 1), (2, 8, 1), (1, 8, 1), (0, 8, 1),
+    (5, 6, 1), (6, 6, 6), (3, 1, 1)])
 def test_decode_steps_bucket(wanted, limit, expected):
     assert decode_steps_bucket(wanted, limit) == expected
     assert expected == 1 or expected in decode_steps_buckets(limit)
 
 
 def test_decode_steps_buckets():
-    assert decode_steps_buckets(8) == [8, 4, 2]
-    assert decode_steps_buckets(6) == [6, 4, 2]
+    assert decode_steps_buckets(8) == [8]
+    assert decode_steps_buckets(6) == [6]
     assert decode_steps_buckets(1) == []
 
 

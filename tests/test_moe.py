@@ -275,6 +275,18 @@ def test_auto_gathers_for_few_pairs_else_ragged_dot():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_auto_on_a_gpu_runs_the_kernels_by_pair_for_batch_1_steps(monkeypatch):
+    """impl="auto" on a GPU (its choice, with the backend faked): the Mosaic GPU kernel on
+    Hopper, else the Triton one; by pair for steps of at most PAIRS_MAX_TOKENS tokens."""
+    from jinfer.model import moe
+    monkeypatch.setattr(moe.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(moe, "hopper_gpu", lambda: True)
+    assert [moe.auto_impl(t, 8, 128) for t in (1, moe.PAIRS_MAX_TOKENS, 4, 2048)] == [
+        "pallas_mgpu_pairs", "pallas_mgpu_pairs", "pallas_mgpu", "pallas_mgpu"]
+    monkeypatch.setattr(moe, "hopper_gpu", lambda: False)
+    assert [moe.auto_impl(t, 2, 8) for t in (1, 64)] == ["pallas_pairs", "pallas"]
+
+
 def test_expert_impl_choice():
     assert expert_impl(None) == "auto"
     assert expert_impl("pallas") == "pallas"

@@ -218,23 +218,27 @@ def test_decode_only_calls_run_several_steps_with_their_slots_reserved():
 
 
 def test_steps_follow_the_longest_row_and_max_model_len():
-    scheduler = make_scheduler(100, num_scheduler_steps=8, max_model_len=12)
-    a = make_seq(0, 5, max_tokens=4)  # 3 more tokens wanted: 2 steps (a power of two)
-    decoding(scheduler, a)
-    assert scheduler.schedule().num_decode_steps == 2
+    """num_scheduler_steps where every row can take them, else one step (a tail of 3 tokens
+    runs as 3 one-step calls: decode_steps_bucket)."""
+    scheduler = make_scheduler(100, num_scheduler_steps=8, max_model_len=40)
+    decoding(scheduler, make_seq(0, 5, max_tokens=4))  # 3 more tokens wanted: one step
+    assert scheduler.schedule().num_decode_steps == 1
+    scheduler = make_scheduler(100, num_scheduler_steps=8, max_model_len=40)
+    decoding(scheduler, make_seq(0, 5, max_tokens=4), make_seq(1, 5, max_tokens=20))
+    assert scheduler.schedule().num_decode_steps == 8  # the longest row wants 19
     scheduler = make_scheduler(100, num_scheduler_steps=8, max_model_len=12)
     b = make_seq(0, 7, max_tokens=30)  # 8 steps from position 7 pass max_model_len 12
     decoding(scheduler, b)
-    assert scheduler.schedule().num_decode_steps == 4
+    assert scheduler.schedule().num_decode_steps == 1
 
 
-def test_steps_halve_until_the_pool_has_their_slots():
+def test_one_step_until_the_pool_has_the_slots_of_all():
     scheduler = make_scheduler(1 + 4, num_scheduler_steps=8)  # 4 usable blocks
     a = make_seq(0, 7, max_tokens=30)
-    decoding(scheduler, a)  # 2 blocks; 8 steps from 7 need 4, 4 steps need 3
+    decoding(scheduler, a)  # 2 blocks; 8 steps from 7 need 4, one step 2
     scheduler.block_manager.allocate(make_seq(9, 1), 1)  # one block left
     schedule = scheduler.schedule()
-    assert schedule.num_decode_steps == 4 and len(a.block_table) == 3
+    assert schedule.num_decode_steps == 1 and len(a.block_table) == 2
 
 
 def test_one_step_while_a_waiting_sequence_could_join():
@@ -283,7 +287,7 @@ def test_no_shared_block_in_the_write_range():
     assert [i.seq for i in schedule.decode] == [child]
     assert schedule.block_copies == [(shared[1], child.block_table[1])]  # position 5's block
     assert child.block_table[2] == shared[2]  # positions 8..11: still shared
-    assert schedule.num_decode_steps == 2  # 4 steps would write position 8
+    assert schedule.num_decode_steps == 1  # 4 steps would write position 8
 
 
 # -- sliding window -------------------------------------------------------------------------------

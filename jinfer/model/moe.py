@@ -53,7 +53,12 @@ swapped.
     879 / 1,128 / 1,283 / 5,063 us, ragged_dot 930 / 949 / 996 / 1,881 / 14,420 us. "auto" on a
     GPU is therefore the Mosaic GPU kernel on Hopper (the Triton one elsewhere): best for the
     many small experts of Qwen3-MoE at every size and level at decode sizes for Mixtral,
-    whose prefill of 256+ tokens runs 1.3-1.4x faster with "pallas".
+    whose prefill of 256+ tokens runs 1.3-1.4x faster with "pallas". Session 19, after the
+    tile map lost its hidden while loop: Qwen3-30B-A3B at 1 / 8 / 256 tokens "pallas_mgpu" 77 /
+    231 / 504 us, by pair ("pallas_mgpu_pairs") 65 / 242 us; so "auto" runs the kernels by pair
+    for batch-1 steps (PAIRS_MAX_TOKENS). In a batch-1 decode step (scripts/profile_decode.py)
+    the two kernels took 19.2 + 11.1 us a layer (the 75 MB of 8 experts at 2.5 TB/s) and the
+    routing, sort, tile maps, gathers and combine around them 20 small kernels of 1-3.4 us.
 
 Padding rows of a bucket take row 0's experts (moe_mlp's `valid`, from the pad-block slots), so
 they touch no extra experts; the bucket's extra rows still cost their matmul rows.
@@ -85,6 +90,11 @@ PAIR_IMPLS = {"pallas_pairs": "pallas", "pallas_mgpu_pairs": "pallas_mgpu"}
 # 21.5 vs 202 ms at 1 token, 51.6 vs 212 at 2 (E / 4), 157 vs 255 at 8 (E), 593 vs 504 at 32
 # (4 E).
 GATHER_MAX_PAIRS_PER_EXPERT = 0.25
+# "auto" on a GPU runs the kernels by pair for steps of at most this many tokens: one layer of
+# Qwen3-30B-A3B on an H100 (BENCHMARKS.md, session 19), 1 token: "pallas_mgpu_pairs" 65.4 us,
+# sorted "pallas_mgpu" 77.2 ("pallas_pairs" 67.6, "pallas" 82.0); 8 tokens: 242.3 vs 230.8
+# (221.8 vs 234.4). Batch-1 decode steps have 2 rows on the GPU (StepBuckets.min_decode_rows).
+PAIRS_MAX_TOKENS = 2
 
 
 def expert_impl(name: Optional[str] = None) -> str:
@@ -98,14 +108,17 @@ def expert_impl(name: Optional[str] = None) -> str:
     return name
 
 
-def auto_impl(num_pairs: int, num_experts: int) -> str:
-    """What "auto" runs for a step of num_pairs (token, expert) pairs over num_experts experts
-    (static: the bucket's shape): on a Hopper GPU the Mosaic GPU kernel, on another GPU the
-    Triton-lowered one; on the CPU gather at decode sizes, else ragged_dot. Measured: the
-    module docstring."""
+def auto_impl(num_tokens: int, top_k: int, num_experts: int) -> str:
+    """What "auto" runs for a step of num_tokens tokens, top_k experts each, over num_experts
+    experts (static: the bucket's shape): on a Hopper GPU the Mosaic GPU kernel, on another
+    GPU the Triton-lowered one, by (token, expert) pair for steps of at most PAIRS_MAX_TOKENS
+    tokens (batch-1 decode) and sorted by expert above; on the CPU gather at decode sizes,
+    else ragged_dot. Measured: the module docstring."""
     if jax.default_backend() == "gpu":
-        return "pallas_mgpu" if hopper_gpu() else "pallas"
-    return "gather" if num_pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts else "ragged_dot"
+        kernel = "pallas_mgpu" if hopper_gpu() else "pallas"
+        return kernel + "_pairs" if num_tokens <= PAIRS_MAX_TOKENS else kernel
+    pairs = num_tokens * top_k
+    return "gather" if pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts else "ragged_dot"
 
 
 def route(
@@ -164,6 +177,8 @@ def moe_mlp(
     the sum, and the slices' outputs add up to the whole layer's."""
     num_tokens, hidden = x.shape
     num_local = w_gate_up.shape[0]
+    if impl == "auto":  # static: the bucket's shape
+        impl = auto_impl(num_tokens, top_k, num_local)
     with jax.named_scope("route"):
         weights, expert_ids = route(x @ router_w, top_k, norm_topk_prob, valid)
     if impl in PAIR_IMPLS and _grouped_matmul(PAIR_IMPLS[impl], x, w_gate_up,
@@ -175,8 +190,6 @@ def moe_mlp(
         order, group_sizes, pair_experts = group_pairs(expert_ids, num_local, expert_offset,
                                                        all_experts=router_w.shape[1])
     rows = x[order // top_k]  # [T * k, hidden]
-    if impl == "auto":  # static: the bucket's shape
-        impl = auto_impl(rows.shape[0], num_local)
     with jax.named_scope("experts"):
         row_experts = jnp.minimum(pair_experts[order], num_local - 1)  # gather: in range
         out = _expert_swiglu(rows, w_gate_up, w_down, group_sizes, row_experts, impl)

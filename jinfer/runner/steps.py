@@ -10,8 +10,8 @@ Three kinds of program (each compiled once per shape bucket and sampler flags):
   the next one's inputs. How the steps loop (KernelConfig.decode_loop, `StepPrograms.loop`):
     "while"     the step count is an argument (a while loop with a dynamic trip count): one
                 program serves every count. The CPU default (compiles are its bottleneck).
-    "scan"      the count is static (a scan of that length): one program per count (8, 4, 2,
-                1). The GPU default: XLA:GPU decides each iteration of a dynamic-count while
+    "scan"      the count is static (a scan of that length): one program per count (8 and
+                1: `buckets.decode_steps_bucket`). The GPU default: XLA:GPU decides each iteration of a dynamic-count while
                 loop on the host (the predicate is copied back and the stream waits). Offline
                 throughput on the H100 was 36,087 output tok/s with static counts (session 11),
                 26,851 after the engine moved to "while" (session 17), in the same 147 engine
