@@ -37,13 +37,13 @@ def measure(fn, args, iters: int, reps: int, scope: str | None = None) -> dict:
     return result
 
 
-def scoped_kernels(hlo_text: str, scope: str) -> tuple[set[str], set[str]]:
-    """(names under `scope`, names outside it) of the optimized HLO's instructions with op_name
-    metadata: each instruction's own name, and the names its kernels run under on the GPU
-    (the fusion's name with '.' as '_', its deduplicated name, a Pallas custom call's kernel
-    name, Triton or Mosaic GPU). A profiler event carries either the instruction (`hlo_op`
-    stat) or, inside a command buffer, only the kernel name."""
-    inside, outside = set(), set()
+def kernel_names(hlo_text: str) -> list[tuple[str, str]]:
+    """(name, op_name) of the optimized HLO's instructions with op_name metadata: each
+    instruction's own name, and the names its kernels run under on the GPU (the fusion's name
+    with '.' as '_', its deduplicated name, a Pallas custom call's kernel name, Triton or Mosaic
+    GPU). A profiler event carries either the instruction (`hlo_op` stat) or, inside a command
+    buffer (a CUDA graph), only the kernel name."""
+    pairs = []
     for line in hlo_text.splitlines():
         m = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*op_name="([^"]*)"', line)
         if not m:
@@ -54,7 +54,16 @@ def scoped_kernels(hlo_text: str, scope: str) -> tuple[set[str], set[str]]:
         # A Mosaic GPU custom call's kernel runs as "<pallas name>_mosaic_gpu_kernel"; the
         # "<pallas name>_mosaic_gpu" symbol is in its serialized module.
         names |= {n + "_kernel" for n in re.findall(r"([A-Za-z][\w]*_mosaic_gpu)(?!\w)", line)}
-        (inside if scope in m.group(2) else outside).update(names)
+        pairs += [(name, m.group(2)) for name in sorted(names)]
+    return pairs
+
+
+def scoped_kernels(hlo_text: str, scope: str) -> tuple[set[str], set[str]]:
+    """(names under `scope`, names outside it) of the optimized HLO's instructions with op_name
+    metadata (`kernel_names`)."""
+    inside, outside = set(), set()
+    for name, op_name in kernel_names(hlo_text):
+        (inside if scope in op_name else outside).add(name)
     return inside, outside
 
 

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import pathlib
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -29,14 +31,15 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_common import device_events  # noqa: E402
+from bench_common import device_events, kernel_names  # noqa: E402
 
 
 def trace_events(trace_dir: str, device_prefix: str):
     """(device events, host events): (name, start_ns, duration_ns, stats) of every event on
-    the device planes' stream lines, and (name, start_ns, duration_ns) of the host plane's driver-API and XLA runtime events (kernel
-    launches, graph launches, copies, synchronisation, thunk execution); none with --cpu,
-    where the host's XLA plane is the device plane."""
+    the device planes' stream lines, and (name, start_ns, duration_ns) of the host plane's
+    driver-API and XLA runtime events (kernel launches, graph launches, copies,
+    synchronisation, thunk execution); none with --cpu, where the host's XLA plane is the
+    device plane."""
     device = device_events(trace_dir, device_prefix)
     host = [e[:3] for e in device_events(trace_dir, "/host")
             if not device_prefix.startswith("/host")
@@ -109,12 +112,42 @@ def scope_of(op_name: str) -> str:
     return "/".join(part for part in op_name.split("/") if part in SCOPES) or "other"
 
 
-def per_scope(events) -> list[list]:
-    """[scope, kernel count, total us] per model scope (`scope_of` each event's `tf_op`
-    stat: the op_name XLA gives its kernels), costliest first."""
+def hlo_scopes(hlo_texts) -> dict[str, dict[str, set]]:
+    """{HLO module name: {kernel name: the model scopes of the instructions it runs under}}
+    from optimized HLO texts (XLA's dump): how a kernel inside a CUDA graph, whose profiler
+    event names only the command buffer, is attributed."""
+    modules = collections.defaultdict(lambda: collections.defaultdict(set))
+    for text in hlo_texts:
+        m = re.match(r"\s*HloModule\s+([^\s,]+)", text)
+        module = modules[m.group(1) if m else ""]
+        for name, op_name in kernel_names(text):
+            module[name].add(scope_of(op_name))
+    return modules
+
+
+def event_scope(event, modules: dict) -> str:
+    """An event's model scope: from its own op_name (`tf_op`), else from the HLO of its module
+    (`hlo_module` stat; any module where that is missing) by kernel name; "several" where the
+    name runs under more than one scope."""
+    name, stats = event[0], event[3]
+    scope = scope_of(str(stats.get("tf_op", "")))
+    if scope not in ("other", "no op name") or not modules:
+        return scope
+    module = str(stats.get("hlo_module", ""))
+    found = set()
+    for key, names in modules.items():
+        if not module or key == module or module.startswith(key) or key.startswith(module):
+            found |= names.get(name, set())
+    if not found:
+        return scope
+    return found.pop() if len(found) == 1 else "several"
+
+
+def per_scope(events, modules: dict | None = None) -> list[list]:
+    """[scope, kernel count, total us] per model scope (`event_scope`), costliest first."""
     totals = collections.defaultdict(lambda: [0, 0.0])
     for event in events:
-        row = totals[scope_of(str(event[3].get("tf_op", "")))]
+        row = totals[event_scope(event, modules or {})]
         row[0] += 1
         row[1] += event[2] / 1e3
     return sorted(([n, c, t] for n, (c, t) in totals.items()), key=lambda r: -r[2])
@@ -161,6 +194,13 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     # JAX takes 75% of the GPU by default: too little for Qwen3-30B-A3B's 57 GiB on an H100
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    # The optimized HLO of every program, to attribute the kernels of CUDA graphs to scopes
+    # (their events carry only the command buffer's name); kept where the caller dumps already.
+    dump_dir = None
+    if not args.cpu and "--xla_dump_to" not in os.environ.get("XLA_FLAGS", ""):
+        dump_dir = tempfile.mkdtemp(prefix="profile_decode_hlo_")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text").strip()
 
     import jax
     if args.cpu:
@@ -218,6 +258,10 @@ def main() -> int:
         return 1
 
     kernels = per_name(events)
+    hlo = [] if dump_dir is None else [
+        path.read_text() for path in pathlib.Path(dump_dir).glob("*after_optimizations.txt")]
+    if dump_dir is not None:
+        shutil.rmtree(dump_dir, ignore_errors=True)
     tokens = args.tokens  # steps: one prefill + (tokens - 1) decodes
     span = max(e[1] + e[2] for e in events) - min(e[1] for e in events)
     busy = busy_ns(events)
@@ -233,7 +277,8 @@ def main() -> int:
         "traced_wall_ms": wall_ns / 1e6, "device_span_ms": span / 1e6,
         "device_busy_ms": busy / 1e6, "kernel_ms": kernel_ns / 1e6,
         "kernels": len(events), "kernels_per_token": len(events) / tokens,
-        "top": kernels[:args.top], "scopes": per_scope(events), "idle_gaps": gaps, "long_gaps": long_gaps(events),
+        "top": kernels[:args.top], "scopes": per_scope(events, hlo_scopes(hlo)),
+        "idle_gaps": gaps, "long_gaps": long_gaps(events),
         "host": per_name(host_events)[:args.top],
         "sequence": event_sequence(events, args.sequence),
         # what the profiler attached to a few kernels (tf_op: the op_name the scopes come from)

@@ -47,3 +47,32 @@ def test_per_scope_sums_each_scope_costliest_first():
               ("memcpy", 0, 500, {})]
     assert profile_decode.per_scope(events) == [
         ["attention", 1, 5.0], ["mlp/route", 2, 4.0], ["no op name", 1, 0.5]]
+
+
+HLO = """HloModule jit__packed_decode_steps, entry_computation_layout={()->()}
+  %loop_add_fusion.1 = f32[8] fusion(%a), kind=kLoop, calls=%f, metadata={op_name="jit(_packed_decode_steps)/while/body/layer_0/mlp/combine/add"}
+  %sort.548 = f32[8] sort(%b), metadata={op_name="jit(_packed_decode_steps)/while/body/layer_0/mlp/route/top_k"}
+  %custom-call.3 = (bf16[2]) custom-call(%x), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(_packed_decode_steps)/while/body/layer_0/mlp/experts/pallas_call"}, backend_config={module = "\\00body_mosaic_gpu\\00"}
+  %fusion.7 = f32[8] fusion(%c), kind=kLoop, calls=%g, metadata={op_name="jit(_packed_decode_steps)/while/body/layer_0/attention/mul"}
+"""  # noqa: E501
+OTHER = """HloModule jit__packed_step
+  %fusion.7 = f32[8] fusion(%c), kind=kLoop, calls=%g, metadata={op_name="jit(_packed_step)/lm_head/dot"}
+"""  # noqa: E501
+
+
+def test_graph_kernels_take_their_scope_from_the_modules_hlo():
+    """Inside a CUDA graph an event names only the command buffer (tf_op "XlaModule:"): its
+    kernel name and module find the instruction's op_name in the dumped HLO."""
+    modules = profile_decode.hlo_scopes([HLO, OTHER])
+    graph = {"hlo_op": "command_buffer_6", "tf_op": "XlaModule:",
+             "hlo_module": "jit__packed_decode_steps"}
+    events = [("body_mosaic_gpu_kernel", 0, 19000, graph),
+              ("sort_548", 0, 3000, graph),
+              ("loop_add_fusion_1", 0, 2000, graph),
+              ("fusion_7", 0, 1000, graph),
+              ("fusion_7", 0, 500, {**graph, "hlo_module": "jit__packed_step"}),
+              ("fusion_7", 0, 250, {"tf_op": "XlaModule:"}),  # no module: found in both
+              ("MemcpyD2D", 0, 100, graph)]
+    assert [profile_decode.event_scope(e, modules) for e in events] == [
+        "mlp/experts", "mlp/route", "mlp/combine", "attention", "lm_head", "several", "other"]
+    assert profile_decode.per_scope(events, modules)[0] == ["mlp/experts", 1, 19.0]
