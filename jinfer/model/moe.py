@@ -58,7 +58,7 @@ swapped.
     231 / 504 us, by pair ("pallas_mgpu_pairs") 65 / 242 us; so "auto" runs the kernels by pair
     for batch-1 steps (PAIRS_MAX_TOKENS). In a batch-1 decode step (scripts/profile_decode.py)
     the two kernels took 19.2 + 11.1 us a layer (the 75 MB of 8 experts at 2.5 TB/s) and the
-    routing, sort, tile maps, gathers and combine around them 20 small kernels of 1-3.4 us.
+    routing, sort, tile maps, gathers and combine around them 19 small kernels of 1-3.4 us.
 
 Padding rows of a bucket take row 0's experts (moe_mlp's `valid`, from the pad-block slots), so
 they touch no extra experts; the bucket's extra rows still cost their matmul rows.

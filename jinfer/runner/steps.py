@@ -11,11 +11,12 @@ Three kinds of program (each compiled once per shape bucket and sampler flags):
     "while"     the step count is an argument (a while loop with a dynamic trip count): one
                 program serves every count. The CPU default (compiles are its bottleneck).
     "scan"      the count is static (a scan of that length): one program per count (8 and
-                1: `buckets.decode_steps_bucket`). The GPU default: XLA:GPU decides each iteration of a dynamic-count while
-                loop on the host (the predicate is copied back and the stream waits). Offline
-                throughput on the H100 was 36,087 output tok/s with static counts (session 11),
-                26,851 after the engine moved to "while" (session 17), in the same 147 engine
-                steps, and 37,096 with "scan" (session 18; BENCHMARKS.md).
+                1: `buckets.decode_steps_bucket`). The GPU default: XLA:GPU decides each
+                iteration of a dynamic-count while loop on the host (the predicate is copied
+                back and the stream waits). Offline throughput on the H100 was 36,087
+                output tok/s with static counts (session 11), 26,851 after the engine moved
+                to "while" (session 17), in the same 147 engine steps, and 37,096 with "scan"
+                (session 18; BENCHMARKS.md).
     "unrolled"  calls of at most `unroll_max_rows` rows (GPU) run their steps as straight-line
                 code, one program per count (no per-step graph launch: 956.5 vs 937.8 tok/s
                 at batch 1 on an H100).
