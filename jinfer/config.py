@@ -41,11 +41,12 @@ class KernelConfig:
         (the grouped-matmul kernel, pallas_kernels/grouped_matmul.py, Triton-lowered),
         "pallas_mgpu" (its Mosaic GPU twin, grouped_matmul_mgpu.py, Hopper, bf16 / f16),
         "pallas_pairs" / "pallas_mgpu_pairs" (the same kernels by (token, expert) pair,
-        unsorted: for decode steps; not yet measured), "ragged_dot" (XLA's
-        jax.lax.ragged_dot), "gather", or "auto"; None: "auto", which on
-        a Hopper GPU is "pallas_mgpu" (on an H100: 143 us for one token of a Qwen3-30B-A3B
-        layer against ragged_dot's 439; 0.92 vs 27.6 ms for 2,048 tokens), on another GPU
-        "pallas", and on the CPU gather at decode sizes, else ragged_dot.
+        unsorted: for decode steps), "ragged_dot" (XLA's jax.lax.ragged_dot), "gather", or
+        "auto"; None: "auto", which on a Hopper GPU is "pallas_mgpu_pairs" for steps of at
+        most 2 tokens and "pallas_mgpu" above (on an H100, one Qwen3-30B-A3B layer: 65 / 77
+        us for one token, against ragged_dot's 439; 0.92 vs 27.6 ms for 2,048 tokens), on
+        another GPU "pallas_pairs" / "pallas", and on the CPU gather at decode sizes, else
+        ragged_dot (jinfer.model.moe.auto_impl).
     """
 
     decode_layer_kernel: Union[bool, str] = True
