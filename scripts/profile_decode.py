@@ -281,9 +281,6 @@ def main() -> int:
         "idle_gaps": gaps, "long_gaps": long_gaps(events),
         "host": per_name(host_events)[:args.top],
         "sequence": event_sequence(events, args.sequence),
-        # what the profiler attached to a few kernels (tf_op: the op_name the scopes come from)
-        "stat_samples": [[e[0], {k: str(v)[:300] for k, v in e[3].items()}]
-                         for e in sorted(events, key=lambda e: e[1])[len(events) // 2:][:8]],
     }
     print(f"{result['device']}, {args.model_shape} {args.dtype}, batch {args.batch}, prompt "
           f"{args.prompt_len}, {args.tokens} tokens, {args.num_scheduler_steps} steps per call")
