@@ -45,7 +45,7 @@ from pallas_kernels.paged_decode import (MIN_DOT_ROWS, NEG_INF, DecodePlan, _com
                                          _triton_params, attended, log2_logits, make_plan,
                                          merge_splits, padded_table_width, window_pages)
 from pallas_kernels.kv_write import write_kv_reference
-from pallas_kernels.reference import apply_rope, paged_attention_reference
+from pallas_kernels.reference import apply_rope, paged_attention_reference, rms_norm
 
 
 def _select_row(tile: jax.Array, row: int) -> jax.Array:
@@ -55,9 +55,9 @@ def _select_row(tile: jax.Array, row: int) -> jax.Array:
 
 
 def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, sin_ref,
-                  k_ref, v_ref, *out_refs, plan: DecodePlan, block_size: int, num_heads: int,
+                  k_ref, v_ref, *refs, plan: DecodePlan, block_size: int, num_heads: int,
                   scale: float, precision, dtype, partials: bool, sliding_window: int | None,
-                  logit_softcap: float | None):
+                  logit_softcap: float | None, qk_norm_eps: float | None):
     """One (sequence, KV head, split) program.
 
     layer_ref [1]; lens_ref, slots_ref [batch]; tables_ref [width] (this sequence's row);
@@ -65,12 +65,15 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
     sums of it (summed here, then rounded to `dtype`, the activations' dtype); cos_ref,
     sin_ref [batch, head_dim / 2] float32; k_ref, v_ref: the whole pools (inputs, never read at
     the written slot).
-    out_refs: (k_out, v_out, out [batch, num_heads, head_dim]) with one split, else (k_out,
+    refs: with qk_norm_eps, first (q_norm, k_norm) [head_dim] (each query and key head
+    RMS-normed over head_dim with these weights before RoPE, as Qwen3 does); then the outputs
+    (k_out, v_out, out [batch, num_heads, head_dim]) with one split, else (k_out,
     v_out, acc [block_h, head_dim] f32, max [block_h], sum [block_h]) of this split (blocks over
     the group's `group` real rows: the rows past them are masked off); with `partials` (any
     split count) max and sum come as [block_h, head_dim] too, each row its head's value.
     """
-    k_out_ref, v_out_ref, *outs = out_refs
+    norms = refs[:2] if qk_norm_eps is not None else (None, None)
+    k_out_ref, v_out_ref, *outs = refs[2:] if qk_norm_eps is not None else refs
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layers, num_blocks = k_ref.shape[:2]
     kv_heads, head_dim = k_ref.shape[3:]
@@ -89,8 +92,13 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
             total = total + qkv_ref[i, seq, head, part]
         return total.astype(dtype).astype(jnp.float32)
 
-    def rotate(head):  # (rotated first half, second half) of one head of the QKV row
+    def rotate(head, norm_ref=None):  # (rotated first half, second half) of one head of the row
         x1, x2 = row(head, lo), row(head, hi)
+        if norm_ref is not None:  # layers.rms_norm over the head: float32, rounded, * weight
+            inv = lax.rsqrt((jnp.sum(x1 * x1) + jnp.sum(x2 * x2)) / head_dim + qk_norm_eps)
+            x1, x2 = (((x * inv).astype(dtype).astype(jnp.float32)
+                       * norm_ref[part].astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+                      for x, part in ((x1, lo), (x2, hi)))
         return (x1 * cos - x2 * sin).astype(dtype), (x2 * cos + x1 * sin).astype(dtype)
 
     # The group's query heads as rows 0..group-1 of [block_h, half] tiles (other rows 0).
@@ -98,10 +106,10 @@ def _fused_kernel(layer_ref, lens_ref, slots_ref, tables_ref, qkv_ref, cos_ref, 
     q1 = jnp.zeros((block_h, half), dtype)
     q2 = jnp.zeros((block_h, half), dtype)
     for g in range(group):
-        h1, h2 = rotate(kv_head * group + g)
+        h1, h2 = rotate(kv_head * group + g, norms[0])
         q1 = jnp.where(row_ids == g, h1[None, :], q1)
         q2 = jnp.where(row_ids == g, h2[None, :], q2)
-    k1, k2 = rotate(num_heads + kv_head)
+    k1, k2 = rotate(num_heads + kv_head, norms[1])
     k1, k2 = k1.astype(k_ref.dtype), k2.astype(k_ref.dtype)
     v_new = row(num_heads + kv_heads + kv_head, pl.ds(0, head_dim)).astype(v_ref.dtype)
 
@@ -255,6 +263,8 @@ def fused_decode_attention_pallas(
     partials: bool = False,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
+    qk_norm: tuple[jax.Array, jax.Array] | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # (out [batch, num_heads * head_dim], k, v pools)
     """RoPE, KV write and paged decode attention of one new token per sequence (module
     docstring). The pools come back updated through `input_output_aliases`: call it inside a
@@ -270,6 +280,9 @@ def fused_decode_attention_pallas(
     itself (the persistent layer kernel), one XLA kernel less.
 
     sliding_window / logit_softcap: as `paged_decode_attention_pallas` (None: off).
+    qk_norm: (q_norm, k_norm) [head_dim] weights: each query and key head RMS-normed over
+    head_dim (epsilon qk_norm_eps) before RoPE, as Qwen3's layers do (None: off), so the row
+    goes from the projection to the kernel with no XLA kernel between.
     num_splits / pages_per_compute_block override the automatic launch plan of
     `paged_decode.make_plan`; interpret defaults to True on a CPU backend; num_warps /
     num_stages tune the Triton compile.
@@ -290,21 +303,28 @@ def fused_decode_attention_pallas(
                      window_pages(block_size, block_tables.shape[1], sliding_window),
                      num_splits, pages_per_compute_block, head_dim=head_dim,
                      itemsize=jnp.dtype(k_pool.dtype).itemsize)
+    if qk_norm is not None and any(w.shape != (head_dim,) for w in qk_norm):
+        raise ValueError(f"qk_norm must be (q_norm, k_norm), each [head_dim={head_dim}], got "
+                         f"{[tuple(w.shape) for w in qk_norm]}")
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     return _fused_decode(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), k_pool, v_pool,
                          layer, slots.astype(jnp.int32), block_tables.astype(jnp.int32),
-                         context_lens.astype(jnp.int32), num_heads=num_heads,
+                         context_lens.astype(jnp.int32), None if qk_norm is None else
+                         tuple(qk_norm), num_heads=num_heads,
                          scale=float(scale), plan=plan, interpret=bool(interpret),
                          num_warps=num_warps, num_stages=num_stages, partials=partials,
-                         sliding_window=sliding_window, logit_softcap=logit_softcap)
+                         sliding_window=sliding_window, logit_softcap=logit_softcap,
+                         qk_norm_eps=None if qk_norm is None else float(qk_norm_eps))
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "scale", "plan", "interpret",
                                              "num_warps", "num_stages", "partials",
-                                             "sliding_window", "logit_softcap"))
-def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, context_lens, *,
-                  num_heads: int, scale: float, plan: DecodePlan, interpret: bool, num_warps,
-                  num_stages, partials: bool, sliding_window, logit_softcap):
+                                             "sliding_window", "logit_softcap",
+                                             "qk_norm_eps"))
+def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, context_lens,
+                  qk_norm, *, num_heads: int, scale: float, plan: DecodePlan, interpret: bool,
+                  num_warps, num_stages, partials: bool, sliding_window, logit_softcap,
+                  qk_norm_eps):
     """Pads the table to the splits, launches the kernel, combines the splits."""
     batch = qkv.shape[-2]
     _, _, block_size, kv_heads, head_dim = k_pool.shape
@@ -318,6 +338,8 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
     in_specs = [whole(layer), whole(context_lens), whole(slots),
                 pl.BlockSpec((None, width), lambda b, h, s: (b, 0)),
                 whole(qkv), whole(cos), whole(sin), whole(k_pool), whole(v_pool)]
+    norms = () if qk_norm is None else tuple(qk_norm)
+    in_specs += [whole(w) for w in norms]
     out_shape = [jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),
                  jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype)]
     out_specs = [whole(k_pool), whole(v_pool)]
@@ -342,14 +364,14 @@ def _fused_decode(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables, con
     kernel = functools.partial(_fused_kernel, plan=plan, block_size=block_size,
                                num_heads=num_heads, scale=scale, precision=precision,
                                dtype=dtype, partials=partials, sliding_window=sliding_window,
-                               logit_softcap=logit_softcap)
+                               logit_softcap=logit_softcap, qk_norm_eps=qk_norm_eps)
     k_pool, v_pool, *outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases={7: 0, 8: 1}, interpret=interpret,
         compiler_params=_triton_params(num_warps, num_stages, head_dim,
                                        block_size * plan.pages_per_compute_block),
         name=f"fused_decode_bh{block_h}_pp{plan.pages_per_compute_block}_s{splits}",
-    )(layer, context_lens, slots, tables, qkv, cos, sin, k_pool, v_pool)
+    )(layer, context_lens, slots, tables, qkv, cos, sin, k_pool, v_pool, *norms)
     if partials:
         return tuple(x.reshape(splits, batch, num_heads * head_dim) for x in outs), k_pool, v_pool
     if splits == 1:
@@ -368,8 +390,11 @@ def combine_partials(acc, row_max, row_sum, dtype) -> jax.Array:
 def fused_decode_reference(qkv, cos, sin, k_pool, v_pool, layer, slots, block_tables,
                            context_lens, *, num_heads: int, scale: float,
                            sliding_window: int | None = None,
-                           logit_softcap: float | None = None):
-    """The unfused composition, in plain jnp: split the QKV row, RoPE q and k, write K/V
+                           logit_softcap: float | None = None,
+                           qk_norm: tuple[jax.Array, jax.Array] | None = None,
+                           qk_norm_eps: float = 1e-6):
+    """The unfused composition, in plain jnp: split the QKV row, (q/k head norms,) RoPE q and k,
+    write K/V
     (`write_kv_reference`), attend (`paged_attention_reference`). Same signature and results
     as `fused_decode_attention_pallas` up to float32 rounding order."""
     if qkv.ndim == 3:  # float32 partial sums: their total in the pool's dtype
@@ -378,6 +403,8 @@ def fused_decode_reference(qkv, cos, sin, k_pool, v_pool, layer, slots, block_ta
     kv_heads, head_dim = k_pool.shape[3:]
     q, k, v = jnp.split(qkv.reshape(batch, num_heads + 2 * kv_heads, head_dim),
                         [num_heads, num_heads + kv_heads], axis=1)
+    if qk_norm is not None:
+        q, k = (rms_norm(x, w, qk_norm_eps) for x, w in zip((q, k), qk_norm))
     cos, sin = cos[:, None, :].astype(jnp.float32), sin[:, None, :].astype(jnp.float32)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_pool, v_pool = write_kv_reference(k_pool, v_pool, layer, slots, k, v)

@@ -30,6 +30,14 @@ import jax
 import jax.numpy as jnp
 
 
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x [..., hidden] normalised by its root mean square (in float32, rounded back to x's
+    dtype), times weight [hidden]: the models' RMSNorm (jinfer.model.layers re-exports it)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate-half RoPE (Hugging Face layout). x: [T, heads, head_dim]; cos, sin: [T, 1,
     head_dim // 2] (`jinfer.model.layers.rope_cos_sin`)."""

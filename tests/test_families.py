@@ -176,6 +176,17 @@ def test_expert_kernels_in_the_engine_match_hf(family, impl, tmp_path_factory):
     assert_hf_greedy_agrees(ref, ref.prompts, tokens, logprobs, f"moe_impl={impl}")
 
 
+def test_pallas_attention_kernels_in_the_engine_match_hf(tmp_path_factory):
+    """Qwen3 through the Pallas attention kernels (interpret mode on the CPU): the decode rows'
+    q/k head norms run inside the fused decode kernel, the prompt's in XLA; prompt logits and
+    greedy tokens as HF gives them (the default on the CPU is the jnp reference)."""
+    ref = get_reference("qwen3", tmp_path_factory)
+    llm = make_llm(ref, attention_backend="pallas")
+    assert_logits_match(llm, ref.prompts, ref.logits, "qwen3, pallas attention")
+    tokens, logprobs = greedy(llm, ref.prompts, GREEDY)
+    assert_hf_greedy_agrees(ref, ref.prompts, tokens, logprobs, "pallas attention")
+
+
 def test_phi3_short_factors_within_the_original_context(tmp_path_factory):
     """max_model_len up to LongRoPE's original context (32): the short factors, which HF
     takes for sequences that short."""

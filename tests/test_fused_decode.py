@@ -32,7 +32,8 @@ from pallas_kernels.fused_decode import (combine_partials, fused_decode_attentio
 ROPE_TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 # The reference as one compiled program (op by op it compiles every op for every new shape).
 reference = jax.jit(fused_decode_reference,
-                    static_argnames=("num_heads", "scale", "sliding_window", "logit_softcap"))
+                    static_argnames=("num_heads", "scale", "sliding_window", "logit_softcap",
+                                     "qk_norm_eps"))
 
 
 def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_blocks, dtype,
@@ -83,7 +84,7 @@ def make_case(rng, *, context_lens, kv_heads, group, head_dim, block_size, max_b
 
 def check(seed, *, context_lens, kv_heads, group, head_dim, block_size, num_splits, dtype,
           max_blocks=5, skip_slot=False, parts=0, sliding_window=None, logit_softcap=None,
-          **kwargs):
+          qk_norm=False, **kwargs):
     case = make_case(np.random.default_rng(seed), context_lens=context_lens, kv_heads=kv_heads,
                      group=group, head_dim=head_dim, block_size=block_size,
                      max_blocks=max_blocks, dtype=dtype, skip_slot=skip_slot, parts=parts,
@@ -91,6 +92,9 @@ def check(seed, *, context_lens, kv_heads, group, head_dim, block_size, num_spli
     heads, scale = kv_heads * group, head_dim ** -0.5
     opts = dict(num_heads=heads, scale=scale, sliding_window=sliding_window,
                 logit_softcap=logit_softcap)
+    if qk_norm:  # Qwen3's per-head q/k RMSNorm weights, near 1
+        weights = 1 + 0.3 * np.random.default_rng(seed + 1).standard_normal((2, head_dim))
+        opts.update(qk_norm=tuple(jnp.asarray(weights, dtype)), qk_norm_eps=1e-6)
     args = [case[name] for name in ("qkv", "cos", "sin", "k_pool", "v_pool")] + [LAYER] + [
         case[name] for name in ("slots", "block_tables", "context_lens")]
     out, k_pool, v_pool = fused_decode_attention_pallas(*args, num_splits=num_splits, **opts,
@@ -222,6 +226,15 @@ def test_in_place_under_donation_and_traced_layer():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("num_splits,dtype,parts", [(1, jnp.float32, 0), (2, jnp.bfloat16, 0),
+                                                   (None, jnp.bfloat16, 3)])
+def test_qk_norm(num_splits, dtype, parts):
+    """Qwen3's per-head q/k RMSNorm before RoPE, in the kernel: outputs and written K as the
+    reference's (the norm then RoPE in jnp), also from float32 partial sums."""
+    check(9, context_lens=[1, 14, 0, 35], kv_heads=2, group=4, head_dim=64, block_size=8,
+          num_splits=num_splits, dtype=dtype, parts=parts, qk_norm=True)
+
+
 def test_bad_input_raises_value_error():
     pool = jnp.zeros((1, 4, 8, 2, 32))
     qkv = jnp.zeros((2, (4 + 4) * 32))
@@ -243,6 +256,10 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="out of range"):
         fused_decode_attention_pallas(qkv, rope, rope, pool, pool, 1, rows, tables, rows,
                                       num_heads=4, scale=1.0)
+    with pytest.raises(ValueError, match="qk_norm must be"):
+        fused_decode_attention_pallas(qkv, rope, rope, pool, pool, 0, rows, tables, rows,
+                                      num_heads=4, scale=1.0,
+                                      qk_norm=(jnp.ones(32), jnp.ones(16)))
 
 
 GPU_GRID = list(itertools.product(((1,), (1, 19, 40)), (1, 2), (1, 4), (64, 128), (8, 16, 32),
@@ -282,6 +299,15 @@ def test_gpu_window_and_softcap(window, softcap, head_dim, num_splits, dtype):
     check(8, context_lens=[1, min(window or 100, 2560), 2560, 1283, 0], kv_heads=8, group=4,
           head_dim=head_dim, block_size=16, num_splits=num_splits, dtype=dtype, max_blocks=160,
           sliding_window=window, logit_softcap=softcap, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads,parts", [(4, 0), (8, 0), (4, 8)])  # Qwen3-30B-A3B, 8B
+def test_gpu_qk_norm_qwen3(kv_heads, parts):
+    """Qwen3's heads (32 of 128, q/k norms) over long ragged contexts, also from partials."""
+    check(10, context_lens=[1, 17, 2559, 0, 1000], kv_heads=kv_heads, group=32 // kv_heads,
+          head_dim=128, block_size=16, num_splits=None, dtype=jnp.bfloat16, max_blocks=160,
+          parts=parts, qk_norm=True, interpret=False)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ not a slice of it, keeps the pool's update in place), and optionally a fourth:
   prefill(q [tokens, heads, dim], k_pool, v_pool, layer, meta: PrefillMetadata, scale, *,
           sliding_window, logit_softcap)
   fused_decode(qkv [rows, ...], cos, sin, k_pool, v_pool, layer, slots, meta, num_heads,
-               scale, *, sliding_window, logit_softcap)
+               scale, *, sliding_window, logit_softcap[, qk_norm, qk_norm_eps])
                -> (out [rows, heads * dim], k_pool, v_pool): RoPE, KV write and decode
                attention of the decode rows in one kernel (a batch-1 step is bound by kernel
                count, not bytes); qkv may also be float32 partial sums [parts, rows, ...] of
@@ -52,7 +52,7 @@ from pallas_kernels.kv_write import write_kv_pallas
 from pallas_kernels.paged_decode import paged_decode_attention_pallas
 from pallas_kernels.paged_prefill import ragged_paged_attention_pallas
 from pallas_kernels.reference import (apply_rope, paged_attention_reference,
-                                      paged_decode_attention)
+                                      paged_decode_attention, rms_norm)
 
 
 @jax.tree_util.register_dataclass
@@ -108,7 +108,8 @@ class AttentionBackend(NamedTuple):
 
 def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
            meta: StepAttention, *, num_heads: int, scale: float,
-           sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None):
+           sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None,
+           qk_norm: Optional[tuple[jax.Array, jax.Array, float]] = None):
     """The attention sublayer after the QKV projection, over the step's packed row.
 
     qkv [T, (num_heads + 2 * kv_heads) * head_dim]; cos, sin [T, 1, head_dim // 2] (RoPE at each
@@ -117,6 +118,8 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
     chunks, each by its backend function. With a fused decode function the decode rows go
     through it whole (RoPE, write and attention in one kernel). sliding_window and
     logit_softcap (static, None: off) go to every attention function (module docstring).
+    qk_norm (q_norm, k_norm [head_dim], eps): each query and key head RMS-normed before RoPE
+    (Qwen3), inside the fused kernel for the decode rows.
     """
     opts = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
     kv_heads, head_dim = k_pool.shape[3:]
@@ -125,15 +128,18 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
     first = 0  # first token of the unfused part
     if rows and backend.fused_decode is not None and backend.fused_supports(k_pool.shape[2],
                                                                             head_dim):
+        norm_opts = {} if qk_norm is None else dict(qk_norm=qk_norm[:2], qk_norm_eps=qk_norm[2])
         out, k_pool, v_pool = backend.fused_decode(
             qkv[:rows], cos[:rows, 0], sin[:rows, 0], k_pool, v_pool, layer,
-            meta.slot_mapping[:rows], meta.decode, num_heads, scale, **opts)
+            meta.slot_mapping[:rows], meta.decode, num_heads, scale, **opts, **norm_opts)
         outputs.append(out)
         first = rows
     if first < qkv.shape[0]:
         tokens = qkv.shape[0] - first
         q, k, v = jnp.split(qkv[first:].reshape(tokens, num_heads + 2 * kv_heads, head_dim),
                             [num_heads, num_heads + kv_heads], axis=1)
+        if qk_norm is not None:
+            q, k = rms_norm(q, qk_norm[0], qk_norm[2]), rms_norm(k, qk_norm[1], qk_norm[2])
         q = apply_rope(q, cos[first:], sin[first:])
         k = apply_rope(k, cos[first:], sin[first:])
         k_pool, v_pool = backend.write_kv(k_pool, v_pool, layer, meta.slot_mapping[first:], k, v)

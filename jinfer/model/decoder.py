@@ -177,27 +177,16 @@ def _attention_block(config, layer, lp, h, kv, meta: StepAttention, backend, rop
     qkv = x @ lp["wqkv"]  # [T, q_size + 2 * kv_size]
     if config.qkv_bias:
         qkv = qkv + lp["bqkv"]
-    if config.qk_norm:
-        qkv = _norm_qk_heads(config, lp, qkv)
+    qk_norm = ((lp["q_norm"], lp["k_norm"], config.rms_norm_eps) if config.qk_norm
+               else None)
     out, k_pool, v_pool = attend(backend, qkv, *rope, kv.k, kv.v, layer, meta,
                                  num_heads=config.num_heads, scale=config.attention_scale,
                                  sliding_window=config.window(layer),
-                                 logit_softcap=config.attn_logit_softcap)
+                                 logit_softcap=config.attn_logit_softcap, qk_norm=qk_norm)
     out = _tp_sum(out @ lp["wo"], config)
     if config.post_norms:
         out = rms_norm(out, lp["attn_post_norm"], config.rms_norm_eps)
     return h + out, KVCache(k=k_pool, v=v_pool)
-
-
-def _norm_qk_heads(config: ModelConfig, lp, qkv: jax.Array) -> jax.Array:
-    """qkv [T, (heads + 2 * kv_heads) * head_dim] with each q and k head RMS-normed over
-    head_dim (q_norm, k_norm [head_dim]); v as it was."""
-    heads, kv_heads = config.num_heads, config.num_kv_heads
-    q, k, v = jnp.split(qkv.reshape(qkv.shape[0], heads + 2 * kv_heads, config.head_dim),
-                        [heads, heads + kv_heads], axis=1)
-    q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
-    k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
-    return jnp.concatenate([q, k, v], axis=1).reshape(qkv.shape)
 
 
 def _mlp_block(config, lp, h, valid=None, moe_impl="ragged_dot"):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.model.config import LinearRopeScaling, LongRopeScaling, ModelConfig, RopeScaling
+from pallas_kernels.reference import rms_norm  # noqa: F401  (the models' RMSNorm)
 
 # ModelConfig.activation -> the function on the gate half of the MLP (transformers' "silu",
 # "gelu_pytorch_tanh" and "gelu").
@@ -20,14 +21,6 @@ ACTIVATIONS = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
 }
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x [..., hidden] normalised by its root mean square (in float32, rounded back to x's
-    dtype), times weight [hidden]."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
 
 
 def soft_cap(x: jax.Array, cap: float) -> jax.Array:
