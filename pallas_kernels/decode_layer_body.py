@@ -40,16 +40,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.decode_layer_plan import PhasePlan, TailShape, TailTiling
+from pallas_kernels.decode_layer_plan import (EXPERT_DOWN, EXPERT_GATE_UP, ROUTER, PhasePlan,
+                                              TailShape, TailTiling)
 
 ROWS = 64  # wgmma's M: the one input row broadcast to 64
 _TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 64 bf16 = 128 B rows
 FINAL_NORM = 4  # the phase without weights: the last layer's output row, final-normed
-_WEIGHT_OF = {0: "wo", 1: "w_gate_up", 2: "w_down", 3: "next_wqkv"}
+_WEIGHT_OF = {0: "wo", 1: "w_gate_up", 2: "w_down", 3: "next_wqkv", ROUTER: "router_w",
+              EXPERT_GATE_UP: "w_gate_up", EXPERT_DOWN: "w_down"}
 
 # The kernel's inputs, in operand order (those a call passes).
-INPUTS = ("h", "h1", "attn", "attn_acc", "attn_max", "attn_sum", "wo", "mlp_norm", "w_gate_up",
-          "w_down", "next_norm", "next_wqkv", "final_norm", "barrier")
+INPUTS = ("h", "h1", "attn", "attn_acc", "attn_max", "attn_sum", "wo", "mlp_norm", "router_w",
+          "expert_ids", "expert_weights", "w_gate_up", "w_down", "next_norm", "next_wqkv",
+          "final_norm", "barrier")
 
 # The caller-held barrier counter: int16 words (Pallas accepts 16-bit refs as semaphores; the
 # counter is the 32-bit word at word 0) and, 16 bytes in, an 8-word slot that only declares the
@@ -60,13 +63,24 @@ BARRIER_WORDS = 16
 def phase_outputs(shape: TailShape, plans: dict, phases: tuple) -> dict[int, list[tuple]]:
     """Buffers each phase writes (name, shape, dtype), in the kernel's output order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
-    outs = {0: [("part_o", (plans[0].splits, shape.hidden), f32)],
-            1: [("act", (1, shape.intermediate), f32), ("h1", (shape.hidden,), bf16)],
-            2: [("part_d", (plans[2].splits, shape.hidden), f32)],
-            FINAL_NORM: [("x", (shape.hidden,), bf16)]} if 0 in plans else {}
+    layer = 0 in plans or EXPERT_DOWN in plans  # a layer's MLP output (else P3 alone)
+    outs = {FINAL_NORM: [("x", (shape.hidden,), bf16)]} if layer else {}
+    if 0 in plans:
+        outs[0] = [("part_o", (plans[0].splits, shape.hidden), f32)]
+    if 1 in plans:
+        outs.update({1: [("act", (1, shape.intermediate), f32), ("h1", (shape.hidden,), bf16)],
+                     2: [("part_d", (plans[2].splits, shape.hidden), f32)]})
+    if ROUTER in plans:
+        outs.update({
+            ROUTER: [("part_logits", (plans[ROUTER].splits, shape.num_experts), f32),
+                     ("h1", (shape.hidden,), bf16)]})
+    if EXPERT_DOWN in plans:
+        outs.update({
+            EXPERT_GATE_UP: [("act", (1, shape.top_k * shape.intermediate), f32)],
+            EXPERT_DOWN: [("part_d", (plans[EXPERT_DOWN].splits, shape.hidden), f32)]})
     if 3 in plans:  # h2 only after a layer (alone, P3 takes its row as it is)
         outs[3] = [("part_qkv", (plans[3].splits, shape.qkv_size), f32)] + (
-            [("h2", (shape.hidden,), bf16)] if 0 in plans else [])
+            [("h2", (shape.hidden,), bf16)] if layer else [])
     return {p: outs[p] for p in phases}
 
 
@@ -110,6 +124,32 @@ def _chunk(plan: PhasePlan, cta, i):
     tile, chunk = lax.div(i, plan.chunks), lax.rem(i, plan.chunks)
     return (pl.multiple_of(_k_start(plan, cta) + chunk * plan.block_k, plan.block_k),
             _column(plan, cta, tile))
+
+
+def _weight_chunk(r, p: int, plan: PhasePlan, cta, i):
+    """The GMEM view of the CTA's i-th [block_k, block_n] weight chunk of phase p. An expert
+    phase's virtual weight (decode_layer_plan's module docstring) maps to the chunk of expert
+    expert_ids[slot]'s own matrix."""
+    bk, bn = plan.block_k, plan.block_n
+    row, col = _chunk(plan, cta, i)
+    weight = r[_WEIGHT_OF[p]]
+    if p == EXPERT_GATE_UP:  # virtual gate columns, then up columns, slot by slot
+        width = plan.expert_width
+        up = lax.rem(lax.div(i, plan.chunks), 2)  # the tile's up strip (else its gate strip)
+        gate_col = col - up * plan.n
+        slot = _expert_slot(plan, gate_col)
+        weight = weight.at[r["expert_ids"][slot]]  # [hidden, 2 * I]: gate | up
+        col = pl.multiple_of(gate_col - slot * width + up * width, bn)
+    elif p == EXPERT_DOWN:  # row `row` of the experts' rows stacked, slot by slot
+        slot = lax.div(row, plan.expert_width)
+        weight = weight.at[r["expert_ids"][slot]]
+        row = pl.multiple_of(row - slot * plan.expert_width, bk)
+    return weight.at[pl.ds(row, bk), pl.ds(col, bn)]
+
+
+def _expert_slot(plan: PhasePlan, col):
+    """The expert slot of an EXPERT_GATE_UP strip starting at virtual column col."""
+    return lax.div(col, plan.expert_width)
 
 
 def _load(ref, layout, interpret):
@@ -188,7 +228,22 @@ def make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
     bn, bk, stages, num_ctas = tiling.block_n, tiling.block_k, tiling.stages, tiling.num_ctas
     hidden = shape.hidden
     steps = [plans[p].steps if p in plans else 0 for p in phases]
-    total_steps = sum(steps)
+
+    def at_work(p, cta):
+        """Whether the CTA works in phase p (None: every CTA does)."""
+        if p not in plans or plans[p].active == num_ctas:
+            return None
+        return cta < plans[p].active
+
+    def ring_steps(p, count, cta):
+        """The weight chunks the CTA streams in phase p (traced where some CTAs idle)."""
+        work = at_work(p, cta)
+        return count if work is None else jnp.where(work, count, 0)
+
+    def when_at_work(p, cta, fn):
+        work = at_work(p, cta)
+        return fn() if work is None else pl.when(work)(fn)
+
     col_layout = plgpu.Layout.WGMMA.reduce(0)
 
     def producer(r, cta):
@@ -196,20 +251,19 @@ def make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
         for p, count in zip(phases, steps):
             if p not in plans:  # no weights
                 continue
-            plan, weight = plans[p], r[_WEIGHT_OF[p]]
+            plan = plans[p]
 
-            def fill(i, carry, plan=plan, weight=weight, first=first):
+            def fill(i, carry, p=p, plan=plan, first=first):
                 step = first + i
                 slot = lax.rem(step, stages)
                 pl.when(step >= stages)(lambda: plgpu.barrier_wait(r["free"].at[slot]))
-                row, col = _chunk(plan, cta, i)
-                plgpu.copy_gmem_to_smem(
-                    weight.at[pl.ds(row, bk), pl.ds(col, bn)],
-                    r["w_smem"].at[slot], r["ready"].at[slot])
+                plgpu.copy_gmem_to_smem(_weight_chunk(r, p, plan, cta, i),
+                                        r["w_smem"].at[slot], r["ready"].at[slot])
                 return carry
             with jax.named_scope(f"load_p{p}"):
-                lax.fori_loop(0, count, fill, None)
-            first += count
+                when_at_work(p, cta, lambda fill=fill, count=count:
+                             lax.fori_loop(0, count, fill, None))
+            first = first + ring_steps(p, count, cta)
 
     def build_input(p, r, cta, plan):
         """The phase's input row into x_vec; returns the offset of this CTA's K-range in it."""
@@ -218,15 +272,17 @@ def make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
         if p == 0 and "attn_acc" in r:  # the attention's context splits, merged here
             x_vec[pl.ds(0, plan.k_range)] = _merge_splits(r, pl.ds(k0, plan.k_range))
             return 0
-        if p in (0, 2):  # a K-range of the attention output / the activation
+        if p in (0, 2, EXPERT_DOWN):  # a K-range of the attention output / the activation
             src = r["attn"].at[0] if p == 0 else r["act"].at[0]
             x = src[pl.ds(k0, plan.k_range)]
             x_vec[pl.ds(0, plan.k_range)] = x.astype(jnp.bfloat16)
             return 0
-        # P1 / P3: residual + sum of partials (none: P3 alone), whole row (the norm needs all
-        # of it)
-        base, parts, norm, out = (("h", "part_o", "mlp_norm", "h1") if p == 1 else
-                                  ("h1", "part_d", "next_norm", "h2"))
+        # P1, ROUTER / EXPERT_GATE_UP / P3: residual + sum of partials (none: P3 alone; the
+        # experts' row is h1 as ROUTER stored it), whole row (the norm needs all of it)
+        base, parts, norm, out = {1: ("h", "part_o", "mlp_norm", "h1"),
+                                  ROUTER: ("h", "part_o", "mlp_norm", "h1"),
+                                  EXPERT_GATE_UP: ("h1", "", "mlp_norm", None),
+                                  3: ("h1", "part_d", "next_norm", "h2")}[p]
         x_vec[pl.ds(0, hidden)] = _residual_norm(r, cta, base, parts, norm, out, shape)
         return k0
 
@@ -236,8 +292,9 @@ def make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
         def _final():
             r["x"][...] = _residual_norm(r, cta, "h1", "part_d", "final_norm", None, shape)
 
-    def matmul_tile(r, plan, x_off, first):
-        """One tile's [ROWS, bn] product from the ring's next plan.chunks slots."""
+    def matmul_tile(r, plan, x_off, first, total_steps):
+        """One tile's [ROWS, bn] product from the ring's next plan.chunks slots (of the
+        CTA's total_steps)."""
         def accumulate(acc_ref):
             def chunk(c, carry):
                 step = first + c
@@ -277,6 +334,7 @@ def make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
             base = pl.semaphore_read(counter)  # before this CTA's first arrival
             base = base - lax.rem(base, num_ctas)
         first = 0
+        total_steps = sum(ring_steps(p, count, cta) for p, count in zip(phases, steps))
         for i, p in enumerate(phases):
             if i:
                 with jax.named_scope(f"barrier{i - 1}"):
@@ -286,27 +344,34 @@ def make_body(shape: TailShape, tiling: TailTiling, plans: dict, phases: tuple,
                     final_norm(r, cta)
                 continue
             plan = plans[p]
-            with jax.named_scope(f"build_p{p}"):
-                x_off = build_input(p, r, cta, plan)
-                plgpu.commit_smem()  # x_vec written by all threads, read by all below
-            with jax.named_scope(f"matmul_p{p}"):
-                matmul_phase(r, cta, p, plan, x_off, first)
-            first += steps[i]
 
-    def matmul_phase(r, cta, p, plan, x_off, first):
+            def work(p=p, plan=plan, first=first):
+                with jax.named_scope(f"build_p{p}"):
+                    x_off = build_input(p, r, cta, plan)
+                    plgpu.commit_smem()  # x_vec written by all threads, read by all below
+                with jax.named_scope(f"matmul_p{p}"):
+                    matmul_phase(r, cta, p, plan, x_off, first, total_steps)
+            when_at_work(p, cta, work)
+            first = first + ring_steps(p, steps[i], cta)
+
+    def matmul_phase(r, cta, p, plan, x_off, first, total_steps):
         """The CTA's tiles of phase p, their rows stored to GMEM (complete on return)."""
         split = lax.div(cta, plan.group)
         for t in range(plan.strips_per_cta):
             if plan.paired:
                 col = _column(plan, cta, 2 * t)  # the gate strip: act's columns
-                gate = matmul_tile(r, plan, x_off, first + 2 * t * plan.chunks)
-                up = matmul_tile(r, plan, x_off, first + (2 * t + 1) * plan.chunks)
+                gate = matmul_tile(r, plan, x_off, first + 2 * t * plan.chunks, total_steps)
+                up = matmul_tile(r, plan, x_off, first + (2 * t + 1) * plan.chunks,
+                                 total_steps)
                 act = gate * jax.nn.sigmoid(gate) * up
+                if p == EXPERT_GATE_UP:  # weighted by its expert's routing weight
+                    act = act * r["expert_weights"][_expert_slot(plan, col)]
                 store_row(r, act, r["act"].at[pl.ds(0, 1), pl.ds(col, bn)])
             else:
                 col = _column(plan, cta, t)
-                out = matmul_tile(r, plan, x_off, first + t * plan.chunks)
-                dst = r[{0: "part_o", 2: "part_d", 3: "part_qkv"}[p]]
+                out = matmul_tile(r, plan, x_off, first + t * plan.chunks, total_steps)
+                dst = r[{0: "part_o", 2: "part_d", 3: "part_qkv", ROUTER: "part_logits",
+                         EXPERT_DOWN: "part_d"}[p]]
                 store_row(r, out, dst.at[pl.ds(split, 1), pl.ds(col, bn)])
         plgpu.wait_smem_to_gmem(0)  # this phase's rows are in GMEM before the barrier
 

@@ -48,7 +48,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode_layer_body import (BARRIER_WORDS, FINAL_NORM, INPUTS, make_body,
                                               phase_outputs, scratch_types)
-from pallas_kernels.decode_layer_plan import TailShape, TailTiling, plan_tail
+from pallas_kernels.decode_layer_plan import (EXPERT_DOWN, EXPERT_GATE_UP, ROUTER, TailShape,
+                                              TailTiling, plan_tail)
 from pallas_kernels.mosaic_gpu_cache import stable_kernel_hashes
 from pallas_kernels.paged_prefill_mgpu import interpret_params
 
@@ -89,12 +90,7 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     barrierN, build_pN and matmul_pN (the compute warpgroup's).
     """
     split = isinstance(attn, (tuple, list))
-    if split:
-        attn = tuple(attn)
-        if len(attn) != 3 or any(a.ndim != 2 or a.shape != attn[0].shape
-                                 or a.dtype != jnp.float32 for a in attn):
-            raise ValueError("attn as context splits is (acc, max, sum), each float32 "
-                             f"[splits, q_size]; got {[(a.dtype, a.shape) for a in attn]}")
+    attn = _check_attn(attn)
     hidden = h.shape[-1]
     q_size = (attn[0] if split else attn).shape[-1]
     has_next = next_wqkv is not None
@@ -105,11 +101,7 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     _check(shape, h, None if split else attn, wo=wo, mlp_norm=mlp_norm, w_gate_up=w_gate_up,
            w_down=w_down, next_norm=next_norm, next_wqkv=next_wqkv, final_norm=final_norm)
     inputs = dict(h=h.reshape(hidden), wo=wo, mlp_norm=mlp_norm, w_gate_up=w_gate_up,
-                  w_down=w_down)
-    if split:
-        inputs.update(attn_acc=attn[0], attn_max=attn[1], attn_sum=attn[2])
-    else:
-        inputs.update(attn=attn.reshape(1, q_size))
+                  w_down=w_down, **_attn_inputs(attn, q_size))
     if has_next:
         inputs.update(next_norm=next_norm, next_wqkv=next_wqkv)
     if final_norm is not None:
@@ -119,6 +111,75 @@ def decode_layer_tail_mgpu(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm=N
     out = _run(shape, phases, inputs, tiling, barrier, interpret, profile_dir)
     return {k: v for k, v in out.items() if k in ("h1", "part_d", "h2", "part_qkv", "x",
                                                   "barrier")}
+
+
+def decode_moe_router_mgpu(h, attn, wo, mlp_norm, router_w, *, eps: float, top_k: int,
+                           tiling: TailTiling = TailTiling(),
+                           barrier: Optional[jax.Array] = None, interpret: Any = None) -> dict:
+    """A mixture-of-experts layer's first kernel at batch 1: wo, the residual add, the MLP norm
+    and the router, phases P0 and ROUTER. The caller picks the top_k experts from the logits
+    (jinfer.model.moe.route, a few small XLA kernels: the experts' weights cannot be streamed
+    before they are known) and passes them to `decode_moe_experts_mgpu`.
+
+    h [hidden] bf16, attn as decode_layer_tail_mgpu takes it (a bf16 row or its context
+    splits), wo [q_size, hidden], mlp_norm [hidden], router_w [hidden, num_experts] (bf16).
+    Returns "h1" [hidden] bf16 (after attention's residual add), "part_logits" [splits,
+    num_experts] float32 (split-K partial sums of rms_norm(h1) * mlp_norm @ router_w) and, given
+    `barrier`, "barrier". top_k: the model's experts per token (it shapes the plan of the
+    experts' kernel; shapes are checked for both kernels here). ValueError for shapes the
+    tiling does not divide."""
+    split = isinstance(attn, (tuple, list))
+    attn = _check_attn(attn)
+    hidden, num_experts = router_w.shape
+    q_size = (attn[0] if split else attn).shape[-1]
+    shape = TailShape(hidden, q_size, 0, 0, eps, num_experts, top_k)
+    _check(shape, h, None if split else attn, wo=wo, mlp_norm=mlp_norm, router_w=router_w)
+    inputs = dict(h=h.reshape(hidden), wo=wo, mlp_norm=mlp_norm, router_w=router_w,
+                  **_attn_inputs(attn, q_size))
+    out = _run(shape, (0, ROUTER), inputs, tiling, barrier, interpret)
+    return {k: v for k, v in out.items() if k in ("h1", "part_logits", "barrier")}
+
+
+def decode_moe_experts_mgpu(h1, mlp_norm, expert_ids, expert_weights, w_gate_up, w_down,
+                            next_norm=None, next_wqkv=None, *, final_norm=None, eps: float,
+                            tiling: TailTiling = TailTiling(),
+                            barrier: Optional[jax.Array] = None, interpret: Any = None) -> dict:
+    """A mixture-of-experts layer's second kernel at batch 1: the routed experts' SwiGLU and
+    (given) the next layer's QKV projection, phases EXPERT_GATE_UP, EXPERT_DOWN and P3 (or
+    FINAL_NORM).
+
+    h1 [hidden] bf16 (decode_moe_router_mgpu's), mlp_norm [hidden]; expert_ids [top_k] int32
+    and expert_weights [top_k] float32 (the routing: each expert's activation row is scaled by
+    its weight before the down projection); w_gate_up [E, hidden, 2 * I] and w_down [E, I,
+    hidden] (jinfer.model.moe's layout, bf16); next_norm / next_wqkv or final_norm as
+    decode_layer_tail_mgpu takes them. Returns "part_d" [splits, hidden] (the experts' weighted
+    sum as split-K partials: h2 = h1 + sum), with a next layer "h2" and "part_qkv", with
+    final_norm "x", and given `barrier`, "barrier"."""
+    hidden = h1.shape[-1]
+    num_experts, _, inter2 = w_gate_up.shape
+    top_k = expert_ids.shape[0]
+    has_next = next_wqkv is not None
+    if has_next and final_norm is not None:
+        raise ValueError("final_norm is the last layer's: pass it without next_wqkv")
+    shape = TailShape(hidden, 0, inter2 // 2, next_wqkv.shape[1] if has_next else 0, eps,
+                      num_experts, top_k)
+    _check(shape, h1, None, mlp_norm=mlp_norm, w_gate_up=w_gate_up, w_down=w_down,
+           next_norm=next_norm, next_wqkv=next_wqkv, final_norm=final_norm)
+    if (expert_ids.shape != (top_k,) or expert_weights.shape != (top_k,)
+            or expert_ids.dtype != jnp.int32 or expert_weights.dtype != jnp.float32):
+        raise ValueError(f"expert_ids must be int32 [top_k] and expert_weights float32 [top_k], "
+                         f"got {expert_ids.dtype}{list(expert_ids.shape)} and "
+                         f"{expert_weights.dtype}{list(expert_weights.shape)}")
+    inputs = dict(h1=h1.reshape(hidden), mlp_norm=mlp_norm, expert_ids=expert_ids,
+                  expert_weights=expert_weights, w_gate_up=w_gate_up, w_down=w_down)
+    if has_next:
+        inputs.update(next_norm=next_norm, next_wqkv=next_wqkv)
+    if final_norm is not None:
+        inputs.update(final_norm=final_norm)
+    phases = (EXPERT_GATE_UP, EXPERT_DOWN) + ((3,) if has_next else ()) + (
+        (FINAL_NORM,) if final_norm is not None else ())
+    out = _run(shape, phases, inputs, tiling, barrier, interpret)
+    return {k: v for k, v in out.items() if k in ("part_d", "h2", "part_qkv", "x", "barrier")}
 
 
 def decode_row_qkv_mgpu(h, norm, wqkv, *, eps: float, tiling: TailTiling = TailTiling(),
@@ -178,11 +239,32 @@ def _run(shape: TailShape, phases: tuple, inputs: dict, tiling: TailTiling, barr
     return produced
 
 
+def _check_attn(attn):
+    """attn as a bf16 row, or its context splits (acc, max, sum) checked -> a tuple of them."""
+    if not isinstance(attn, (tuple, list)):
+        return attn
+    attn = tuple(attn)
+    if len(attn) != 3 or any(a.ndim != 2 or a.shape != attn[0].shape
+                             or a.dtype != jnp.float32 for a in attn):
+        raise ValueError("attn as context splits is (acc, max, sum), each float32 "
+                         f"[splits, q_size]; got {[(a.dtype, a.shape) for a in attn]}")
+    return attn
+
+
+def _attn_inputs(attn, q_size: int) -> dict:
+    if isinstance(attn, tuple):
+        return dict(attn_acc=attn[0], attn_max=attn[1], attn_sum=attn[2])
+    return dict(attn=attn.reshape(1, q_size))
+
+
 def _check(shape: TailShape, h, attn, **weights):
     hid, q, inter = shape.hidden, shape.q_size, shape.intermediate
     want = {"wo": (q, hid), "mlp_norm": (hid,), "w_gate_up": (hid, 2 * inter),
             "w_down": (inter, hid), "next_norm": (hid,), "next_wqkv": (hid, shape.qkv_size),
-            "final_norm": (hid,)}
+            "final_norm": (hid,), "router_w": (hid, shape.num_experts)}
+    if shape.num_experts:
+        want.update(w_gate_up=(shape.num_experts, hid, 2 * inter),
+                    w_down=(shape.num_experts, inter, hid))
     for name, x in weights.items():
         if x is not None and (x.shape != want[name] or x.dtype != jnp.bfloat16):
             raise ValueError(f"{name} must be bf16 of shape {want[name]}, got "
@@ -213,6 +295,38 @@ def decode_layer_tail_reference(h, attn, wo, mlp_norm, w_gate_up, w_down, next_n
     h2 = (h1.astype(f32) + d).astype(jnp.bfloat16)
     if next_wqkv is not None:
         out.update(h2=h2, part_qkv=mm(norm(h2, next_norm), next_wqkv)[None])
+    if final_norm is not None:
+        out.update(x=norm(h2, final_norm))
+    return out
+
+
+def decode_moe_router_reference(h, attn, wo, mlp_norm, router_w, *, eps: float) -> dict:
+    """decode_moe_router_mgpu's arithmetic in jnp; the logits summed in slot 0 of [1, E]."""
+    h = h.reshape(-1)
+    h1 = (h.astype(jnp.float32) + _reference_matmul(attn.reshape(-1), wo)).astype(jnp.bfloat16)
+    x = _reference_norm(h1, mlp_norm, eps)
+    return {"h1": h1, "part_logits": _reference_matmul(x, router_w)[None]}
+
+
+def decode_moe_experts_reference(h1, mlp_norm, expert_ids, expert_weights, w_gate_up, w_down,
+                                 next_norm=None, next_wqkv=None, *, final_norm=None,
+                                 eps: float) -> dict:
+    """decode_moe_experts_mgpu's arithmetic in jnp (each expert's activation row scaled by its
+    weight in float32, then rounded to bf16 for the down projection); partials summed in slot
+    0 of [1, n]."""
+    f32 = jnp.float32
+    norm = functools.partial(_reference_norm, eps=eps)
+    h1 = h1.reshape(-1)
+    x = norm(h1, mlp_norm)
+    d = 0.0
+    for slot in range(expert_ids.shape[0]):
+        gate, up = jnp.split(_reference_matmul(x, w_gate_up[expert_ids[slot]]), 2)
+        act = (gate * jax.nn.sigmoid(gate) * up * expert_weights[slot]).astype(jnp.bfloat16)
+        d = d + _reference_matmul(act, w_down[expert_ids[slot]])
+    out = {"part_d": d[None]}
+    h2 = (h1.astype(f32) + d).astype(jnp.bfloat16)
+    if next_wqkv is not None:
+        out.update(h2=h2, part_qkv=_reference_matmul(norm(h2, next_norm), next_wqkv)[None])
     if final_norm is not None:
         out.update(x=norm(h2, final_norm))
     return out
@@ -256,4 +370,28 @@ def random_tail_inputs(seed: int, hidden: int, q_size: int, intermediate: int,
                   w_down=weight(keys[5], (intermediate, hidden)))
     if qkv_size:
         inputs.update(next_norm=norm(keys[6]), next_wqkv=weight(keys[7], (hidden, qkv_size)))
+    return inputs
+
+
+def random_moe_inputs(seed: int, hidden: int, q_size: int, num_experts: int, intermediate: int,
+                      top_k: int, qkv_size: int = 0) -> dict:
+    """Random bf16 inputs of both mixture-of-experts kernels (weights scaled by 1 / sqrt(fan-in),
+    norm weights near 1), for tests and benchmarks: h, attn, wo, mlp_norm, router_w, w_gate_up
+    [E, hidden, 2 * I], w_down [E, I, hidden] (and next_norm, next_wqkv with qkv_size)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 9)
+    bf = jnp.bfloat16
+
+    def weight(k, shape):
+        return (jax.random.normal(k, shape, jnp.float32) / shape[-2] ** 0.5).astype(bf)
+
+    def norm(k):
+        return (1 + 0.1 * jax.random.normal(k, (hidden,), jnp.float32)).astype(bf)
+    inputs = dict(h=jax.random.normal(keys[0], (hidden,), bf),
+                  attn=jax.random.normal(keys[1], (q_size,), bf),
+                  wo=weight(keys[2], (q_size, hidden)), mlp_norm=norm(keys[3]),
+                  router_w=weight(keys[4], (hidden, num_experts)),
+                  w_gate_up=weight(keys[5], (num_experts, hidden, 2 * intermediate)),
+                  w_down=weight(keys[6], (num_experts, intermediate, hidden)))
+    if qkv_size:
+        inputs.update(next_norm=norm(keys[7]), next_wqkv=weight(keys[8], (hidden, qkv_size)))
     return inputs

@@ -6,6 +6,8 @@ is tested in test_decode_layer_plan.py."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +16,15 @@ import pytest
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")  # needs absl-py too
 
 from jinfer.model.layers import rms_norm  # noqa: E402
+from jinfer.model.moe import clear_routes, moe_mlp_reference, route  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (decode_layer_tail_mgpu,  # noqa: E402
-                                              decode_layer_tail_reference, decode_row_qkv_mgpu,
+                                              decode_layer_tail_reference,
+                                              decode_moe_experts_mgpu,
+                                              decode_moe_experts_reference,
+                                              decode_moe_router_mgpu,
+                                              decode_moe_router_reference, decode_row_qkv_mgpu,
                                               decode_row_qkv_reference, new_barrier_counter,
-                                              random_tail_inputs)
+                                              random_moe_inputs, random_tail_inputs)
 from pallas_kernels.decode_layer_plan import TailTiling  # noqa: E402
 
 EPS = 1e-5
@@ -171,6 +178,78 @@ def test_interpret_passes_the_barrier_counter_through():
                                barrier=jnp.zeros((4,), jnp.int32))
 
 
+def check_moe(layer, top_k, run_router, run_experts, last=False, seed=0):
+    """Both mixture-of-experts kernels on one layer, routed between them as the engine does
+    (moe.route on the summed logits): each kernel against its jnp reference given the same
+    inputs, and the layer against the model's own math (moe_mlp_reference on rms_norm(h1),
+    every GEMM in float32) where the routing is clear of near-ties."""
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    router_args = {k: layer[k] for k in ("h", "attn", "wo", "mlp_norm", "router_w")}
+    out = run_router(**router_args)
+    ref = decode_moe_router_reference(**router_args, eps=EPS)
+    np.testing.assert_allclose(f32(out["h1"]), f32(ref["h1"]), rtol=2 ** -7, atol=1e-6)
+    logits = f32(out["part_logits"]).sum(0)
+    want = f32(ref["part_logits"][0])
+    assert np.max(np.abs(logits - want)) <= 1e-3 * np.max(np.abs(want))
+
+    weights, ids = route(jnp.asarray(logits)[None], top_k, True)
+    tail = ({"final_norm": layer["mlp_norm"]} if last else
+            {k: layer[k] for k in ("next_norm", "next_wqkv")})
+    args = dict(h1=out["h1"], mlp_norm=layer["mlp_norm"], expert_ids=ids[0],
+                expert_weights=weights[0], w_gate_up=layer["w_gate_up"],
+                w_down=layer["w_down"], **tail)
+    got = run_experts(**args)
+    want = decode_moe_experts_reference(**args, eps=EPS)
+    assert set(want) <= set(got)
+    for name in want:  # partial sums: 1e-3 of the scale (a bf16 step of an activation)
+        g, w = f32(got[name]), f32(want[name])
+        if name.startswith("part_"):
+            g, w = g.sum(0), w[0]
+        assert np.max(np.abs(g - w)) <= 1e-2 * np.max(np.abs(w)), name
+
+    x = rms_norm(out["h1"], layer["mlp_norm"], EPS)
+    if clear_routes(logits[None], top_k)[0]:
+        model = f32(moe_mlp_reference(x[None].astype(jnp.float32), layer["router_w"]
+                                      .astype(jnp.float32), layer["w_gate_up"],
+                                      layer["w_down"], top_k, True))[0]
+        d = f32(got["part_d"]).sum(0)
+        assert np.max(np.abs(d - model)) <= 0.02 * np.max(np.abs(model))
+
+
+@pytest.mark.parametrize("num_experts,intermediate,top_k,qkv_size", [
+    (64, 128, 2, 192),  # every CTA at work
+    (64, 64, 3, 0),     # 3 of 4 CTAs at work in the experts' phases; the last layer
+])
+def test_interpret_moe_kernels(num_experts, intermediate, top_k, qkv_size):
+    """The mixture-of-experts layer's two kernels (router; experts + next QKV or final norm)
+    in interpret mode against their references and the model's math."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("interpret mode is tested on the CPU backend")
+    layer = random_moe_inputs(11, 256, 256, num_experts, intermediate, top_k, qkv_size)
+    check_moe(layer, top_k,
+              lambda **kw: decode_moe_router_mgpu(**kw, eps=EPS, top_k=top_k, tiling=SMALL,
+                                                  interpret=True),
+              lambda **kw: decode_moe_experts_mgpu(**kw, eps=EPS, tiling=SMALL,
+                                                   interpret=True),
+              last=not qkv_size)
+
+
+def test_moe_bad_inputs_raise():
+    layer = random_moe_inputs(1, 256, 256, 64, 128, 2, 192)
+    ids, weights = jnp.zeros((2,), jnp.int32), jnp.ones((2,), jnp.float32)
+    run = lambda **kw: decode_moe_experts_mgpu(  # noqa: E731
+        **{**dict(h1=layer["h"], mlp_norm=layer["mlp_norm"], expert_ids=ids,
+                  expert_weights=weights, w_gate_up=layer["w_gate_up"],
+                  w_down=layer["w_down"]), **kw}, eps=EPS, tiling=SMALL, interpret=True)
+    with pytest.raises(ValueError, match="expert_ids must be int32"):
+        run(expert_ids=ids.astype(jnp.float32))
+    with pytest.raises(ValueError, match="w_down must be bf16"):
+        run(w_down=layer["w_down"][:, :64])
+    with pytest.raises(ValueError, match="multiple of block_n"):  # 8 router columns
+        decode_moe_router_mgpu(layer["h"], layer["attn"], layer["wo"], layer["mlp_norm"],
+                               layer["router_w"][:, :8], eps=EPS, top_k=2, tiling=SMALL)
+
+
 def _hopper():
     dev = jax.devices()[0]
     return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
@@ -246,3 +325,27 @@ def test_gpu_barrier_counter_threads_through_calls():
     check(want[1], decode_layer_tail_reference(**last, eps=EPS), last, False)
     arrivals = int(jax.lax.bitcast_convert_type(counter[:2], jnp.int32))
     assert arrivals == 2 * (3 + 2 + 3) * tiling.num_ctas
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("last", [False, True])
+def test_gpu_qwen3_30b_a3b_moe_shape(last):
+    """Compiled on Qwen3-30B-A3B's layer (128 experts of 768, 8 per token; the experts' gate/up
+    phase on 96 of 128 CTAs), three times through one barrier counter."""
+    if not _hopper():
+        pytest.skip("the kernel needs a Hopper GPU (wgmma, TMA)")
+    tiling = TailTiling(stages=4)
+    layer = random_moe_inputs(12, 2048, 4096, 128, 768, 8, 0 if last else 5120)
+    counter = new_barrier_counter()
+
+    def threaded(fn):
+        def run(**kw):
+            nonlocal counter
+            out = dict(jax.jit(lambda c, **a: fn(**a, barrier=c, eps=EPS, tiling=tiling,
+                                                   interpret=False))(counter, **kw))
+            counter = out.pop("barrier")
+            return out
+        return run
+    for _ in range(3):
+        check_moe(layer, 8, threaded(functools.partial(decode_moe_router_mgpu, top_k=8)),
+                  threaded(decode_moe_experts_mgpu), last=last)

@@ -75,3 +75,45 @@ def test_imports_without_jax():
     code = ("import sys, pallas_kernels.decode_layer_plan; "
             "assert 'jax' not in sys.modules, 'the planner imported jax'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plan_of_qwen3_30b_a3b_experts():
+    """Qwen3-30B-A3B's layer (128 experts of 768, 8 per token): the router's 2 strips on 32
+    CTAs (16 K-ranges), the 8 experts' 96 gate/up strip pairs on 96 CTAs (32 idle), their down
+    projection as 8 K-ranges of one expert each on all 128."""
+    from pallas_kernels.decode_layer_plan import EXPERT_DOWN, EXPERT_GATE_UP, ROUTER
+    plans = plan_tail(TailShape(2048, 4096, 768, 5120, EPS, 128, 8), ENGINE)
+    assert list(plans) == [0, ROUTER, EXPERT_GATE_UP, EXPERT_DOWN, 3]
+    got = {p: (plans[p].splits, plans[p].group, plans[p].strips_per_cta, plans[p].active)
+           for p in plans}
+    assert got[ROUTER] == (16, 2, 1, 32)
+    assert got[EXPERT_GATE_UP] == (1, 96, 1, 96)
+    assert got[EXPERT_DOWN] == (8, 16, 2, 128)
+    # the two kernels' shapes: wo + router; the experts + the next QKV
+    assert list(plan_tail(TailShape(2048, 4096, 0, 0, EPS, 128, 8), ENGINE)) == [0, ROUTER]
+    assert list(plan_tail(TailShape(2048, 0, 768, 5120, EPS, 128, 8), ENGINE)) == [
+        ROUTER, EXPERT_GATE_UP, EXPERT_DOWN, 3]
+
+
+def test_expert_plans_cover_each_weight_once_inside_one_expert():
+    """The working CTAs' (K-range, strip) cells tile the virtual weight exactly once, and no
+    down-projection K-range or gate/up strip straddles two experts."""
+    for k, n, paired, width in [(2048, 8 * 768, True, 768), (8 * 768, 2048, False, 768),
+                                (256, 3 * 64, True, 64), (3 * 64, 256, False, 64),
+                                (2048, 128, False, 0)]:
+        plan = plan_phase(k, n, ENGINE if k >= 2048 or n >= 2048 else SMALL, paired=paired,
+                          expert_width=width, idle_ok=True)
+        cells = [(cta // plan.group, (cta % plan.group) * plan.strips_per_cta + s)
+                 for cta in range(plan.active) for s in range(plan.strips_per_cta)]
+        bn = plan.block_n
+        assert sorted(cells) == [(r, s) for r in range(plan.splits) for s in range(n // bn)]
+        if width and paired:
+            assert width % bn == 0
+        elif width:
+            assert width % plan.k_range == 0
+
+
+def test_mixtral_router_does_not_fit():
+    """Mixtral's 8 router columns are less than a strip: its layers stay in XLA."""
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        plan_tail(TailShape(4096, 4096, 14336, 6144, EPS, 8, 2), ENGINE)
