@@ -1,8 +1,8 @@
 """jinfer/model/layer_kernel.py: decode steps of one row through the persistent layer kernel
 (`one_row_decode`) give the same hidden states, logits, KV pool and greedy tokens as the XLA
 layers, on the CPU with the kernel in Mosaic GPU's interpreter (a small tiling, so tiny shapes
-plan), and on a Hopper GPU compiled, on Llama-3.2-1B's shapes; `layer_kernel_tiling` takes only
-the shapes that plan."""
+plan), and on a Hopper GPU compiled, on Llama-3.2-1B's and Qwen3-30B-A3B's shapes (the
+mixture-of-experts kernels); `layer_kernel_tiling` takes only the shapes that plan."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ from pallas_kernels.decode_layer_plan import TailTiling  # noqa: E402
 # down projections split K in two, so the kernel's partial sums are exercised.
 TINY = ModelConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_layers=2,
                    num_heads=2, num_kv_heads=1, head_dim=64, tie_word_embeddings=True)
+# Qwen3-MoE's layer on the same sizes: q/k head norms, 64 experts of 64, 2 per token (the
+# experts' gate/up phase on 2 of the 4 CTAs).
+TINY_MOE = dataclasses.replace(TINY, qk_norm=True, intermediate_size=64, num_experts=64,
+                               num_experts_per_tok=2)
 SMALL = TailTiling(block_n=64, block_k=64, stages=3, num_ctas=4)
 BLOCK = 16
 
@@ -122,8 +126,15 @@ def test_tiling_accepts_only_shapes_that_plan():
     # not a multiple of 128 CTAs
     assert layer_kernel_tiling(MODEL_SHAPES["llama3-8b"], jnp.bfloat16,
                                KernelConfig().layer_tiling) is None
-    # any layer but Llama's runs XLA's layers, whatever its shapes
-    for features in (dict(qkv_bias=True), dict(qk_norm=True), dict(post_norms=True),
+    # Qwen3's layers, dense and mixture-of-experts, run in the kernels; Mixtral's 8 router
+    # columns do not plan
+    assert layer_kernel_tiling(TINY_MOE, jnp.bfloat16, SMALL) == SMALL
+    assert layer_kernel_tiling(MODEL_SHAPES["qwen3-30b-a3b"], jnp.bfloat16,
+                               KernelConfig().layer_tiling) is not None
+    assert layer_kernel_tiling(dataclasses.replace(TINY_MOE, num_experts=8), jnp.bfloat16,
+                               SMALL) is None
+    # any other layer runs XLA's layers, whatever its shapes
+    for features in (dict(qkv_bias=True), dict(post_norms=True),
                      dict(activation="gelu_tanh"), dict(attn_logit_softcap=50.0),
                      dict(layer_windows=(8,) * TINY.num_layers)):
         assert layer_kernel_tiling(dataclasses.replace(TINY, **features), jnp.bfloat16,
@@ -136,6 +147,16 @@ def test_interpret_decode_matches_xla_layers():
     # Two steps: the second reads the K/V the kernel wrote in the first. Each interpreted step
     # costs ~40 s of this CPU (the interpreter runs the kernel's CTAs as threads).
     results, xla_pool, kernel_pool = _decode_run(TINY, SMALL, steps=2)
+    _check_close(results, xla_pool, kernel_pool, SMALL)
+
+
+def test_interpret_moe_decode_matches_xla_layers():
+    """Qwen3-MoE's layers (q/k head norms in the fused attention kernel, the router and experts'
+    kernels, the routing between them) against the XLA layers, the Pallas attention kernels
+    on both paths."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("interpret mode is tested on the CPU backend (see test_decode_layer_mgpu)")
+    results, xla_pool, kernel_pool = _decode_run(TINY_MOE, SMALL, steps=2, backend="pallas")
     _check_close(results, xla_pool, kernel_pool, SMALL)
 
 
@@ -172,6 +193,19 @@ def test_gpu_llama_1b_decode_matches_xla_layers():
     if not paged_prefill_mgpu.hopper_gpu():
         pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
     config = dataclasses.replace(MODEL_SHAPES["llama3-1b"], num_layers=2, vocab_size=4096)
+    tiling = layer_kernel_tiling(config, jnp.bfloat16, KernelConfig().layer_tiling)
+    assert tiling is not None
+    results, xla_pool, kernel_pool = _decode_run(config, tiling, prompt_len=37, backend="pallas")
+    _check_close(results, xla_pool, kernel_pool, tiling)
+
+
+@pytest.mark.gpu
+def test_gpu_qwen3_30b_a3b_decode_matches_xla_layers():
+    """Compiled on Qwen3-30B-A3B's shapes (two layers, the engine's tiling): q/k head norms in
+    the fused attention kernel, the router and experts' kernels, against the XLA layers."""
+    if not paged_prefill_mgpu.hopper_gpu():
+        pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
+    config = dataclasses.replace(MODEL_SHAPES["qwen3-30b-a3b"], num_layers=2, vocab_size=4096)
     tiling = layer_kernel_tiling(config, jnp.bfloat16, KernelConfig().layer_tiling)
     assert tiling is not None
     results, xla_pool, kernel_pool = _decode_run(config, tiling, prompt_len=37, backend="pallas")

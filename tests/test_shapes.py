@@ -166,9 +166,9 @@ def test_new_family_shapes():
     assert round(num_params(mistral) / 1e9, 2) == 7.24
     # blocks behind the window are released only where every layer has one
     assert (mistral.kv_window, gemma.kv_window, qwen.kv_window) == (4096, None, None)
-    # the persistent layer kernel takes Llama's layer only
-    assert MODEL_SHAPES["llama3-1b"].llama_layers
-    assert not any(c.llama_layers for c in (qwen, gemma, mistral))
+    # the persistent layer kernels take Llama's and Qwen3's layers (dense and experts)
+    assert all(MODEL_SHAPES[name].kernel_layers for name in ("llama3-1b", "qwen3-30b-a3b"))
+    assert qwen.kernel_layers and not any(c.kernel_layers for c in (gemma, mistral))
 
 
 @pytest.mark.parametrize("features", [dict(qkv_bias=True), dict(qk_norm=True),

@@ -151,13 +151,14 @@ class ModelConfig:
         return max(self.layer_windows)
 
     @property
-    def llama_layers(self) -> bool:
-        """Every layer is Llama's: what the persistent layer kernel implements
-        (jinfer.model.layer_kernel)."""
-        return (not (self.qkv_bias or self.qk_norm or self.post_norms)
-                and self.activation == "silu" and self.layer_windows is None
-                and self.attn_logit_softcap is None and self.local_rope_theta is None
-                and not self.num_experts)
+    def kernel_layers(self) -> bool:
+        """Whether the batch-1 layer kernels implement every layer (jinfer.model.layer_kernel):
+        Llama's (no biases, windows, soft-caps, post norms or scaled embeddings), also with
+        Qwen3's q/k head norms (the fused attention kernel applies them) and with a
+        mixture-of-experts MLP (Qwen3-MoE; whether its shapes fit is the kernels' plan)."""
+        return (not (self.qkv_bias or self.post_norms) and self.activation == "silu"
+                and self.layer_windows is None and self.attn_logit_softcap is None
+                and self.local_rope_theta is None and self.embed_scale is None)
 
     def for_context(self, max_model_len: int) -> "ModelConfig":
         """This config for an engine whose sequences reach max_model_len tokens: LongRoPE

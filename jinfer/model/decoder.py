@@ -144,7 +144,7 @@ def forward_hidden(
     if config.embed_scale is not None:
         h = h * jnp.asarray(config.embed_scale, h.dtype)
     if layer_tiling is not None and meta.prefill is None and token_ids.shape[0] == 1:
-        assert config.llama_layers, "the layer kernel runs Llama's layer only"
+        assert config.kernel_layers, "the layer kernels run Llama's and Qwen3's layers only"
         return one_row_decode(params, kv_cache, h, meta, config=config, backend=backend,
                               rope=global_rope, tiling=layer_tiling)
     # Mixture of experts: the step's padding rows (they write into the pad block) are routed
