@@ -18,7 +18,9 @@ class KernelConfig:
       decode_layer_kernel: on a Hopper GPU with the "pallas" backend and bf16 weights, a decode
         step of one sequence runs each layer's projections after attention (output projection,
         MLP, next layer's QKV) in one persistent Mosaic GPU kernel
-        (pallas_kernels/decode_layer_mgpu.py) where the model's shapes fit it; False: XLA's
+        (pallas_kernels/decode_layer_mgpu.py; a mixture-of-experts layer in two, the routing
+        between them) where the model's layers (ModelConfig.kernel_layers: Llama's, Qwen3's)
+        and shapes fit it; False: XLA's
         matmuls, as at every other batch size; "always": also off Hopper (in Mosaic GPU's
         interpreter on the CPU: for tests).
       layer_tiling: that kernel's tiling. 4 ring slots measured best (48.4 us per Llama-3.2-1B

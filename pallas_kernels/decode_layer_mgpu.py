@@ -23,6 +23,15 @@ jinfer.model.layer_kernel.one_row_decode), and P3's QKV partials go to the atten
 they are. (The layer's attention as a phase of this kernel measured slower end to end: 919.9 vs
 941.5 tok/s, BENCHMARKS.md session 12.)
 
+A mixture-of-experts layer (Qwen3-MoE) runs as two kernels of the same body, because which
+expert matrices to stream is known only after the router: `decode_moe_router_mgpu` (P0, then
+ROUTER: h1 = h + sum(o), x = rms_norm(h1) * mlp_norm, logits = x @ router_w as split-K partials)
+and, after the caller's top-k routing, `decode_moe_experts_mgpu` (EXPERT_GATE_UP: each routed
+expert's silu(x @ gate) * (x @ up) times its routing weight, the top_k experts' columns side by
+side; EXPERT_DOWN: those activations times the experts' down matrices stacked, as split-K
+partials; then P3 or FINAL_NORM as above). The memory warpgroup reads each chunk's expert id
+from `expert_ids` and streams that expert's matrix; only the top_k experts' weights are read.
+
 The files: decode_layer_plan.py splits each phase's weight over the CTAs (pure Python),
 decode_layer_body.py is the kernel body (warp specialised: a memory warpgroup streams weight
 chunks through a shared-memory ring, a compute warpgroup builds each phase's input row and
