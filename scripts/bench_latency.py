@@ -385,7 +385,9 @@ def make_spec(args, model: str, config) -> dict:
             "hf_reps_first": 3, "hf_reps_full": 1 if args.quick else 2,
             "copy_bytes": (64 << 20) if args.cpu_smoke else 2 * GiB,
             "prompts": prompts, "hf_config": config_to_hf_dict(config),
-            "hf_compile": args.hf_compile, "decode_layer_kernel": not args.no_layer_kernel,
+            "hf_compile": args.hf_compile,
+            "decode_layer_kernel": (False if args.no_layer_kernel else
+                                    "always" if args.layer_kernel_always else True),
             "layer_stages": args.layer_stages,
             "num_scheduler_steps": args.num_scheduler_steps,
             "tensor_parallel_size": args.tensor_parallel_size, "moe_impl": args.moe_impl,
@@ -405,6 +407,9 @@ def main() -> int:
     p.add_argument("--no-layer-kernel", action="store_true",
                    help="decode with XLA's matmuls (KernelConfig(decode_layer_kernel=False)), not the "
                         "persistent layer kernel (Hopper)")
+    p.add_argument("--layer-kernel-always", action="store_true",
+                   help="KernelConfig(decode_layer_kernel='always'): also the layers the "
+                        "kernels take by request only (mixture of experts)")
     p.add_argument("--layer-stages", type=int, default=None,
                    help="the layer kernel's weight ring slots (default: KernelConfig().layer_tiling)")
     args = p.parse_args()
