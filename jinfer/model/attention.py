@@ -14,7 +14,7 @@ not a slice of it, keeps the pool's update in place), and optionally a fourth:
   prefill(q [tokens, heads, dim], k_pool, v_pool, layer, meta: PrefillMetadata, scale, *,
           sliding_window, logit_softcap)
   fused_decode(qkv [rows, ...], cos, sin, k_pool, v_pool, layer, slots, meta, num_heads,
-               scale, *, sliding_window, logit_softcap[, qk_norm, qk_norm_eps])
+               scale, *, sliding_window, logit_softcap[, qk_norm, qk_norm_eps, partials])
                -> (out [rows, heads * dim], k_pool, v_pool): RoPE, KV write and decode
                attention of the decode rows in one kernel (a batch-1 step is bound by kernel
                count, not bytes); qkv may also be float32 partial sums [parts, rows, ...] of
@@ -119,27 +119,27 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
     through it whole (RoPE, write and attention in one kernel). sliding_window and
     logit_softcap (static, None: off) go to every attention function (module docstring).
     qk_norm (q_norm, k_norm [head_dim], eps): each query and key head RMS-normed before RoPE
-    (Qwen3), inside the fused kernel for the decode rows.
+    (Qwen3), here in XLA. (The fused decode kernel can apply them itself, as the layer
+    kernels' path has it do on QKV partial sums; here it will once measured on a GPU.)
     """
     opts = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
     kv_heads, head_dim = k_pool.shape[3:]
+    if qk_norm is not None:
+        qkv = _norm_qk_heads(qkv, *qk_norm, num_heads=num_heads, kv_heads=kv_heads)
     rows = meta.num_decode_tokens
     outputs = []
     first = 0  # first token of the unfused part
     if rows and backend.fused_decode is not None and backend.fused_supports(k_pool.shape[2],
                                                                             head_dim):
-        norm_opts = {} if qk_norm is None else dict(qk_norm=qk_norm[:2], qk_norm_eps=qk_norm[2])
         out, k_pool, v_pool = backend.fused_decode(
             qkv[:rows], cos[:rows, 0], sin[:rows, 0], k_pool, v_pool, layer,
-            meta.slot_mapping[:rows], meta.decode, num_heads, scale, **opts, **norm_opts)
+            meta.slot_mapping[:rows], meta.decode, num_heads, scale, **opts)
         outputs.append(out)
         first = rows
     if first < qkv.shape[0]:
         tokens = qkv.shape[0] - first
         q, k, v = jnp.split(qkv[first:].reshape(tokens, num_heads + 2 * kv_heads, head_dim),
                             [num_heads, num_heads + kv_heads], axis=1)
-        if qk_norm is not None:
-            q, k = rms_norm(q, qk_norm[0], qk_norm[2]), rms_norm(k, qk_norm[1], qk_norm[2])
         q = apply_rope(q, cos[first:], sin[first:])
         k = apply_rope(k, cos[first:], sin[first:])
         k_pool, v_pool = backend.write_kv(k_pool, v_pool, layer, meta.slot_mapping[first:], k, v)
@@ -152,6 +152,15 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
     out = outputs[0] if len(outputs) == 1 else jnp.concatenate(
         [o.reshape(o.shape[0], -1) for o in outputs], axis=0)
     return out.reshape(qkv.shape[0], num_heads * head_dim), k_pool, v_pool
+
+
+def _norm_qk_heads(qkv, q_norm, k_norm, eps: float, *, num_heads: int, kv_heads: int):
+    """qkv [T, (heads + 2 * kv_heads) * head_dim] with each q and k head RMS-normed over
+    head_dim (q_norm, k_norm [head_dim]); v as it was."""
+    q, k, v = jnp.split(qkv.reshape(qkv.shape[0], num_heads + 2 * kv_heads, -1),
+                        [num_heads, num_heads + kv_heads], axis=1)
+    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    return jnp.concatenate([q, k, v], axis=1).reshape(qkv.shape)
 
 
 def _decode_reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float,
