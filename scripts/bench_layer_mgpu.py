@@ -9,6 +9,13 @@ loop's wall time per call (includes the gaps between kernels). The kernel's outp
 against its jnp reference (float32 accumulation) on every variant.
 
   python scripts/bench_layer_mgpu.py --out layer_mgpu.json          # H100 (jax 0.11)
+
+--moe times a mixture-of-experts layer instead, Qwen3-30B-A3B's (128 experts of 768, 8 per
+token): the router kernel, the routing in XLA and the experts' kernel (decode_moe_*_mgpu)
+against XLA's layer with the engine's expert kernels (jinfer.model.moe.moe_mlp, impl "auto":
+by pair at one token), its output checked against decode_moe_experts_reference:
+
+  python scripts/bench_layer_mgpu.py --moe --stages 4 8 --out layer_moe.json
 """
 
 from __future__ import annotations
@@ -32,12 +39,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_common import device_events  # noqa: E402
 from jinfer.model.layers import rms_norm  # noqa: E402
+from jinfer.model.moe import moe_mlp, route  # noqa: E402
 from pallas_kernels.decode_layer_mgpu import (decode_layer_tail_mgpu,  # noqa: E402
                                               decode_layer_tail_reference,
-                                              new_barrier_counter, random_tail_inputs)
+                                              decode_moe_experts_mgpu,
+                                              decode_moe_experts_reference,
+                                              decode_moe_router_mgpu, new_barrier_counter,
+                                              random_moe_inputs, random_tail_inputs)
 from pallas_kernels.decode_layer_plan import TailTiling  # noqa: E402
 
 EPS = 1e-5
+MOE_TOP_K = 8  # Qwen3-30B-A3B's experts per token
 
 
 def xla_tail(h, attn, wo, mlp_norm, w_gate_up, w_down, next_norm, next_wqkv):
@@ -106,6 +118,85 @@ def stack_wall_us(tail, layers: list[dict], num_layers: int, calls: int, reps: i
     return best
 
 
+def xla_moe_tail(h, attn, wo, mlp_norm, router_w, w_gate_up, w_down, next_norm, next_wqkv):
+    """A mixture-of-experts layer's tail as the model's XLA path runs it at batch 1 (the row
+    padded to two, the padding row routed to no expert of its own)."""
+    pad = lambda x: jnp.stack([x, jnp.zeros_like(x)])  # noqa: E731
+    h1 = pad(h) + pad(attn) @ wo
+    x = rms_norm(h1, mlp_norm, EPS)
+    h2 = h1 + moe_mlp(x, router_w, w_gate_up, w_down, MOE_TOP_K, True, impl="auto",
+                      valid=jnp.array([True, False]))
+    return h2[0], (rms_norm(h2, next_norm, EPS) @ next_wqkv)[0]
+
+
+def mgpu_moe_tail(h, attn, wo, mlp_norm, router_w, w_gate_up, w_down, next_norm, next_wqkv,
+                  barrier=None, *, tiling):
+    """The same tail in the two kernels with the routing between them -> (h2, the next QKV
+    row as partials, routing (weights, ids), barrier)."""
+    first = decode_moe_router_mgpu(h, attn, wo, mlp_norm, router_w, eps=EPS, top_k=MOE_TOP_K,
+                                   tiling=tiling, barrier=barrier)
+    weights, ids = route(first["part_logits"].sum(0)[None], MOE_TOP_K, True)
+    out = decode_moe_experts_mgpu(first["h1"], mlp_norm, ids[0], weights[0], w_gate_up, w_down,
+                                  next_norm, next_wqkv, eps=EPS, tiling=tiling,
+                                  barrier=first.get("barrier"))
+    return out["h2"], out["part_qkv"], (first["h1"], weights[0], ids[0]), out.get("barrier")
+
+
+def moe_main(args) -> dict:
+    """--moe: the mixture-of-experts layer's kernels against XLA's (module docstring)."""
+    layer = random_moe_inputs(0, 2048, 4096, 128, 768, MOE_TOP_K, 5120)  # Qwen3-30B-A3B
+    names = list(layer)
+    weights = [layer[n] for n in names[2:]]
+    moe_bytes = MOE_TOP_K * 3 * 2048 * 768 * 2
+    weight_bytes = moe_bytes + sum(layer[n].size * 2 for n in ("wo", "router_w", "next_wqkv"))
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "weight_MB_per_token": weight_bytes / 1e6, "runs": []}
+    print("| variant | device us | wall us | GB/s (device, the token's weights) | "
+          "max rel err (partials vs reference) |\n|---|---|---|---|---|")
+
+    def report(variant, wall, kernels, err=float("nan"), **extra):
+        dev = sum(kernels.values())
+        print(f"| {variant} ({len(kernels)} kernels) | {dev:.1f} | {wall:.1f} | "
+              f"{weight_bytes / dev / 1e3:.0f} | {err:.3g} |", flush=True)
+        results["runs"].append({"variant": variant, "device_us": dev, "wall_us": wall,
+                                "kernels": kernels, "max_rel_err": err, **extra})
+
+    wall, kernels = device_us_per_call(lambda h, q: xla_moe_tail(h, q[:4096], *weights),
+                                       (layer["h"], jnp.zeros((5120,), jnp.bfloat16)),
+                                       args.iters, args.reps)
+    report("XLA, moe_impl auto", wall, kernels)
+    for stages in args.stages:
+        tiling = TailTiling(stages=stages)
+        run = jax.jit(functools.partial(mgpu_moe_tail, tiling=tiling))
+        errs = []
+        for _ in range(args.checks):
+            _, part_qkv, (h1, w, ids), _ = run(*layer.values())
+            ref = decode_moe_experts_reference(h1, layer["mlp_norm"], ids, w,
+                                               layer["w_gate_up"], layer["w_down"],
+                                               layer["next_norm"], layer["next_wqkv"], eps=EPS)
+            got, want = np.asarray(part_qkv, np.float32).sum(0), np.asarray(ref["part_qkv"][0])
+            errs.append(float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
+
+        def step(h, q, run=run):
+            h2, part_qkv, *_ = run(h, q[:4096].astype(h.dtype), *weights)
+            return h2, part_qkv.sum(0)
+        wall, kernels = device_us_per_call(step, (layer["h"], jnp.zeros((5120,), jnp.float32)),
+                                           args.iters, args.reps)
+        report(f"Mosaic GPU, {stages} stages", wall, kernels, max(errs),
+               tiling=dataclasses.asdict(tiling))
+    if args.stack:
+        layers = [layer, random_moe_inputs(1, 2048, 4096, 128, 768, MOE_TOP_K, 5120)]
+        kernel_tail = functools.partial(mgpu_moe_tail, tiling=TailTiling(stages=args.stages[0]))
+        for name, tail in (("xla", lambda h, a, *w: (*xla_moe_tail(h, a, *w[:-1]), w[-1])),
+                           ("mgpu", lambda h, a, *w: (lambda o: (o[0], o[1].sum(0), o[3]))(
+                               kernel_tail(h, a, *w)))):
+            us = stack_wall_us(tail, layers, args.stack, args.iters, args.reps)
+            print(f"stack of {args.stack} layers, {name}: {us:.1f} us per layer (wall)",
+                  flush=True)
+            results[f"stack_wall_us_per_layer_{name}"] = us
+    return results
+
+
 def profile_regions(trace_file: pathlib.Path, clock_ghz: float) -> dict:
     """The in-kernel profiler's trace of one call (decode_layer_tail_mgpu's `profile_dir`) ->
     per region: CTAs that ran it, mean and max duration (us), and its span over the grid (us
@@ -164,7 +255,14 @@ def main(argv=None) -> int:
                         "CTA: loads, barriers, input builds, products) with traces written here")
     parser.add_argument("--sm-clock-ghz", type=float, default=1.98,
                         help="SM clock for the profile's cycle counts (H100 SXM: 1.98)")
+    parser.add_argument("--moe", action="store_true",
+                        help="time Qwen3-30B-A3B's mixture-of-experts layer (module docstring)")
     args = parser.parse_args(argv)
+    if args.moe:
+        results = moe_main(args)
+        if args.out:
+            pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+        return 0
 
     layer = random_tail_inputs(0, 2048, 2048, 8192, 3072)  # Llama-3.2-1B
     names = list(layer)
