@@ -47,7 +47,6 @@ kernel streamed in 42.2 us: each costs ~3 us in all, latency that neither more r
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import jax
@@ -290,29 +289,36 @@ def decode_layer_tail_reference(h, attn, wo, mlp_norm, w_gate_up, w_down, next_n
     """The kernel's arithmetic in jnp (float32 accumulation, the same bf16 roundings); partials
     are returned summed in slot 0 of a [1, n] array (their split is an implementation detail:
     compare sums)."""
-    f32 = jnp.float32
     hidden = h.shape[-1]
-    norm = functools.partial(_reference_norm, eps=eps)
-    mm = _reference_matmul
-    h = h.reshape(hidden)
-    h1 = (h.astype(f32) + mm(attn.reshape(-1), wo)).astype(jnp.bfloat16)
-    gu = mm(norm(h1, mlp_norm), w_gate_up)
+    h1 = _reference_residual(h.reshape(hidden), attn, wo)
+    gu = _reference_matmul(_reference_norm(h1, mlp_norm, eps), w_gate_up)
     gate, up = jnp.split(gu, 2)
     act = (gate * jax.nn.sigmoid(gate) * up).astype(jnp.bfloat16)
-    d = mm(act, w_down)
-    out = {"h1": h1, "part_d": d[None]}
-    h2 = (h1.astype(f32) + d).astype(jnp.bfloat16)
+    d = _reference_matmul(act, w_down)
+    return {"h1": h1, **_reference_layer_end(h1, d, next_norm, next_wqkv, final_norm, eps)}
+
+
+def _reference_residual(h, attn, wo):
+    """h1 = bf16(h + attn @ wo) (float32 sum)."""
+    return (h.astype(jnp.float32) + _reference_matmul(attn.reshape(-1), wo)).astype(jnp.bfloat16)
+
+
+def _reference_layer_end(h1, d, next_norm, next_wqkv, final_norm, eps: float) -> dict:
+    """After the MLP's output d (float32): "part_d", and "h2" with the next layer's QKV row
+    ("part_qkv") or the final-normed row ("x")."""
+    out = {"part_d": d[None]}
+    h2 = (h1.astype(jnp.float32) + d).astype(jnp.bfloat16)
     if next_wqkv is not None:
-        out.update(h2=h2, part_qkv=mm(norm(h2, next_norm), next_wqkv)[None])
+        out.update(h2=h2, part_qkv=_reference_matmul(_reference_norm(h2, next_norm, eps),
+                                                     next_wqkv)[None])
     if final_norm is not None:
-        out.update(x=norm(h2, final_norm))
+        out.update(x=_reference_norm(h2, final_norm, eps))
     return out
 
 
 def decode_moe_router_reference(h, attn, wo, mlp_norm, router_w, *, eps: float) -> dict:
     """decode_moe_router_mgpu's arithmetic in jnp; the logits summed in slot 0 of [1, E]."""
-    h = h.reshape(-1)
-    h1 = (h.astype(jnp.float32) + _reference_matmul(attn.reshape(-1), wo)).astype(jnp.bfloat16)
+    h1 = _reference_residual(h.reshape(-1), attn, wo)
     x = _reference_norm(h1, mlp_norm, eps)
     return {"h1": h1, "part_logits": _reference_matmul(x, router_w)[None]}
 
@@ -323,22 +329,14 @@ def decode_moe_experts_reference(h1, mlp_norm, expert_ids, expert_weights, w_gat
     """decode_moe_experts_mgpu's arithmetic in jnp (each expert's activation row scaled by its
     weight in float32, then rounded to bf16 for the down projection); partials summed in slot
     0 of [1, n]."""
-    f32 = jnp.float32
-    norm = functools.partial(_reference_norm, eps=eps)
     h1 = h1.reshape(-1)
-    x = norm(h1, mlp_norm)
+    x = _reference_norm(h1, mlp_norm, eps)
     d = 0.0
     for slot in range(expert_ids.shape[0]):
         gate, up = jnp.split(_reference_matmul(x, w_gate_up[expert_ids[slot]]), 2)
         act = (gate * jax.nn.sigmoid(gate) * up * expert_weights[slot]).astype(jnp.bfloat16)
         d = d + _reference_matmul(act, w_down[expert_ids[slot]])
-    out = {"part_d": d[None]}
-    h2 = (h1.astype(f32) + d).astype(jnp.bfloat16)
-    if next_wqkv is not None:
-        out.update(h2=h2, part_qkv=_reference_matmul(norm(h2, next_norm), next_wqkv)[None])
-    if final_norm is not None:
-        out.update(x=norm(h2, final_norm))
-    return out
+    return _reference_layer_end(h1, d, next_norm, next_wqkv, final_norm, eps)
 
 
 def decode_row_qkv_reference(h, norm, wqkv, *, eps: float) -> dict:

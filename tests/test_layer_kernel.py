@@ -187,25 +187,15 @@ def test_engine_uses_one_row_and_matches_greedy_tokens(tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_llama_1b_decode_matches_xla_layers():
-    """Compiled on Llama-3.2-1B's shapes (two layers, the engine's tiling) with the Pallas
-    attention kernels: the kernel path against the XLA layers over three decode steps."""
+@pytest.mark.parametrize("shape", ["llama3-1b", "qwen3-30b-a3b"])
+def test_gpu_decode_matches_xla_layers(shape):
+    """Compiled on the model's shapes (two layers, the engine's tiling) with the Pallas
+    attention kernels: the kernel path against the XLA layers over three decode steps
+    (Qwen3-30B-A3B: q/k head norms in the fused attention kernel, the router and experts'
+    kernels)."""
     if not paged_prefill_mgpu.hopper_gpu():
         pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
-    config = dataclasses.replace(MODEL_SHAPES["llama3-1b"], num_layers=2, vocab_size=4096)
-    tiling = layer_kernel_tiling(config, jnp.bfloat16, KernelConfig().layer_tiling)
-    assert tiling is not None
-    results, xla_pool, kernel_pool = _decode_run(config, tiling, prompt_len=37, backend="pallas")
-    _check_close(results, xla_pool, kernel_pool, tiling)
-
-
-@pytest.mark.gpu
-def test_gpu_qwen3_30b_a3b_decode_matches_xla_layers():
-    """Compiled on Qwen3-30B-A3B's shapes (two layers, the engine's tiling): q/k head norms in
-    the fused attention kernel, the router and experts' kernels, against the XLA layers."""
-    if not paged_prefill_mgpu.hopper_gpu():
-        pytest.skip("the layer kernel needs a Hopper GPU (wgmma, TMA)")
-    config = dataclasses.replace(MODEL_SHAPES["qwen3-30b-a3b"], num_layers=2, vocab_size=4096)
+    config = dataclasses.replace(MODEL_SHAPES[shape], num_layers=2, vocab_size=4096)
     tiling = layer_kernel_tiling(config, jnp.bfloat16, KernelConfig().layer_tiling)
     assert tiling is not None
     results, xla_pool, kernel_pool = _decode_run(config, tiling, prompt_len=37, backend="pallas")
