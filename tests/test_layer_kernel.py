@@ -141,6 +141,24 @@ def test_tiling_accepts_only_shapes_that_plan():
                                    SMALL) is None, features
 
 
+def test_qwen3_layers_take_the_kernels_on_request_only(monkeypatch):
+    """On a Hopper GPU (stood in for) the runner takes the kernels for Llama's layers by
+    default, for Qwen3's (q/k norms, experts) only with decode_layer_kernel="always"."""
+    from jinfer.config import EngineConfig
+    from jinfer.runner.model_runner import layer_tiling_for
+    monkeypatch.setattr(paged_prefill_mgpu, "hopper_gpu", lambda: True)
+
+    def tiling(config, wanted):
+        engine = EngineConfig(attention_backend="pallas", kernels=KernelConfig(
+            decode_layer_kernel=wanted, layer_tiling=SMALL))
+        return layer_tiling_for(config, engine, jnp.bfloat16)
+    assert tiling(TINY, True) == SMALL
+    for qwen3 in (TINY_MOE, dataclasses.replace(TINY, qk_norm=True)):
+        assert tiling(qwen3, True) is None
+        assert tiling(qwen3, "always") == SMALL
+    assert tiling(TINY, False) is None
+
+
 def test_interpret_decode_matches_xla_layers():
     if jax.default_backend() != "cpu":
         pytest.skip("interpret mode is tested on the CPU backend (see test_decode_layer_mgpu)")

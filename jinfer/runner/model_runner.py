@@ -39,11 +39,12 @@ def layer_tiling_for(model_config: ModelConfig, config: EngineConfig,
     if (not wanted or config.attention_backend != "pallas" or config.tensor_parallel_size > 1
             or (wanted != "always" and not paged_prefill_mgpu.hopper_gpu())):
         return None
-    if model_config.num_experts and wanted != "always":
-        # The mixture-of-experts kernels are checked in Mosaic GPU's interpreter only so far:
-        # they run where asked for ("always"), and by default once measured on a GPU.
-        logger.info("decode steps of one row run the layers in XLA: the mixture-of-experts "
-                    "layer kernels run with KernelConfig(decode_layer_kernel='always') only")
+    if (model_config.num_experts or model_config.qk_norm) and wanted != "always":
+        # Qwen3's layers in the kernels (q/k norms in the attention kernel, the experts' two
+        # kernels) are checked in the interpreters only so far: they run where asked for
+        # ("always"), and by default once measured on a GPU.
+        logger.info("decode steps of one row run the layers in XLA: Qwen3's layers run in the "
+                    "layer kernels with KernelConfig(decode_layer_kernel='always') only")
         return None
     tiling = layer_kernel_tiling(model_config, dtype, config.kernels.layer_tiling)
     if tiling is None:
