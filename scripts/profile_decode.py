@@ -175,6 +175,9 @@ def main() -> int:
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--no-layer-kernel", action="store_true",
                    help="KernelConfig(decode_layer_kernel=False): XLA's matmuls at batch 1 on Hopper")
+    p.add_argument("--layer-kernel-always", action="store_true",
+                   help="KernelConfig(decode_layer_kernel='always'): also the layers the "
+                        "kernels take by request only (mixture of experts)")
     p.add_argument("--moe-impl", default=None,
                    help="KernelConfig.moe_impl for expert layers (default: the device's)")
     p.add_argument("--top", type=int, default=30, help="kernels listed")
@@ -210,10 +213,12 @@ def main() -> int:
     from jinfer.model.shapes import resolve_model_config
 
     config = resolve_model_config(args.model_shape)
+    layer_kernel = (False if args.no_layer_kernel else
+                    "always" if args.layer_kernel_always else True)
     kwargs = dict(load_format="dummy", dtype=args.dtype, seed=0, max_num_seqs=args.batch,
                   max_model_len=args.prompt_len + args.tokens,
                   num_scheduler_steps=args.num_scheduler_steps,
-                  kernel_config=KernelConfig(decode_layer_kernel=not args.no_layer_kernel,
+                  kernel_config=KernelConfig(decode_layer_kernel=layer_kernel,
                                               moe_impl=args.moe_impl))
     if args.tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = args.tensor_parallel_size

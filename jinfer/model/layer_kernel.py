@@ -104,8 +104,10 @@ def _moe_tail(config, h, attn, lp, next_layer, barrier, tiling):
         first = _moe_router(h, attn, lp["wo"], lp["mlp_norm"], lp["router_w"], barrier,
                             eps=eps, top_k=top_k, tiling=tiling)
         with jax.named_scope("route"):
-            weights, ids = route(first["part_logits"].sum(0)[None], top_k,
-                                 config.norm_topk_prob)
+            # Rounded to the model's dtype as x @ router_w is in the XLA layers and in
+            # transformers: the top-k of float32 logits would break bf16's near-ties otherwise.
+            logits = first["part_logits"].sum(0)[None].astype(h.dtype)
+            weights, ids = route(logits, top_k, config.norm_topk_prob)
         return _moe_experts(first["h1"], lp["mlp_norm"], ids[0], weights[0], lp["w_gate_up"],
                             lp["w_down"], *next_layer, first["barrier"], eps=eps,
                             tiling=tiling)
