@@ -357,8 +357,10 @@ def print_latency_table(results: dict, spec: dict) -> None:
         f"{results[k]['load_s']:.1f} / {results[k]['warmup_s']:.1f}" for k in engines) + " | — |")
     j = d["jinfer"]["decode_tok_s"]
     share = j / roof["tok_s"]
-    print(f"\njinfer decode: {100 * share:.1f}% of the HBM roofline (goal >= 80%: "
-          f"{'met' if share >= 0.8 else 'not met'}); JAX compiles during the timed calls: "
+    # The goals: 80% for Llama's shapes (the engine's first), 75% for the other families
+    goal = 0.8 if (spec.get("hf_config") or {}).get("model_type", "llama") == "llama" else 0.75
+    print(f"\njinfer decode: {100 * share:.1f}% of the HBM roofline (goal >= {goal:.0%}: "
+          f"{'met' if share >= goal else 'not met'}); JAX compiles during the timed calls: "
           f"{results['jinfer']['compiles_timed']}")
     for k in engines[1:]:
         print(f"jinfer / {names[k]}: {j / d[k]['decode_tok_s']:.1f}x decode, "
