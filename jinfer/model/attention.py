@@ -119,26 +119,27 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
     through it whole (RoPE, write and attention in one kernel). sliding_window and
     logit_softcap (static, None: off) go to every attention function (module docstring).
     qk_norm (q_norm, k_norm [head_dim], eps): each query and key head RMS-normed before RoPE
-    (Qwen3), here in XLA. (The fused decode kernel can apply them itself, as the layer
-    kernels' path has it do on QKV partial sums; here it will once measured on a GPU.)
+    (Qwen3): by the fused decode kernel for its rows, in XLA for the rest.
     """
     opts = dict(sliding_window=sliding_window, logit_softcap=logit_softcap)
     kv_heads, head_dim = k_pool.shape[3:]
-    if qk_norm is not None:
-        qkv = _norm_qk_heads(qkv, *qk_norm, num_heads=num_heads, kv_heads=kv_heads)
     rows = meta.num_decode_tokens
     outputs = []
     first = 0  # first token of the unfused part
     if rows and backend.fused_decode is not None and backend.fused_supports(k_pool.shape[2],
                                                                             head_dim):
+        norm_opts = {} if qk_norm is None else dict(qk_norm=qk_norm[:2], qk_norm_eps=qk_norm[2])
         out, k_pool, v_pool = backend.fused_decode(
             qkv[:rows], cos[:rows, 0], sin[:rows, 0], k_pool, v_pool, layer,
-            meta.slot_mapping[:rows], meta.decode, num_heads, scale, **opts)
+            meta.slot_mapping[:rows], meta.decode, num_heads, scale, **opts, **norm_opts)
         outputs.append(out)
         first = rows
     if first < qkv.shape[0]:
         tokens = qkv.shape[0] - first
-        q, k, v = jnp.split(qkv[first:].reshape(tokens, num_heads + 2 * kv_heads, head_dim),
+        rest = qkv[first:]
+        if qk_norm is not None:
+            rest = _norm_qk_heads(rest, *qk_norm, num_heads=num_heads, kv_heads=kv_heads)
+        q, k, v = jnp.split(rest.reshape(tokens, num_heads + 2 * kv_heads, head_dim),
                             [num_heads, num_heads + kv_heads], axis=1)
         q = apply_rope(q, cos[first:], sin[first:])
         k = apply_rope(k, cos[first:], sin[first:])
