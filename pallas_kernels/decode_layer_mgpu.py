@@ -231,6 +231,8 @@ def _run(shape: TailShape, phases: tuple, inputs: dict, tiling: TailTiling, barr
         out_specs = [o for p in launch for o in outs[p]]
         names = in_names + [o[0] for o in out_specs] + list(scratch)
         body = make_body(shape, tiling, plans, launch, names, bool(interpret))
+        # The kernel's name in profiles ("<name>_mosaic_gpu_kernel"), one per kind of launch
+        body.__name__ = body.__qualname__ = _kernel_name(launch)
         results = plgpu.kernel(
             body,
             out_type=tuple(jax.ShapeDtypeStruct(s, d) for _, s, d in out_specs),
@@ -245,6 +247,16 @@ def _run(shape: TailShape, phases: tuple, inputs: dict, tiling: TailTiling, barr
     if barrier is not None:
         produced["barrier"] = jax.ref.freeze(inputs["barrier"]) if use_barrier else barrier
     return produced
+
+
+def _kernel_name(phases: tuple) -> str:
+    if phases[0] == ROUTER or phases[:2] == (0, ROUTER):
+        return "moe_router"
+    if phases[0] in (EXPERT_GATE_UP, EXPERT_DOWN):
+        return "moe_experts"
+    if phases == (3,):
+        return "row_qkv"
+    return "layer_tail"
 
 
 def _check_attn(attn):
