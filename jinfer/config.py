@@ -20,8 +20,8 @@ class KernelConfig:
         MLP, next layer's QKV) in one persistent Mosaic GPU kernel
         (pallas_kernels/decode_layer_mgpu.py; a mixture-of-experts layer in two, the routing
         between them) where the model's layers (ModelConfig.kernel_layers: Llama's, Qwen3's)
-        and shapes fit it (Qwen3's layers with "always" only, until those kernels are
-        measured on a GPU); False: XLA's
+        and shapes fit it (Qwen3's layers with "always" only, until their decode step
+        matches the XLA layers on a GPU); False: XLA's
         matmuls, as at every other batch size; "always": also off Hopper (in Mosaic GPU's
         interpreter on the CPU: for tests).
       layer_tiling: that kernel's tiling. 4 ring slots measured best (48.4 us per Llama-3.2-1B

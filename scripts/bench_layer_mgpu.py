@@ -135,7 +135,8 @@ def mgpu_moe_tail(h, attn, wo, mlp_norm, router_w, w_gate_up, w_down, next_norm,
     row as partials, routing (weights, ids), barrier)."""
     first = decode_moe_router_mgpu(h, attn, wo, mlp_norm, router_w, eps=EPS, top_k=MOE_TOP_K,
                                    tiling=tiling, barrier=barrier)
-    weights, ids = route(first["part_logits"].sum(0)[None], MOE_TOP_K, True)
+    logits = first["part_logits"].sum(0)[None].astype(h.dtype)  # as the engine rounds them
+    weights, ids = route(logits, MOE_TOP_K, True)
     out = decode_moe_experts_mgpu(first["h1"], mlp_norm, ids[0], weights[0], w_gate_up, w_down,
                                   next_norm, next_wqkv, eps=EPS, tiling=tiling,
                                   barrier=first.get("barrier"))

@@ -177,9 +177,9 @@ def test_expert_kernels_in_the_engine_match_hf(family, impl, tmp_path_factory):
 
 
 def test_pallas_attention_kernels_in_the_engine_match_hf(tmp_path_factory):
-    """Qwen3 (q/k head norms) through the Pallas attention kernels (interpret mode on the CPU):
-    prompt logits and greedy tokens as HF gives them (the default on the CPU is the jnp
-    reference)."""
+    """Qwen3 through the Pallas attention kernels (interpret mode on the CPU): the decode rows'
+    q/k head norms run inside the fused decode kernel, the prompt's in XLA; prompt logits and
+    greedy tokens as HF gives them (the default on the CPU is the jnp reference)."""
     ref = get_reference("qwen3", tmp_path_factory)
     llm = make_llm(ref, attention_backend="pallas")
     assert_logits_match(llm, ref.prompts, ref.logits, "qwen3, pallas attention")

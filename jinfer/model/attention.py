@@ -136,11 +136,10 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
         first = rows
     if first < qkv.shape[0]:
         tokens = qkv.shape[0] - first
-        rest = qkv[first:]
-        if qk_norm is not None:
-            rest = _norm_qk_heads(rest, *qk_norm, num_heads=num_heads, kv_heads=kv_heads)
-        q, k, v = jnp.split(rest.reshape(tokens, num_heads + 2 * kv_heads, head_dim),
+        q, k, v = jnp.split(qkv[first:].reshape(tokens, num_heads + 2 * kv_heads, head_dim),
                             [num_heads, num_heads + kv_heads], axis=1)
+        if qk_norm is not None:
+            q, k = rms_norm(q, qk_norm[0], qk_norm[2]), rms_norm(k, qk_norm[1], qk_norm[2])
         q = apply_rope(q, cos[first:], sin[first:])
         k = apply_rope(k, cos[first:], sin[first:])
         k_pool, v_pool = backend.write_kv(k_pool, v_pool, layer, meta.slot_mapping[first:], k, v)
@@ -153,15 +152,6 @@ def attend(backend: AttentionBackend, qkv, cos, sin, k_pool, v_pool, layer,
     out = outputs[0] if len(outputs) == 1 else jnp.concatenate(
         [o.reshape(o.shape[0], -1) for o in outputs], axis=0)
     return out.reshape(qkv.shape[0], num_heads * head_dim), k_pool, v_pool
-
-
-def _norm_qk_heads(qkv, q_norm, k_norm, eps: float, *, num_heads: int, kv_heads: int):
-    """qkv [T, (heads + 2 * kv_heads) * head_dim] with each q and k head RMS-normed over
-    head_dim (q_norm, k_norm [head_dim]); v as it was."""
-    q, k, v = jnp.split(qkv.reshape(qkv.shape[0], num_heads + 2 * kv_heads, -1),
-                        [num_heads, num_heads + kv_heads], axis=1)
-    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-    return jnp.concatenate([q, k, v], axis=1).reshape(qkv.shape)
 
 
 def _decode_reference(q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float,

@@ -41,8 +41,8 @@ def layer_tiling_for(model_config: ModelConfig, config: EngineConfig,
         return None
     if (model_config.num_experts or model_config.qk_norm) and wanted != "always":
         # Qwen3's layers in the kernels (q/k norms in the attention kernel, the experts' two
-        # kernels) are checked in the interpreters only so far: they run where asked for
-        # ("always"), and by default once measured on a GPU.
+        # kernels): each kernel passes its GPU tests, the decode step against the XLA layers
+        # not yet on a GPU, so they run where asked for ("always") until it does.
         logger.info("decode steps of one row run the layers in XLA: Qwen3's layers run in the "
                     "layer kernels with KernelConfig(decode_layer_kernel='always') only")
         return None
