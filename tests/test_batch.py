@@ -78,6 +78,18 @@ def test_a_prefill_reuses_a_larger_shape_within_the_factor():
     assert builder._prefill_shape(tiny) == tiny
 
 
+def test_a_reused_shape_gets_its_own_program_once_its_padding_budget_is_spent():
+    buckets = StepBuckets(block_size=16, max_blocks_per_seq=64, min_context_tokens=256,
+                          context_growth="pow2", reuse_larger_prefill=4, reuse_padding_tokens=64)
+    builder = BatchBuilder(buckets)
+    first = [ScheduledSequence(_seq(0, list(range(40)), 0, [1, 2, 3]), 40)]
+    assert builder.prepare([], first, _rows(first), 0)[0].token_ids.shape == (48,)
+    again = [ScheduledSequence(_seq(1, list(range(40)), 32, [1, 2, 3]), 8)]
+    # 32 padded tokens a step: the second step spends the budget of 64, the third would pass it.
+    shapes = [builder.prepare([], again, _rows(again), 0)[0].token_ids.shape for _ in range(4)]
+    assert shapes == [(48,), (48,), (16,), (16,)]
+
+
 def test_no_reuse_where_the_factor_is_zero():
     builder = BatchBuilder(StepBuckets(block_size=16, max_blocks_per_seq=64))
     for n in (40, 8):

@@ -129,6 +129,7 @@ def forward_hidden(
     backend: AttentionBackend,
     layer_tiling: Optional[TailTiling] = None,
     moe_impl: str = "ragged_dot",
+    rope=None,
 ) -> tuple[jax.Array, KVCache]:
     """Runs the decoder stack over one packed row of tokens (decode rows, then prompt chunks);
     returns the final-normed hidden states [T, hidden] and the updated pool.
@@ -137,9 +138,10 @@ def forward_hidden(
     are Llama's): a decode-only step of one row runs each layer's projections after attention
     in the persistent layer kernel, with that tiling (`one_row_decode`); other steps, and None,
     run the layers as XLA matmuls. `moe_impl`: how expert layers run their experts
-    (jinfer.model.moe.moe_mlp's impl).
+    (jinfer.model.moe.moe_mlp's impl). `rope`: `rope_tables(config, meta.positions)` computed
+    by the caller (a loop of decode steps carries them from step to step), or None: here.
     """
-    global_rope, local_rope = _rope_tables(config, meta.positions)
+    global_rope, local_rope = rope_tables(config, meta.positions) if rope is None else rope
     h = _embed(params["embed"], token_ids, config)  # [T, hidden]
     if config.embed_scale is not None:
         h = h * jnp.asarray(config.embed_scale, h.dtype)
@@ -161,7 +163,7 @@ def forward_hidden(
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv_cache
 
 
-def _rope_tables(config: ModelConfig, positions: jax.Array):
+def rope_tables(config: ModelConfig, positions: jax.Array):
     """The step's RoPE (cos, sin) of the global layers and of the windowed ones (the same
     tables unless the windowed layers have a base of their own)."""
     global_rope = rope_cos_sin(positions, rope_inv_freq(config), rope_attention_factor(config))

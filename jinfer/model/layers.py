@@ -75,7 +75,8 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray,
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     if attention_factor != 1.0:
         cos, sin = cos * attention_factor, sin * attention_factor
-    # The barrier keeps XLA from fusing cos/sin into every layer's RoPE (recomputing them per
-    # head and layer: a measurable share of a CPU decode step).
+    # The barrier asks XLA not to fuse cos/sin into every layer's RoPE (recomputing them per
+    # head and layer). XLA:CPU (jax 0.10) drops it before fusing, so the decode loop carries
+    # the tables in its state instead (jinfer.runner.steps._decode_steps).
     cos, sin = jax.lax.optimization_barrier((cos, sin))
     return cos[:, None, :], sin[:, None, :]

@@ -8,6 +8,7 @@ Host only: nothing here touches the device.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import NamedTuple, Optional
 
@@ -58,14 +59,10 @@ class PrefillShape(NamedTuple):
         return self.num_tokens, self.rows * self.q_len * self.width
 
     def fits_in(self, other: "PrefillShape", factor: float) -> bool:
-        """Whether `other` holds every dimension of this shape, with at most `factor` times
-        its attention work and at most twice its tokens or 64 more (a prefill's matmul work
-        grows with its padded tokens: large ones are not worth padding further)."""
-        tokens, attention = self.cost()
-        other_tokens, other_attention = other.cost()
+        """Whether `other` holds every dimension of this shape with at most `factor` times its
+        attention work."""
         return (all(a <= b for a, b in zip(self, other))
-                and other_tokens <= max(2 * tokens, tokens + 64)
-                and other_attention <= factor * attention)
+                and other.cost()[1] <= factor * self.cost()[1])
 
 
 class BatchBuilder:
@@ -74,16 +71,25 @@ class BatchBuilder:
     def __init__(self, buckets: StepBuckets):
         self.buckets = buckets
         self._prefill_shapes: set[PrefillShape] = set()  # shapes of the prefills laid out so far
+        self._padded: collections.Counter[PrefillShape] = collections.Counter()  # tokens padded
 
     def _prefill_shape(self, needed: PrefillShape) -> PrefillShape:
         """The shape to lay a prefill out in: its buckets, or, where
         `buckets.reuse_larger_prefill` allows, the cheapest shape used before that holds it
-        and costs at most that factor more (its program is compiled already: on the CPU a
-        compile costs 1.5-10 s, padding a small prefill a fraction of that)."""
+        with at most that factor more attention work (its program is compiled already), until
+        the tokens padded for `needed` so far would pass `buckets.reuse_padding_tokens`: then
+        it gets its own program. A compile is paid once, padding at every step (on the CPU a
+        compile costs 1.5-10 s, about what prefilling 1,000-6,000 tokens of the default model
+        does), so a shape asked for once or twice never stalls the loop for a compile and one
+        asked for often soon runs unpadded."""
         factor = self.buckets.reuse_larger_prefill
         fits = [shape for shape in self._prefill_shapes
                 if factor and needed.fits_in(shape, factor)]
         shape = min(fits, key=PrefillShape.cost) if fits else needed
+        padding = shape.num_tokens - needed.num_tokens
+        if padding and self._padded[needed] + padding > self.buckets.reuse_padding_tokens:
+            shape = needed
+        self._padded[needed] += shape.num_tokens - needed.num_tokens
         self._prefill_shapes.add(shape)
         return shape
 

@@ -83,8 +83,10 @@ class StepBuckets:
       context_growth: "3/4" (powers of two and the 1.5x steps between) or "pow2" (coarser:
         half the compiles, more padded attention work).
       reuse_larger_prefill: a prefill may run in a larger shape used before (its program
-        compiled already) that costs at most this many times the work of its own buckets; 0:
-        never.
+        compiled already) with at most this many times the attention work of its own buckets;
+        0: never.
+      reuse_padding_tokens: how many padded tokens a prefill shape may run in larger shapes,
+        summed over its steps, before it gets its own program.
     """
 
     block_size: int
@@ -93,6 +95,7 @@ class StepBuckets:
     min_context_tokens: int = 32
     context_growth: str = "3/4"
     reuse_larger_prefill: float = 0
+    reuse_padding_tokens: int = 4096
 
     def rows(self, n: int) -> int:
         """Sequences of a step (prompt chunks, sampled rows)."""

@@ -370,17 +370,19 @@ class TensorParallel:
     # -- the decoder, per device ----------------------------------------------------------------
     def forward_hidden(self, params: dict, kv_cache: KVCache, token_ids, meta, *,
                        config: ModelConfig, backend, layer_tiling=None,
-                       moe_impl: str = "ragged_dot"):
+                       moe_impl: str = "ragged_dot", rope=None):
         """decoder.forward_hidden on every device's shard (module docstring): the final-normed
         hidden states [T, hidden] (replicated) and the pool (sharded)."""
         assert layer_tiling is None, "the layer kernel runs whole weights: not under TP"
         kv_specs = KVCache(k=KV_SPEC, v=KV_SPEC)
+        if rope is None:
+            rope = decoder.rope_tables(config, meta.positions)
         fn = functools.partial(decoder.forward_hidden, config=self.shard_config(config),
                                backend=backend, moe_impl=moe_impl)
-        return jax.shard_map(fn, mesh=self.mesh,
-                             in_specs=(self.param_specs(params), kv_specs, P(), P()),
+        return jax.shard_map(lambda p, kv, t, m, rope: fn(p, kv, t, m, rope=rope), mesh=self.mesh,
+                             in_specs=(self.param_specs(params), kv_specs, P(), P(), P()),
                              out_specs=(P(), kv_specs), check_vma=False)(
-            params, kv_cache, token_ids, meta)
+            params, kv_cache, token_ids, meta, rope)
 
     def compute_logits(self, params: dict, hidden, config: ModelConfig):
         """decoder.compute_logits on every device's vocabulary slice, all-gathered: float32

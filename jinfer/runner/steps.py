@@ -48,7 +48,7 @@ from jinfer.config import EngineConfig
 from jinfer.model import sampler as sampler_lib
 from jinfer.model.attention import AttentionMetadata, StepAttention, get_attention_backend
 from jinfer.model.config import ModelConfig
-from jinfer.model.decoder import compute_logits, forward_hidden, num_params
+from jinfer.model.decoder import compute_logits, forward_hidden, num_params, rope_tables
 from jinfer.model.kv_cache import PAD_BLOCK
 from jinfer.model.moe import expert_impl
 from jinfer.runner import host_transfer
@@ -62,6 +62,11 @@ logger = logging.getLogger(__name__)
 # ran each layer's QKV projection twice). The pool is sized from the step's measured scratch
 # (jinfer.runner.memory), so the steps are compiled without that pass.
 STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
+# XLA:CPU hands dots to YNNPACK fusions by default (jax 0.10); its own dot emitter ran the
+# default model's batch-16 decode matmuls 1.4x faster on a 2-core EPYC (the layer stack 43-49 vs
+# 55-75 ms, a whole batch-16 generate 5.7-6.3 vs 8.0-9.7 s; BENCHMARKS.md, session 22), and no
+# slower at batch 1 or for prefills. Used where the installed XLA knows the option.
+CPU_STEP_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # Programs a process holds before they are dropped (see the module docstring): ~48,000 maps of
 # the default model's step programs on the CPU, under the kernel's 65,530; warm-up's defaults
 # build 64 (39,145 maps measured after them).
@@ -84,15 +89,15 @@ def _model(tp):
 
 
 def _step(params, kv_cache, step_input: StepInput, *, config, attention_backend, kernels, flags,
-          layer_tiling=None, tp=None):
+          layer_tiling=None, tp=None, rope=None):
     """One device step: decoder stack, logits at each row's last token, sampling; and, where
     the step input asks, the prompt tokens' scores. Returns (SamplerOutput [S], the scores
-    [P] or None, the pool)."""
+    [P] or None, the pool). `rope`: the step's RoPE tables, or None (forward_hidden's)."""
     forward, logits_of = _model(tp)
     hidden, kv_cache = forward(
         params, kv_cache, step_input.token_ids, step_input.attention, config=config,
         backend=get_attention_backend(attention_backend, kernels), layer_tiling=layer_tiling,
-        moe_impl=expert_impl(kernels.moe_impl))
+        moe_impl=expert_impl(kernels.moe_impl), rope=rope)
     with jax.named_scope("lm_head"):
         logits = logits_of(params, hidden[step_input.logits_indices], config)  # [S, vocab]
     with jax.named_scope("sampler"):
@@ -130,13 +135,18 @@ def _decode_steps(params, kv_cache, step_input: StepInput, num_steps, *, max_ste
     `num_steps` [] int32 steps run, at most `max_steps`, with loop (static) "while"; with
     "scan" or "unrolled" exactly `max_steps` run (a scan, or straight-line code). Returns
     (SamplerOutput fields [max_steps, S], rows past `num_steps` zero; the pool; the last
-    step's sampled tokens [rows], the input of a call that continues these rows)."""
+    step's sampled tokens [rows], the input of a call that continues these rows).
+
+    Each step's RoPE tables come with its positions in the loop's state: XLA:CPU would
+    otherwise fuse their cos and sin into every layer's RoPE and compute them per head and
+    layer (~8% of a batch-16 CPU decode step of the default model)."""
     meta = step_input.attention.decode
     tables, block_size = meta.block_tables, kv_cache.block_size  # [rows, width]
     live = meta.context_lens > 0  # [rows]; padding rows stay empty and write to the pad block
     rows = jnp.arange(tables.shape[0])
+    config = static["config"]
 
-    def one_step(kv, tokens, positions, context_lens, sampling):
+    def one_step(kv, tokens, positions, rope, context_lens, sampling):
         slots = tables[rows, positions // block_size] * block_size + positions % block_size
         attention = StepAttention(
             positions=positions, slot_mapping=jnp.where(live, slots, PAD_BLOCK * block_size),
@@ -144,16 +154,18 @@ def _decode_steps(params, kv_cache, step_input: StepInput, num_steps, *, max_ste
                                      context_lens=context_lens))
         step = StepInput(token_ids=tokens, attention=attention,
                          logits_indices=step_input.logits_indices, sampling=sampling)
-        out, _, kv = _step(params, kv, step, flags=flags, **static)
+        out, _, kv = _step(params, kv, step, flags=flags, rope=rope, **static)
         advance = live.astype(jnp.int32)
         sampling = sampler_lib.append_outputs(sampling, out.tokens, live[:out.tokens.shape[0]])
         if not flags.num_logprobs:  # ranks are zeros: made once below, not per step
             out = dataclasses.replace(out, ranks=None)
-        return (kv, out.tokens[:tokens.shape[0]], positions + advance, context_lens + advance,
-                sampling), out
+        positions = positions + advance
+        return (kv, out.tokens[:tokens.shape[0]], positions, rope_tables(config, positions),
+                context_lens + advance, sampling), out
 
-    init = (kv_cache, step_input.token_ids, step_input.attention.positions, meta.context_lens,
-            step_input.sampling)
+    positions = step_input.attention.positions
+    init = (kv_cache, step_input.token_ids, positions, rope_tables(config, positions),
+            meta.context_lens, step_input.sampling)
     if loop in ("scan", "unrolled"):
         (kv_cache, last_tokens, *_), outs = jax.lax.scan(
             lambda carry, _: one_step(*carry), init, None, length=max_steps,
@@ -221,6 +233,19 @@ def _replace_head(buffer, head):
     return jax.lax.dynamic_update_slice(buffer, head.astype(buffer.dtype), (0,))
 
 
+def step_compiler_options(backend: str) -> dict:
+    """The XLA options the step programs are compiled with on `backend`."""
+    if backend != "cpu":
+        return STEP_COMPILER_OPTIONS
+    options = {**STEP_COMPILER_OPTIONS, **CPU_STEP_COMPILER_OPTIONS}
+    try:  # a trivial program tells whether this XLA knows the options
+        jax.jit(lambda: jnp.zeros(()), compiler_options=options).lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        logger.info("compiling steps with XLA's defaults on the CPU (%s)", e)
+        return STEP_COMPILER_OPTIONS
+    return options
+
+
 def default_unroll_max_rows(model_config: ModelConfig, on_gpu: bool) -> int:
     """KernelConfig.unroll_max_rows=None: 2 on GPU for models of at most
     UNROLL_MAX_PARAMS parameters, else 0. Unrolling saves the loop's per-step graph launch
@@ -248,12 +273,13 @@ class StepPrograms:
                       kernels=kernels, tp=self.tp)
         self._logits = jax.jit(functools.partial(_all_logits, **static), donate_argnums=(1,))
         static = dict(static, layer_tiling=layer_tiling)  # used by one-row decode steps
+        options = step_compiler_options(jax.default_backend())
         self._step = jax.jit(functools.partial(_packed_step, **static),
                              static_argnames=("layout", "flags"), donate_argnums=(1,),
-                             compiler_options=STEP_COMPILER_OPTIONS)
+                             compiler_options=options)
         self._decode_steps = jax.jit(functools.partial(_packed_decode_steps, **static),
                                      static_argnames=("layout", "flags", "max_steps", "loop"),
-                                     donate_argnums=(1,), compiler_options=STEP_COMPILER_OPTIONS)
+                                     donate_argnums=(1,), compiler_options=options)
         self.max_steps = config.num_scheduler_steps
         on_gpu = jax.default_backend() == "gpu"
         self.unroll_max_rows = kernels.unroll_max_rows
