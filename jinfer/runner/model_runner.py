@@ -61,11 +61,11 @@ def step_buckets(model_config: ModelConfig, config: EngineConfig,
     the padded context). XLA on GPU turns a one-row matmul of a small weight into a multiply +
     reduce that ran 2-3x slower than a GEMM on an H100, so decode steps carry at least two rows
     there (a padding row is nearly free), unless one row goes through the layer kernel.
-    CPU: block tables from 128 tokens in powers of two, and a small prefill may run in a larger
-    shape built before: each program costs 1.5-10 s to compile and ~1 s to load from the cache
-    there. Padded attention is not free on the CPU (its page gather is half of a batch-16
-    decode step of the default model: 87.8 ms a step at 128 tokens of table, 103 ms at 256,
-    for a 100-token context), hence 128 rather than coarser."""
+    CPU: block tables from 128 tokens in powers of two, and a prefill may run in a larger
+    shape built before (within a budget of padded tokens: BatchBuilder._prefill_shape): each
+    program costs 1.5-10 s to compile and ~1 s to load from the cache there. Padded attention
+    is not free on the CPU (a batch-16 decode step of the default model took 87.8 ms at 128
+    tokens of table, 103 ms at 256, for a 100-token context), hence 128 rather than coarser."""
     max_blocks = -(-config.max_model_len // config.block_size)
     if jax.default_backend() == "gpu":
         return StepBuckets(config.block_size, max_blocks,
