@@ -138,3 +138,11 @@ def test_unrolling_by_default_only_for_small_models_on_gpu():
     assert steps.default_unroll_max_rows(MODEL_SHAPES["qwen3-8b"], on_gpu=True) == 0
     assert steps.default_unroll_max_rows(MODEL_SHAPES["qwen3-30b-a3b"], on_gpu=True) == 0
     assert steps.default_unroll_max_rows(MODEL_SHAPES["llama3-1b"], on_gpu=False) == 0
+
+
+def test_cpu_steps_take_the_cpu_options_this_xla_knows():
+    assert steps.step_compiler_options("gpu") == steps.STEP_COMPILER_OPTIONS
+    known = steps.step_compiler_options("cpu", {"xla_cpu_enable_fast_min_max": False})
+    assert known == {**steps.STEP_COMPILER_OPTIONS, "xla_cpu_enable_fast_min_max": False}
+    unknown = steps.step_compiler_options("cpu", {"xla_cpu_no_such_option": ""})
+    assert unknown == steps.STEP_COMPILER_OPTIONS

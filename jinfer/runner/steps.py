@@ -233,11 +233,12 @@ def _replace_head(buffer, head):
     return jax.lax.dynamic_update_slice(buffer, head.astype(buffer.dtype), (0,))
 
 
-def step_compiler_options(backend: str) -> dict:
-    """The XLA options the step programs are compiled with on `backend`."""
+def step_compiler_options(backend: str, cpu_options: dict = CPU_STEP_COMPILER_OPTIONS) -> dict:
+    """The XLA options the step programs are compiled with on `backend`: on the CPU with
+    `cpu_options` where this XLA knows them."""
     if backend != "cpu":
         return STEP_COMPILER_OPTIONS
-    options = {**STEP_COMPILER_OPTIONS, **CPU_STEP_COMPILER_OPTIONS}
+    options = {**STEP_COMPILER_OPTIONS, **cpu_options}
     try:  # a trivial program tells whether this XLA knows the options
         jax.jit(lambda: jnp.zeros(()), compiler_options=options).lower().compile()
     except jax.errors.JaxRuntimeError as e:
