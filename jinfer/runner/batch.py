@@ -87,9 +87,9 @@ class BatchBuilder:
                 if factor and needed.fits_in(shape, factor)]
         shape = min(fits, key=PrefillShape.cost) if fits else needed
         padding = shape.num_tokens - needed.num_tokens
-        if padding and self._padded[needed] + padding > self.buckets.reuse_padding_tokens:
-            shape = needed
-        self._padded[needed] += shape.num_tokens - needed.num_tokens
+        if self._padded[needed] + padding > self.buckets.reuse_padding_tokens:
+            shape, padding = needed, 0
+        self._padded[needed] += padding
         self._prefill_shapes.add(shape)
         return shape
 
