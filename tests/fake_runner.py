@@ -1,7 +1,7 @@
 """A fake ModelRunner for engine tests: no model and no compiled program; tokens by arithmetic.
 
 `FakeRunner` implements what LLMEngine uses of the runner (prepare, launch_step, execute,
-launch_decode_steps, copy_blocks, model_config.vocab_size). Its "KV pool" holds token ids and
+launch_decode_steps, takes_any_step_count, copy_blocks, model_config.vocab_size). Its "KV pool" holds token ids and
 positions instead of K/V: each row writes its tokens into the slots its block table names,
 then reads its whole context back through the table and samples
 
@@ -140,8 +140,9 @@ class FakeRunner:
     """The runner interface of LLMEngine over a pool of token ids; see the module docstring."""
 
     def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 1000,
-                 sliding_window: Optional[int] = None):
+                 sliding_window: Optional[int] = None, any_step_count: bool = False):
         self.model_config = FakeModelConfig(vocab_size)
+        self.any_step_count = any_step_count  # multi-step calls of any count (a "while" loop)
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.pool_tokens = np.full((num_blocks, block_size), -1, np.int64)     # [blocks, bs]
@@ -199,6 +200,9 @@ class FakeRunner:
         last = np.zeros(len(step.token_ids), np.int32)
         last[:len(step.rows)] = outputs[-1].tokens[:len(step.rows)]
         return stacked, last
+
+    def takes_any_step_count(self, num_seqs: int) -> bool:
+        return self.any_step_count
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:

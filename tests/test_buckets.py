@@ -16,6 +16,13 @@ def test_decode_steps_bucket(wanted, limit, expected):
     assert expected == 1 or expected in decode_steps_buckets(limit)
 
 
+@pytest.mark.parametrize("wanted,limit,expected", [
+    (100, 8, 8), (8, 8, 8), (7, 8, 7), (3, 8, 3), (1, 8, 1), (0, 8, 1), (5, 1, 1)])
+def test_decode_steps_bucket_of_any_count(wanted, limit, expected):
+    """A program that takes any count (the "while" loop) runs what the rows want, up to limit."""
+    assert decode_steps_bucket(wanted, limit, any_count=True) == expected
+
+
 def test_decode_steps_buckets():
     assert decode_steps_buckets(8) == [8]
     assert decode_steps_buckets(6) == [6]

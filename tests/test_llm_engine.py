@@ -30,18 +30,22 @@ from jinfer.model.kv_cache import PAD_BLOCK
 
 VOCAB = 1000
 EOS = 999
-# One synchronous step per call; lookahead with multi-step calls; the same with prompt chunks
-# and decodes in separate calls; and without prefix caching, at the default 8 steps per call.
+# One synchronous step per call; lookahead with multi-step calls (of 4 or 1 steps, as the GPU's
+# programs take them, or of any count up to 4, as the CPU's "while" loop does); the same with
+# prompt chunks and decodes in separate calls; and without prefix caching, at the default 8
+# steps per call.
 ENGINES = {"sync": dict(num_scheduler_steps=1),
            "lookahead": dict(num_scheduler_steps=4),
+           "any_step_count": dict(num_scheduler_steps=4, any_step_count=True),
            "split_calls": dict(num_scheduler_steps=4, mixed_batching=False),
            "no_prefix_cache": dict(num_scheduler_steps=8, enable_prefix_caching=False)}
 
 
-def make_engine(num_blocks: int = 64, sliding_window=None, **config) -> LLMEngine:
+def make_engine(num_blocks: int = 64, sliding_window=None, any_step_count=False,
+                **config) -> LLMEngine:
     config = EngineConfig(**{"block_size": 4, "max_model_len": 64, "max_num_batched_tokens": 16,
                              "max_num_seqs": 8, **config})
-    runner = FakeRunner(num_blocks, config.block_size, VOCAB, sliding_window)
+    runner = FakeRunner(num_blocks, config.block_size, VOCAB, sliding_window, any_step_count)
     return LLMEngine(runner, FakeTokenizer(special_ids=[EOS]), config, [EOS], num_blocks,
                      sliding_window=sliding_window)
 
@@ -136,10 +140,13 @@ def test_long_prompt_is_chunked_beside_decodes():
     assert engine.stats()["num_computed_prompt_tokens"] == 2 + 40
 
 
-def test_multi_step_calls_reserve_their_slots():
-    """A lone decode runs 4 steps per call, then its tail one step a call (10 tokens after
-    the first: 4 + 4 + 1 + 1); the scheduler reserved every step's slots beforehand."""
-    engine = make_engine(num_scheduler_steps=4)
+@pytest.mark.parametrize("any_step_count,calls",
+                         [(False, [1, 4, 4, 1, 1]), (True, [1, 4, 4, 2])])
+def test_multi_step_calls_reserve_their_slots(any_step_count, calls):
+    """A lone decode runs 4 steps per call, then its tail (10 tokens after the first): one step
+    a call where the runner's programs take 4 or 1 steps (4 + 4 + 1 + 1), in one call where
+    they take any count (4 + 4 + 2); the scheduler reserved every step's slots beforehand."""
+    engine = make_engine(num_scheduler_steps=4, any_step_count=any_step_count)
     schedules, schedule = [], engine.scheduler.schedule
 
     def spy():
@@ -153,8 +160,8 @@ def test_multi_step_calls_reserve_their_slots():
     engine.scheduler.schedule = spy
     outputs = run(engine, [(0, "r", [1, 2], greedy(11))])
     assert tokens(outputs, "r") == expected_tokens([1, 2], 11, VOCAB)
-    assert [c.num_steps for c in engine.runner.calls] == [1, 4, 4, 1, 1]
-    assert schedules[:5] == [1, 4, 4, 1, 1]
+    assert [c.num_steps for c in engine.runner.calls] == calls
+    assert schedules[:len(calls)] == calls
 
 
 def test_full_batch_runs_several_steps_while_a_request_waits():

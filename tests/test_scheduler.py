@@ -24,11 +24,14 @@ def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 16,
     return seq
 
 
-def make_scheduler(num_blocks: int, sliding_window=None, **config) -> Scheduler:
-    """A scheduler over a pool of `num_blocks` blocks of 4 tokens (block 0 is padding)."""
+def make_scheduler(num_blocks: int, sliding_window=None, any_step_count=False,
+                   **config) -> Scheduler:
+    """A scheduler over a pool of `num_blocks` blocks of 4 tokens (block 0 is padding), for a
+    runner whose multi-step calls take num_scheduler_steps or 1 steps (or `any_step_count`)."""
     config = EngineConfig(**{"block_size": 4, "max_model_len": 64, **config})
     return Scheduler(config, BlockManager(num_blocks, 4, sliding_window=sliding_window),
-                     StopChecker(eos_token_ids=(), max_model_len=config.max_model_len))
+                     StopChecker(eos_token_ids=(), max_model_len=config.max_model_len),
+                     lambda num_rows: any_step_count)
 
 
 def rows(schedule: Schedule) -> list[ScheduledSequence]:
@@ -230,6 +233,19 @@ def test_steps_follow_the_longest_row_and_max_model_len():
     b = make_seq(0, 7, max_tokens=30)  # 8 steps from position 7 pass max_model_len 12
     decoding(scheduler, b)
     assert scheduler.schedule().num_decode_steps == 1
+
+
+def test_a_runner_of_any_step_count_gets_the_steps_wanted():
+    """Where one program runs any count (the CPU's "while" loop), a tail of 3 tokens runs as
+    one call of 3 steps, and max_model_len cuts the count to what fits rather than to 1."""
+    scheduler = make_scheduler(100, any_step_count=True, num_scheduler_steps=8)
+    decoding(scheduler, make_seq(0, 5, max_tokens=4))
+    assert scheduler.schedule().num_decode_steps == 3
+    scheduler = make_scheduler(100, any_step_count=True, num_scheduler_steps=8,
+                               max_model_len=12)
+    decoding(scheduler, make_seq(0, 7, max_tokens=30))
+    schedule = scheduler.schedule()
+    assert schedule.decode[0].start + schedule.num_decode_steps == 12
 
 
 def test_one_step_until_the_pool_has_the_slots_of_all():

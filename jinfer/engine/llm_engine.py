@@ -84,8 +84,8 @@ class LLMEngine:
     """Host loop around the device calls: requests in, RequestOutputs out.
 
     `runner` is the device side (jinfer.runner.model_runner.ModelRunner, or a fake in tests):
-    `prepare`, `launch_step`, `execute`, `launch_decode_steps`, `copy_blocks`, `prompt_logits`
-    and `model_config.vocab_size`. `sliding_window`: the model's window in tokens when every
+    `prepare`, `launch_step`, `execute`, `launch_decode_steps`, `takes_any_step_count`,
+    `copy_blocks`, `prompt_logits` and `model_config.vocab_size`. `sliding_window`: the model's window in tokens when every
     layer has one (the smallest), else None; sequences then release the blocks that fall out
     of it (jinfer.engine.block_manager).
     """
@@ -99,7 +99,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, shuffle_blocks_seed,
                                           config.enable_prefix_caching, sliding_window)
         self.stop_checker = StopChecker(self.eos_token_ids, config.max_model_len)
-        self.scheduler = Scheduler(config, self.block_manager, self.stop_checker)
+        self.scheduler = Scheduler(config, self.block_manager, self.stop_checker,
+                                   runner.takes_any_step_count)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)

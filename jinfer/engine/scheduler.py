@@ -8,7 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 from jinfer.config import EngineConfig
 from jinfer.engine.block_manager import BlockManager, PrefixMatch
@@ -88,8 +88,12 @@ class Scheduler:
     """
 
     def __init__(self, config: EngineConfig, block_manager: BlockManager,
-                 stop_checker: StopChecker):
+                 stop_checker: StopChecker,
+                 any_step_count: Callable[[int], bool] = lambda num_rows: False):
         self.config = config
+        # Whether a multi-step call of n decode rows may run any number of steps up to
+        # num_scheduler_steps (the runner's "while" loop), or only that number and 1.
+        self.any_step_count = any_step_count
         self.block_manager = block_manager
         self.stop_checker = stop_checker
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -201,23 +205,24 @@ class Scheduler:
         row samples a token of a sequence that has sampled before (a prompt's last token is not
         one: n > 1 siblings fork after it); penalties and min_tokens bans need no host between
         tokens (the call appends each step's samples to the rows' output tokens and lifts the
-        bans at min_tokens, on the device). Then num_scheduler_steps, or a power of two below
-        it that the longest row still wants past its samples in flight (`decode_steps_bucket`),
-        halved until every row fits in max_model_len and the pool has the slots, with no
-        shared block in the write range (`_decode_steps_fit`). Else 1."""
+        bans at min_tokens, on the device). Then the steps the longest row still wants past its
+        samples in flight, as `decode_steps_bucket` rounds them (num_scheduler_steps or 1; any
+        count up to it where `any_step_count` says the runner's program takes one), fewer
+        until every row fits in max_model_len and the pool has the slots, with no shared block
+        in the write range (`_decode_steps_fit`). Else 1."""
         limit = self.config.num_scheduler_steps
         if limit == 1 or prefill or not decode or self._admission_possible():
             return 1
-        wanted = 1
+        wanted, any_count = 1, self.any_step_count(len(decode))
         for item in decode:
             seq = item.seq
             generated = seq.num_output_tokens + seq.num_samples_in_flight
             if not generated or not item.samples:
                 return 1
             wanted = max(wanted, seq.params.max_tokens - generated)
-        num_steps = decode_steps_bucket(wanted, limit)
+        num_steps = decode_steps_bucket(wanted, limit, any_count)
         while num_steps > 1 and not self._decode_steps_fit(decode, num_steps):
-            num_steps = decode_steps_bucket(num_steps - 1, limit)
+            num_steps = decode_steps_bucket(num_steps - 1, limit, any_count)
         return num_steps
 
     def _admission_possible(self) -> bool:

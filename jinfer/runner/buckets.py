@@ -35,14 +35,19 @@ def query_bucket(n: int) -> int:
     return n if n == 1 else max(MIN_PREFILL_BUCKET, next_power_of_2(n))
 
 
-def decode_steps_bucket(wanted: int, limit: int) -> int:
-    """Decode steps for one multi-step call when the rows want at most `wanted` more tokens:
-    `limit` (num_scheduler_steps) when they want that many, else 1. A tail of 7 tokens runs as
-    7 one-step calls, dispatched back to back (lookahead), not as 4 + 2 + 1: the GPU's loops
-    (scan, unrolled) build one program per step count, and two counts per decode shape halve
-    what a server warms (at `jinfer serve`'s GPU defaults 386 programs, not 750; before
-    ready 74, not 126: jinfer.runner.warmup), at the price of a few more dispatches at the
-    end of a generation, when every row is within `limit` of its max_tokens."""
+def decode_steps_bucket(wanted: int, limit: int, any_count: bool = False) -> int:
+    """Decode steps for one multi-step call when the rows want at most `wanted` more tokens.
+
+    With `any_count` (the runner's "while" loop: the count is an argument of one program) as
+    many as wanted, up to `limit` (num_scheduler_steps). Else `limit` when they want that many,
+    and 1 otherwise: a tail of 7 tokens runs as 7 one-step calls, dispatched back to back
+    (lookahead), not as 4 + 2 + 1: the GPU's loops (scan, unrolled) build one program per step
+    count, and two counts per decode shape halve what a server warms (at `jinfer serve`'s GPU
+    defaults 386 programs, not 750; before ready 74, not 126: jinfer.runner.warmup), at the
+    price of a few more dispatches at the end of a generation, when every row is within
+    `limit` of its max_tokens."""
+    if any_count:
+        return max(1, min(wanted, limit))
     return limit if wanted >= limit else 1
 
 

@@ -133,6 +133,12 @@ class ModelRunner:
             self.params, self.kv_cache, step_input, flags, num_steps, token_ids)
         return results, last_tokens
 
+    def takes_any_step_count(self, num_seqs: int) -> bool:
+        """Whether one program runs a decode-steps call of `num_seqs` sequences for any number
+        of steps up to num_scheduler_steps (the "while" loop, the CPU's default), rather than
+        one program per count (jinfer.runner.steps)."""
+        return self.programs.loop(self.buckets.decode_rows(num_seqs)) == "while"
+
     def execute_decode_steps(self, step_input: StepInput, flags,
                              num_steps: int) -> sampler_lib.SamplerOutput:
         """`launch_decode_steps` and wait: the sampler outputs [num_steps, S] as NumPy."""
