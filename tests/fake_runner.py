@@ -1,9 +1,9 @@
 """A fake ModelRunner for engine tests: no model and no compiled program; tokens by arithmetic.
 
 `FakeRunner` implements what LLMEngine uses of the runner (prepare, launch_step, execute,
-launch_decode_steps, takes_any_step_count, copy_blocks, model_config.vocab_size). Its "KV pool" holds token ids and
-positions instead of K/V: each row writes its tokens into the slots its block table names,
-then reads its whole context back through the table and samples
+launch_decode_steps, takes_any_step_count, copy_blocks, model_config.vocab_size). Its "KV
+pool" holds token ids and positions instead of K/V: each row writes its tokens into the slots
+its block table names, then reads its whole context back through the table and samples
 
     next token = (sum of the context's tokens + (0 if greedy else seed + step)) % vocab,
 

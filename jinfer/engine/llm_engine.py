@@ -85,9 +85,9 @@ class LLMEngine:
 
     `runner` is the device side (jinfer.runner.model_runner.ModelRunner, or a fake in tests):
     `prepare`, `launch_step`, `execute`, `launch_decode_steps`, `takes_any_step_count`,
-    `copy_blocks`, `prompt_logits` and `model_config.vocab_size`. `sliding_window`: the model's window in tokens when every
-    layer has one (the smallest), else None; sequences then release the blocks that fall out
-    of it (jinfer.engine.block_manager).
+    `copy_blocks`, `prompt_logits` and `model_config.vocab_size`. `sliding_window`: the
+    model's window in tokens when every layer has one (the smallest), else None; sequences
+    then release the blocks that fall out of it (jinfer.engine.block_manager).
     """
 
     def __init__(self, runner, tokenizer, config: EngineConfig, eos_token_ids: Seq[int],

@@ -377,9 +377,12 @@ class TensorParallel:
         kv_specs = KVCache(k=KV_SPEC, v=KV_SPEC)
         if rope is None:
             rope = decoder.rope_tables(config, meta.positions)
-        fn = functools.partial(decoder.forward_hidden, config=self.shard_config(config),
-                               backend=backend, moe_impl=moe_impl)
-        return jax.shard_map(lambda p, kv, t, m, rope: fn(p, kv, t, m, rope=rope), mesh=self.mesh,
+        shard_config = self.shard_config(config)
+
+        def fn(p, kv, t, m, rope):
+            return decoder.forward_hidden(p, kv, t, m, config=shard_config, backend=backend,
+                                          moe_impl=moe_impl, rope=rope)
+        return jax.shard_map(fn, mesh=self.mesh,
                              in_specs=(self.param_specs(params), kv_specs, P(), P(), P()),
                              out_specs=(P(), kv_specs), check_vma=False)(
             params, kv_cache, token_ids, meta, rope)
