@@ -44,8 +44,11 @@ from jinfer.model.shapes import (MODEL_SHAPES, config_to_hf_dict, kv_bytes_per_t
                                  num_params, resolve_model_config)
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-# --cpu-smoke: SmolLM2-135M's shape cut to 2 layers, passed to LLM as a folder with config.json.
-SMOKE_CONFIG = dataclasses.replace(MODEL_SHAPES["smollm2-135m"], num_layers=2)
+# --cpu-smoke: SmolLM2-135M's shape cut to 2 layers and to 8 heads (4 KV heads) of 64, so that
+# tensor_parallel_size 2, 4 and 8 divide it (bench_tp.py --cpu-smoke), passed to LLM as a folder
+# with config.json (write_smoke_model).
+SMOKE_CONFIG = dataclasses.replace(MODEL_SHAPES["smollm2-135m"], num_layers=2, hidden_size=512,
+                                   num_heads=8, num_kv_heads=4)
 GiB = 2**30
 
 
@@ -77,15 +80,21 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
 
 
+def write_smoke_model(workdir: str) -> str:
+    """SMOKE_CONFIG as a model folder (its config.json alone: load it with load_format="dummy")
+    under workdir -> the folder's path."""
+    folder = pathlib.Path(workdir) / "smoke_model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_to_hf_dict(SMOKE_CONFIG)))
+    return str(folder)
+
+
 def model_source(args, workdir: str) -> tuple[str, object]:
     """(what LLM gets as its model, the ModelConfig): a shape name or a folder; --cpu-smoke
     writes the tiny config as a folder's config.json. Also settles the default --dtype."""
     args.dtype = args.dtype or ("float32" if args.cpu_smoke else "bfloat16")
     if args.cpu_smoke:
-        folder = pathlib.Path(workdir) / "smoke_model"
-        folder.mkdir(exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(config_to_hf_dict(SMOKE_CONFIG)))
-        return str(folder), SMOKE_CONFIG
+        return write_smoke_model(workdir), SMOKE_CONFIG
     name = args.model or args.model_shape
     return name, resolve_model_config(name)
 

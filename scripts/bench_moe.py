@@ -43,6 +43,12 @@ moe_mlp makes them) for each tile configuration of KERNEL_CONFIGS, checked again
 the kernels' share of the layer (the rest is routing, sort, gathers and combine) and the best
 tile per shape and size.
   python scripts/bench_moe.py --cpu-smoke --out /tmp/moe.json      # tiny, checks the script
+
+--routing times the routing alone, as the layer kernels' decode step runs it (float32 partial
+sums of the router logits [splits, T, E] added, rounded to bf16, the top k and their softmax):
+route() with lax.top_k (a sort) against by_rank=True (moe.top_k_by_rank: compares and sums),
+device time of the routing's kernels per call, both checked to pick the same experts.
+  python scripts/bench_moe.py --routing --tokens 1 2 8 --out r.json
 """
 
 from __future__ import annotations
@@ -136,6 +142,10 @@ def main() -> None:
     parser.add_argument("--cpu-smoke", action="store_true")
     parser.add_argument("--kernels", action="store_true",
                         help="also time the two grouped matmuls alone per tile configuration")
+    parser.add_argument("--routing", action="store_true",
+                        help="time the routing alone (sort vs rank) and nothing else")
+    parser.add_argument("--routing-splits", type=int, default=16,
+                        help="--routing: partial sums of the router logits added per call")
     args = parser.parse_args()
     shapes = SMOKE_SHAPES if args.cpu_smoke else {s: SHAPES[s] for s in args.shapes}
     tokens = SMOKE_TOKENS if args.cpu_smoke else args.tokens
@@ -145,6 +155,10 @@ def main() -> None:
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                "copy": copy, "runs": []}
     print(f"device {results['device']}, copy {copy['GBps']:.0f} GB/s (read + written)\n")
+    if args.routing:
+        results["routing"] = routing_runs(shapes, tokens, args.routing_splits, iters, reps)
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+        return
     print("| shape | T | impl | us / call | touched experts | touched GB/s | vs copy |")
     print("|---|---|---|---|---|---|---|")
     for name, (hidden, inter, experts, top_k, norm) in shapes.items():
@@ -201,6 +215,44 @@ def main() -> None:
     if args.kernels:
         results["kernels"] = kernel_sweep(shapes, tokens, iters, reps, dtype, copy, results)
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def routing_runs(shapes, tokens, splits, iters, reps) -> list:
+    """--routing: the layer kernels' routing per call, sorted vs ranked (see the docstring)."""
+    print("| shape | T | top-k | us / call (device) | kernels / call | us / call (loop) |")
+    print("|---|---|---|---|---|---|")
+    runs = []
+    for name, (_, _, experts, top_k, norm) in shapes.items():
+        for t in tokens:
+            partials = jax.random.normal(jax.random.key(t), (splits, t, experts), jnp.float32)
+            picked = {}
+            for by_rank in (False, True):
+                def one(p, by_rank=by_rank):
+                    with jax.named_scope("route"):
+                        logits = p.sum(0).astype(jnp.bfloat16)
+                        return route(logits, top_k, norm, by_rank=by_rank)
+
+                @jax.jit
+                def run(p):
+                    def body(i, carry):
+                        acc, _ = carry
+                        weights, ids = one(p + acc)
+                        return acc + (weights[0, 0] + ids[0, 0]) * 0, ids
+                    init = (jnp.zeros((), jnp.float32), jnp.zeros((t, top_k), jnp.int32))
+                    return lax.fori_loop(0, iters, body, init)
+                picked[by_rank] = np.asarray(jax.jit(one)(partials)[1])
+                timing = measure(run, (partials,), iters, reps, scope="route")
+                timing.pop("last")
+                run_ = {"shape": name, "tokens": t, "top_k": "rank" if by_rank else "sort",
+                        "splits": splits, **timing}
+                runs.append(run_)
+                device = timing["device_us"]
+                print(f"| {name} | {t} | {run_['top_k']} | "
+                      f"{'-' if device is None else f'{device:.2f}'} | "
+                      f"{timing['device_kernels_per_call']:.0f} | {timing['median_us']:.2f} |",
+                      flush=True)
+            assert (picked[False] == picked[True]).all(), f"{name} T={t}: the routings differ"
+    return runs
 
 
 def kernel_sweep(shapes, tokens, iters, reps, dtype, copy, results) -> list:

@@ -68,10 +68,10 @@ import time
 
 import numpy as np
 
-from bench_latency import (SMOKE_CONFIG, CompileWatch, child_env, device_info, fmt, run_child,
-                           setup_child_logging)
+from bench_latency import (CompileWatch, child_env, device_info, fmt, run_child,
+                           setup_child_logging, write_smoke_model)
 from bench_throughput import timed_generate
-from jinfer.model.shapes import config_to_hf_dict, resolve_model_config
+from jinfer.model.shapes import resolve_model_config
 
 PERCENTILES = (50, 90, 99)
 LATENCIES = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "e2e"))
@@ -723,11 +723,8 @@ def model_config(model: str | None):
 
 
 def apply_cpu_smoke(args, workdir: str) -> None:
-    """A 2-layer SmolLM2-shaped model (random weights) and a tiny workload, on the CPU."""
-    folder = pathlib.Path(workdir) / "smoke_model"
-    folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config_to_hf_dict(SMOKE_CONFIG)))
-    args.model, args.load_format = str(folder), "dummy"
+    """bench_latency's 2-layer smoke model (random weights) and a tiny workload, on the CPU."""
+    args.model, args.load_format = write_smoke_model(workdir), "dummy"
     args.dtype = args.dtype or "float32"
     args.max_model_len, args.max_num_seqs = 128, 4
     args.num_prompts, args.input_len, args.output_len = 8, 40, 8

@@ -11,6 +11,12 @@ compiles and is written); runs 2.. find it filled (the warm start issue 5 asks u
   python scripts/bench_startup.py --model-shape smollm2-135m --out startup.json   # random
       weights of its shape (on the GPU machine, where the default model's file is not present)
   python scripts/bench_startup.py --serve --model-shape llama3-1b --dtype bfloat16 --out s.json
+  python scripts/bench_startup.py --model-shape llama3-70b --dtype bfloat16 -tp 8 --out s.json
+  python scripts/bench_startup.py --cpu-smoke -tp 2 --out /tmp/s.json   # tiny, CPU: the script
+
+-tp N builds the engine over N devices (LLM(tensor_parallel_size=N), `jinfer serve -tp N`); on
+the CPU the children get N virtual devices. --cpu-smoke: bench_latency's tiny 2-layer model
+(random float32 weights, a folder with its config.json).
 
 --serve times `jinfer serve` instead (python -m jinfer.server, its warm-up on): process start
 to GET /health answering (ready, the step shapes compiled), then one completion request of 16
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -33,9 +40,10 @@ t0 = time.perf_counter()
 from jinfer import LLM, SamplingParams
 t_import = time.perf_counter() - t0
 spec = json.loads(sys.argv[1])
-kwargs = {"dtype": spec["dtype"], "max_model_len": spec["max_model_len"]}
-if spec["model_shape"]:
-    llm = LLM(spec["model_shape"], load_format="dummy", **kwargs)
+kwargs = {"dtype": spec["dtype"], "max_model_len": spec["max_model_len"],
+          "tensor_parallel_size": spec["tensor_parallel_size"]}
+if spec["model_shape"] or spec["dummy"]:
+    llm = LLM(spec["model_shape"] or spec["model"], load_format="dummy", **kwargs)
 else:
     llm = LLM(spec["model"], **kwargs)
 t_load = time.perf_counter() - t0
@@ -54,8 +62,19 @@ print("RESULT " + json.dumps({"import_s": t_import, "load_s": t_load, "first_tok
 """
 
 
-def run_child(spec: dict, cache_dir: str) -> dict:
+def child_env(spec: dict, cache_dir: str) -> dict:
+    """The children's environment: the cache folder; with -tp N, N virtual devices should
+    they run on the CPU (the flag touches only the host platform)."""
     env = {**os.environ, "JINFER_CACHE_DIR": cache_dir}
+    if spec["tensor_parallel_size"] > 1:
+        flag = f"--xla_force_host_platform_device_count={spec['tensor_parallel_size']}"
+        if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+    return env
+
+
+def run_child(spec: dict, cache_dir: str) -> dict:
+    env = child_env(spec, cache_dir)
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,
                          stdout=subprocess.PIPE, text=True)
@@ -81,10 +100,12 @@ def run_server(spec: dict, cache_dir: str) -> dict:
     cmd = [sys.executable, "-m", "jinfer.server", *([model] if model else []),
            "--port", str(port), "--dtype", spec["dtype"],
            "--max-model-len", str(spec["max_model_len"])]
-    if spec["model_shape"]:
+    if spec["model_shape"] or spec["dummy"]:
         cmd += ["--load-format", "dummy"]
+    if spec["tensor_parallel_size"] > 1:
+        cmd += ["--tensor-parallel-size", str(spec["tensor_parallel_size"])]
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "JINFER_CACHE_DIR": cache_dir}
+    env = child_env(spec, cache_dir)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -129,30 +150,41 @@ def main() -> int:
     p.add_argument("--dtype", default="auto", help="as generate.py's default")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--warm-runs", type=int, default=2)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--serve", action="store_true",
                    help="time `jinfer serve` to ready and its first request instead")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="a tiny random model (bench_latency's), float32: checks the script")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     spec = {"model": args.model, "model_shape": args.model_shape, "dtype": args.dtype,
-            "max_model_len": args.max_model_len}
+            "max_model_len": args.max_model_len, "dummy": False,
+            "tensor_parallel_size": args.tensor_parallel_size}
     run = run_server if args.serve else run_child
     with tempfile.TemporaryDirectory() as cache_dir:
+        if args.cpu_smoke:  # bench_latency imports jax: the parent still allocates nothing
+            sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+            from bench_latency import write_smoke_model
+            spec.update(model=write_smoke_model(cache_dir), model_shape=None, dtype="float32",
+                        dummy=True, max_model_len=256)
         cold = run(spec, cache_dir)
         warm = [run(spec, cache_dir) for _ in range(args.warm_runs)]
     import jax  # after the children: the parent holds no device memory while they run
     result = {"spec": spec, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "cold": cold, "warm": warm}
     label = args.model_shape and f"{args.model_shape} (random weights)" or (
-        args.model or "SmolLM2-135M-Instruct GGUF")
+        "smoke (random weights)" if args.cpu_smoke else args.model or "SmolLM2-135M-Instruct GGUF")
+    if args.tensor_parallel_size > 1:
+        label += f", TP={args.tensor_parallel_size}"
     runs = [("cold cache", cold)] + [(f"warm {i + 1}", r) for i, r in enumerate(warm)]
     if args.serve:
-        print(f"\njinfer serve {label}, {args.dtype}, on {result['device']}: process start -> "
+        print(f"\njinfer serve {label}, {spec['dtype']}, on {result['device']}: process start -> "
               "ready (/health), then one 16-token request")
         columns = ("ready s", "first request s", "tokens", "SIGTERM to exit s")
         cells = lambda r: (f"{r['ready_s']:.2f}", f"{r['first_request_s']:.3f}",  # noqa: E731
                            str(r["completion_tokens"]), f"{r['shutdown_s']:.2f}")
     else:
-        print(f"\n{label}, {args.dtype}, on {result['device']}: process start -> first token")
+        print(f"\n{label}, {spec['dtype']}, on {result['device']}: process start -> first token")
         columns = ("import s", "LLM() s", "first token s", "process wall s")
         cells = lambda r: (f"{r['import_s']:.2f}", f"{r['load_s']:.2f}",  # noqa: E731
                            f"{r['first_token_s']:.2f}", f"{r['process_wall_s']:.2f}")

@@ -2,19 +2,25 @@
 """Tensor-parallel scaling: batch-1 decode and the offline throughput workload at each
 tensor_parallel_size, as speedup and efficiency over TP=1 (the multi-GPU run of issue 27).
 
-For each N of --tp-sizes, in order, runs scripts/bench_latency.py and
-scripts/bench_throughput.py with `-tp N` (jinfer only: --skip-hf; --quick unless --full), each
-in its own processes, and reads their JSON back:
+For each N of --tp-sizes, in order, runs scripts/bench_latency.py, scripts/bench_throughput.py
+and (with --startup) scripts/bench_startup.py with `-tp N` (jinfer only: --skip-hf; --quick
+unless --full), each in its own processes, and reads their JSON back:
   batch 1      decode tok/s; % of the roofline of 1/N of the weights per device at the run's
-               copy rate (bench_latency's); speedup over TP=1; efficiency = speedup / N.
-  throughput   output tok/s of the 256-request workload; speedup; efficiency.
+               copy rate (bench_latency's); speedup over TP=1; efficiency = speedup / N; the
+               engine's load and warm-up seconds.
+  throughput   output tok/s of the 256-request workload at each --concurrency (max_num_seqs:
+               at most that many requests run at once; default 256); speedup; efficiency.
+  start-up     --startup: process start to the first token, empty and then warm compilation
+               cache (bench_startup's LLM(...) + one token).
 Sizes past the visible devices are reported as skipped (the count comes from a child process,
 so this one never holds GPU memory); a size that fails is reported with its error and the
 rest still run. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0, as the device notes
 require) unless the environment sets it.
 
   python scripts/bench_tp.py --model-shape llama3-8b --tp-sizes 1 2 4 8 --out tp.json
-  python scripts/bench_tp.py --model-shape llama3-70b --tp-sizes 4 8 --no-throughput --out tp.json
+  python scripts/bench_tp.py --model-shape llama3-70b --tp-sizes 4 8 --concurrency 64 256 \
+      --startup --out tp70.json
+  python scripts/bench_tp.py --model-shape qwen3-30b-a3b --tp-sizes 1 2 --out tp30.json
   python scripts/bench_tp.py --cpu-smoke --out /tmp/tp.json  # tiny, 8 virtual CPU devices
 
 The collectives' share of a step: `scripts/profile_decode.py --model-shape ... -tp N` (its
@@ -76,7 +82,42 @@ def latency_row(r: dict) -> dict:
 def throughput_row(r: dict) -> dict:
     run = r["jinfer"][0]
     return {"output_tok_s": run["output_tok_s"], "elapsed_s": run["elapsed_s"],
-            "load_s": run.get("load_s"), "warmup_s": run.get("warmup_s")}
+            "max_num_seqs": run["max_num_seqs"], "load_s": run.get("load_s"),
+            "warmup_s": run.get("warmup_s")}
+
+
+def startup_row(r: dict) -> dict:
+    return {"cold_first_token_s": r["cold"]["first_token_s"],
+            "warm_first_token_s": min(w["first_token_s"] for w in r["warm"]),
+            "warm_load_s": min(w["load_s"] for w in r["warm"])}
+
+
+def benchmarks(args) -> list[tuple[str, str, list[str], object]]:
+    """(row key, script, its arguments, the reader of its JSON) of each run per TP size."""
+    if args.cpu_smoke:
+        common = ["--cpu-smoke"]
+    else:
+        common = ["--model-shape", args.model_shape, "--skip-hf"] + (
+            [] if args.full else ["--quick"])
+    if args.dtype:
+        common += ["--dtype", args.dtype]
+    runs = []
+    if args.latency:
+        runs.append(("latency", "bench_latency.py", common, latency_row))
+    if args.throughput:
+        for c in args.concurrency:
+            runs.append((throughput_key(c), "bench_throughput.py",
+                         common + ["--max-num-seqs", str(c), "--sweep"], throughput_row))
+    if args.startup:
+        startup = (["--cpu-smoke"] if args.cpu_smoke else
+                   ["--model-shape", args.model_shape, "--dtype", args.dtype or "bfloat16"])
+        runs.append(("startup", "bench_startup.py", startup + ["--warm-runs", "1"],
+                     startup_row))
+    return runs
+
+
+def throughput_key(concurrency: int) -> str:
+    return f"throughput@{concurrency}"
 
 
 def add_scaling(rows: list[dict], key: str, metric: str) -> None:
@@ -92,19 +133,28 @@ def fmt(x, spec: str = ",.1f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def print_table(rows: list[dict], label: str) -> None:
+def print_table(rows: list[dict], label: str, concurrency: list[int]) -> None:
     print(f"\n{label}\n")
-    print("| TP | batch-1 tok/s | % roofline (1/N of the weights) | speedup | efficiency | "
-          "throughput tok/s | speedup | efficiency | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    head = ["TP", "batch-1 tok/s", "% roofline (1/N of the weights)", "speedup", "efficiency",
+            "load s / warm-up s"]
+    for c in concurrency:
+        head += [f"throughput tok/s @{c}", "speedup", "efficiency"]
+    head += ["first token s: cold / warm", "note"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        lat, thr = r.get("latency", {}), r.get("throughput", {})
+        lat, start = r.get("latency", {}), r.get("startup", {})
         frac = lat.get("roofline_fraction")
-        print(f"| {r['tp']} | {fmt(lat.get('decode_tok_s'))} | "
-              f"{fmt(None if frac is None else 100 * frac)} | {fmt(lat.get('speedup'), '.2f')} | "
-              f"{fmt(lat.get('efficiency'), '.0%')} | {fmt(thr.get('output_tok_s'), ',.0f')} | "
-              f"{fmt(thr.get('speedup'), '.2f')} | {fmt(thr.get('efficiency'), '.0%')} | "
-              f"{r.get('note', '')} |")
+        cells = [str(r["tp"]), fmt(lat.get("decode_tok_s")),
+                 fmt(None if frac is None else 100 * frac), fmt(lat.get("speedup"), ".2f"),
+                 fmt(lat.get("efficiency"), ".0%"),
+                 f"{fmt(lat.get('load_s'))} / {fmt(lat.get('warmup_s'))}"]
+        for c in concurrency:
+            thr = r.get(throughput_key(c), {})
+            cells += [fmt(thr.get("output_tok_s"), ",.0f"), fmt(thr.get("speedup"), ".2f"),
+                      fmt(thr.get("efficiency"), ".0%")]
+        cells += [f"{fmt(start.get('cold_first_token_s'))} / "
+                  f"{fmt(start.get('warm_first_token_s'))}", r.get("note", "")]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main() -> int:
@@ -116,15 +166,15 @@ def main() -> int:
                    help="the benchmarks' full runs (default: their --quick)")
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[256],
+                   help="max_num_seqs of each throughput run (the requests running at once)")
+    p.add_argument("--startup", action="store_true",
+                   help="also time process start to first token, empty and warm cache")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="the benchmarks' tiny CPU model on 8 virtual devices (checks the script)")
     p.add_argument("--out", required=True, help="JSON file for the results")
     args = p.parse_args()
     available = device_count(args.cpu_smoke)
-    common = (["--cpu-smoke"] if args.cpu_smoke else
-              ["--model-shape", args.model_shape, "--skip-hf"] + ([] if args.full else ["--quick"]))
-    if args.dtype:
-        common += ["--dtype", args.dtype]
     rows = []
     for n in args.tp_sizes:
         row = {"tp": n}
@@ -132,19 +182,18 @@ def main() -> int:
         if n > available:
             row["note"] = f"skipped: {available} devices visible"
             continue
-        for key, script, wanted, read in (
-                ("latency", "bench_latency.py", args.latency, latency_row),
-                ("throughput", "bench_throughput.py", args.throughput, throughput_row)):
-            if not wanted:
-                continue
+        for key, script, script_args, read in benchmarks(args):
             try:
-                row[key] = read(run_script(script, common + ["-tp", str(n)], args.cpu_smoke))
+                row[key] = read(run_script(script, script_args + ["-tp", str(n)],
+                                           args.cpu_smoke))
             except Exception as e:  # noqa: BLE001 (reported; the other sizes still run)
                 row["note"] = (row.get("note", "") + f" {key} failed: {e}").strip()
     add_scaling(rows, "latency", "decode_tok_s")
-    add_scaling(rows, "throughput", "output_tok_s")
+    for c in args.concurrency:
+        add_scaling(rows, throughput_key(c), "output_tok_s")
     label = "smoke (CPU)" if args.cpu_smoke else args.model_shape
-    print_table(rows, f"{label}: tensor-parallel scaling, {available} devices visible")
+    print_table(rows, f"{label}: tensor-parallel scaling, {available} devices visible",
+                args.concurrency if args.throughput else [])
     pathlib.Path(args.out).write_text(json.dumps(
         {"model_shape": label, "devices_visible": available, "rows": rows}, indent=2))
     return 0

@@ -34,3 +34,23 @@ def test_cpu_children_see_eight_virtual_devices_and_nvls_off(monkeypatch):
     env = bench_tp.child_env(cpu=True)
     assert env["NCCL_NVLS_ENABLE"] == "0"
     assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8"
+
+
+def test_each_concurrency_is_a_throughput_run_and_startup_is_asked_for():
+    """--concurrency 64 256: two throughput runs (max_num_seqs 64 and 256, no sweep), each
+    scaled over its own TP=1 run; --startup adds bench_startup on the model's shape."""
+    args = bench_tp.argparse.Namespace(
+        cpu_smoke=False, model_shape="llama3-70b", full=False, dtype=None, latency=True,
+        throughput=True, concurrency=[64, 256], startup=True)
+    runs = {key: (script, script_args) for key, script, script_args, _ in
+            bench_tp.benchmarks(args)}
+    assert list(runs) == ["latency", "throughput@64", "throughput@256", "startup"]
+    assert runs["throughput@64"] == ("bench_throughput.py", [
+        "--model-shape", "llama3-70b", "--skip-hf", "--quick", "--max-num-seqs", "64",
+        "--sweep"])
+    assert runs["startup"] == ("bench_startup.py", [
+        "--model-shape", "llama3-70b", "--dtype", "bfloat16", "--warm-runs", "1"])
+    rows = [{"tp": 4, "throughput@64": {"output_tok_s": 100.0}},
+            {"tp": 8, "throughput@64": {"output_tok_s": 150.0}}]
+    bench_tp.add_scaling(rows, "throughput@64", "output_tok_s")
+    assert "speedup" not in rows[1]["throughput@64"]  # no TP=1 row: nothing to scale by

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jinfer.model.moe import (clear_routes, expert_impl, moe_mlp, moe_mlp_reference, route,
+                              top_k_by_rank,
                               stack_experts)
 
 STARVED = (1, -1)  # experts the router never picks in the grid (one inside, the last)
@@ -161,6 +162,27 @@ def test_moe_mlp_matches_transformers_block(family, norm):
     got = fast_jit(moe_mlp, static_argnums=(4, 5))(
         jnp.asarray(x.reshape(-1, hidden)), *weights, top_k, norm)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,experts,top_k", [(1, 128, 8), (2, 128, 8), (5, 8, 2),
+                                                 (3, 64, 64), (9, 16, 4)])
+def test_top_k_by_rank_is_lax_top_k(rows, experts, top_k):
+    """The rank-based top-k gives lax.top_k's values and indices, ties included: values on a
+    coarse grid (many ties, broken to the lower index), -0.0 beside +0.0 (+0.0 first, as in
+    lax.top_k's total order), -inf and +inf; and route(by_rank=True) routes the same."""
+    rng = np.random.default_rng(rows * experts + top_k)
+    x = np.round(rng.standard_normal((rows, experts)) * 3) / 4
+    x[0, :4] = [-0.0, 0.0, -np.inf, np.inf]
+    x = jnp.asarray(x, jnp.float32)
+    want, got = jax.lax.top_k(x, top_k), top_k_by_rank(x, top_k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    assert (np.signbit(np.asarray(got[0])) == np.signbit(np.asarray(want[0]))).all()
+    for norm in (True, False):
+        (w_sort, i_sort), (w_rank, i_rank) = route(x, top_k, norm), route(x, top_k, norm,
+                                                                          by_rank=True)
+        np.testing.assert_array_equal(np.asarray(i_rank), np.asarray(i_sort))
+        np.testing.assert_allclose(np.asarray(w_rank), np.asarray(w_sort), rtol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["ragged_dot", "pallas_pairs"])

@@ -96,8 +96,9 @@ def one_row_decode(params: dict, kv_cache: KVCache, h: jax.Array, meta: StepAtte
 
 def _moe_tail(config, h, attn, lp, next_layer, barrier, tiling):
     """A mixture-of-experts layer after attention: the router kernel (wo, residual, norm,
-    router logits), the routing in XLA (the top-k experts and their weights: the experts'
-    kernel streams their weights, so it needs them at launch), the experts' kernel (their
+    router logits), the routing in XLA (the top-k experts and their weights, ranked by
+    compares rather than sorted: `top_k_by_rank`; the experts' kernel streams their weights,
+    so it needs them at launch), the experts' kernel (their
     SwiGLU, weighted, and the next layer's QKV or the final norm)."""
     eps, top_k = config.rms_norm_eps, config.num_experts_per_tok
     with jax.named_scope("mlp"):
@@ -107,7 +108,7 @@ def _moe_tail(config, h, attn, lp, next_layer, barrier, tiling):
             # Rounded to the model's dtype as x @ router_w is in the XLA layers and in
             # transformers: the top-k of float32 logits would break bf16's near-ties otherwise.
             logits = first["part_logits"].sum(0)[None].astype(h.dtype)
-            weights, ids = route(logits, top_k, config.norm_topk_prob)
+            weights, ids = route(logits, top_k, config.norm_topk_prob, by_rank=True)
         return _moe_experts(first["h1"], lp["mlp_norm"], ids[0], weights[0], lp["w_gate_up"],
                             lp["w_down"], *next_layer, first["barrier"], eps=eps,
                             tiling=tiling)

@@ -121,11 +121,36 @@ def auto_impl(num_tokens: int, top_k: int, num_experts: int) -> str:
     return "gather" if pairs <= GATHER_MAX_PAIRS_PER_EXPERT * num_experts else "ragged_dot"
 
 
+def top_k_by_rank(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(x, k)` over the last axis of a float32 x, as compares and sums instead of
+    a sort: each element's rank is the count of elements that beat it (greater in the total
+    order lax.top_k uses, with -0.0 below +0.0 and ties to the lower index), then the k values
+    and indices of ranks 0..k-1. Same values and indices as lax.top_k; O(E^2) compares a row.
+
+    For the layer kernels' one-token routing on a GPU (128 experts: 16k compares): elementwise
+    work and reductions, which XLA fuses, in place of the sort that took 3.2 us of the
+    routing's 6.4 us a layer in an H100 profile (BENCHMARKS.md, session 21). Whether it is
+    faster there is not yet measured (`scripts/bench_moe.py --routing` times the two). On the
+    CPU the sort is faster at every size measured (1-256 rows of 128 experts: 10.9 vs 32.6 us
+    at one row), so `route` sorts unless asked."""
+    num = x.shape[-1]
+    index = jnp.arange(num, dtype=jnp.int32)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # float order as int order
+    mine, other = key[..., :, None], key[..., None, :]
+    beaten_by = (other > mine) | ((other == mine) & (index[None, :] < index[:, None]))
+    rank = beaten_by.sum(-1, dtype=jnp.int32)  # [..., E]
+    slot = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, E]
+    values = jnp.max(jnp.where(slot, x[..., None, :], -jnp.inf), -1)  # keeps -0.0's sign
+    return values, jnp.sum(jnp.where(slot, index, 0), -1)
+
+
 def route(
     router_logits: jax.Array,  # [T, E]
     top_k: int,
     norm_topk_prob: bool,
     valid: Optional[jax.Array] = None,  # [T] bool, see moe_mlp
+    by_rank: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """-> (weights [T, top_k] float32, expert_ids [T, top_k] int32), best first; rows not
     `valid` get row 0's experts and zero weights.
@@ -136,10 +161,11 @@ def route(
     the top k of the float32 logits (the softmax keeps their order), then the softmax of those
     k alone (= the k probabilities over their sum), or without norm_topk_prob each exp(logit -
     logsumexp over all experts). Qwen3-MoE then rounds the weights to the logits' dtype; they
-    stay float32 here (the combine runs in float32).
+    stay float32 here (the combine runs in float32). `by_rank`: the top k by `top_k_by_rank`
+    (the same experts), not a sort.
     """
     logits = router_logits.astype(jnp.float32)
-    top_logits, expert_ids = jax.lax.top_k(logits, top_k)
+    top_logits, expert_ids = (top_k_by_rank if by_rank else jax.lax.top_k)(logits, top_k)
     if norm_topk_prob:
         weights = jax.nn.softmax(top_logits, axis=-1)
     else:
