@@ -9,11 +9,14 @@ update_weights, the per-device pool budget, dummy weights, a windowed soft-cappe
 mixture-of-experts model under TP; sizes that do not fit are refused with the ones that do.
 
 One engine per TP size serves every test of the module (each engine compiles its own
-programs: the test's time); float32 throughout.
+programs: the test's time); float32 throughout. On a host with several GPUs the module runs on
+them (jax.devices() are the GPUs there); its gpu-marked test checks TP=N against TP=1 on a real
+model's layer shapes with the GPU's kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -336,3 +339,40 @@ def test_expert_parallel_at_tp2_and_its_sizes():
     args = cli.add_server_args(cli.argparse.ArgumentParser()).parse_args(
         ["-tp", "2", "--enable-expert-parallel"])
     assert cli.engine_kwargs(args)["enable_expert_parallel"] is True
+
+
+def gpu_count() -> int:
+    return sum(d.platform == "gpu" for d in jax.devices())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_gpu_tp_gives_tp1_tokens_and_logits_on_a_real_shape(n, tmp_path):
+    """On n GPUs (issue 27's correctness run; the tests above run on a host's GPUs too, where
+    it has enough): Llama-3.2-1B's layer shapes (4 of its 16 layers, dummy float32 weights,
+    the GPU's default backend and buckets) at TP=n give TP=1's greedy tokens for prompts that
+    share a prefix (prefix caching, chunked prefill, n=2 copy-on-write), TP=1's prompt logits
+    to 1e-5, and leave the pool whole."""
+    if gpu_count() < n:
+        pytest.skip(f"needs {n} GPUs, this host has {gpu_count()}")
+    config = dataclasses.replace(shapes.MODEL_SHAPES["llama3-1b"], num_layers=4)
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf_dict(config)))
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(3, config.vocab_size, 200).tolist()
+    prompts = [prefix + rng.integers(3, config.vocab_size, 7 * i + 1).tolist()
+               for i in range(4)]
+    params = [SamplingParams(max_tokens=24, **GREEDY),
+              SamplingParams(max_tokens=16, n=2, **GREEDY),  # copy-on-write
+              SamplingParams(max_tokens=20, **GREEDY), SamplingParams(max_tokens=8, **GREEDY)]
+    outputs, logits = {}, {}
+    for size in (1, n):
+        llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", tensor_parallel_size=size,
+                  num_kv_blocks=256, max_model_len=512, max_num_batched_tokens=128)
+        outputs[size] = [[c.token_ids for c in o.outputs] for o in llm.generate(
+            prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
+        assert llm.stats()["prefix_cache_hit_rate"] > 0
+        logits[size] = llm.prompt_logits(prompts[3])
+        assert_pool_whole(llm)
+        del llm
+    assert outputs[n] == outputs[1]
+    assert relative_errors(logits[n], logits[1]).max() < LOGITS_RTOL
