@@ -52,7 +52,11 @@ if [[ $what == bench || $what == all ]]; then
       > "$out/bench_throughput.md" 2>&1 || status=1
   python scripts/bench_startup.py --model-shape smollm2-135m --out "$out/bench_startup.json" \
       > "$out/bench_startup.md" 2>&1 || status=1
+  python scripts/bench_startup.py --serve --model-shape llama3-1b --dtype bfloat16 \
+      --out "$out/bench_startup_serve.json" > "$out/bench_startup_serve.md" 2>&1 || status=1
   python scripts/bench_moe.py --out "$out/bench_moe.json" > "$out/bench_moe.md" 2>&1 || status=1
+  python scripts/bench_moe.py --routing --tokens 1 2 8 --out "$out/bench_moe_routing.json" \
+      > "$out/bench_moe_routing.md" 2>&1 || status=1
   python scripts/bench_layer_mgpu.py --out "$out/bench_layer_mgpu.json" \
       > "$out/bench_layer_mgpu.md" 2>&1 || status=1
   python scripts/profile_decode.py --model-shape llama3-1b --batch 1 \
