@@ -98,8 +98,8 @@ def _moe_tail(config, h, attn, lp, next_layer, barrier, tiling):
     """A mixture-of-experts layer after attention: the router kernel (wo, residual, norm,
     router logits), the routing in XLA (the top-k experts and their weights, ranked by
     compares rather than sorted: `top_k_by_rank`; the experts' kernel streams their weights,
-    so it needs them at launch), the experts' kernel (their
-    SwiGLU, weighted, and the next layer's QKV or the final norm)."""
+    so it needs them at launch), the experts' kernel (their SwiGLU, weighted, and the next
+    layer's QKV or the final norm)."""
     eps, top_k = config.rms_norm_eps, config.num_experts_per_tok
     with jax.named_scope("mlp"):
         first = _moe_router(h, attn, lp["wo"], lp["mlp_norm"], lp["router_w"], barrier,
