@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import tempfile
@@ -163,7 +162,6 @@ def main() -> int:
     run = run_server if args.serve else run_child
     with tempfile.TemporaryDirectory() as cache_dir:
         if args.cpu_smoke:  # bench_latency imports jax: the parent still allocates nothing
-            sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
             from bench_latency import write_smoke_model
             spec.update(model=write_smoke_model(cache_dir), model_shape=None, dtype="float32",
                         dummy=True, max_model_len=256)

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from jinfer.model.moe import (clear_routes, expert_impl, moe_mlp, moe_mlp_reference, route,
-                              top_k_by_rank,
-                              stack_experts)
+                              stack_experts, top_k_by_rank)
 
 STARVED = (1, -1)  # experts the router never picks in the grid (one inside, the last)
 # Compiling (a program per shape) is most of this file's time: on the CPU, without the fusion
